@@ -1,0 +1,41 @@
+"""slimdiff: training-free SlimDiff compression of diffusion UNets (arXiv 2509.21498).
+
+The library layer: math, hooks, module surgery, SlimSet and metrics. It imports torch, diffusers
+and open_clip, never prefect, mlflow or dvc (those live in ``tasks/`` and ``flows/``), so a user can
+compress a pipeline in a notebook without any orchestration. Submodules are imported lazily so
+``import slimdiff`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "Params": "config",
+    "ConfigError": "config",
+    "load_params": "config",
+    "ActivationStats": "stats",
+    "merge": "stats",
+    "compression_units": "adapter",
+    "describe_unet": "adapter",
+    "UnsupportedModelError": "adapter",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"slimdiff.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -71,11 +71,15 @@ class ActivationStats:
                 )
             t = self.tokens[key]
             if t.dtype != torch.int64 or tuple(t.shape) != (self.n_buckets,):
-                raise ValueError(f"{key}: tokens must be int64 of shape ({self.n_buckets},), got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"{key}: tokens must be int64 of shape ({self.n_buckets},), got {t.dtype} {tuple(t.shape)}"
+                )
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def empty(cls, n_buckets: int, shapes: Mapping[str, Sequence[int]], meta: dict | None = None) -> ActivationStats:
+    def empty(
+        cls, n_buckets: int, shapes: Mapping[str, Sequence[int]], meta: dict | None = None
+    ) -> ActivationStats:
         return cls(
             n_buckets=n_buckets,
             moments={k: torch.zeros((n_buckets, *s), dtype=torch.float64) for k, s in shapes.items()},
@@ -132,7 +136,9 @@ def merge(shards: Iterable[ActivationStats]) -> ActivationStats:
             )
         for k in first.moments:
             if s.moments[k].shape != first.moments[k].shape:
-                raise ValueError(f"shard {i}: {k} has shape {tuple(s.moments[k].shape)}, shard 0 has {tuple(first.moments[k].shape)}")
+                raise ValueError(
+                    f"shard {i}: {k} has shape {tuple(s.moments[k].shape)}, shard 0 has {tuple(first.moments[k].shape)}"
+                )
     moments = {k: sum((s.moments[k] for s in shards[1:]), first.moments[k].clone()) for k in first.moments}
     tokens = {k: sum((s.tokens[k] for s in shards[1:]), first.tokens[k].clone()) for k in first.tokens}
     meta = dict(first.meta)

@@ -1,0 +1,301 @@
+"""Typed, validated configuration: one group per pipeline stage, loaded from ``params.yaml``.
+
+Nothing here reads a file at import time: call :func:`load_params` (or :meth:`Params.from_dict`).
+Every group rejects unknown keys, wrong types and impossible values with a :class:`ConfigError`
+whose one-line message names the key (``allocation.budget.value``) and says what is allowed.
+
+Which params each stage reads is declared once, in :data:`STAGE_PARAMS`; the Prefect cache keys
+and ``dvc.yaml`` are both checked against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A params file or dict that does not validate. ``str(err)`` is one line per problem."""
+
+
+class _Group(BaseModel):
+    # strict: "0.4" is not a float, unknown keys are errors, values are immutable once loaded
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelParams(_Group):
+    """The source model to compress."""
+
+    # "toy" = the committed toy pipeline (data/toy/pipeline); otherwise a local diffusers folder or
+    # a Hugging Face repo id (loaded from the local HF cache only, never downloaded by tests).
+    source: str = "toy"
+    # Revision of a hub source (commit hash or tag); ignored for local folders (their revision is
+    # a content digest).
+    revision: str | None = None
+    # Device and dtype for calibration/evaluation forward passes ("cpu", "cuda", "cuda:1", ...).
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class EmbedderParams(_Group):
+    # toy = the toy world's open_clip model; open_clip = a named model + local checkpoint or tag;
+    # pipeline = the pipeline's own text encoder.
+    kind: Literal["toy", "open_clip", "pipeline"] = "toy"
+    model_name: str | None = None  # open_clip model name, e.g. "ViT-L-14"
+    pretrained: str | None = None  # local checkpoint path or open_clip pretrained tag
+
+    @model_validator(mode="after")
+    def _open_clip_needs_model(self) -> EmbedderParams:
+        if self.kind == "open_clip" and not (self.model_name and self.pretrained):
+            raise ValueError(
+                "kind 'open_clip' needs model_name and pretrained (a local checkpoint path or tag)"
+            )
+        return self
+
+
+class SlimSetParams(_Group):
+    # "toy" = the toy world's training captions; otherwise a path to a text/csv/tsv/json prompt pool
+    pool: str = "toy"
+    n: int = Field(64, ge=1, description="number of calibration prompts")
+    seed: int = 0
+    # share of the SlimSet reserved for the prompts nearest the geometric median (dense region)
+    canonical_share: float = Field(0.0, ge=0.0, le=1.0)
+    # cosine similarity above which two prompts count as near duplicates
+    near_dup_threshold: float = Field(0.98, gt=0.0, le=1.0)
+    # evaluation prompt sets that must never appear in a SlimSet ("toy-heldout" or file paths)
+    exclude: tuple[str, ...] = ("toy-heldout",)
+    embedder: EmbedderParams = EmbedderParams()
+
+
+class CalibrationParams(_Group):
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=0.0)
+    n_buckets: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    shard_size: int = Field(32, ge=1, description="prompts per persisted shard (resume unit)")
+    seed: int = 0
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+
+    @model_validator(mode="after")
+    def _buckets_fit_steps(self) -> CalibrationParams:
+        if self.n_buckets > self.num_inference_steps:
+            raise ValueError(
+                f"n_buckets ({self.n_buckets}) must be <= num_inference_steps ({self.num_inference_steps})"
+            )
+        return self
+
+
+class InfluenceParams(_Group):
+    weighting: Literal["spectral", "uniform", "snr"] = "spectral"
+
+
+class BudgetParams(_Group):
+    # removed_fraction: share of the compressible parameters to remove (0..1)
+    # removed_params / kept_params: absolute counts in the compressible set
+    # total_params: target size of the whole UNet
+    kind: Literal["removed_fraction", "removed_params", "kept_params", "total_params"] = "removed_fraction"
+    value: float = 0.4
+
+    @model_validator(mode="after")
+    def _value_in_range(self) -> BudgetParams:
+        if self.kind == "removed_fraction" and not 0.0 < self.value < 1.0:
+            raise ValueError(f"value: removed_fraction must be in (0, 1), got {self.value}")
+        if self.kind != "removed_fraction" and self.value <= 0:
+            raise ValueError(f"value: {self.kind} must be a positive parameter count, got {self.value}")
+        return self
+
+
+class AllocationParams(_Group):
+    mode: Literal["influence", "uniform"] = "influence"
+    budget: BudgetParams = BudgetParams()
+    tau: float = Field(1.0, gt=0.0, description="temperature: large = uniform, small = greedy")
+    r_min: int = Field(8, ge=1)
+    multiple: int = Field(8, ge=1)
+    # module types to compress; the others keep full rank
+    modules: tuple[Literal["ffn", "qk", "vo"], ...] = ("ffn", "qk", "vo")
+
+    @field_validator("modules")
+    @classmethod
+    def _non_empty_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct module types from ffn, qk, vo")
+        return v
+
+
+class CompressionParams(_Group):
+    qk_method: Literal["slimdiff", "weight_svd"] = "slimdiff"
+    vo_method: Literal["slimdiff", "weight_svd"] = "slimdiff"
+    ffn_method: Literal["slimdiff", "magnitude"] = "slimdiff"
+    ffn_selection: Literal["shared", "separate"] = "shared"
+    damping: float = Field(1e-2, ge=0.0, lt=1.0)
+
+
+class QualityGate(_Group):
+    # largest allowed drop vs the original model (points of exact-match accuracy, 0..100)
+    max_exact_match_drop: float = Field(3.0, ge=0.0, le=100.0)
+    max_fid_increase: float | None = Field(None, ge=0.0)
+
+
+class EvaluationParams(_Group):
+    # "toy-heldout" = the toy world's held-out captions; otherwise a prompt file path
+    prompts: str = "toy-heldout"
+    max_prompts: int | None = Field(None, ge=1)
+    images_per_prompt: int = Field(1, ge=1)
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=0.0)
+    seed: int = 1234
+    batch_size: int = Field(32, ge=1)
+    latency_repeats: int = Field(5, ge=1)
+    gate: QualityGate = QualityGate()
+
+
+class TrackingParams(_Group):
+    # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    tracking_uri: str | None = None
+    experiment: str = "slimdiff"
+    # None = derived from the source model ("slimdiff-toy", "slimdiff-<repo-name>")
+    registered_model: str | None = None
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # where stage artifacts (Zarr stores, plans, compressed models) are written; any fsspec URL
+    artifact_root: str = "artifacts"
+
+
+class Params(_Group):
+    version: int = CONFIG_VERSION
+    model: ModelParams = ModelParams()
+    slimset: SlimSetParams = SlimSetParams()
+    calibration: CalibrationParams = CalibrationParams()
+    influence: InfluenceParams = InfluenceParams()
+    allocation: AllocationParams = AllocationParams()
+    compression: CompressionParams = CompressionParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != CONFIG_VERSION:
+            raise ValueError(
+                f"params version {v} is not supported; this slimdiff reads version {CONFIG_VERSION}"
+            )
+        return v
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "params") -> Params:
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{source}: top level must be a mapping of stage groups, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(_lists_to_tuples(data))
+        except ValidationError as err:
+            raise ConfigError(_format_errors(err, source)) from None
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Params:
+        """A copy with dotted-key overrides applied, e.g. {"allocation.tau": 0.5}; validated again."""
+        data = self.model_dump(mode="python")
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"override {dotted}: {p!r} is not a params group")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"override {dotted}: unknown key {leaf!r}")
+            node[leaf] = value
+        return Params.from_dict(data, source="overrides")
+
+    # -- views ---------------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted keys (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def section(self, dotted: str) -> Any:
+        node: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def digest(self, keys: tuple[str, ...] | None = None) -> str:
+        """sha256 over the selected dotted sections (all params when None), order independent."""
+        payload = self.model_dump(mode="json") if keys is None else {k: self.section(k) for k in sorted(keys)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# Which params each stage reads: the single source of truth for Prefect cache keys and dvc.yaml.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "slimset": ("model.source", "slimset"),
+    "calibrate": ("model.dtype", "calibration"),
+    "influence": ("influence",),
+    "plan": ("allocation",),
+    "compress": ("compression",),
+    "evaluate": ("evaluation",),
+    "register": ("tracking",),
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return Params.from_dict(data, source=str(path))
+
+
+def _lists_to_tuples(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _lists_to_tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_lists_to_tuples(v) for v in obj)
+    return obj
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown key (check the spelling; see params.yaml in the repository for the allowed keys)",
+    "float_type": "must be a number",
+    "int_type": "must be an integer",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping of keys",
+}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "<root>"
+        msg = _FRIENDLY.get(e["type"], e["msg"])
+        if e["type"] == "literal_error":
+            msg = e["msg"].replace("Input should be", "must be one of")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = e.get("input")
+        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {msg}{got_s}")
+    return "\n".join(lines)
