@@ -1,0 +1,318 @@
+"""The ``slimdiff`` command line: one subcommand per stage, ``run`` for the whole flow.
+
+Exit codes scripts can trust:
+  0  success
+  1  unexpected error (a bug: the traceback is printed)
+  2  bad params / usage (the key is named)
+  3  bad input: missing or unsupported model, infeasible budget, SlimSet overlapping evaluation prompts
+  4  an artifact is missing or does not match its recorded digest (integrity)
+The stage subcommands are what ``dvc.yaml`` runs: fixed paths in, fixed paths out, no Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimdiff.env import apply_env_defaults
+
+app = typer.Typer(
+    name="slimdiff",
+    help="Training-free SlimDiff compression of diffusion UNets: SlimSet -> statistics -> influence -> "
+    "rank plan -> compress -> evaluate -> register.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_INPUT, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML, grouped by stage)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a param, e.g. --set allocation.tau=0.5 (repeatable)"),
+]
+
+
+def _err(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+
+
+def _exit_code(err: BaseException) -> int:
+    from slimdiff.adapter import UnsupportedModelError
+    from slimdiff.config import ConfigError
+    from slimdiff.models import ModelLoadError
+    from tasks.artifacts import ArtifactError
+    from tasks.stages import StageInputError
+
+    if isinstance(err, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(err, ArtifactError):
+        return EXIT_INTEGRITY
+    if isinstance(err, ModelLoadError | StageInputError | UnsupportedModelError | FileNotFoundError):
+        return EXIT_INPUT
+    try:
+        from slimdiff.allocation import InfeasibleBudgetError, PlanValidationError
+
+        if isinstance(err, InfeasibleBudgetError | PlanValidationError):
+            return EXIT_INPUT
+    except ImportError:  # allocation not importable: nothing to classify against
+        pass
+    return EXIT_BUG
+
+
+def _guard(fn):
+    """Run a command body; map known errors to one clear line and an exit code."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except Exception as err:  # classified below; unknown errors keep their traceback
+        code = _exit_code(err)
+        if code == EXIT_BUG:
+            logging.getLogger("slimdiff").exception("unexpected error")
+        _err(str(err).splitlines()[0] if code != EXIT_CONFIG else str(err))
+        raise typer.Exit(code) from None
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_cli_params(params_path: Path, overrides: list[str] | None):
+    from slimdiff.config import ConfigError, load_params
+
+    params = load_params(params_path)
+    if overrides:
+        parsed = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. allocation.tau=0.5")
+            parsed[key.strip()] = _parse_value(value)
+        params = params.with_overrides(parsed)
+    return params
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    apply_env_defaults()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- whole flow --------------------------------------------------------------------------------
+@app.command()
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the flow result as JSON")] = False,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (cached stages are skipped) and record it in MLflow."""
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        from flows.pipeline import slimdiff_flow
+
+        result = slimdiff_flow(params=cfg.model_dump(mode="json"))
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            _print_flow_result(result)
+
+    _guard(body)
+
+
+def _print_flow_result(result: dict) -> None:
+    typer.echo("\nstage      status  seconds")
+    for stage, status in result["status"].items():
+        typer.echo(f"{stage:<10} {status:<7} {result['seconds'].get(stage, 0):7.1f}")
+    summary = result.get("summary", {})
+    if summary:
+        typer.echo(
+            "\nsummary: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list))
+        )
+        for reason in summary.get("gate_reasons", []):
+            typer.echo(f"  gate: {reason}")
+    reg = result.get("registered", {})
+    if reg:
+        alias = f" (alias {reg['alias']})" if reg.get("alias") else " (no alias: quality gate failed)"
+        typer.echo(f"registered: {reg['name']} version {reg['version']}{alias}")
+    typer.echo(f"mlflow run: {result.get('mlflow_run_id')}")
+
+
+# -- single stages (what dvc.yaml runs) ----------------------------------------------------------
+def _input_manifest(stage: str, path: Path):
+    from tasks.artifacts import ArtifactError, Manifest, read_manifest
+    from tasks.store import CovarianceStore
+
+    if stage == "calibrate":
+        store = CovarianceStore.open(str(path))
+        if not store.complete:
+            raise ArtifactError(f"{path}: covariance store is incomplete; rerun `slimdiff calibrate`")
+        return Manifest(stage=stage, uri=str(path), digest=store.digest)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ArtifactError(f"{path}: no manifest.json; run `slimdiff {stage}` first")
+    return Manifest(stage=manifest.stage, uri=str(path), digest=manifest.digest, meta=manifest.meta)
+
+
+def _stage(fn):
+    return _guard(fn)
+
+
+@app.command()
+def slimset(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/slimset"),
+) -> None:
+    """Stage 1: select the SlimSet calibration prompts (file, card and projection plot)."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        model = stages.model_manifest(cfg) if cfg.slimset.embedder.kind == "pipeline" else None
+        m = stages.run_slimset(cfg, out, model=model)
+        typer.echo(f"slimset: {m.meta['n']} prompts -> {out} ({m.short})")
+
+    _stage(body)
+
+
+@app.command()
+def calibrate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    slimset_dir: Annotated[Path, typer.Option("--slimset", help="SlimSet folder")] = Path("data/slimset"),
+    out: Annotated[str, typer.Option(help="Zarr store (path or fsspec URL)")] = "artifacts/dvc/stats.zarr",
+) -> None:
+    """Stage 2: activation statistics over the sampler's timesteps into a resumable Zarr store."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        m = stages.run_calibrate(
+            cfg, stages.model_manifest(cfg), _input_manifest("slimset", slimset_dir), out
+        )
+        typer.echo(
+            f"calibrate: {m.meta['n_shards']} shards ({m.meta['resumed_shards']} resumed) -> {out} ({m.short})"
+        )
+
+    _stage(body)
+
+
+@app.command()
+def influence(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    stats: Annotated[Path, typer.Option(help="Zarr covariance store")] = Path("artifacts/dvc/stats.zarr"),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/influence"),
+) -> None:
+    """Stage 3: spectral influence per module and timestep weights (no forward passes)."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        m = stages.run_influence(cfg, stages.model_manifest(cfg), _input_manifest("calibrate", stats), out)
+        typer.echo(f"influence: {cfg.influence.weighting} weighting -> {out} ({m.short})")
+
+    _stage(body)
+
+
+@app.command()
+def plan(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    influence_dir: Annotated[Path, typer.Option("--influence", help="influence folder")] = Path(
+        "data/influence"
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/plan"),
+) -> None:
+    """Stage 4: allocate ranks under the global parameter budget (rank plan + bar chart)."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        m = stages.run_plan(cfg, stages.model_manifest(cfg), _input_manifest("influence", influence_dir), out)
+        typer.echo(
+            f"plan: {m.meta['params_before']:,} -> {m.meta['params_after']:,} compressible params -> {out}"
+        )
+
+    _stage(body)
+
+
+@app.command()
+def compress(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    stats: Annotated[Path, typer.Option(help="Zarr covariance store")] = Path("artifacts/dvc/stats.zarr"),
+    influence_dir: Annotated[Path, typer.Option("--influence")] = Path("data/influence"),
+    plan_dir: Annotated[Path, typer.Option("--plan")] = Path("data/plan"),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("artifacts/dvc/compressed"),
+) -> None:
+    """Stage 5: rebuild QK, VO and FFN weights in closed form; save a loadable compressed pipeline."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        m = stages.run_compress(
+            cfg,
+            stages.model_manifest(cfg),
+            _input_manifest("calibrate", stats),
+            _input_manifest("influence", influence_dir),
+            _input_manifest("plan", plan_dir),
+            out,
+        )
+        typer.echo(
+            f"compress: UNet {m.meta['unet_params_before']:,} -> {m.meta['unet_params_after']:,} params -> {out}"
+        )
+
+    _stage(body)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    compressed: Annotated[Path, typer.Option(help="compressed folder")] = Path("artifacts/dvc/compressed"),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("artifacts/dvc/eval"),
+) -> None:
+    """Stage 6: quality, size and speed of the compressed model against the original."""
+    from tasks import stages
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        m = stages.run_evaluate(cfg, stages.model_manifest(cfg), _input_manifest("compress", compressed), out)
+        typer.echo(json.dumps(m.meta.get("metrics", {}), indent=2))
+
+    _stage(body)
+
+
+@app.command()
+def params_check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Validate a params file (and overrides) and print the flattened result."""
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        for k, v in cfg.flat().items():
+            typer.echo(f"{k} = {v}")
+
+    _guard(body)
+
+
+def main() -> None:
+    app(prog_name="slimdiff")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The SlimDiff flow: SlimSet -> statistics -> influence -> rank plan -> compress -> evaluate -> register.
+
+Each stage is a cached Prefect task (see :mod:`tasks.prefect_tasks`); a rerun recomputes only what
+is downstream of what changed. One MLflow run records the flow run: flattened params, which stages
+ran and which were cached, the metrics, every stage's plots and files, and the registered model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from slimdiff.config import Params
+from tasks import stages
+from tasks.artifacts import Manifest
+from tasks.prefect_tasks import STAGE_TASKS
+from tasks.tracking import git_commit, register_compressed, setup_tracking
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("slimset", "calibrate", "influence", "plan", "compress", "evaluate", "register")
+
+
+@dataclass
+class FlowResult:
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "cached"
+    seconds: dict[str, float] = field(default_factory=dict)
+    registered: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "registered": self.registered,
+            "summary": self.metrics.get("summary", {}),
+            "mlflow_run_id": self.mlflow_run_id,
+            "manifests": {k: {"uri": m.uri, "digest": m.digest} for k, m in self.manifests.items()},
+        }
+
+
+def _artifact_exists(manifest: Manifest) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(manifest.uri)
+    return fs.exists(path)
+
+
+def _run_stage(result: FlowResult, stage: str, params: Params, *inputs: Manifest) -> Manifest:
+    logger = get_run_logger()
+    task = STAGE_TASKS[stage]
+    t0 = time.perf_counter()
+    state = task(params, *inputs, return_state=True)
+    manifest = state.result()  # raises the stage's own error: the flow stops at this stage
+    cached = state.name == "Cached"
+    if cached and not _artifact_exists(manifest):
+        # the cache record outlived its artifact (deleted by hand): recompute instead of pointing at nothing
+        logger.warning("%s: cached output %s is gone; recomputing", stage, manifest.uri)
+        state = task.with_options(refresh_cache=True)(params, *inputs, return_state=True)
+        manifest, cached = state.result(), False
+    result.manifests[stage] = manifest
+    result.status[stage] = "cached" if cached else "ran"
+    result.seconds[stage] = time.perf_counter() - t0
+    logger.info("%-9s %-6s %5.1fs  %s", stage, result.status[stage], result.seconds[stage], manifest.uri)
+    return manifest
+
+
+def _log_folder(folder: str, artifact_path: str) -> None:
+    p = Path(folder)
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".md", ".png", ".csv"):
+                mlflow.log_artifact(str(f), artifact_path=artifact_path)
+
+
+@flow(name="slimdiff", log_prints=True)
+def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every stage on ``params`` (a params.yaml mapping; defaults when None)."""
+    cfg = Params.from_dict(params or {}, source="flow parameters")
+    logger = get_run_logger()
+    result = FlowResult()
+    tracking_uri = setup_tracking(cfg)
+    model = stages.model_manifest(cfg)
+    logger.info("source model %s (revision %s)", model.meta["source"], model.meta["revision"][:12])
+    with mlflow.start_run(run_name=f"slimdiff-{model.meta['kind']}-{model.short}") as run:
+        result.mlflow_run_id = run.info.run_id
+        mlflow.log_params(cfg.flat())
+        mlflow.set_tags(
+            {
+                "source_model": model.meta["source"],
+                "source_revision": model.meta["revision"],
+                "git_commit": git_commit(),
+                "params_digest": cfg.digest(),
+            }
+        )
+        try:
+            slimset = _run_stage(result, "slimset", cfg, model)
+            stats = _run_stage(result, "calibrate", cfg, model, slimset)
+            influence = _run_stage(result, "influence", cfg, model, stats)
+            plan = _run_stage(result, "plan", cfg, model, influence)
+            compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
+            evaluation = _run_stage(result, "evaluate", cfg, model, compressed)
+        finally:
+            mlflow.set_tags({f"stage.{k}": v for k, v in result.status.items()})
+        metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
+        result.metrics = metrics
+        _log_metrics(metrics)
+        for stage, manifest in result.manifests.items():
+            if stage != "calibrate":
+                _log_folder(manifest.uri, f"stages/{stage}")
+        t0 = time.perf_counter()
+        lineage = {
+            "source_model": model.meta["source"],
+            "source_revision": model.meta["revision"],
+            "source_digest": model.digest,
+            "slimset_digest": slimset.digest,
+            "slimset_uri": slimset.uri,
+            "stats_digest": stats.digest,
+            "stats_uri": stats.uri,
+            "influence_digest": influence.digest,
+            "plan_digest": plan.digest,
+            "plan_uri": plan.uri,
+            "compressed_digest": compressed.digest,
+            "compressed_uri": compressed.uri,
+            "eval_digest": evaluation.digest,
+            "eval_uri": evaluation.uri,
+            "params_digest": cfg.digest(),
+            "git_commit": git_commit(),
+        }
+        mlflow.set_tags(lineage)
+        summary = metrics.get("summary", {})
+        from slimdiff.models import resolve_release
+
+        result.registered = register_compressed(
+            cfg,
+            source_short_name=resolve_release(cfg.model.source, cfg.model.revision).short_name,
+            pipeline_dir=Path(compressed.uri) / "pipeline",
+            lineage=lineage,
+            gate_passed=bool(summary.get("gate_passed", False)),
+            gate_reasons=list(summary.get("gate_reasons", [])),
+        )
+        result.status["register"] = "ran" if result.registered["new_version"] else "cached"
+        result.seconds["register"] = time.perf_counter() - t0
+        mlflow.set_tag("stage.register", result.status["register"])
+        mlflow.log_dict(result.to_dict(), "flow_result.json")
+    logger.info("tracking: %s  run %s", tracking_uri, result.mlflow_run_id)
+    return result.to_dict()
+
+
+def _log_metrics(metrics: dict[str, Any]) -> None:
+    flat: dict[str, float] = {}
+    for group in ("original", "compressed", "summary"):
+        for k, v in (metrics.get(group) or {}).items():
+            if isinstance(v, int | float):  # bool is an int: gate_passed logs as 0/1
+                flat[f"{group}.{k}"] = float(v)
+    if flat:
+        mlflow.log_metrics(flat)

@@ -1,0 +1,84 @@
+"""Prefect tasks, one per stage, wrapping :mod:`tasks.stages`.
+
+Cache keys come from :func:`tasks.stages.stage_key`: the stage's code version, the digest of the
+params the stage reads (``slimdiff.config.STAGE_PARAMS``, nothing else) and the digests of its input
+manifests. Results (the manifests) are persisted, so the cache survives across processes and
+Prefect server restarts; outputs are content-addressed folders ``<artifact_root>/<stage>/<key>``.
+Retries only where a retry can help (registry/storage I/O), never on numerical stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from slimdiff.config import Params
+from tasks import stages
+from tasks.artifacts import Manifest
+
+
+def stage_dir(params: Params, stage: str, key: str) -> Path:
+    return Path(params.tracking.artifact_root) / stage / key[:16]
+
+
+def _cache_key(stage: str, *input_names: str):
+    def key_fn(context, parameters) -> str:
+        return stages.stage_key(stage, parameters["params"], *(parameters[n] for n in input_names))
+
+    return key_fn
+
+
+def _out(params: Params, stage: str, *inputs: Manifest) -> Path:
+    return stage_dir(params, stage, stages.stage_key(stage, params, *inputs))
+
+
+@task(name="slimset", cache_key_fn=_cache_key("slimset", "model"), persist_result=True)
+def slimset_task(params: Params, model: Manifest) -> Manifest:
+    return stages.run_slimset(params, _out(params, "slimset", model), model=model)
+
+
+@task(name="calibrate", cache_key_fn=_cache_key("calibrate", "model", "slimset"), persist_result=True)
+def calibrate_task(params: Params, model: Manifest, slimset: Manifest, shard_runner=None) -> Manifest:
+    out = _out(params, "calibrate", model, slimset)
+    # The store itself is resumable: a crashed run leaves completed shards that this run keeps.
+    return stages.run_calibrate(
+        params, model, slimset, str(out.with_suffix(".zarr")), shard_runner=shard_runner
+    )
+
+
+@task(name="influence", cache_key_fn=_cache_key("influence", "model", "stats"), persist_result=True)
+def influence_task(params: Params, model: Manifest, stats: Manifest) -> Manifest:
+    return stages.run_influence(params, model, stats, _out(params, "influence", model, stats))
+
+
+@task(name="plan", cache_key_fn=_cache_key("plan", "model", "influence"), persist_result=True)
+def plan_task(params: Params, model: Manifest, influence: Manifest) -> Manifest:
+    return stages.run_plan(params, model, influence, _out(params, "plan", model, influence))
+
+
+@task(
+    name="compress",
+    cache_key_fn=_cache_key("compress", "model", "stats", "influence", "plan"),
+    persist_result=True,
+)
+def compress_task(
+    params: Params, model: Manifest, stats: Manifest, influence: Manifest, plan: Manifest
+) -> Manifest:
+    out = _out(params, "compress", model, stats, influence, plan)
+    return stages.run_compress(params, model, stats, influence, plan, out)
+
+
+@task(name="evaluate", cache_key_fn=_cache_key("evaluate", "model", "compressed"), persist_result=True)
+def evaluate_task(params: Params, model: Manifest, compressed: Manifest) -> Manifest:
+    return stages.run_evaluate(params, model, compressed, _out(params, "evaluate", model, compressed))
+
+
+STAGE_TASKS = {
+    "slimset": slimset_task,
+    "calibrate": calibrate_task,
+    "influence": influence_task,
+    "plan": plan_task,
+    "compress": compress_task,
+    "evaluate": evaluate_task,
+}

@@ -1,0 +1,408 @@
+"""The pipeline stages as plain functions: params + input manifests + an output location -> Manifest.
+
+These are what both entry points run: the Prefect tasks in :mod:`tasks.prefect_tasks` (content-
+addressed outputs under ``tracking.artifact_root``, cached by key) and the ``slimdiff <stage>``
+commands that ``dvc.yaml`` calls (fixed output paths, DVC decides what is stale). Each stage reads
+only its own params group(s) (``slimdiff.config.STAGE_PARAMS``), writes into a temporary folder
+that replaces its output only on success, and returns a small manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import slimdiff
+from slimdiff.config import Params
+from tasks.artifacts import Manifest, content_digest, sha256_json, staged_dir, verify, write_manifest
+from tasks.store import CovarianceStore
+
+log = logging.getLogger(__name__)
+
+# Bump a stage's version when its output changes meaning for the same inputs: it is part of the
+# stage's cache key, so old cached results stop matching.
+STAGE_VERSIONS = {
+    "slimset": "1",
+    "calibrate": "1",
+    "influence": "1",
+    "plan": "1",
+    "compress": "1",
+    "evaluate": "1",
+    "register": "1",
+}
+
+SLIMSET_FILE = "slimset.json"
+INFLUENCE_FILE = "influence.json"
+PLAN_FILE = "rank_plan.json"
+METRICS_FILE = "metrics.json"
+
+
+class StageInputError(ValueError):
+    """Bad input for a stage (budget out of range, SlimSet overlapping evaluation prompts, ...)."""
+
+
+def code_version(stage: str) -> str:
+    return f"slimdiff-{slimdiff.__version__}/stage-{STAGE_VERSIONS[stage]}"
+
+
+def _finish(stage: str, folder: Path, meta: dict[str, Any]) -> Manifest:
+    manifest = Manifest(stage=stage, uri=str(folder), digest=content_digest(folder), meta=meta)
+    write_manifest(manifest, folder)
+    return manifest
+
+
+# -- model -----------------------------------------------------------------------------------
+def model_manifest(params: Params) -> Manifest:
+    """The source model release as a manifest (digest = weights digest)."""
+    from slimdiff.models import resolve_release
+
+    release = resolve_release(params.model.source, params.model.revision)
+    return Manifest(stage="model", uri=release.source, digest=release.digest, meta=release.to_dict())
+
+
+def _load_pipe(params: Params, model: Manifest):
+    from slimdiff.models import load_pipeline
+
+    return load_pipeline(
+        model.meta["source"],
+        model.meta.get("revision") if model.meta["kind"] == "hub" else None,
+        dtype=params.model.dtype,
+        device=params.model.device,
+    )
+
+
+# -- prompts ---------------------------------------------------------------------------------
+def read_prompt_source(spec: str) -> list[str]:
+    """Prompts from a named set ("toy", "toy-train", "toy-heldout") or a file (txt: one per line;
+    csv/tsv: the 'caption'/'prompt'/'Prompt'/'text' column, else the first; json: a list)."""
+    from slimdiff.toy.data import heldout_captions, train_captions
+
+    if spec in ("toy", "toy-train"):
+        return train_captions()
+    if spec == "toy-heldout":
+        return heldout_captions()
+    path = Path(spec)
+    if not path.is_file():
+        raise StageInputError(f"prompt source {spec!r}: no such file (or use toy / toy-heldout)")
+    if path.suffix in (".csv", ".tsv"):
+        import csv
+
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        if not rows:
+            raise StageInputError(f"{path}: no rows")
+        cols = list(rows[0])
+        col = next((c for c in ("caption", "prompt", "Prompt", "text") if c in cols), cols[0])
+        return [r[col] for r in rows if r.get(col)]
+    if path.suffix in (".json", ".jsonl"):
+        if path.suffix == ".jsonl":
+            items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            items = json.loads(path.read_text())
+        return [i if isinstance(i, str) else i.get("prompt") or i.get("caption") for i in items]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _embedder(params: Params, model: Manifest | None):
+    from slimdiff.embedders import OpenClipEmbedder, PipelineTextEmbedder
+
+    e = params.slimset.embedder
+    if e.kind == "toy":
+        from slimdiff.toy.clip import CHECKPOINT_NAME, register_toy_clip_config, toy_clip_dir
+
+        return OpenClipEmbedder(register_toy_clip_config(), str(toy_clip_dir() / CHECKPOINT_NAME))
+    if e.kind == "open_clip":
+        return OpenClipEmbedder(e.model_name, e.pretrained)
+    if model is None:
+        raise StageInputError("slimset.embedder.kind 'pipeline' needs the source model")
+    return PipelineTextEmbedder(_load_pipe(params, model))
+
+
+# -- stages ----------------------------------------------------------------------------------
+def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Manifest:
+    """SlimSet: the calibration prompts (file + card + projection plot)."""
+    from slimdiff.slimset import build_slimset, slimset_card
+
+    cfg = params.slimset
+    pool = read_prompt_source(cfg.pool)
+    exclude = [p for spec in cfg.exclude for p in read_prompt_source(spec)]
+    embedder = _embedder(params, model)
+    with staged_dir(out) as tmp:
+        slimset = build_slimset(
+            pool,
+            embedder,
+            n=cfg.n,
+            exclude=exclude,
+            seed=cfg.seed,
+            canonical_share=cfg.canonical_share,
+            near_dup_threshold=cfg.near_dup_threshold,
+        )
+        overlap = set(slimset.prompts) & {p.strip() for p in exclude}
+        if overlap:  # build_slimset excludes them; this guards the contract at the stage boundary
+            raise StageInputError(f"SlimSet overlaps the evaluation prompts: {sorted(overlap)[:3]}")
+        slimset.save(tmp / SLIMSET_FILE)
+        slimset_card(slimset, tmp)
+    return _finish(
+        "slimset",
+        out,
+        {
+            "n": len(slimset.prompts),
+            "slimset_digest": slimset.digest,
+            "pool_digest": slimset.pool_digest,
+            "embedder": slimset.embedder_id,
+            "pool_size": len(pool),
+        },
+    )
+
+
+def _load_slimset(slimset: Manifest):
+    from slimdiff.slimset import SlimSet
+
+    verify(slimset)
+    return SlimSet.load(Path(slimset.uri) / SLIMSET_FILE)
+
+
+def calibration_identity(params: Params, model: Manifest, slimset: Manifest) -> dict:
+    return {
+        "model_release": model.meta,
+        "slimset_digest": slimset.digest,
+        "calibration": params.section("calibration"),
+        "dtype": params.model.dtype,
+        "code_version": code_version("calibrate"),
+    }
+
+
+def run_calibrate(
+    params: Params,
+    model: Manifest,
+    slimset: Manifest,
+    out_uri: str,
+    *,
+    shard_runner=None,
+    progress: bool = True,
+) -> Manifest:
+    """Activation statistics into a resumable Zarr store, one prompt shard at a time.
+
+    ``shard_runner(indices, collect_one) -> None`` may run shards elsewhere (Dask); by default they
+    run here in order. A rerun after a crash collects only the shards without a completion mark."""
+    from slimdiff.adapter import describe_unet
+    from slimdiff.calibration import collect_stats, stat_shapes
+
+    cfg = params.calibration
+    prompts = _load_slimset(slimset).prompts
+    n_shards = max(1, -(-len(prompts) // cfg.shard_size))
+    pipe = _load_pipe(params, model)
+    describe_unet(pipe.unet)  # unsupported architectures fail here, before any forward pass
+    store = CovarianceStore.open_or_create(
+        out_uri,
+        identity=calibration_identity(params, model, slimset),
+        n_shards=n_shards,
+        n_buckets=cfg.n_buckets,
+        shapes=stat_shapes(pipe.unet),
+    )
+
+    def collect_one(i: int) -> str:
+        shard = prompts[i * cfg.shard_size : (i + 1) * cfg.shard_size]
+        stats = collect_stats(
+            pipe,
+            shard,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            n_buckets=cfg.n_buckets,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            height=cfg.height,
+            width=cfg.width,
+            progress=progress,
+            index_offset=i * cfg.shard_size,
+        )
+        digest = store.write_shard(i, stats)
+        store.mark_shard(i, digest)
+        store.group.attrs["stats_meta"] = _jsonable(stats.meta)
+        return digest
+
+    todo = store.missing_shards()
+    t0 = time.perf_counter()
+    if todo:
+        log.info("calibrating %d of %d shards (%d prompts)", len(todo), n_shards, len(prompts))
+        if shard_runner is None:
+            for i in todo:
+                collect_one(i)
+        else:
+            shard_runner(todo, collect_one)
+    digest = store.finalize({"calibration_seconds": time.perf_counter() - t0})
+    return Manifest(
+        stage="calibrate",
+        uri=out_uri,
+        digest=digest,
+        meta={
+            "n_shards": n_shards,
+            "n_prompts": len(prompts),
+            "n_buckets": cfg.n_buckets,
+            "resumed_shards": n_shards - len(todo),
+            "token_counts_total": _token_total(store),
+        },
+    )
+
+
+def _token_total(store: CovarianceStore) -> dict[str, int]:
+    counts = store.attrs.get("token_counts", {})
+    return {k: int(sum(v)) for k, v in list(counts.items())[:4]}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def read_stats(stats: Manifest):
+    store = CovarianceStore.open(stats.uri)
+    if store.digest != stats.digest:
+        from tasks.artifacts import ArtifactError
+
+        raise ArtifactError(f"{stats.uri}: store digest {store.digest[:12]} != manifest {stats.digest[:12]}")
+    return store.read(verify=True)
+
+
+def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -> Manifest:
+    """Spectral influence per unit and timestep weights (+ heatmap); no forward passes."""
+    from slimdiff.influence import compute_influence, plot_influence_heatmap
+
+    activation_stats = read_stats(stats)
+    pipe = _load_pipe(params, model)
+    with staged_dir(out) as tmp:
+        influence = compute_influence(activation_stats, pipe.unet, weighting=params.influence.weighting)
+        (tmp / INFLUENCE_FILE).write_text(influence.to_json())
+        plot_influence_heatmap(influence, tmp / "influence_heatmap.png")
+    return _finish(
+        "influence", out, {"weighting": params.influence.weighting, "influence_digest": influence.digest}
+    )
+
+
+def _load_influence(influence: Manifest):
+    from slimdiff.influence import Influence
+
+    verify(influence)
+    return Influence.from_json((Path(influence.uri) / INFLUENCE_FILE).read_text())
+
+
+def budget_from_params(params: Params):
+    from slimdiff.allocation import Budget
+
+    b = params.allocation.budget
+    if b.kind == "removed_fraction":
+        return Budget(removed_fraction=b.value)
+    return Budget(**{b.kind: int(b.value)})
+
+
+def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) -> Manifest:
+    """Rank plan under the global budget (+ bar chart)."""
+    from slimdiff.adapter import compression_units
+    from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
+
+    cfg = params.allocation
+    scores = _load_influence(influence).scores
+    pipe = _load_pipe(params, model)
+    units = {n: u for n, u in compression_units(pipe.unet).items() if u.kind in cfg.modules}
+    with staged_dir(out) as tmp:
+        try:
+            plan = plan_ranks(
+                scores,
+                units,
+                budget_from_params(params),
+                tau=cfg.tau,
+                r_min=cfg.r_min,
+                multiple=cfg.multiple,
+                mode=cfg.mode,
+                model_params=sum(p.numel() for p in pipe.unet.parameters()),
+            )
+        except InfeasibleBudgetError as err:
+            raise StageInputError(f"allocation.budget: {err}") from err
+        plan.save(tmp / PLAN_FILE)
+        plot_rank_plan(plan, tmp / "rank_plan.png")
+    return _finish(
+        "plan",
+        out,
+        {"plan_digest": plan.digest, "params_before": plan.params_before, "params_after": plan.params_after},
+    )
+
+
+def run_compress(
+    params: Params, model: Manifest, stats: Manifest, influence: Manifest, plan: Manifest, out: Path
+) -> Manifest:
+    """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
+    from slimdiff.io import save_compressed
+
+    from slimdiff.allocation import RankPlan
+    from slimdiff.compress import compress_
+
+    cfg = params.compression
+    verify(plan)
+    rank_plan = RankPlan.load(Path(plan.uri) / PLAN_FILE)
+    weights = _load_influence(influence).weights
+    covariances = read_stats(stats).aggregate(weights)
+    pipe = _load_pipe(params, model)
+    before = sum(p.numel() for p in pipe.unet.parameters())
+    report = compress_(
+        pipe.unet,
+        rank_plan,
+        covariances,
+        qk_method=cfg.qk_method,
+        vo_method=cfg.vo_method,
+        ffn_method=cfg.ffn_method,
+        damping=cfg.damping,
+        ffn_selection=cfg.ffn_selection,
+    )
+    after = sum(p.numel() for p in pipe.unet.parameters())
+    lineage = {
+        "model_release": model.meta,
+        "stats_digest": stats.digest,
+        "plan_digest": plan.digest,
+        "influence_digest": influence.digest,
+    }
+    with staged_dir(out) as tmp:
+        save_compressed(pipe, tmp / "pipeline", extra={"lineage": lineage})
+        (tmp / "compression_report.json").write_text(json.dumps(_jsonable(report.to_dict()), indent=2))
+    return _finish("compress", out, {"unet_params_before": before, "unet_params_after": after})
+
+
+def run_evaluate(params: Params, model: Manifest, compressed: Manifest, out: Path) -> Manifest:
+    """Quality, size and speed of the compressed pipeline against the original, same seeds."""
+    from slimdiff.evaluation import evaluate_pair
+
+    verify(compressed)
+    original = _load_pipe(params, model)
+    from slimdiff.models import load_pipeline
+
+    slim = load_pipeline(
+        str(Path(compressed.uri) / "pipeline"), dtype=params.model.dtype, device=params.model.device
+    )
+    prompts = read_prompt_source(params.evaluation.prompts)
+    with staged_dir(out) as tmp:
+        metrics = evaluate_pair(original, slim, prompts, params.evaluation, out_dir=tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return _finish("evaluate", out, {"metrics": metrics.get("summary", {})})
+
+
+def stage_key(stage: str, params: Params, *inputs: Manifest) -> str:
+    """Cache key: the stage's code version, the params it reads (only those) and its input digests."""
+    from slimdiff.config import STAGE_PARAMS
+
+    return sha256_json(
+        {
+            "stage": stage,
+            "code": code_version(stage),
+            "params": params.digest(STAGE_PARAMS[stage]),
+            "inputs": [m.digest for m in inputs],
+        }
+    )
