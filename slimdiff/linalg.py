@@ -1,0 +1,306 @@
+"""Closed-form decompositions of SlimDiff (METHOD.md stage 5): pure math, tensors in, tensors out.
+
+Everything here runs in float64 (inputs are converted, outputs are float64), holds no state and
+does no I/O, so each function is checked by known-answer tests. Module surgery that applies the
+results to a UNet lives in ``slimdiff.compress``.
+
+Conventions (row-vector activations, as in the token-major tensors of a transformer):
+
+* a covariance ``C = E[x^T x]`` is a symmetric PSD (n, n) matrix (uncentered second moment);
+* every decomposition first *damps* it, ``C~ = C + damping * tr(C)/n * I``, so the damping is
+  relative to the mean eigenvalue and unit-free; all errors are reported under ``C~``;
+* a whitening factor is ``R = chol(C~)^T`` (upper triangular), so that ``C~ = R^T R`` and
+  ``E||x A||^2 = ||R A||_F^2`` for any matrix ``A``.
+
+Type I (FFN, Nystrom with CPQR): keep a neuron subset J of h (input of ff.net.2, y = h B + b with
+B = W_2^T of shape (inner, d)) and refit B' = C~_JJ^-1 C~_J: B, the least-squares map from h_J to
+h B under the damped correlation. (Regressing under C~ on both sides, rather than damping only
+C_JJ, is what makes the full width reproduce B exactly, which METHOD.md requires.)
+
+Type II (QK) and Type III (VO): whitened SVD per head, errors equal the discarded S_i^2.
+
+The weight-only baselines reuse the same formulas with the activation covariance replaced by the
+covariance the head would see for isotropic inputs (``W W^T``): that is exactly the truncated SVD
+of the per-head weight products ``W_q,h^T W_k,h`` (QK) and ``W_v,h^T W_o,h`` (VO).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+
+logger = logging.getLogger(__name__)
+
+F64 = torch.float64
+
+#: relative eigenvalue floor of the eigh fallback: eigenvalues below floor * lambda_max are raised
+EIG_FLOOR = 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# Damped Cholesky with an eigh fallback
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FactorDiagnostics:
+    """What happened while factoring one covariance (reported per unit by ``compress_``)."""
+
+    n: int
+    damping_abs: float  # damping * tr(C)/n, added to the diagonal
+    condition_number: float  # of the damped (and, on fallback, floored) matrix, lambda_max/lambda_min
+    fallback: bool  # Cholesky failed; eigh with floored eigenvalues was used instead
+    floored: int = 0  # number of eigenvalues raised to the floor on fallback
+
+
+@dataclass(frozen=True)
+class DampedFactor:
+    """``matrix = C~ = lower @ lower.T`` (float64); ``upper = lower.T`` is the whitening factor R."""
+
+    lower: torch.Tensor  # (n, n) lower triangular L
+    matrix: torch.Tensor  # (n, n) the regularised covariance the factor represents
+    diagnostics: FactorDiagnostics
+
+    @property
+    def upper(self) -> torch.Tensor:
+        return self.lower.T
+
+
+def _check_square(cov: torch.Tensor, what: str) -> torch.Tensor:
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"{what} must be a square (n, n) matrix, got shape {tuple(cov.shape)}")
+    cov = cov.to(F64)
+    if not torch.isfinite(cov).all():
+        raise ValueError(f"{what} contains NaN or Inf; the calibration statistics are corrupt")
+    return 0.5 * (cov + cov.T)  # symmetrise: accumulated sums are symmetric only up to rounding
+
+
+def damped_cholesky(
+    cov: torch.Tensor, damping: float = 1e-2, *, eig_floor: float = EIG_FLOOR
+) -> DampedFactor:
+    """Lower Cholesky factor of ``C + damping * tr(C)/n * I`` with diagnostics.
+
+    Why the fallback: a calibration covariance can be rank deficient (dead neurons, 77 text
+    tokens against a wider key space) so that even the damped matrix fails Cholesky in floating
+    point; then the eigenvalues are floored at ``eig_floor * lambda_max`` and the floored matrix
+    is factored through a QR of ``Lambda^1/2 V^T`` (still triangular, so callers need one code path).
+    The failure is detected from ``cholesky_ex``'s ``info``, never by catching exceptions.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    c = _check_square(cov, "covariance")
+    n = c.shape[0]
+    damping_abs = float(damping * torch.trace(c) / n)
+    damped = c + damping_abs * torch.eye(n, dtype=F64)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0:
+        eig = torch.linalg.eigvalsh(damped)
+        cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
+        return DampedFactor(lower, damped, FactorDiagnostics(n, damping_abs, cond, fallback=False))
+
+    eigval, eigvec = torch.linalg.eigh(damped)
+    top = float(eigval[-1])
+    floor = eig_floor * top if top > 0 else 1.0  # an all-zero covariance whitens to the identity
+    floored = int((eigval < floor).sum())
+    eigval = eigval.clamp_min(floor)
+    matrix = (eigvec * eigval) @ eigvec.T
+    matrix = 0.5 * (matrix + matrix.T)
+    # Lambda^1/2 V^T = Q R  =>  R^T R = V Lambda V^T; fix signs so that diag(R) > 0.
+    r = torch.linalg.qr(eigval.sqrt()[:, None] * eigvec.T, mode="r").R
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(F64)
+    r = signs[:, None] * r
+    cond = float(eigval[-1] / eigval[0])
+    logger.warning(
+        "Cholesky of a damped %dx%d covariance failed (info=%d); used eigh with %d eigenvalues floored "
+        "at %.3g (condition number %.3g)",
+        n,
+        n,
+        int(info),
+        floored,
+        floor,
+        cond,
+    )
+    return DampedFactor(r.T, matrix, FactorDiagnostics(n, damping_abs, cond, fallback=True, floored=floored))
+
+
+def _solve_upper(upper: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """R^-1 rhs for upper-triangular R."""
+    return torch.linalg.solve_triangular(upper, rhs, upper=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Type I: FFN neuron selection (Nystrom with column-pivoted QR)
+# --------------------------------------------------------------------------------------------
+def cpqr_order(factor: DampedFactor) -> torch.Tensor:
+    """Neuron order of a column-pivoted QR of ``L^T`` (a square root of C~: C~ = (L^T)^T L^T).
+
+    Column j of ``L^T`` has squared norm C~_jj; each pivot step takes the neuron with the largest
+    residual variance after projecting out the ones already chosen (= pivoted Cholesky on C~),
+    so every prefix of the order is a greedy interpolative-decomposition subset.
+    Returns a permutation (int64) of range(n)."""
+    root = factor.upper.numpy()
+    _, piv = scipy.linalg.qr(root, mode="r", pivoting=True)
+    return torch.as_tensor(np.asarray(piv), dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class NystromResult:
+    keep: torch.Tensor  # (k,) int64 kept neuron indices, ascending
+    out_weight: torch.Tensor  # (d, k) new ff.net.2 weight (= B'^T), float64
+    error: float  # E||h B - h_J B'||^2 under C~ (per token)
+    energy: float  # E||h B||^2 under C~: error / energy is the relative error
+    diagnostics: FactorDiagnostics
+
+
+def nystrom_refit(
+    matrix: torch.Tensor, out_weight: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, float, float]:
+    """B' = C_JJ^-1 C_J: B for ``out_weight = B^T`` (d, n); returns (B'^T (d, k), error, energy).
+
+    error = tr(B^T C B) - tr(B^T C_:J C_JJ^-1 C_J: B) (the Schur complement), computed explicitly."""
+    c = matrix.to(F64)
+    b = out_weight.to(F64).T  # (n, d)
+    c_jj = c[keep][:, keep]  # (k, k)
+    c_j = c[keep]  # (k, n)
+    rhs = c_j @ b  # (k, d)
+    chol, info = torch.linalg.cholesky_ex(c_jj)
+    if int(info) != 0:
+        raise ValueError(
+            f"the selected {keep.numel()}x{keep.numel()} principal block of the damped correlation is not "
+            "positive definite; increase damping"
+        )
+    b_new = torch.cholesky_solve(rhs, chol)  # (k, d)
+    energy = float(torch.einsum("nd,nm,md->", b, c, b))
+    error = energy - float((rhs * b_new).sum())
+    return b_new.T.contiguous(), max(error, 0.0), energy
+
+
+def nystrom_ffn(
+    correlation: torch.Tensor, out_weight: torch.Tensor, rank: int, damping: float = 1e-2
+) -> NystromResult:
+    """Type I: keep ``rank`` neurons chosen by CPQR of a square root of the damped correlation
+    ``K = E[h^T h]`` (inner, inner) and refit ``out_weight`` (ff.net.2 weight, (d, inner)).
+
+    At rank = inner it returns ``out_weight`` (up to rounding); the error never increases with
+    the rank because the CPQR subsets are nested and the refit is a least-squares projection."""
+    n = correlation.shape[-1]
+    if out_weight.dim() != 2 or out_weight.shape[1] != n:
+        raise ValueError(
+            f"out_weight must be (d, {n}) to match the correlation, got {tuple(out_weight.shape)}"
+        )
+    if not 1 <= rank <= n:
+        raise ValueError(f"rank must be in [1, {n}], got {rank}")
+    factor = damped_cholesky(correlation, damping)
+    order = cpqr_order(factor)
+    keep = order[:rank].sort().values
+    w, error, energy = nystrom_refit(factor.matrix, out_weight, keep)
+    return NystromResult(keep, w, error, energy, factor.diagnostics)
+
+
+def magnitude_neuron_scores(in_weight_rows: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """Weight-magnitude baseline: score_j = ||W_2[:, j]|| * ||proj rows of neuron j||.
+
+    ``in_weight_rows`` is (inner, m): for GEGLU the hidden and gate rows of neuron j concatenated
+    (m = 2d), for GELU the single proj row. Needs no activations (a pruning baseline)."""
+    if in_weight_rows.shape[0] != out_weight.shape[1]:
+        raise ValueError(
+            f"in_weight_rows has {in_weight_rows.shape[0]} neurons, out_weight has {out_weight.shape[1]} columns"
+        )
+    return in_weight_rows.to(F64).norm(dim=1) * out_weight.to(F64).norm(dim=0)
+
+
+def magnitude_select(scores: torch.Tensor, rank: int) -> torch.Tensor:
+    """Indices (ascending) of the ``rank`` largest scores; ties broken by lower index."""
+    n = scores.numel()
+    if not 1 <= rank <= n:
+        raise ValueError(f"rank must be in [1, {n}], got {rank}")
+    order = torch.argsort(-scores.to(F64), stable=True)
+    return order[:rank].sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Type II: QK whitening-SVD per head
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QKResult:
+    t_q: torch.Tensor  # (d_h, r): new query head = q_h @ t_q
+    t_k: torch.Tensor  # (d_h, r): new key head = k_h @ t_k
+    singular_values: torch.Tensor  # (d_h,) of R_q R_k^T, descending
+    error: float  # sum of the discarded S_i^2 = E||q (I - T_q T_k^T) k^T||^2, q, k independent
+    energy: float  # sum of all S_i^2
+    diagnostics_q: FactorDiagnostics
+    diagnostics_k: FactorDiagnostics
+
+
+def qk_whitened_svd(cov_q: torch.Tensor, cov_k: torch.Tensor, rank: int, damping: float = 1e-2) -> QKResult:
+    """Type II: T_q = R_q^-1 U_r S_r^1/2, T_k = R_k^-1 V_r S_r^1/2 from SVD(R_q R_k^T) = U S V^T.
+
+    Why: the attention logits of one head are q k^T; replacing them by (q T_q)(k T_k)^T has
+    expected squared error ||R_q (I - T_q T_k^T) R_k^T||_F^2 over independent q, k, which the
+    truncated SVD minimises (Eckart-Young) with value sum_{i>r} S_i^2. At r = d_h, T_q T_k^T = I."""
+    d = cov_q.shape[-1]
+    if cov_k.shape[-1] != d:
+        raise ValueError(
+            f"query and key covariances differ in size: {tuple(cov_q.shape)} vs {tuple(cov_k.shape)}"
+        )
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}], got {rank}")
+    fq, fk = damped_cholesky(cov_q, damping), damped_cholesky(cov_k, damping)
+    u, s, vh = torch.linalg.svd(fq.upper @ fk.upper.T)  # (d, d), (d,), (d, d)
+    root = s[:rank].sqrt()
+    t_q = _solve_upper(fq.upper, u[:, :rank] * root)  # (d, r)
+    t_k = _solve_upper(fk.upper, vh[:rank].T * root)  # (d, r)
+    sq = s.square()
+    return QKResult(t_q, t_k, s, float(sq[rank:].sum()), float(sq.sum()), fq.diagnostics, fk.diagnostics)
+
+
+def qk_weight_svd(w_q: torch.Tensor, w_k: torch.Tensor, rank: int, damping: float = 1e-8) -> QKResult:
+    """Weight-only baseline: truncated SVD of the head's bilinear form ``W_q,h^T W_k,h``.
+
+    ``w_q`` (d_h, d_q_in) and ``w_k`` (d_h, d_kv_in) are the head's rows of to_q / to_k. Equals
+    ``qk_whitened_svd`` with the covariances of q and k for isotropic inputs, W W^T."""
+    w_q, w_k = w_q.to(F64), w_k.to(F64)
+    return qk_whitened_svd(w_q @ w_q.T, w_k @ w_k.T, rank, damping)
+
+
+# --------------------------------------------------------------------------------------------
+# Type III: VO whitening-SVD per head
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VOResult:
+    t_v: torch.Tensor  # (d_h, r): new value head = v_h @ t_v
+    out_block: torch.Tensor  # (r, d_out): new head block of to_out.0 (= S_r V_r^T), row-vector form
+    singular_values: torch.Tensor  # (d_h,) of R_a W_o,h
+    error: float  # sum of discarded S_i^2 = E||a_h W_o,h - a_h T out_block||^2
+    energy: float
+    diagnostics: FactorDiagnostics
+
+
+def vo_whitened_svd(cov_a: torch.Tensor, w_o: torch.Tensor, rank: int, damping: float = 1e-2) -> VOResult:
+    """Type III: SVD(R_a W_o,h) = U S V^T, T = R_a^-1 U_r, new output block S_r V_r^T.
+
+    ``w_o`` is the head's block of to_out.0 in row-vector form, (d_h, d_out) = weight[:, head].T.
+    The attention output of the head is a_h = P v_h, so v_h T gives a_h T exactly and the head's
+    contribution a_h W_o,h becomes a_h T S_r V_r^T = a_h R_a^-1 U_r U_r^T R_a W_o,h."""
+    d = cov_a.shape[-1]
+    if w_o.dim() != 2 or w_o.shape[0] != d:
+        raise ValueError(f"w_o must be (d_h={d}, d_out), got {tuple(w_o.shape)}")
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}], got {rank}")
+    fa = damped_cholesky(cov_a, damping)
+    u, s, vh = torch.linalg.svd(fa.upper @ w_o.to(F64), full_matrices=False)  # (d, d), (d,), (d, d_out)
+    t_v = _solve_upper(fa.upper, u[:, :rank])  # (d, r)
+    out_block = s[:rank, None] * vh[:rank]  # (r, d_out)
+    sq = s.square()
+    return VOResult(t_v, out_block, s, float(sq[rank:].sum()), float(sq.sum()), fa.diagnostics)
+
+
+def vo_weight_svd(w_v: torch.Tensor, w_o: torch.Tensor, rank: int, damping: float = 1e-8) -> VOResult:
+    """Weight-only baseline: truncated SVD of the head's map ``W_v,h^T W_o,h`` (d_kv_in -> d_out).
+
+    ``w_v`` is the head's rows of to_v, (d_h, d_kv_in). Equals ``vo_whitened_svd`` with the
+    covariance of v for isotropic inputs (attention probabilities aside), W_v,h W_v,h^T."""
+    w_v = w_v.to(F64)
+    return vo_whitened_svd(w_v @ w_v.T, w_o, rank, damping)
