@@ -1,0 +1,610 @@
+"""Rank allocation under a global parameter budget (METHOD.md stage 4) and the rank-plan file.
+
+Keep ratios phi_m = r_m / R_m maximise  sum_m pi_m s_m phi_m - tau sum_m pi_m phi_m log phi_m
+subject to the budget and r_min <= r_m <= R_m, with pi_m the unit's share of the compressible
+parameters. The stationarity condition gives the closed form
+
+    phi_m = clip(exp((s_m - mu) / tau), r_min / R_m, 1)
+
+with one scalar mu, found by bisection so that the kept parameters sum_m c_m R_m phi_m equal the
+budget (c_m = parameters per unit of rank). tau -> inf gives the same ratio everywhere
+(uniform), tau -> 0 keeps the most influential units whole first (greedy).
+
+Score normalisation (so that tau is unit-free): the influence scores are standardised,
+s~_m = (s_m - mean(s)) / std(s) over the planned units (population std; all-equal scores become
+0). tau is therefore measured in standard deviations of influence: at tau = 1 a unit one std
+above the mean keeps e = 2.7x the ratio of an average unit (before clipping).
+
+Rounding and repair (what "exact budget" means): every rank is rounded to the nearest point of
+its grid G_m = {r_min_m, R_m} u {multiples of ``multiple`` between them} (r_min_m = min(r_min,
+R_m)). The rounded plan is then repaired greedily, one grid step at a time:
+
+1. while the kept parameters exceed the budget, step down the unit whose rank exceeds its
+   continuous optimum r*_m by the largest fraction of R_m ((r_m - r*_m) / R_m), ties: lower
+   score, then name;
+2. then, while some unit can step up without exceeding the budget, step up among those that fit
+   the unit with the largest deficit (r*_m - r_m) / R_m, ties: higher score, then name.
+
+The result never exceeds the budget and is *step-maximal*: the remaining slack is smaller than
+the cost of every available single upward grid step, i.e. it is the closest achievable kept count
+on the rounding grid reachable without exceeding the budget by single-step moves. (The global
+closest subset sum is a knapsack problem; step-maximality is what is guaranteed and tested.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from slimdiff.adapter import UnitInfo, compression_units, count_parameters
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT_VERSION = 1
+AllocationMode = Literal["influence", "uniform", "manual"]
+
+
+class InfeasibleBudgetError(ValueError):
+    """The requested budget cannot be met within r_min <= r_m <= R_m."""
+
+
+class PlanValidationError(ValueError):
+    """A rank plan does not match the model (or is internally inconsistent)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of:
+
+    * ``kept_params``: parameters kept in the compressible set (the compression units);
+    * ``removed_params``: parameters removed from the compressible set;
+    * ``removed_fraction``: share of the compressible parameters removed, in [0, 1);
+    * ``total_params``: parameters of the whole UNet after compression (needs ``model_params``
+      in ``plan_ranks``: the units alone do not know the size of the rest of the UNet).
+    """
+
+    kept_params: int | None = None
+    removed_params: int | None = None
+    removed_fraction: float | None = None
+    total_params: int | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in asdict(self).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(
+                "Budget needs exactly one of kept_params, removed_params, removed_fraction, total_params; "
+                f"got {sorted(given) or 'none'}"
+            )
+        for key in ("kept_params", "removed_params", "total_params"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"Budget.{key} must be a non-negative int, got {v!r}")
+        if self.removed_fraction is not None and not 0.0 <= float(self.removed_fraction) < 1.0:
+            raise ValueError(f"Budget.removed_fraction must be in [0, 1), got {self.removed_fraction!r}")
+
+    def kept(self, compressible_params: int, model_params: int | None = None) -> int:
+        """Kept parameters in the compressible set this budget asks for (before feasibility)."""
+        if self.kept_params is not None:
+            return self.kept_params
+        if self.removed_params is not None:
+            return compressible_params - self.removed_params
+        if self.removed_fraction is not None:
+            return math.floor(compressible_params * (1.0 - float(self.removed_fraction)))
+        if model_params is None:
+            raise ValueError(
+                "Budget(total_params=...) needs plan_ranks(..., model_params=<UNet parameter count>)"
+            )
+        return self.total_params - (model_params - compressible_params)
+
+    def describe_range(self, lo: int, hi: int, compressible_params: int, model_params: int | None) -> str:
+        """The feasible range [lo, hi] of kept compressible params, in this budget's own terms."""
+        if self.removed_params is not None:
+            return f"removed_params in [{compressible_params - hi}, {compressible_params - lo}]"
+        if self.removed_fraction is not None:
+            return f"removed_fraction in [{1 - hi / compressible_params:.6f}, {1 - lo / compressible_params:.6f}]"
+        if self.total_params is not None and model_params is not None:
+            rest = model_params - compressible_params
+            return f"total_params in [{rest + lo}, {rest + hi}]"
+        return f"kept_params in [{lo}, {hi}]"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Rank plan
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnitPlan:
+    name: str
+    kind: str  # "ffn" | "qk" | "vo"
+    full_rank: int
+    rank: int
+    cost_per_rank: int
+    score: float | None = None  # influence score used for the allocation (None: manual plan)
+
+    @property
+    def params_before(self) -> int:
+        return self.full_rank * self.cost_per_rank
+
+    @property
+    def params_after(self) -> int:
+        return self.rank * self.cost_per_rank
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.rank / self.full_rank
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params_before"] = self.params_before
+        d["params_after"] = self.params_after
+        return d
+
+
+def _digest_json(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def influence_digest(influence: Mapping[str, float]) -> str:
+    """Content digest of the influence scores (repr of floats is exact and stable)."""
+    return _digest_json({k: repr(float(v)) for k, v in sorted(influence.items())})
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-unit kept ranks plus everything needed to reproduce and audit them.
+
+    Units not listed are left at full rank by ``compress_``. The JSON file is the contract
+    between allocation, compression and save/load (``slimdiff.io`` rebuilds shapes from it)."""
+
+    units: dict[str, UnitPlan]
+    mode: str = "manual"
+    budget: dict = field(default_factory=dict)  # Budget.to_dict() (empty for manual plans)
+    tau: float | None = None
+    r_min: int = 8
+    multiple: int = 8
+    influence_digest: str | None = None
+    format_version: int = PLAN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format_version != PLAN_FORMAT_VERSION:
+            raise PlanValidationError(
+                f"rank plan format_version {self.format_version} is not supported (expected {PLAN_FORMAT_VERSION}); "
+                "re-run plan_ranks with this slimdiff version"
+            )
+        for name, u in self.units.items():
+            if name != u.name:
+                raise PlanValidationError(f"{name}: plan entry is keyed {name!r} but names unit {u.name!r}")
+            if u.kind not in ("ffn", "qk", "vo"):
+                raise PlanValidationError(f"{name}: unknown unit kind {u.kind!r} (expected ffn, qk or vo)")
+            if u.full_rank < 1 or u.cost_per_rank < 1:
+                raise PlanValidationError(f"{name}: full_rank and cost_per_rank must be >= 1")
+            if not 1 <= u.rank <= u.full_rank:
+                raise PlanValidationError(
+                    f"{name}: rank {u.rank} is out of range [1, {u.full_rank}] (full rank {u.full_rank})"
+                )
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_ranks(cls, units: Mapping[str, UnitInfo], ranks: Mapping[str, int]) -> RankPlan:
+        """A manual plan: the given ranks, every other unit of ``units`` at full rank."""
+        unknown = sorted(set(ranks) - set(units))
+        if unknown:
+            raise PlanValidationError(f"unknown compression units in ranks: {unknown[:5]}")
+        plans = {
+            name: UnitPlan(name, u.kind, u.full_rank, int(ranks.get(name, u.full_rank)), u.cost_per_rank)
+            for name, u in units.items()
+        }
+        return cls(units=plans, mode="manual")
+
+    # -- queries ------------------------------------------------------------------------------
+    def ranks(self) -> dict[str, int]:
+        return {name: u.rank for name, u in self.units.items()}
+
+    def compressed_units(self) -> dict[str, UnitPlan]:
+        """Units whose rank is below full (the ones ``compress_`` rewrites)."""
+        return {name: u for name, u in self.units.items() if u.rank < u.full_rank}
+
+    @property
+    def params_before(self) -> int:
+        return sum(u.params_before for u in self.units.values())
+
+    @property
+    def params_after(self) -> int:
+        return sum(u.params_after for u in self.units.values())
+
+    @property
+    def removed_params(self) -> int:
+        return self.params_before - self.params_after
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "mode": self.mode,
+            "budget": dict(self.budget),
+            "tau": self.tau,
+            "r_min": self.r_min,
+            "multiple": self.multiple,
+            "influence_digest": self.influence_digest,
+            "totals": {
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "removed_params": self.removed_params,
+            },
+            "units": {name: u.to_dict() for name, u in self.units.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RankPlan:
+        version = data.get("format_version")
+        if version != PLAN_FORMAT_VERSION:
+            raise PlanValidationError(
+                f"rank plan format_version {version!r} is not supported (expected {PLAN_FORMAT_VERSION})"
+            )
+        units = {}
+        for name, u in data["units"].items():
+            entry = UnitPlan(
+                name=u["name"],
+                kind=u["kind"],
+                full_rank=int(u["full_rank"]),
+                rank=int(u["rank"]),
+                cost_per_rank=int(u["cost_per_rank"]),
+                score=u.get("score"),
+            )
+            if name != entry.name:
+                raise PlanValidationError(
+                    f"{name}: plan entry is keyed {name!r} but names unit {entry.name!r}"
+                )
+            if "params_after" in u and int(u["params_after"]) != entry.params_after:
+                raise PlanValidationError(
+                    f"{name}: params_after {u['params_after']} does not equal rank x cost_per_rank = "
+                    f"{entry.params_after}; the plan file was edited inconsistently"
+                )
+            units[name] = entry
+        plan = cls(
+            units=units,
+            mode=data.get("mode", "manual"),
+            budget=dict(data.get("budget") or {}),
+            tau=data.get("tau"),
+            r_min=int(data.get("r_min", 8)),
+            multiple=int(data.get("multiple", 8)),
+            influence_digest=data.get("influence_digest"),
+            format_version=version,
+        )
+        totals = data.get("totals")
+        if totals and int(totals.get("params_after", plan.params_after)) != plan.params_after:
+            raise PlanValidationError(
+                f"plan totals.params_after {totals['params_after']} does not match the units' sum {plan.params_after}"
+            )
+        return plan
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the plan (keys sorted, no whitespace)."""
+        return _digest_json(self.to_dict())
+
+    def save(self, path: str | Path) -> Path:
+        """Human-readable JSON (indented, units in module order)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankPlan:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate_against(self, model: nn.Module | Mapping[str, UnitInfo]) -> None:
+        """Raise PlanValidationError naming the unit when the plan does not fit ``model``:
+        unknown units, full ranks or costs that differ from the model, ranks out of [1, R_m]."""
+        units = model if isinstance(model, Mapping) else compression_units(model)
+        for name, u in self.units.items():
+            info = units.get(name)
+            if info is None:
+                close = [n for n in units if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+                raise PlanValidationError(
+                    f"{name}: unknown compression unit for this model (e.g. {close}); the plan was made for "
+                    "another UNet"
+                )
+            if info.kind != u.kind or info.full_rank != u.full_rank or info.cost_per_rank != u.cost_per_rank:
+                raise PlanValidationError(
+                    f"{name}: plan says kind={u.kind} full_rank={u.full_rank} cost_per_rank={u.cost_per_rank}, "
+                    f"the model has kind={info.kind} full_rank={info.full_rank} cost_per_rank={info.cost_per_rank}"
+                )
+            if not 1 <= u.rank <= info.full_rank:
+                raise PlanValidationError(f"{name}: rank {u.rank} is out of range [1, {info.full_rank}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation
+# --------------------------------------------------------------------------------------------
+def rank_grid(full_rank: int, r_min: int, multiple: int) -> list[int]:
+    """Allowed ranks of one unit: {min(r_min, R), R} u {multiples of ``multiple`` in between}."""
+    lo = min(r_min, full_rank)
+    first = -(-lo // multiple) * multiple
+    return sorted({lo, full_rank, *range(first, full_rank + 1, multiple)})
+
+
+def normalise_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """Standardise scores (mean 0, population std 1); all-equal scores map to 0."""
+    values = [float(v) for v in scores.values()]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if std <= 1e-12 * max(1.0, abs(mean)):
+        return dict.fromkeys(scores, 0.0)
+    return {k: (float(v) - mean) / std for k, v in scores.items()}
+
+
+def _continuous_ratios(
+    scores: Mapping[str, float], units: Mapping[str, UnitInfo], target: int, tau: float, r_min: int
+) -> dict[str, float]:
+    """phi_m = clip(exp((s_m - mu)/tau), r_min_m/R_m, 1) with mu by bisection on the budget."""
+    lo_ratio = {n: min(r_min, u.full_rank) / u.full_rank for n, u in units.items()}
+
+    def ratios(mu: float) -> dict[str, float]:
+        out = {}
+        for n in units:
+            z = (scores[n] - mu) / tau
+            out[n] = min(1.0, max(lo_ratio[n], math.exp(min(z, 0.0))))  # exp(z) >= 1 clips to 1 anyway
+        return out
+
+    def kept(mu: float) -> float:
+        r = ratios(mu)
+        return sum(units[n].full_params * r[n] for n in units)
+
+    s_max, s_min = max(scores.values()), min(scores.values())
+    lo_mu, hi_mu = s_min, s_max + tau  # kept(s_min) = all full; widen hi_mu until kept <= target
+    step = 2.0 * tau
+    while kept(hi_mu) > target and step < 1e300:
+        hi_mu = s_max + step
+        step *= 2.0
+    for _ in range(200):  # kept(mu) is continuous and non-increasing: plain bisection
+        mid = 0.5 * (lo_mu + hi_mu)
+        if kept(mid) > target:
+            lo_mu = mid
+        else:
+            hi_mu = mid
+        if hi_mu - lo_mu <= 1e-15 * max(1.0, abs(hi_mu)):
+            break
+    return ratios(hi_mu)
+
+
+def _uniform_ratios(units: Mapping[str, UnitInfo], target: int, r_min: int) -> dict[str, float]:
+    """One keep ratio phi for every unit (clipped at r_min_m/R_m), phi by bisection."""
+    lo_ratio = {n: min(r_min, u.full_rank) / u.full_rank for n, u in units.items()}
+
+    def kept(phi: float) -> float:
+        return sum(u.full_params * max(lo_ratio[n], phi) for n, u in units.items())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if kept(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    return {n: max(lo_ratio[n], lo) for n in units}
+
+
+def _q(x: float) -> float:
+    """Quantise a ratio deviation so that differences below 1e-9 (bisection noise, tau -> inf)
+    count as ties and fall through to the documented tie-breaks."""
+    return round(x, 9)
+
+
+def _round_and_repair(
+    continuous: Mapping[str, float],
+    scores: Mapping[str, float],
+    units: Mapping[str, UnitInfo],
+    target: int,
+    r_min: int,
+    multiple: int,
+) -> dict[str, int]:
+    grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
+    target_rank = {n: continuous[n] * units[n].full_rank for n in units}
+    idx = {}
+    for n, g in grids.items():  # nearest grid point (ties: the lower one)
+        idx[n] = min(range(len(g)), key=lambda i, n=n, g=g: (abs(g[i] - target_rank[n]), g[i]))
+
+    def rank(n: str) -> int:
+        return grids[n][idx[n]]
+
+    kept = sum(rank(n) * units[n].cost_per_rank for n in units)
+    while kept > target:  # 1. step down the most over-allocated unit
+        movable = [n for n in units if idx[n] > 0]
+        worst = max(
+            movable, key=lambda n: (_q((rank(n) - target_rank[n]) / units[n].full_rank), -scores[n], n)
+        )
+        step = (rank(worst) - grids[worst][idx[worst] - 1]) * units[worst].cost_per_rank
+        idx[worst] -= 1
+        kept -= step
+    while True:  # 2. fill the slack with the most under-allocated unit whose next step fits
+        fits = []
+        for n in units:
+            if idx[n] + 1 < len(grids[n]):
+                step = (grids[n][idx[n] + 1] - rank(n)) * units[n].cost_per_rank
+                if kept + step <= target:
+                    fits.append((n, step))
+        if not fits:
+            break
+        n, step = max(
+            fits,
+            key=lambda f: (_q((target_rank[f[0]] - rank(f[0])) / units[f[0]].full_rank), scores[f[0]], f[0]),
+        )
+        idx[n] += 1
+        kept += step
+    return {n: rank(n) for n in units}
+
+
+def feasible_range(units: Mapping[str, UnitInfo], r_min: int = 8, multiple: int = 8) -> tuple[int, int]:
+    """(min, max) kept compressible parameters reachable on the rounding grid."""
+    lo = sum(rank_grid(u.full_rank, r_min, multiple)[0] * u.cost_per_rank for u in units.values())
+    return lo, sum(u.full_params for u in units.values())
+
+
+def plan_ranks(
+    influence: Mapping[str, float] | None,
+    units: Mapping[str, UnitInfo],
+    budget: Budget,
+    *,
+    tau: float = 1.0,
+    r_min: int = 8,
+    multiple: int = 8,
+    mode: AllocationMode = "influence",
+    model_params: int | None = None,
+) -> RankPlan:
+    """Allocate per-unit ranks under ``budget`` (see the module docstring for the exact rules).
+
+    ``influence`` maps every unit name to its spectral influence s_m (ignored, may be None, for
+    mode="uniform"); ``units`` comes from ``slimdiff.adapter.compression_units(unet)`` (a subset
+    restricts compression to those units: e.g. only the FFN units). ``model_params`` is the
+    whole UNet's parameter count, needed only for ``Budget(total_params=...)``."""
+    if mode not in ("influence", "uniform"):
+        raise ValueError(f"mode must be 'influence' or 'uniform', got {mode!r}")
+    if not units:
+        raise ValueError("plan_ranks needs at least one compression unit")
+    if r_min < 1 or multiple < 1:
+        raise ValueError(f"r_min and multiple must be >= 1, got r_min={r_min}, multiple={multiple}")
+    if mode == "influence":
+        if not tau > 0 or not math.isfinite(tau):
+            raise ValueError(f"tau must be a positive finite number for mode='influence', got {tau!r}")
+        if influence is None:
+            raise ValueError("mode='influence' needs influence scores (dict unit name -> float)")
+        missing = sorted(set(units) - set(influence))
+        extra = sorted(set(influence) - set(units))
+        if missing:
+            raise ValueError(f"influence scores missing for {len(missing)} units, e.g. {missing[:3]}")
+        if extra:
+            logger.info(
+                "ignoring influence scores of %d units not being planned, e.g. %s", len(extra), extra[:3]
+            )
+        bad = [n for n in units if not math.isfinite(float(influence[n]))]
+        if bad:
+            raise ValueError(f"influence scores must be finite; not for {bad[:3]}")
+
+    compressible = sum(u.full_params for u in units.values())
+    target = budget.kept(compressible, model_params)
+    lo, hi = feasible_range(units, r_min, multiple)
+    if not lo <= target <= hi:
+        raise InfeasibleBudgetError(
+            f"budget {budget.to_dict()} asks to keep {target} of {compressible} compressible parameters; "
+            f"feasible with r_min={r_min}, multiple={multiple}: kept_params in [{lo}, {hi}] "
+            f"({budget.describe_range(lo, hi, compressible, model_params)})"
+        )
+
+    if mode == "influence":
+        raw = {n: float(influence[n]) for n in units}
+        scores = normalise_scores(raw)
+        continuous = _continuous_ratios(scores, units, target, tau, r_min)
+        digest = influence_digest(raw)
+    else:
+        raw = None
+        # scores only break ties in the repair (so uniform == influence at tau -> inf, exactly)
+        scores = (
+            normalise_scores({n: float(influence.get(n, 0.0)) for n in units})
+            if influence
+            else dict.fromkeys(units, 0.0)
+        )
+        continuous = _uniform_ratios(units, target, r_min)
+        digest = influence_digest({n: influence.get(n, 0.0) for n in units}) if influence else None
+    ranks = _round_and_repair(continuous, scores, units, target, r_min, multiple)
+    plan = RankPlan(
+        units={
+            n: UnitPlan(n, u.kind, u.full_rank, ranks[n], u.cost_per_rank, None if raw is None else raw[n])
+            for n, u in units.items()
+        },
+        mode=mode,
+        budget={**budget.to_dict(), "kept_params_target": target},
+        tau=float(tau) if mode == "influence" else None,
+        r_min=r_min,
+        multiple=multiple,
+        influence_digest=digest,
+    )
+    logger.info(
+        "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",
+        mode,
+        plan.params_after,
+        compressible,
+        target,
+        target - plan.params_after,
+        len(plan.compressed_units()),
+        len(units),
+    )
+    return plan
+
+
+def plan_for_model(
+    unet: nn.Module, influence: Mapping[str, float] | None, budget: Budget, **kwargs
+) -> RankPlan:
+    """Convenience: ``plan_ranks`` over every unit of ``unet`` with ``model_params`` filled in."""
+    return plan_ranks(
+        influence, compression_units(unet), budget, model_params=count_parameters(unet), **kwargs
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------
+def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
+    """Bar chart of the kept ratio r_m / R_m per unit, coloured by kind, in module order."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    colors = {"ffn": "tab:blue", "qk": "tab:orange", "vo": "tab:green"}
+    names = list(plan.units)
+    ratios = [plan.units[n].keep_ratio for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.0))
+    ax.bar(range(len(names)), ratios, color=[colors[plan.units[n].kind] for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([_short_name(n) for n in names], rotation=90, fontsize=6)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept ratio r / R")
+    removed = plan.removed_params / max(1, plan.params_before)
+    ax.set_title(
+        f"SlimDiff rank plan ({plan.mode}, tau={plan.tau}): {removed:.1%} of compressible params removed"
+    )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _short_name(unit: str) -> str:
+    """down_blocks.1.attentions.0.transformer_blocks.0.attn2.qk -> d1.a0.t0.attn2.qk"""
+    short = {
+        "down_blocks": "d",
+        "up_blocks": "u",
+        "mid_block": "m",
+        "attentions": "a",
+        "transformer_blocks": "t",
+    }
+    parts = unit.split(".")
+    out: list[str] = []
+    for p in parts:
+        if p in short:
+            out.append(short[p])
+        elif p.isdigit() and out:
+            out[-1] += p
+        else:
+            out.append(p)
+    return ".".join(out)
