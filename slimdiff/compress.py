@@ -1,0 +1,654 @@
+"""Module surgery: rebuild a UNet's attention and FFN layers at the ranks of a rank plan.
+
+``compress_(unet, plan, covariances)`` is the one in-place verb (torchao-shaped). For every unit
+the plan keeps below full rank it computes a closed-form decomposition (``slimdiff.linalg``) from
+the aggregated covariances and swaps in *really smaller* ``nn.Linear`` layers:
+
+=============  ===========================================  ================================
+unit           layers rewritten                             new shape (out, in)
+=============  ===========================================  ================================
+``.ff``        ``ff.net.0.proj`` (GEGLU: rows J of both     (2k, d)   [GELU: (k, d)]
+               halves + their biases), ``ff.net.2``         (d, k)
+``.attnX.qk``  ``to_q``, ``to_k``                           (H*r_qk, d_q_in), (H*r_qk, d_kv_in)
+``.attnX.vo``  ``to_v``, ``to_out.0``                       (H*r_vo, d_kv_in), (d_out, H*r_vo)
+=============  ===========================================  ================================
+
+Attention modules with a compressed QK or VO get ``SlimAttnProcessor``: diffusers' stock
+processor derives one head dim for q, k and v and the softmax scale from it, which is wrong once
+r_qk != d_h or r_vo != r_qk. Units at full rank are left untouched, so a plan can compress only
+the FFNs, only QK or only VO.
+
+Methods are looked up in a registry by (unit kind, name), not by if/elif: "slimdiff" (whitened /
+Nystrom-CPQR, the method), "weight_svd" (QK/VO baseline without activations) and "magnitude"
+(FFN pruning baseline). ``register_method`` adds more.
+
+Everything is decomposed before the first module is touched, so a failure (missing covariance,
+bad plan) leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimdiff import linalg
+from slimdiff.adapter import BlockInfo, UnitInfo, count_parameters, describe_unet, units_of_block
+from slimdiff.allocation import RankPlan
+from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
+
+logger = logging.getLogger(__name__)
+
+F64 = torch.float64
+
+#: attribute set on a compressed UNet: the RankPlan it was compressed with (read by slimdiff.io)
+PLAN_ATTRIBUTE = "slimdiff_plan"
+
+
+class CompressionError(ValueError):
+    """Compression cannot proceed (missing statistics, unknown method, already compressed)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Attention processor
+# --------------------------------------------------------------------------------------------
+class SlimAttnProcessor:
+    """diffusers ``AttnProcessor2_0`` for attention with compressed per-head q/k and v widths.
+
+    q and k are split into heads of width r_qk = to_q.out_features / heads, v into heads of
+    width r_vo = to_v.out_features / heads (``F.scaled_dot_product_attention`` accepts a value
+    head dim different from the query/key one), and the softmax uses the ORIGINAL scale
+    1/sqrt(d_h): the QK decomposition approximates the original logits q k^T, so rescaling by
+    1/sqrt(r_qk) would sharpen every attention map."""
+
+    slimdiff_supported = True
+
+    def __init__(self, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
+        self.scale = float(scale)
+
+    def __repr__(self) -> str:
+        return f"SlimAttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            # (B, C, H, W) -> (B, H*W, C)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            # (B*heads, 1|N_q, N_k) -> (B, heads, 1|N_q, N_k) as scaled_dot_product_attention expects
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        r_qk = key.shape[-1] // heads
+        r_vo = value.shape[-1] // heads
+        # (B, N, heads*r) -> (B, heads, N, r)
+        query = query.view(batch_size, -1, heads, r_qk).transpose(1, 2)
+        key = key.view(batch_size, -1, heads, r_qk).transpose(1, 2)
+        value = value.view(batch_size, -1, heads, r_vo).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # (B, heads, N_q, r_vo)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=self.scale
+        )
+        # (B, heads, N_q, r_vo) -> (B, N_q, heads*r_vo)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * r_vo)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+# --------------------------------------------------------------------------------------------
+# Rewrites (what a method returns) and the method registry
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FFNRewrite:
+    keep_value: torch.Tensor  # (k,) kept rows of the hidden half of proj (GELU: of proj)
+    keep_gate: torch.Tensor  # (k,) kept rows of the gate half (GEGLU); == keep_value when shared
+    out_weight: torch.Tensor  # (d, k) new ff.net.2 weight, float64
+    error: float | None = None
+    energy: float | None = None
+    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+
+
+@dataclass
+class QKRewrite:
+    t_q: torch.Tensor  # (H, d_h, r): new query head h = q_h @ t_q[h]
+    t_k: torch.Tensor  # (H, d_h, r)
+    error: float | None = None
+    energy: float | None = None
+    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+
+
+@dataclass
+class VORewrite:
+    t_v: torch.Tensor  # (H, d_h, r): new value head h = v_h @ t_v[h]
+    out_blocks: torch.Tensor  # (H, r, d_out): head h's new rows of to_out.0 in row-vector form
+    error: float | None = None
+    energy: float | None = None
+    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """Everything a decomposition method may read for one unit (nothing is mutated)."""
+
+    unit: UnitInfo
+    block: BlockInfo
+    module: nn.Module  # the BasicTransformerBlock
+    rank: int
+    covariances: Mapping[str, torch.Tensor]
+    damping: float
+    ffn_selection: str
+
+    def covariance(self, key: str) -> torch.Tensor:
+        if key not in self.covariances:
+            raise CompressionError(f"{self.unit.name}: covariance {key!r} is missing from the statistics")
+        return self.covariances[key]
+
+    @property
+    def attention(self) -> nn.Module:
+        return getattr(self.module, self.unit.attn)
+
+
+Method = Callable[[UnitContext], FFNRewrite | QKRewrite | VORewrite]
+_METHODS: dict[tuple[str, str], Method] = {}
+# covariance keys a method reads, as templates over (block, attn); checked before any work
+_NEEDS: dict[tuple[str, str], tuple[str, ...]] = {}
+
+#: method presets: a string ``method`` names one registered method per kind
+PRESETS: dict[str, dict[str, str]] = {
+    "slimdiff": {"ffn": "slimdiff", "qk": "slimdiff", "vo": "slimdiff"},
+    "weight_svd": {"qk": "weight_svd", "vo": "weight_svd"},
+    "magnitude": {"ffn": "magnitude"},
+    "baseline": {"ffn": "magnitude", "qk": "weight_svd", "vo": "weight_svd"},
+}
+
+
+def register_method(kind: str, name: str, needs: tuple[str, ...] = ()) -> Callable[[Method], Method]:
+    """Register a decomposition for units of ``kind`` ("ffn" | "qk" | "vo") under ``name``.
+
+    ``needs`` lists the statistics the method reads: "ffn.hidden", "query", "key", "attnout"."""
+    if kind not in ("ffn", "qk", "vo"):
+        raise ValueError(f"kind must be 'ffn', 'qk' or 'vo', got {kind!r}")
+
+    def deco(fn: Method) -> Method:
+        if (kind, name) in _METHODS:
+            raise ValueError(f"a {kind} method named {name!r} is already registered")
+        _METHODS[(kind, name)] = fn
+        _NEEDS[(kind, name)] = needs
+        return fn
+
+    return deco
+
+
+def available_methods() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"ffn": [], "qk": [], "vo": []}
+    for kind, name in _METHODS:
+        out[kind].append(name)
+    return out
+
+
+def resolve_methods(method: str | Mapping[str, str], kinds: set[str]) -> dict[str, str]:
+    """Per-kind method names for the unit kinds being compressed; errors list what exists."""
+    if isinstance(method, str):
+        if method in PRESETS:
+            chosen = dict(PRESETS[method])
+        else:
+            chosen = {k: method for k in kinds}
+    else:
+        unknown = set(method) - {"ffn", "qk", "vo"}
+        if unknown:
+            raise CompressionError(f"method keys must be 'ffn', 'qk' or 'vo', got {sorted(unknown)}")
+        chosen = dict(method)
+    for kind in sorted(kinds):
+        name = chosen.get(kind)
+        if name is None or (kind, name) not in _METHODS:
+            raise CompressionError(
+                f"no {kind} method {name or method!r}: the plan compresses {kind} units; registered {kind} methods "
+                f"are {available_methods()[kind]} (pass e.g. method={{'{kind}': '{available_methods()[kind][0]}'}} "
+                f"or a preset among {sorted(PRESETS)})"
+            )
+    return {k: chosen[k] for k in kinds}
+
+
+def _required_key(unit: UnitInfo, need: str) -> str:
+    if need == "ffn.hidden":
+        return ffn_key(unit.block)
+    return attn_key(unit.block, unit.attn, need)
+
+
+def _check_cov(name: str, key: str, cov: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(cov.shape) != shape:
+        raise CompressionError(
+            f"{name}: covariance {key!r} has shape {tuple(cov.shape)}, the model needs {shape} "
+            "(statistics collected on another model?)"
+        )
+
+
+# -- FFN methods ------------------------------------------------------------------------------
+def _ffn_layers(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    return block.ff.net[0].proj, block.ff.net[-1]
+
+
+def _check_selection(ctx: UnitContext) -> None:
+    if ctx.ffn_selection == "separate" and ctx.block.geglu:
+        raise NotImplementedError(
+            f"{ctx.unit.name}: ffn_selection='separate' (independent hidden/gate row sets) is not implemented: "
+            "a kept hidden row paired with another neuron's gate row makes a new neuron whose correlation "
+            "with the original h (needed by the Nystrom refit) is not in the statistics (E[h^T h] only). "
+            "Use ffn_selection='shared'."
+        )
+
+
+@register_method("ffn", "slimdiff", needs=("ffn.hidden",))
+def _ffn_nystrom(ctx: UnitContext) -> FFNRewrite:
+    """Type I: CPQR selection on the FFN correlation, Nystrom refit of ff.net.2."""
+    _check_selection(ctx)
+    cov = ctx.covariance(ffn_key(ctx.unit.block))
+    _check_cov(ctx.unit.name, ffn_key(ctx.unit.block), cov, (ctx.block.ffn_inner, ctx.block.ffn_inner))
+    _, out = _ffn_layers(ctx.module)
+    res = linalg.nystrom_ffn(cov, out.weight.detach().to("cpu", F64), ctx.rank, ctx.damping)
+    return FFNRewrite(res.keep, res.keep, res.out_weight, res.error, res.energy, [res.diagnostics])
+
+
+@register_method("ffn", "magnitude")
+def _ffn_magnitude(ctx: UnitContext) -> FFNRewrite:
+    """Baseline: keep the neurons with the largest ||W_2 column|| * ||proj rows||, no refit."""
+    _check_selection(ctx)
+    proj, out = _ffn_layers(ctx.module)
+    inner = ctx.block.ffn_inner
+    w_in = proj.weight.detach().to("cpu", F64)
+    rows = torch.cat([w_in[:inner], w_in[inner:]], dim=1) if ctx.block.geglu else w_in  # (inner, 2d | d)
+    w_out = out.weight.detach().to("cpu", F64)
+    keep = linalg.magnitude_select(linalg.magnitude_neuron_scores(rows, w_out), ctx.rank)
+    return FFNRewrite(keep, keep, w_out[:, keep].contiguous())
+
+
+# -- QK / VO methods --------------------------------------------------------------------------
+def _heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H*d_h, d_in) Linear weight -> (H, d_h, d_in) per-head rows, float64 on CPU."""
+    w = weight.detach().to("cpu", F64)
+    return w.view(heads, w.shape[0] // heads, w.shape[1])
+
+
+def _out_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """to_out.0 weight (d_out, H*d_h) -> (H, d_h, d_out): head h's block in row-vector form."""
+    w = weight.detach().to("cpu", F64)
+    return w.view(w.shape[0], heads, w.shape[1] // heads).permute(1, 2, 0)
+
+
+def _qk_rewrite(results: list[linalg.QKResult]) -> QKRewrite:
+    return QKRewrite(
+        torch.stack([r.t_q for r in results]),
+        torch.stack([r.t_k for r in results]),
+        sum(r.error for r in results),
+        sum(r.energy for r in results),
+        [d for r in results for d in (r.diagnostics_q, r.diagnostics_k)],
+    )
+
+
+def _vo_rewrite(results: list[linalg.VOResult]) -> VORewrite:
+    return VORewrite(
+        torch.stack([r.t_v for r in results]),
+        torch.stack([r.out_block for r in results]),
+        sum(r.error for r in results),
+        sum(r.energy for r in results),
+        [r.diagnostics for r in results],
+    )
+
+
+@register_method("qk", "slimdiff", needs=(QUERY, KEY))
+def _qk_whitened(ctx: UnitContext) -> QKRewrite:
+    info = getattr(ctx.block, ctx.unit.attn)
+    shape = (info.heads, info.head_dim, info.head_dim)
+    keys = [attn_key(ctx.unit.block, ctx.unit.attn, w) for w in (QUERY, KEY)]
+    cq, ck = (ctx.covariance(k) for k in keys)
+    for k, c in zip(keys, (cq, ck), strict=True):
+        _check_cov(ctx.unit.name, k, c, shape)
+    return _qk_rewrite(
+        [linalg.qk_whitened_svd(cq[h], ck[h], ctx.rank, ctx.damping) for h in range(info.heads)]
+    )
+
+
+@register_method("qk", "weight_svd")
+def _qk_weight_svd(ctx: UnitContext) -> QKRewrite:
+    attn, heads = ctx.attention, getattr(ctx.block, ctx.unit.attn).heads
+    wq, wk = _heads(attn.to_q.weight, heads), _heads(attn.to_k.weight, heads)
+    return _qk_rewrite([linalg.qk_weight_svd(wq[h], wk[h], ctx.rank) for h in range(heads)])
+
+
+@register_method("vo", "slimdiff", needs=(ATTN_OUT,))
+def _vo_whitened(ctx: UnitContext) -> VORewrite:
+    info = getattr(ctx.block, ctx.unit.attn)
+    key = attn_key(ctx.unit.block, ctx.unit.attn, ATTN_OUT)
+    ca = ctx.covariance(key)
+    _check_cov(ctx.unit.name, key, ca, (info.heads, info.head_dim, info.head_dim))
+    wo = _out_heads(ctx.attention.to_out[0].weight, info.heads)
+    return _vo_rewrite(
+        [linalg.vo_whitened_svd(ca[h], wo[h], ctx.rank, ctx.damping) for h in range(info.heads)]
+    )
+
+
+@register_method("vo", "weight_svd")
+def _vo_weight_svd(ctx: UnitContext) -> VORewrite:
+    attn, heads = ctx.attention, getattr(ctx.block, ctx.unit.attn).heads
+    wv, wo = _heads(attn.to_v.weight, heads), _out_heads(attn.to_out[0].weight, heads)
+    return _vo_rewrite([linalg.vo_weight_svd(wv[h], wo[h], ctx.rank) for h in range(heads)])
+
+
+# --------------------------------------------------------------------------------------------
+# Applying rewrites: build the smaller layers
+# --------------------------------------------------------------------------------------------
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """An nn.Linear holding ``weight`` (out, in) and ``bias``, in ``like``'s dtype and device,
+    built on the meta device first so that no throwaway random init is paid."""
+    dtype, device = like.weight.dtype, like.weight.device
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(
+        weight.to(device=device, dtype=dtype).contiguous(), requires_grad=like.weight.requires_grad
+    )
+    if bias is not None:
+        lin.bias = nn.Parameter(
+            bias.to(device=device, dtype=dtype).contiguous(), requires_grad=like.weight.requires_grad
+        )
+    return lin
+
+
+def _apply_ffn(block: nn.Module, info: BlockInfo, rw: FFNRewrite) -> None:
+    proj, out = _ffn_layers(block)
+    w = proj.weight.detach().to("cpu", F64)
+    b = proj.bias.detach().to("cpu", F64) if proj.bias is not None else None
+    if info.geglu:
+        inner = info.ffn_inner
+        rows = torch.cat([rw.keep_value, inner + rw.keep_gate])  # [hidden J | gate J]: chunk(2) still splits
+    else:
+        rows = rw.keep_value
+    block.ff.net[0].proj = _linear(w[rows], None if b is None else b[rows], proj)
+    out_bias = out.bias.detach().to("cpu", F64) if out.bias is not None else None
+    block.ff.net[len(block.ff.net) - 1] = _linear(rw.out_weight, out_bias, out)
+
+
+def _project_heads(layer: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New rows T_h^T W_h per head: (H*d_h, d_in) -> (H*r, d_in); bias (H*d_h,) -> (H*r,)."""
+    heads, _, r = t.shape
+    w = _heads(layer.weight, heads)  # (H, d_h, d_in)
+    new_w = torch.einsum("hdr,hdi->hri", t, w).reshape(heads * r, -1)
+    new_b = None
+    if layer.bias is not None:
+        b = layer.bias.detach().to("cpu", F64).view(heads, -1)  # (H, d_h)
+        new_b = torch.einsum("hdr,hd->hr", t, b).reshape(heads * r)
+    return new_w, new_b
+
+
+def _apply_qk(attn: nn.Module, rw: QKRewrite) -> None:
+    wq, bq = _project_heads(attn.to_q, rw.t_q)
+    wk, bk = _project_heads(attn.to_k, rw.t_k)
+    attn.to_q = _linear(wq, bq, attn.to_q)
+    attn.to_k = _linear(wk, bk, attn.to_k)
+
+
+def _apply_vo(attn: nn.Module, rw: VORewrite) -> None:
+    wv, bv = _project_heads(attn.to_v, rw.t_v)
+    heads, r, d_out = rw.out_blocks.shape
+    # (H, r, d_out) -> (d_out, H, r) -> (d_out, H*r): column block h holds head h's new rows
+    wo = rw.out_blocks.permute(2, 0, 1).reshape(d_out, heads * r)
+    old_out = attn.to_out[0]
+    bo = old_out.bias.detach().to("cpu", F64) if old_out.bias is not None else None
+    attn.to_v = _linear(wv, bv, attn.to_v)
+    attn.to_out[0] = _linear(wo, bo, old_out)
+
+
+def _set_processor(attn: nn.Module, head_dim: int) -> None:
+    attn.set_processor(SlimAttnProcessor(scale=head_dim**-0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    method: str
+    full_rank: int
+    rank: int
+    params_before: int
+    params_after: int
+    error: float | None  # decomposition error under the damped covariance (None: baseline w/o stats)
+    relative_error: float | None  # error / energy
+    max_condition_number: float | None
+    fallbacks: int  # covariances factored through the eigh fallback
+
+
+@dataclass
+class CompressionReport:
+    units: dict[str, UnitReport]
+    params_before: int  # whole UNet
+    params_after: int
+    predicted_params_after: int  # params_before - plan.removed_params: must equal params_after
+    plan_digest: str
+    methods: dict[str, str]
+    damping: float
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "predicted_params_after": self.predicted_params_after,
+            "plan_digest": self.plan_digest,
+            "methods": dict(self.methods),
+            "damping": self.damping,
+            "units": {n: asdict(u) for n, u in self.units.items()},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The verb
+# --------------------------------------------------------------------------------------------
+def compress_(
+    unet: nn.Module,
+    plan: RankPlan,
+    covariances: Mapping[str, torch.Tensor] | None,
+    *,
+    method: str | Mapping[str, str] = "slimdiff",
+    damping: float = 1e-2,
+    ffn_selection: str = "shared",
+    rewrite_full_rank: bool = False,
+) -> CompressionReport:
+    """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
+
+    ``covariances`` are aggregated second moments keyed like ``ActivationStats.aggregate``
+    (``{block}.ff.hidden`` (inner, inner); ``{block}.{attn}.query|key|attnout`` (H, d_h, d_h)); only
+    the keys the chosen methods read are needed (None is fine for the weight-only baselines).
+    ``method``: a preset name ("slimdiff", "weight_svd", "magnitude", "baseline") or a dict
+    kind -> method name. ``rewrite_full_rank`` also rebuilds units planned at full rank (a check
+    that the decomposition reproduces the original; normally they are left untouched).
+    The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.io.save_compressed``."""
+    if getattr(unet, PLAN_ATTRIBUTE, None) is not None:
+        raise CompressionError(
+            "this UNet is already compressed (it carries a slimdiff_plan); compress the original model instead"
+        )
+    if ffn_selection not in ("shared", "separate"):
+        raise ValueError(f"ffn_selection must be 'shared' or 'separate', got {ffn_selection!r}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    plan.validate_against(unet)
+    covariances = covariances or {}
+
+    blocks = {info.name: info for info in describe_unet(unet)}
+    units = {u.name: u for info in blocks.values() for u in units_of_block(info)}
+    todo = {n: p for n, p in plan.units.items() if p.rank < p.full_rank or rewrite_full_rank}
+    methods = resolve_methods(method, {p.kind for p in todo.values()})
+
+    missing = sorted(
+        {
+            _required_key(units[n], need)
+            for n, p in todo.items()
+            for need in _NEEDS[(p.kind, methods[p.kind])]
+            if _required_key(units[n], need) not in covariances
+        }
+    )
+    if missing:
+        raise CompressionError(
+            f"{len(missing)} covariances needed by method(s) {methods} are missing, e.g. {missing[:4]}; "
+            "pass ActivationStats.aggregate(weights) of statistics collected on this model"
+        )
+
+    params_before = count_parameters(unet)
+    rewrites: dict[str, FFNRewrite | QKRewrite | VORewrite] = {}
+    for name, p in todo.items():  # 1. decompose everything (no mutation yet)
+        unit = units[name]
+        ctx = UnitContext(
+            unit=unit,
+            block=blocks[unit.block],
+            module=unet.get_submodule(unit.block),
+            rank=p.rank,
+            covariances=covariances,
+            damping=damping,
+            ffn_selection=ffn_selection,
+        )
+        rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
+
+    processors: set[tuple[str, str]] = set()
+    reports = {}
+    with torch.no_grad():
+        for name, rw in rewrites.items():  # 2. swap in the smaller layers
+            unit, p = units[name], todo[name]
+            block = unet.get_submodule(unit.block)
+            if isinstance(rw, FFNRewrite):
+                _apply_ffn(block, blocks[unit.block], rw)
+            elif isinstance(rw, QKRewrite):
+                _apply_qk(getattr(block, unit.attn), rw)
+                processors.add((unit.block, unit.attn))
+            else:
+                _apply_vo(getattr(block, unit.attn), rw)
+                processors.add((unit.block, unit.attn))
+            conds = [d.condition_number for d in rw.diagnostics]
+            reports[name] = UnitReport(
+                name=name,
+                kind=p.kind,
+                method=methods[p.kind],
+                full_rank=p.full_rank,
+                rank=p.rank,
+                params_before=p.params_before,
+                params_after=p.params_after,
+                error=rw.error,
+                relative_error=None if rw.error is None or not rw.energy else rw.error / rw.energy,
+                max_condition_number=max(conds) if conds else None,
+                fallbacks=sum(d.fallback for d in rw.diagnostics),
+            )
+        for block_name, which in sorted(processors):
+            _set_processor(
+                getattr(unet.get_submodule(block_name), which), getattr(blocks[block_name], which).head_dim
+            )
+
+    setattr(unet, PLAN_ATTRIBUTE, plan)
+    params_after = count_parameters(unet)
+    report = CompressionReport(
+        units=reports,
+        params_before=params_before,
+        params_after=params_after,
+        predicted_params_after=params_before - plan.removed_params,
+        plan_digest=plan.digest,
+        methods=methods,
+        damping=damping,
+    )
+    if params_after != report.predicted_params_after:  # a cost model / surgery mismatch is a bug
+        raise CompressionError(
+            f"compressed UNet has {params_after} parameters, the plan predicts {report.predicted_params_after}"
+        )
+    fallbacks = sum(r.fallbacks for r in reports.values())
+    logger.info(
+        "compressed %d units (%s): %d -> %d parameters (%.2f%% removed), %d Cholesky fallbacks",
+        len(reports),
+        methods,
+        params_before,
+        params_after,
+        100.0 * (params_before - params_after) / params_before,
+        fallbacks,
+    )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes only (for loading a saved compressed model)
+# --------------------------------------------------------------------------------------------
+def apply_plan_shapes_(unet: nn.Module, plan: RankPlan) -> None:
+    """Replace the planned layers of an *uncompressed* skeleton by empty layers of the planned
+    shapes and set the processors, without any decomposition: weights are loaded afterwards
+    (``slimdiff.io.load_compressed``). New layers live on the meta device."""
+    plan.validate_against(unet)
+    blocks = {info.name: info for info in describe_unet(unet)}
+    units = {u.name: u for info in blocks.values() for u in units_of_block(info)}
+
+    def empty(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
+        return nn.Linear(in_f, out_f, bias=like.bias is not None, device="meta", dtype=like.weight.dtype)
+
+    for name, p in plan.compressed_units().items():
+        unit = units[name]
+        info, block = blocks[unit.block], unet.get_submodule(unit.block)
+        r = p.rank
+        if p.kind == "ffn":
+            proj, out = _ffn_layers(block)
+            block.ff.net[0].proj = empty(proj.in_features, 2 * r if info.geglu else r, proj)
+            block.ff.net[len(block.ff.net) - 1] = empty(r, out.out_features, out)
+            continue
+        attn, a = getattr(block, unit.attn), getattr(info, unit.attn)
+        if p.kind == "qk":
+            attn.to_q = empty(attn.to_q.in_features, a.heads * r, attn.to_q)
+            attn.to_k = empty(attn.to_k.in_features, a.heads * r, attn.to_k)
+        else:
+            attn.to_v = empty(attn.to_v.in_features, a.heads * r, attn.to_v)
+            attn.to_out[0] = empty(a.heads * r, attn.to_out[0].out_features, attn.to_out[0])
+        _set_processor(attn, a.head_dim)
+    setattr(unet, PLAN_ATTRIBUTE, plan)
