@@ -299,6 +299,79 @@ def evaluate(
 
 
 @app.command()
+def lineage(
+    ref: Annotated[str, typer.Argument(help="registered model: NAME, NAME@ALIAS or NAME/VERSION")],
+    params: ParamsOpt = Path("params.yaml"),
+    verify: Annotated[bool, typer.Option("--verify", help="recompute every reachable digest")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Audit a registered model: source -> SlimSet -> covariance store -> influence -> rank plan ->
+    compressed weights -> evaluation, with digests, MLflow run, DVC path and git commit.
+    With --verify, exits 4 naming the first link whose artifact changed or disappeared."""
+
+    def body():
+        cfg = load_cli_params(params, None)
+        from tasks.lineage import format_lineage, get_lineage, verify_lineage
+        from tasks.tracking import setup_tracking
+
+        setup_tracking(cfg)
+        chain = get_lineage(ref)
+        if verify:
+            verify_lineage(chain)
+        typer.echo(json.dumps(chain.to_dict(), indent=2) if as_json else format_lineage(chain))
+        broken = chain.first_broken
+        if broken is not None:
+            _err(f"lineage broken at {broken.name}: {broken.problem}")
+            raise typer.Exit(EXIT_INTEGRITY)
+
+    _guard(body)
+
+
+ReleasesArg = Annotated[
+    str, typer.Argument(help="a folder of releases (local or fsspec URL), or a hub repo id with --kind hub")
+]
+KindOpt = Annotated[str, typer.Option("--kind", help="folder | hub")]
+
+
+@app.command("check-releases")
+def check_releases_cmd(
+    releases: ReleasesArg,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    kind: KindOpt = "folder",
+) -> None:
+    """Run the pipeline once on every release not yet in the registry (what `serve` runs on schedule)."""
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        from flows.deployments import check_releases
+
+        report = check_releases(releases, params=cfg.model_dump(mode="json"), kind=kind)
+        typer.echo(json.dumps(report, indent=2))
+
+    _guard(body)
+
+
+@app.command()
+def serve(
+    releases: ReleasesArg,
+    cron: Annotated[str, typer.Option(help="cron schedule, e.g. '0 3 * * *'")] = "0 3 * * *",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    kind: KindOpt = "folder",
+) -> None:
+    """Serve a Prefect deployment that checks for new releases on a cron schedule (blocks)."""
+
+    def body():
+        cfg = load_cli_params(params, set_)
+        from flows.deployments import serve as serve_deployment
+
+        serve_deployment(releases, cron, cfg, kind=kind)
+
+    _guard(body)
+
+
+@app.command()
 def params_check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Validate a params file (and overrides) and print the flattened result."""
 

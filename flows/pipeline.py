@@ -127,6 +127,7 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
             "stats_digest": stats.digest,
             "stats_uri": stats.uri,
             "influence_digest": influence.digest,
+            "influence_uri": influence.uri,
             "plan_digest": plan.digest,
             "plan_uri": plan.uri,
             "compressed_digest": compressed.digest,

@@ -30,6 +30,7 @@ LINEAGE_TAGS = (
     "stats_digest",
     "stats_uri",
     "influence_digest",
+    "influence_uri",
     "plan_digest",
     "plan_uri",
     "compressed_digest",
