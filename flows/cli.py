@@ -117,14 +117,25 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the flow result as JSON")] = False,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            help="run calibration shards on Dask: a scheduler address, or 'local:N' for N local workers"
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (cached stages are skipped) and record it in MLflow."""
 
     def body():
         cfg = load_cli_params(params, set_)
-        from flows.pipeline import slimdiff_flow
+        from flows.pipeline import slimdiff_flow, with_dask
 
-        result = slimdiff_flow(params=cfg.model_dump(mode="json"))
+        flow_fn = slimdiff_flow
+        if dask:
+            local = dask.startswith("local")
+            n = int(dask.partition(":")[2] or 2) if local else 0
+            flow_fn = with_dask(None if local else dask, n_workers=n or 2)
+        result = flow_fn(params=cfg.model_dump(mode="json"))
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         else:

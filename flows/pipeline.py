@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from slimdiff.config import Params
 from tasks import stages
 from tasks.artifacts import Manifest
-from tasks.prefect_tasks import STAGE_TASKS
+from tasks.prefect_tasks import (
+    STAGE_TASKS,
+    calibrate_finalize_task,
+    calibrate_prepare_task,
+    calibrate_shard_task,
+)
 from tasks.tracking import git_commit, register_compressed, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,31 @@ def _run_stage(result: FlowResult, stage: str, params: Params, *inputs: Manifest
     return manifest
 
 
+def _calibrate(result: FlowResult, params: Params, model: Manifest, slimset: Manifest) -> Manifest:
+    """Calibration as one task per prompt shard: sequential here, spread over workers with Dask."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    job = calibrate_prepare_task(params, model, slimset)
+    if job.missing:
+        logger.info("calibrate: %d of %d shards to collect", len(job.missing), job.n_shards)
+        futures = calibrate_shard_task.map(
+            unmapped(params), unmapped(model), unmapped(slimset), unmapped(job.store_uri), list(job.missing)
+        )
+        futures.result()  # raises the first shard's error; completed shards stay marked for a rerun
+    manifest = calibrate_finalize_task(job, time.perf_counter() - t0 if job.missing else None)
+    result.manifests["calibrate"] = manifest
+    result.status["calibrate"] = "ran" if job.missing else "cached"
+    result.seconds["calibrate"] = time.perf_counter() - t0
+    logger.info(
+        "%-9s %-6s %5.1fs  %s",
+        "calibrate",
+        result.status["calibrate"],
+        result.seconds["calibrate"],
+        manifest.uri,
+    )
+    return manifest
+
+
 def _log_folder(folder: str, artifact_path: str) -> None:
     p = Path(folder)
     if p.is_dir():
@@ -82,7 +113,9 @@ def _log_folder(folder: str, artifact_path: str) -> None:
                 mlflow.log_artifact(str(f), artifact_path=artifact_path)
 
 
-@flow(name="slimdiff", log_prints=True)
+# One worker by default: calibration shards share one in-process model and its hooks. For scale-out
+# use with_dask(): shards then run in separate worker processes (one per GPU in production).
+@flow(name="slimdiff", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage on ``params`` (a params.yaml mapping; defaults when None)."""
     cfg = Params.from_dict(params or {}, source="flow parameters")
@@ -104,7 +137,7 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
         )
         try:
             slimset = _run_stage(result, "slimset", cfg, model)
-            stats = _run_stage(result, "calibrate", cfg, model, slimset)
+            stats = _calibrate(result, cfg, model, slimset)
             influence = _run_stage(result, "influence", cfg, model, stats)
             plan = _run_stage(result, "plan", cfg, model, influence)
             compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
@@ -165,3 +198,18 @@ def _log_metrics(metrics: dict[str, Any]) -> None:
                 flat[f"{group}.{k}"] = float(v)
     if flat:
         mlflow.log_metrics(flat)
+
+
+def with_dask(address: str | None = None, n_workers: int = 2):
+    """The flow on Prefect's DaskTaskRunner: an existing cluster (``tcp://scheduler:8786``) or, when
+    ``address`` is None, a local cluster of ``n_workers`` single-threaded processes. Workers need the
+    same PREFECT_API_URL as the flow (one Prefect server for the whole cluster)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(
+            cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True}
+        )
+    return slimdiff_flow.with_options(task_runner=runner)

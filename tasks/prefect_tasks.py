@@ -38,13 +38,25 @@ def slimset_task(params: Params, model: Manifest) -> Manifest:
     return stages.run_slimset(params, _out(params, "slimset", model), model=model)
 
 
-@task(name="calibrate", cache_key_fn=_cache_key("calibrate", "model", "slimset"), persist_result=True)
-def calibrate_task(params: Params, model: Manifest, slimset: Manifest, shard_runner=None) -> Manifest:
+@task(name="calibrate-prepare")
+def calibrate_prepare_task(params: Params, model: Manifest, slimset: Manifest) -> stages.CalibrationJob:
+    # Not cached by Prefect: the store is its own cache. Its path is the stage key, its shards carry
+    # completion marks, so a finished store has nothing missing and a crashed one resumes.
     out = _out(params, "calibrate", model, slimset)
-    # The store itself is resumable: a crashed run leaves completed shards that this run keeps.
-    return stages.run_calibrate(
-        params, model, slimset, str(out.with_suffix(".zarr")), shard_runner=shard_runner
-    )
+    return stages.prepare_calibration(params, model, slimset, str(out.with_suffix(".zarr")))
+
+
+@task(name="calibrate-shard", task_run_name="calibrate-shard-{index}")
+def calibrate_shard_task(
+    params: Params, model: Manifest, slimset: Manifest, store_uri: str, index: int
+) -> str:
+    # Self-contained, so a Dask worker on another machine can run it (one worker per GPU).
+    return stages.collect_shard(params, model, slimset, store_uri, index, progress=False)
+
+
+@task(name="calibrate-finalize")
+def calibrate_finalize_task(job: stages.CalibrationJob, seconds: float | None) -> Manifest:
+    return stages.finalize_calibration(job, seconds)
 
 
 @task(name="influence", cache_key_fn=_cache_key("influence", "model", "stats"), persist_result=True)
@@ -76,7 +88,6 @@ def evaluate_task(params: Params, model: Manifest, compressed: Manifest) -> Mani
 
 STAGE_TASKS = {
     "slimset": slimset_task,
-    "calibrate": calibrate_task,
     "influence": influence_task,
     "plan": plan_task,
     "compress": compress_task,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,23 @@ def model_manifest(params: Params) -> Manifest:
 
 
 def _load_pipe(params: Params, model: Manifest):
+    """A fresh pipeline (compress modifies its UNet in place)."""
     from slimdiff.models import load_pipeline
 
-    return load_pipeline(
-        model.meta["source"],
-        model.meta.get("revision") if model.meta["kind"] == "hub" else None,
-        dtype=params.model.dtype,
-        device=params.model.device,
-    )
+    revision = model.meta.get("revision") if model.meta["kind"] == "hub" else None
+    return load_pipeline(model.meta["source"], revision, dtype=params.model.dtype, device=params.model.device)
+
+
+_PIPE_CACHE: dict[tuple, Any] = {}
+
+
+def _cached_pipe(params: Params, model: Manifest):
+    """One read-only pipeline per process and model (calibration shards, influence, plan share it)."""
+    key = (model.digest, params.model.dtype, params.model.device)
+    if key not in _PIPE_CACHE:
+        _PIPE_CACHE.clear()
+        _PIPE_CACHE[key] = _load_pipe(params, model)
+    return _PIPE_CACHE[key]
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -177,26 +187,25 @@ def calibration_identity(params: Params, model: Manifest, slimset: Manifest) -> 
     }
 
 
-def run_calibrate(
-    params: Params,
-    model: Manifest,
-    slimset: Manifest,
-    out_uri: str,
-    *,
-    shard_runner=None,
-    progress: bool = True,
-) -> Manifest:
-    """Activation statistics into a resumable Zarr store, one prompt shard at a time.
+@dataclass(frozen=True)
+class CalibrationJob:
+    """What is left to collect in one covariance store (small: passed between Prefect tasks)."""
 
-    ``shard_runner(indices, collect_one) -> None`` may run shards elsewhere (Dask); by default they
-    run here in order. A rerun after a crash collects only the shards without a completion mark."""
+    store_uri: str
+    n_shards: int
+    missing: tuple[int, ...]
+    n_prompts: int
+
+
+def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_uri: str) -> CalibrationJob:
+    """Open (resume) or create the store; say which shards are still missing."""
     from slimdiff.adapter import describe_unet
-    from slimdiff.calibration import collect_stats, stat_shapes
+    from slimdiff.calibration import stat_shapes
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts
     n_shards = max(1, -(-len(prompts) // cfg.shard_size))
-    pipe = _load_pipe(params, model)
+    pipe = _cached_pipe(params, model)
     describe_unet(pipe.unet)  # unsupported architectures fail here, before any forward pass
     store = CovarianceStore.open_or_create(
         out_uri,
@@ -205,49 +214,69 @@ def run_calibrate(
         n_buckets=cfg.n_buckets,
         shapes=stat_shapes(pipe.unet),
     )
+    return CalibrationJob(out_uri, n_shards, tuple(store.missing_shards()), len(prompts))
 
-    def collect_one(i: int) -> str:
-        shard = prompts[i * cfg.shard_size : (i + 1) * cfg.shard_size]
-        stats = collect_stats(
-            pipe,
-            shard,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            n_buckets=cfg.n_buckets,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            height=cfg.height,
-            width=cfg.width,
-            progress=progress,
-            index_offset=i * cfg.shard_size,
-        )
-        digest = store.write_shard(i, stats)
-        store.mark_shard(i, digest)
+
+def collect_shard(
+    params: Params, model: Manifest, slimset: Manifest, store_uri: str, index: int, progress: bool = True
+) -> str:
+    """Collect one prompt shard into the store and mark it complete; returns the shard digest.
+
+    Self-contained (loads its own model and prompts), so any worker process can run it."""
+    from slimdiff.calibration import collect_stats
+
+    cfg = params.calibration
+    prompts = _load_slimset(slimset).prompts[index * cfg.shard_size : (index + 1) * cfg.shard_size]
+    pipe = _cached_pipe(params, model)
+    stats = collect_stats(
+        pipe,
+        prompts,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        n_buckets=cfg.n_buckets,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        height=cfg.height,
+        width=cfg.width,
+        progress=progress,
+        index_offset=index * cfg.shard_size,
+    )
+    store = CovarianceStore.open(store_uri, writable=True)
+    digest = store.write_shard(index, stats)
+    store.mark_shard(index, digest)
+    if index == 0:
         store.group.attrs["stats_meta"] = _jsonable(stats.meta)
-        return digest
+    return digest
 
-    todo = store.missing_shards()
-    t0 = time.perf_counter()
-    if todo:
-        log.info("calibrating %d of %d shards (%d prompts)", len(todo), n_shards, len(prompts))
-        if shard_runner is None:
-            for i in todo:
-                collect_one(i)
-        else:
-            shard_runner(todo, collect_one)
-    digest = store.finalize({"calibration_seconds": time.perf_counter() - t0})
+
+def finalize_calibration(job: CalibrationJob, seconds: float | None = None) -> Manifest:
+    store = CovarianceStore.open(job.store_uri, writable=True)
+    digest = store.finalize({"calibration_seconds": seconds} if seconds is not None else None)
     return Manifest(
         stage="calibrate",
-        uri=out_uri,
+        uri=job.store_uri,
         digest=digest,
         meta={
-            "n_shards": n_shards,
-            "n_prompts": len(prompts),
-            "n_buckets": cfg.n_buckets,
-            "resumed_shards": n_shards - len(todo),
-            "token_counts_total": _token_total(store),
+            "n_shards": job.n_shards,
+            "n_prompts": job.n_prompts,
+            "resumed_shards": job.n_shards - len(job.missing),
+            "collected_shards": len(job.missing),
         },
     )
+
+
+def run_calibrate(
+    params: Params, model: Manifest, slimset: Manifest, out_uri: str, *, progress: bool = True
+) -> Manifest:
+    """Activation statistics into a resumable Zarr store, one prompt shard after the other, here.
+    A rerun after a crash collects only the shards without a completion mark."""
+    job = prepare_calibration(params, model, slimset, out_uri)
+    t0 = time.perf_counter()
+    if job.missing:
+        log.info("calibrating %d of %d shards (%d prompts)", len(job.missing), job.n_shards, job.n_prompts)
+    for i in job.missing:
+        collect_shard(params, model, slimset, out_uri, i, progress=progress)
+    return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
 
 
 def _token_total(store: CovarianceStore) -> dict[str, int]:
@@ -279,7 +308,7 @@ def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -
     from slimdiff.influence import compute_influence, plot_influence_heatmap
 
     activation_stats = read_stats(stats)
-    pipe = _load_pipe(params, model)
+    pipe = _cached_pipe(params, model)
     with staged_dir(out) as tmp:
         influence = compute_influence(activation_stats, pipe.unet, weighting=params.influence.weighting)
         (tmp / INFLUENCE_FILE).write_text(influence.to_json())
@@ -312,7 +341,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
 
     cfg = params.allocation
     scores = _load_influence(influence).scores
-    pipe = _load_pipe(params, model)
+    pipe = _cached_pipe(params, model)
     units = {n: u for n, u in compression_units(pipe.unet).items() if u.kind in cfg.modules}
     with staged_dir(out) as tmp:
         try:
@@ -341,10 +370,9 @@ def run_compress(
     params: Params, model: Manifest, stats: Manifest, influence: Manifest, plan: Manifest, out: Path
 ) -> Manifest:
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
-    from slimdiff.io import save_compressed
-
     from slimdiff.allocation import RankPlan
     from slimdiff.compress import compress_
+    from slimdiff.io import save_compressed
 
     cfg = params.compression
     verify(plan)

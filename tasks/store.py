@@ -8,10 +8,13 @@ Layout (any fsspec URL: a local folder, ``s3://bucket/stats.zarr``, ...)::
       moments/<stat key>              float64 (n_shards, n_buckets, *mat), chunks (1, 1, *mat)
       tokens/<stat key>               int64   (n_shards, n_buckets),       chunks (1, n_buckets)
 
+      done/<i>                        empty group; attrs {"digest": shard digest}: the completion mark
+
 One chunk per (shard, timestep bucket, statistic): a whole matrix, zstd-compressed, so object
-stores and DVC see few, large files. A shard counts only once its digest is recorded in the
-group's ``shards`` attribute, which happens after its data is written: a crash mid-shard leaves
-it unrecorded, and a rerun rewrites exactly the unrecorded shards (resume). Reads recompute every
+stores and DVC see few, large files. A shard counts only once its ``done/<i>`` mark exists, which
+is written after its data: a crash mid-shard leaves it unmarked, and a rerun rewrites exactly the
+unmarked shards (resume). Each shard has its own mark, so workers on different machines (Dask)
+can write and mark their shards concurrently without a shared file to race on. Reads recompute every
 shard digest, so a corrupted chunk is reported, never silently merged.
 """
 
@@ -85,6 +88,7 @@ class CovarianceStore:
             log.info("resuming %s: %d/%d shards complete", uri, len(store.completed_shards()), n_shards)
             return store
         group = zarr.open_group(store=uri, mode="w", **kw)
+        group.create_group("done")
         moments = group.create_group("moments")
         tokens = group.create_group("tokens")
         for key, mat in shapes.items():
@@ -111,17 +115,16 @@ class CovarianceStore:
                 "n_shards": n_shards,
                 "n_buckets": n_buckets,
                 "keys": sorted(shapes),
-                "shards": {},
                 "complete": False,
             }
         )
         return cls(group, uri)
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict | None = None) -> CovarianceStore:
+    def open(cls, uri: str, storage_options: dict | None = None, writable: bool = False) -> CovarianceStore:
         kw = {"storage_options": storage_options} if storage_options else {}
         try:
-            group = zarr.open_group(store=uri, mode="r", **kw)
+            group = zarr.open_group(store=uri, mode="r+" if writable else "r", **kw)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise ArtifactError(f"{uri}: covariance store not found") from err
         if group.attrs.get("format_version") != STORE_FORMAT_VERSION:
@@ -146,7 +149,8 @@ class CovarianceStore:
         return list(self.group.attrs["keys"])
 
     def completed_shards(self) -> dict[int, str]:
-        return {int(i): d for i, d in self.group.attrs.get("shards", {}).items()}
+        done = self.group["done"]
+        return {int(name): dict(g.attrs)["digest"] for name, g in done.groups() if "digest" in g.attrs}
 
     def missing_shards(self) -> list[int]:
         done = self.completed_shards()
@@ -178,9 +182,8 @@ class CovarianceStore:
         return shard_digest(stats)
 
     def mark_shard(self, index: int, digest: str) -> None:
-        shards = {str(i): d for i, d in self.completed_shards().items()}
-        shards[str(index)] = digest
-        self.group.attrs["shards"] = shards
+        """Record shard ``index`` as complete (after its data is written)."""
+        self.group["done"].create_group(str(index), overwrite=True, attributes={"digest": digest})
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> str:
         missing = self.missing_shards()
