@@ -504,6 +504,9 @@ def compress_(
     damping: float = 1e-2,
     ffn_selection: str = "shared",
     rewrite_full_rank: bool = False,
+    ffn_method: str | None = None,
+    qk_method: str | None = None,
+    vo_method: str | None = None,
 ) -> CompressionReport:
     """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
 
@@ -511,7 +514,8 @@ def compress_(
     (``{block}.ff.hidden`` (inner, inner); ``{block}.{attn}.query|key|attnout`` (H, d_h, d_h)); only
     the keys the chosen methods read are needed (None is fine for the weight-only baselines).
     ``method``: a preset name ("slimdiff", "weight_svd", "magnitude", "baseline") or a dict
-    kind -> method name. ``rewrite_full_rank`` also rebuilds units planned at full rank (a check
+    kind -> method name; ``ffn_method`` / ``qk_method`` / ``vo_method`` override one kind (the
+    params.yaml form: ``compression.{ffn,qk,vo}_method``). ``rewrite_full_rank`` also rebuilds units planned at full rank (a check
     that the decomposition reproduces the original; normally they are left untouched).
     The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.io.save_compressed``."""
     if getattr(unet, PLAN_ATTRIBUTE, None) is not None:
@@ -528,6 +532,14 @@ def compress_(
     blocks = {info.name: info for info in describe_unet(unet)}
     units = {u.name: u for info in blocks.values() for u in units_of_block(info)}
     todo = {n: p for n, p in plan.units.items() if p.rank < p.full_rank or rewrite_full_rank}
+    overrides = {
+        k: v for k, v in (("ffn", ffn_method), ("qk", qk_method), ("vo", vo_method)) if v is not None
+    }
+    if overrides:
+        base = dict(PRESETS.get(method, {})) if isinstance(method, str) else dict(method)
+        if isinstance(method, str) and method not in PRESETS:
+            base = {k: method for k in ("ffn", "qk", "vo")}
+        method = {**base, **overrides}
     methods = resolve_methods(method, {p.kind for p in todo.values()})
 
     missing = sorted(

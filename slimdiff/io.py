@@ -61,7 +61,7 @@ def _is_pipeline(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
-def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan) -> Path:
+def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | None) -> Path:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,17 +77,22 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan) -> Path:
         "plan_digest": plan.digest,
         "plan": plan.to_dict(),
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in state.items()},
+        "extra": dict(extra or {}),
     }
     (directory / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n")
     logger.info("saved compressed %s (%d tensors) to %s", type(unet).__name__, len(state), directory)
     return directory
 
 
-def save_compressed(pipeline_or_unet: Any, directory: str | Path, *, plan: RankPlan | None = None) -> Path:
+def save_compressed(
+    pipeline_or_unet: Any, directory: str | Path, *, plan: RankPlan | None = None, extra: dict | None = None
+) -> Path:
     """Write a compressed UNet (or a pipeline containing one) to ``directory``.
 
     ``plan`` defaults to the plan ``compress_`` recorded on the UNet. For a pipeline the whole
-    pipeline is saved with ``save_pretrained`` and its ``unet/`` folder is written by SlimDiff."""
+    pipeline is saved with ``save_pretrained``, its ``unet/`` folder is written by SlimDiff and a
+    top-level ``slimdiff.json`` marks the folder as compressed (it points at ``unet/``).
+    ``extra`` is free-form JSON (e.g. lineage) stored in the sidecar(s) under "extra"."""
     directory = Path(directory)
     unet = pipeline_or_unet.unet if _is_pipeline(pipeline_or_unet) else pipeline_or_unet
     plan = plan or getattr(unet, PLAN_ATTRIBUTE, None)
@@ -100,9 +105,17 @@ def save_compressed(pipeline_or_unet: Any, directory: str | Path, *, plan: RankP
         unet_dir = directory / "unet"
         if unet_dir.exists():
             shutil.rmtree(unet_dir)  # replaced by the SlimDiff layout below
-        _save_unet(unet, unet_dir, plan)
+        _save_unet(unet, unet_dir, plan, extra)
+        top = {
+            "format_version": SIDECAR_FORMAT_VERSION,
+            "kind": "pipeline",
+            "unet_subfolder": "unet",
+            "plan_digest": plan.digest,
+            "extra": dict(extra or {}),
+        }
+        (directory / SIDECAR_NAME).write_text(json.dumps(top, indent=1) + "\n")
         return directory
-    return _save_unet(unet, directory, plan)
+    return _save_unet(unet, directory, plan, extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +221,12 @@ def load_compressed(
     if (directory / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
-        unet = _load_unet(directory / "unet", device, torch_dtype)
+        top = read_sidecar(directory) if (directory / SIDECAR_NAME).is_file() else {}
+        unet = _load_unet(directory / top.get("unet_subfolder", "unet"), device, torch_dtype)
+        if top and top.get("plan_digest") != unet.slimdiff_plan.digest:
+            raise CompressedModelError(
+                f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its unet folder (mixed folders?)"
+            )
         cls = pipeline_class or DiffusionPipeline
         kwargs = dict(pipeline_kwargs)
         if torch_dtype is not None:

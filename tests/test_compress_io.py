@@ -177,8 +177,11 @@ def test_pipeline_roundtrip(tmp_path):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_compressed(pipe, tmp_path / "pipe")
+    save_compressed(pipe, tmp_path / "pipe", extra={"lineage": {"stats_digest": "abc"}})
     assert (tmp_path / "pipe" / "unet" / SIDECAR_NAME).is_file()
+    top = json.loads((tmp_path / "pipe" / SIDECAR_NAME).read_text())
+    assert top["kind"] == "pipeline" and top["plan_digest"] == plan.digest
+    assert top["extra"]["lineage"]["stats_digest"] == "abc"
     loaded = load_compressed(tmp_path / "pipe")
     assert type(loaded).__name__ == "StableDiffusionPipeline"
     x = unet_inputs(unet, seed=2)

@@ -264,3 +264,13 @@ def test_whitening_beats_weight_svd_on_calibration_data():
         compress_(model, plan, covs, method=method)
         errors[method] = sum(rel_err(run(model, x), r) for x, r in zip(cal, refs, strict=True))
     assert errors["slimdiff"] < 0.5 * errors["weight_svd"], errors
+
+
+def test_per_kind_method_overrides():
+    """The params.yaml form compression.{ffn,qk,vo}_method overrides one kind of the preset."""
+    unet, covs = calibrated(CONFIGS["1head"])
+    units = compression_units(unet)
+    plan = RankPlan.from_ranks(units, {n: 8 for n in units})
+    report = compress_(unet, plan, covs, ffn_method="magnitude", vo_method="weight_svd")
+    methods = {u.kind: u.method for u in report.units.values()}
+    assert methods == {"ffn": "magnitude", "qk": "slimdiff", "vo": "weight_svd"}
