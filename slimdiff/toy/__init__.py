@@ -1,0 +1,84 @@
+"""The toy world: a procedural data set and a tiny SD-architecture model trained on it here.
+
+No SD/CLIP/Inception weights can be downloaded, so the project's default model, end-to-end tests and
+quality benchmarks use a tiny ``StableDiffusionPipeline`` trained on procedural 32x32 images
+(``python -m slimdiff.toy.train``), committed under ``data/toy/``. It runs through exactly the code
+path a real SD v1.5 takes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from slimdiff.toy.data import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SLOT_NAMES,
+    SLOTS,
+    SceneObject,
+    caption_kind,
+    caption_slot_labels,
+    heldout_captions,
+    make_dataset,
+    parse_caption,
+    render,
+    train_captions,
+)
+
+__all__ = [
+    "COLORS",
+    "RELATIONS",
+    "SHAPES",
+    "SLOTS",
+    "SLOT_NAMES",
+    "SceneObject",
+    "caption_kind",
+    "caption_slot_labels",
+    "heldout_captions",
+    "load_toy_pipeline",
+    "make_dataset",
+    "parse_caption",
+    "render",
+    "toy_data_dir",
+    "toy_pipeline_dir",
+    "train_captions",
+]
+
+TOY_DIR_ENV = "SLIMDIFF_TOY_DIR"
+
+
+def toy_data_dir() -> Path:
+    """Folder of the committed toy models (``data/toy`` of the repository, or ``$SLIMDIFF_TOY_DIR``)."""
+    override = os.environ.get(TOY_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "data" / "toy"
+
+
+def toy_pipeline_dir() -> Path:
+    """The committed diffusers pipeline folder (``save_pretrained`` layout, fp16 safetensors)."""
+    return toy_data_dir() / "pipeline"
+
+
+def load_toy_pipeline(dtype: torch.dtype = torch.float32, path: str | Path | None = None):
+    """A working ``StableDiffusionPipeline`` loaded offline from the committed folder (or ``path``).
+
+    Weights are stored fp16 and run fp32 by default (fp16 on CPU is slow)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(path) if path is not None else toy_pipeline_dir()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no toy pipeline at {folder} (model_index.json missing): train one with "
+            "`python -m slimdiff.toy.train --out data/toy`"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.to(dtype)  # no-op on diffusers that honour `dtype`; older ones load the stored fp16 as is
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,120 @@
+"""The toy model card: how the committed models were trained, the data rules, and measured metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimdiff.toy import data as toy_data
+
+_METRIC_ORDER = ("object", "color", "shape", "position", "exact")
+
+
+def _table(acc: dict) -> str:
+    rows = ["| split | n | " + " | ".join(_METRIC_ORDER) + " |", "|---|---|" + "---|" * len(_METRIC_ORDER)]
+    for split in ("single", "two", "all"):
+        r = acc[split]
+        rows.append(
+            f"| {split} | {r['n']} | " + " | ".join(f"{100 * r[m]:.1f}%" for m in _METRIC_ORDER) + " |"
+        )
+    return "\n".join(rows)
+
+
+def write_model_card(out: Path, metrics: dict, grid_captions: list[str]) -> Path:
+    cfg = metrics["config"]
+    gen = metrics["generation"]
+    t = metrics["timings"]
+    model = cfg["model"]
+    held_single, held_two = toy_data.heldout_captions("single"), toy_data.heldout_captions("two")
+    colors = ", ".join(f"{k} {v}" for k, v in toy_data.COLORS.items())
+    slots = ", ".join(f"{k} {tuple(int(c) for c in v)}" for k, v in toy_data.SLOTS.items())
+    reused = metrics.get("reused_stages", [])
+    reused_note = (
+        f" Stages {', '.join(reused)} were reused from an interrupted run of the same command (`--resume`; "
+        "each stage seeds its own generators, so the result is the same) and are not in these timings."
+        if reused
+        else ""
+    )
+    grid_list = "\n".join(f"{i:2d}. {c}" for i, c in enumerate(grid_captions))
+    text = f"""# Toy SD-architecture model (slimdiff toy world)
+
+A tiny text-to-image model with the exact Stable Diffusion v1.5 code path (diffusers
+`StableDiffusionPipeline`: `AutoencoderKL`, `CLIPTextModel` + word-level tokenizer,
+`UNet2DConditionModel` with cross-attention transformer blocks, `DDIMScheduler`), trained from scratch
+on CPU on a procedural data set. It is the project's default model for the pipeline, end-to-end tests
+and quality benchmarks. Weights are stored fp16 (safetensors) and run fp32.
+
+Retrain everything (deterministic, seed {cfg["seed"]}, {cfg["threads"]} CPU threads):
+
+    python -m slimdiff.toy.train --out data/toy --threads {cfg["threads"]}
+
+This run took {t["total_s"] / 60:.1f} min (classifier {t["classifier_s"]:.0f} s, CLIP {t["clip_s"]:.0f} s,
+VAE + latents {t["vae_s"]:.0f} s, UNet + text encoder {t["unet_s"]:.0f} s, evaluation {t["eval_s"]:.0f} s).
+Step scale: {cfg["steps_scale"]}.{reused_note}
+
+## Data rules (`slimdiff/toy/data.py`)
+
+- 32x32 RGB, background RGB {toy_data.BACKGROUND}; shapes {", ".join(toy_data.SHAPES)}, {toy_data.SIZE_RANGE[0]:.0f}-{toy_data.SIZE_RANGE[1]:.0f} px across.
+- Colors (RGB, per-channel jitter +-{toy_data.COLOR_JITTER}): {colors}.
+- Slots (center x, y; position jitter +-{toy_data.POSITION_JITTER:.0f} px): {slots}.
+- Single object: "a {{color}} {{shape}} {{on the left | on the right | at the top | at the bottom | in the center}}" (60 captions).
+- Two different objects: "a {{color}} {{shape}} {{above | below | to the left of | to the right of}} a {{color}} {{shape}}",
+  first object at top/bottom/left/right, second at the opposite slot (528 captions).
+- Held out from all generator/CLIP training (seed {toy_data.SPLIT_SEED}): {len(held_single)} single and
+  {len(held_two)} two-object captions (15%).
+
+## Models
+
+| component | what | parameters |
+|---|---|---|
+| VAE | AutoencoderKL, blocks {model["vae_channels"]}, 32x32x3 -> 8x8x{model["latent_channels"]}, scaling factor {metrics["latent_scaling_factor"]:.4f} | {metrics["vae_parameters"]:,} |
+| text encoder | CLIPTextModel, hidden {model["text_hidden"]}, {model["text_layers"]} layers, {model["text_heads"]} heads, max length {model["max_length"]} | {metrics["text_encoder_parameters"]:,} |
+| UNet | UNet2DConditionModel, blocks {model["unet_channels"]}, {model["unet_heads"]} heads, {model["unet_transformer_layers"]} transformer layers per block, GEGLU, cross_attention_dim {model["text_hidden"]} | {metrics["unet_parameters"]:,} |
+| toy CLIP | open_clip `toy-clip-tiny` (ViT 32px/patch 4, text width 64, open_clip BPE tokenizer) | {metrics["clip_parameters"]:,} |
+| classifier | CNN, per slot: empty or color x shape (5 x 13 classes) | - |
+
+Transformer blocks (attn1, attn2, ff) hold {100 * metrics["unet_transformer_share"]:.1f}% of the UNet's parameters.
+
+## Training
+
+- Classifier: {cfg["classifier_steps"]} steps x {cfg["classifier_batch"]} fresh renders of all captions (an evaluation tool; it never feeds the generator).
+- Toy CLIP: {cfg["clip_steps"]} steps x {cfg["clip_batch"]} distinct training captions, open_clip `ClipLoss`.
+- VAE: {cfg["vae_steps"]} steps x {cfg["vae_batch"]}, MSE + {cfg["vae_kl_weight"]:g} KL, on a fixed set of
+  {cfg["dataset_size"]} training images ({100 * cfg["two_object_fraction"]:.0f}% two-object); latents precomputed once.
+- UNet + text encoder jointly: {cfg["unet_steps"]} steps x {cfg["unet_batch"]}, AdamW lr {cfg["unet_lr"]:g} (text {cfg["text_lr"]:g}),
+  {cfg["warmup_steps"]} warmup steps then cosine, epsilon prediction with Min-SNR-{cfg["min_snr_gamma"]:g} weighting,
+  {100 * cfg["caption_dropout"]:.0f}% caption dropout (classifier-free guidance), EMA {cfg["ema_decay"]}; the EMA weights are shipped.
+- Loss log: `train_log.csv` (stage, step, loss, lr, elapsed_s).
+
+## Metrics
+
+Sampler: DDIM, {gen["num_inference_steps"]} steps, guidance scale **{gen["guidance_scale"]}** (fixed). Graded by the
+attribute classifier (GenEval-style, `slimdiff.toy.evaluate.attribute_accuracy`).
+
+Held-out captions (never trained on), {gen["samples_per_heldout_caption"]} samples each:
+
+{_table(gen["heldout"])}
+
+A sample of training captions, one image each:
+
+{_table(gen["train_sample"])}
+
+- Attribute classifier, exact match on fresh real images: {100 * metrics["classifier_real_exact"]:.2f}%.
+- Toy CLIP top-1 caption retrieval on real images: held-out captions {100 * metrics["clip_heldout_retrieval_top1"]:.1f}%
+  (among {len(held_single) + len(held_two)}), a fifth of the training captions {100 * metrics["clip_train_retrieval_top1"]:.1f}%.
+- Test reference (`tests/test_toy_model.py`: 9 single + 24 two-object held-out captions, seed 1234):
+  single exact {100 * metrics["test_subset"]["single"]["exact"]:.1f}%, two-object exact {100 * metrics["test_subset"]["two"]["exact"]:.1f}%.
+- Sampling the 64-image grid took {t["grid_64_s"]:.1f} s.
+
+## Grid
+
+![grid](grid.png)
+
+Held-out captions, row-major, 8 per row:
+
+```
+{grid_list}
+```
+"""
+    path = out / "MODEL_CARD.md"
+    path.write_text(text)
+    return path
