@@ -1,0 +1,515 @@
+"""Activation statistics across timesteps (METHOD.md stage 2).
+
+``ActivationCollector`` owns every hook it needs on the BasicTransformerBlocks of a diffusers UNet
+and streams uncentered, token-summed second moments into float64 running sums, one slot per
+timestep bucket (see ``slimdiff.stats`` for keys and shapes):
+
+    {block}.ff.hidden        input of ff.net.2 (the GEGLU/GELU intermediate h)    (inner, inner)
+    {block}.{attn}.query     output of to_q, per head                              (H, d_q, d_q)
+    {block}.{attn}.key       output of to_k, per head                              (H, d_k, d_k)
+    {block}.{attn}.attnout   input of to_out.0 (attention output a), per head      (H, d_v, d_v)
+
+Each hooked batch is multiplied in float32 (for the FFN one BLAS syrk on the CPU, which computes
+only the upper triangle at half the flops, or one GEMM on accelerators; one batched GEMM over heads
+for attention) and added to the float64 sums, so memory is fixed by the model, never by the number
+of prompts or steps. The collector must be created after the model is on its device. Tokens are counted, not batches: cross-attention keys see the text tokens,
+everything else the image tokens, and both classifier-free-guidance branches count because both
+pass through the UNet.
+
+The timestep bucket comes from the UNet's own ``timestep`` argument (a forward pre-hook with kwargs
+on the UNet), mapped through ``scheduler.timesteps``: this works however the pipeline batches the
+guidance branches and for schedulers that call the UNet twice at one timestep (PNDM's first step).
+
+``collect_stats(pipe, prompts, ...)`` runs the pipeline's own sampler over a prompt shard with a
+per-prompt generator seeded from ``seed + global prompt index``, so sharded runs merge
+(``slimdiff.stats.merge``) into the statistics of the whole run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimdiff.adapter import UnsupportedModelError, find_transformer_blocks
+from slimdiff.stats import ATTN_OUT, KEY, QUERY, ActivationStats, attn_key, ffn_key
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+def bucket_of_step(step: int, num_steps: int, n_buckets: int) -> int:
+    """Contiguous bucketing of sampler steps: step i of S goes to bucket floor(i * B / S).
+
+    Buckets differ in size by at most one step; bucket 0 holds the first (noisiest) steps."""
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step {step} outside [0, {num_steps})")
+    if not 1 <= n_buckets <= num_steps:
+        raise ValueError(f"n_buckets must be in [1, num_steps={num_steps}], got {n_buckets}")
+    return step * n_buckets // num_steps
+
+
+def unique_in_order(values: Sequence[float]) -> list[float]:
+    """First occurrences, in order (PNDM repeats its second timestep; that is still one step)."""
+    seen: set[float] = set()
+    out = []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+def gram_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x: (..., n) -> (n, n) float32 sum over all leading dims of x^T x (one GEMM)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()  # (M, n)
+    return x.T @ x
+
+
+def gram_upper_fp32_cpu(x: torch.Tensor) -> torch.Tensor:
+    """x: (..., n) on the CPU -> (n, n) float32 whose upper triangle (diagonal included) is that of
+    x^T x; the strict lower triangle is unspecified (read it through ``symmetrise_upper``).
+
+    BLAS ``ssyrk`` computes only one triangle: half the flops of the GEMM. The FFN intermediate
+    (4d wide) makes this product 4x the cost of ff.net.2 itself, so it dominates the hook cost.
+    torch exposes no syrk; scipy does, on the CPU."""
+    from scipy.linalg.blas import ssyrk
+
+    x = x.detach().reshape(-1, x.shape[-1]).float().contiguous()  # (M, n), C order
+    # a C-ordered (M, n) array is a Fortran-ordered (n, M) one: A A^T with A = x^T, no copy.
+    return torch.from_numpy(ssyrk(1.0, x.numpy().T, trans=0, lower=0))
+
+
+# Below this FFN width the GEMM is cheap and syrk's separate BLAS thread pool costs more than it
+# saves (measured on the 2-core dev machine: tiny widths 3-10x slower under load, 1280 wide 1.2-2x faster).
+SYRK_MIN_DIM = 1024
+
+
+def symmetrise_upper(m: torch.Tensor) -> torch.Tensor:
+    """(..., n, n) -> the symmetric matrix whose upper triangle is that of ``m``."""
+    return m.triu() + m.triu(1).transpose(-1, -2)
+
+
+def per_head_gram_fp32(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x: (..., heads * d) -> (heads, d, d) float32 per-head x_h^T x_h summed over tokens.
+
+    One batched GEMM over heads on strided views (no per-head Python loop, no copy)."""
+    n = x.shape[-1]
+    x = x.detach().reshape(-1, heads, n // heads).float()  # (M, H, d)
+    return torch.einsum("mhd,mhe->hde", x, x)  # (H, d, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Model checks
+# --------------------------------------------------------------------------------------------
+def _known_processor_types() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return (AttnProcessor, AttnProcessor2_0)
+
+
+def check_attention_supported(name: str, attn: nn.Module) -> None:
+    """Raise UnsupportedModelError (naming ``name``) if the collector's hooks would not see the
+    query/key/attention-output activations this module really uses."""
+    proc = getattr(attn, "processor", None)
+    proc_type = type(proc)
+    known = proc_type in _known_processor_types() or getattr(proc_type, "slimdiff_supported", False) is True
+    if "Fused" in proc_type.__name__ or (getattr(attn, "fused_projections", False) and not known):
+        raise UnsupportedModelError(
+            f"{name}: fused QKV projections ({proc_type.__name__}) are not supported: the statistics hook "
+            "the separate to_q / to_k projections; call unet.unfuse_qkv_projections() first"
+        )
+    if not known:
+        raise UnsupportedModelError(
+            f"{name}: unknown attention processor {proc_type.__name__}; SlimDiff statistics support "
+            "diffusers' AttnProcessor2_0 / AttnProcessor and processors that set the class attribute "
+            "`slimdiff_supported = True`. Call unet.set_attn_processor(AttnProcessor2_0()) first"
+        )
+    for proj in ("to_q", "to_k", "to_v"):
+        if not isinstance(getattr(attn, proj, None), nn.Linear):
+            raise UnsupportedModelError(
+                f"{name}.{proj}: expected nn.Linear, got {type(getattr(attn, proj, None)).__name__}"
+            )
+    if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+        raise UnsupportedModelError(
+            f"{name}: per-head QK normalisation (norm_q / norm_k) is not supported: the query/key "
+            "statistics would not be those the softmax sees"
+        )
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One hooked activation: which statistic it feeds and how to reduce it."""
+
+    key: str
+    module: nn.Module
+    kind: str  # "pre" (module input) or "post" (module output)
+    heads: int  # 0 for the FFN (full gram), else per-head gram
+    shape: tuple[int, ...]
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites: list[_Site] = []
+    for block_name, block in find_transformer_blocks(model):
+        ff = getattr(block, "ff", None)
+        ff_out = ff.net[2] if ff is not None and hasattr(ff, "net") and len(ff.net) > 2 else None
+        if not isinstance(ff_out, nn.Linear):
+            raise UnsupportedModelError(
+                f"{block_name}.ff: expected ff.net.2 to be the nn.Linear output projection of the feed-forward "
+                f"(got {type(ff_out).__name__})"
+            )
+        inner = ff_out.in_features
+        sites.append(_Site(ffn_key(block_name), ff_out, "pre", 0, (inner, inner)))
+        for which in ("attn1", "attn2"):
+            attn = getattr(block, which, None)
+            if attn is None:
+                continue
+            name = f"{block_name}.{which}"
+            check_attention_supported(name, attn)
+            heads = int(attn.heads)
+            to_out = attn.to_out[0]
+            for stat, mod, kind, width in (
+                (QUERY, attn.to_q, "post", attn.to_q.out_features),
+                (KEY, attn.to_k, "post", attn.to_k.out_features),
+                (ATTN_OUT, to_out, "pre", to_out.in_features),
+            ):
+                if width % heads:
+                    raise UnsupportedModelError(
+                        f"{name}: {stat} width {width} is not a multiple of {heads} heads"
+                    )
+                d = width // heads
+                sites.append(_Site(attn_key(block_name, which, stat), mod, kind, heads, (heads, d, d)))
+    return sites
+
+
+def stat_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every statistic key the collector fills on ``model`` and its per-bucket shape (for stores
+    that preallocate, e.g. the Zarr covariance store). Validates the model like the collector."""
+    return {s.key: s.shape for s in _sites(model)}
+
+
+# --------------------------------------------------------------------------------------------
+# The collector
+# --------------------------------------------------------------------------------------------
+class ActivationCollector:
+    """Owns the statistics hooks on one UNet; use as a context manager.
+
+    ``with ActivationCollector(unet, n_buckets, scheduler=pipe.scheduler) as col: pipe(...)``
+    registers the hooks on enter and removes every one of them on exit, also when the body raises.
+    With a scheduler, the bucket of each UNet call follows from its timestep; without one, set
+    ``col.bucket`` by hand (default 0). ``with col.muted(): ...`` runs the model without recording.
+    ``col.stats()`` returns a snapshot as ``ActivationStats`` (on the CPU).
+
+    Statistics live in this object (never as attributes on modules); the hooks are closures over it.
+    """
+
+    def __init__(self, model: nn.Module, n_buckets: int = 1, *, scheduler=None) -> None:
+        if n_buckets < 1:
+            raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+        self.model = model
+        self.n_buckets = n_buckets
+        self.scheduler = scheduler
+        self._sites = _sites(model)  # validates the model (raises naming the module)
+        device = next(model.parameters()).device
+        self._sums = {
+            s.key: torch.zeros((n_buckets, *s.shape), dtype=torch.float64, device=device) for s in self._sites
+        }
+        self._tokens = {s.key: [0] * n_buckets for s in self._sites}
+        # On the CPU, wide FFN grams accumulate only their upper triangle (BLAS syrk, half the flops);
+        # stats() mirrors it. Narrow ones and accelerators use one GEMM and keep full sums.
+        self._upper_only = {
+            s.key
+            for s in self._sites
+            if s.heads == 0 and device.type == "cpu" and s.shape[-1] >= SYRK_MIN_DIM
+        }
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._muted = False
+        self._bucket = 0
+        self._schedule: list[float] | None = None  # unique timesteps of the sampler, in order
+        self._schedule_src: torch.Tensor | None = None
+        self._step_of_t: dict[float, int] = {}
+        self.meta: dict = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> ActivationCollector:
+        if self._handles:
+            raise RuntimeError("ActivationCollector is already active (nested `with` on the same collector)")
+        # Re-check: processors may have been swapped since construction.
+        sites = _sites(self.model)
+        if [(s.key, s.shape) for s in sites] != [(s.key, s.shape) for s in self._sites]:
+            raise UnsupportedModelError(
+                "the model's transformer blocks changed shape since this collector was created; "
+                "create a new ActivationCollector"
+            )
+        self._sites = sites
+        try:
+            if self.scheduler is not None:
+                self._handles.append(
+                    self.model.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True)
+                )
+            for site in self._sites:
+                hook = self._make_hook(site)
+                if site.kind == "pre":
+                    self._handles.append(site.module.register_forward_pre_hook(hook))
+                else:
+                    self._handles.append(site.module.register_forward_hook(hook))
+        except BaseException:
+            self.remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    @contextmanager
+    def muted(self) -> Iterator[None]:
+        """Run forward passes without recording (e.g. a warm-up or a reference pass)."""
+        prev, self._muted = self._muted, True
+        try:
+            yield
+        finally:
+            self._muted = prev
+
+    @property
+    def bucket(self) -> int:
+        return self._bucket
+
+    @bucket.setter
+    def bucket(self, value: int) -> None:
+        if not 0 <= value < self.n_buckets:
+            raise ValueError(f"bucket must be in [0, {self.n_buckets}), got {value}")
+        self._bucket = value
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _make_hook(self, site: _Site) -> Callable:
+        sums, tokens, heads = self._sums[site.key], self._tokens[site.key], site.heads
+        upper_only = site.key in self._upper_only
+
+        def record(x: torch.Tensor) -> None:
+            if self._muted:
+                return
+            with torch.no_grad():
+                if heads:
+                    prod = per_head_gram_fp32(x, heads)
+                elif upper_only and x.device.type == "cpu":
+                    prod = gram_upper_fp32_cpu(x)
+                else:
+                    prod = gram_fp32(x)
+                b = self._bucket
+                sums[b].add_(prod)  # fp32 batch product -> fp64 running sum
+                tokens[b] += x.numel() // x.shape[-1]
+
+        if site.kind == "pre":
+
+            def pre_hook(module, args):
+                record(args[0])
+
+            return pre_hook
+
+        def post_hook(module, args, output):
+            record(output)
+
+        return post_hook
+
+    def _unet_pre_hook(self, module, args, kwargs) -> None:
+        if self._muted:
+            return
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is None:
+            raise RuntimeError(
+                f"{type(module).__name__} was called without a timestep; cannot assign a bucket"
+            )
+        if isinstance(t, torch.Tensor):
+            flat = t.detach().flatten()
+            if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+                raise RuntimeError(
+                    "the UNet was called with different timesteps in one batch; buckets need one"
+                )
+            t = flat[0].item()
+        self._bucket = self._bucket_of_timestep(float(t))
+
+    def _bucket_of_timestep(self, t: float) -> int:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None:
+            raise RuntimeError(
+                f"{type(self.scheduler).__name__}.timesteps is not set: call scheduler.set_timesteps() "
+                "before running the UNet under the collector"
+            )
+        if timesteps is not self._schedule_src:
+            self._set_schedule(timesteps)
+        step = self._step_of_t.get(t)
+        if step is None:
+            sched = self._schedule
+            nearest = min(range(len(sched)), key=lambda i: abs(sched[i] - t))
+            span = max(abs(sched[0] - sched[-1]), 1.0)
+            if abs(sched[nearest] - t) > 1e-4 * span:
+                raise RuntimeError(
+                    f"UNet timestep {t} is not in {type(self.scheduler).__name__}.timesteps; was the UNet "
+                    "called outside the sampler? Mute the collector or use scheduler=None and set .bucket"
+                )
+            step = nearest
+        return bucket_of_step(step, len(self._schedule), self.n_buckets)
+
+    def _set_schedule(self, timesteps: torch.Tensor) -> None:
+        schedule = unique_in_order([float(v) for v in timesteps.detach().cpu().tolist()])
+        if self._schedule is not None and schedule != self._schedule:
+            raise RuntimeError(
+                "the sampler's timestep schedule changed during collection "
+                f"({len(self._schedule)} -> {len(schedule)} steps): buckets would mix different timesteps; "
+                "use one num_inference_steps per collector"
+            )
+        if len(schedule) < self.n_buckets:
+            raise ValueError(
+                f"n_buckets={self.n_buckets} exceeds the sampler's {len(schedule)} distinct timesteps; "
+                "lower n_buckets or raise num_inference_steps"
+            )
+        self._schedule_src = timesteps
+        if self._schedule is None:
+            self._schedule = schedule
+            self._step_of_t = {t: i for i, t in enumerate(schedule)}
+            self.meta.update(self._schedule_meta(schedule))
+
+    def _schedule_meta(self, schedule: list[float]) -> dict:
+        """Per-bucket timesteps (and alphas_cumprod when the scheduler has them) for SNR weighting."""
+        buckets = [bucket_of_step(i, len(schedule), self.n_buckets) for i in range(len(schedule))]
+        bucket_ts: list[list[float]] = [[] for _ in range(self.n_buckets)]
+        for t, b in zip(schedule, buckets, strict=True):
+            bucket_ts[b].append(t)
+        meta: dict = {
+            "scheduler": type(self.scheduler).__name__,
+            "timesteps": schedule,
+            "bucket_of_step": buckets,
+            "bucket_timesteps": bucket_ts,
+        }
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if isinstance(alphas, torch.Tensor):
+            a = alphas.detach().cpu().to(torch.float64)
+            idx = lambda t: min(max(int(round(t)), 0), a.numel() - 1)  # noqa: E731
+            meta["bucket_alphas_cumprod"] = [[float(a[idx(t)]) for t in ts] for ts in bucket_ts]
+        return meta
+
+    # -- results ----------------------------------------------------------------------------
+    def stats(self, meta: dict | None = None) -> ActivationStats:
+        """Snapshot of the running sums as ActivationStats (float64 / int64 on the CPU)."""
+        return ActivationStats(
+            n_buckets=self.n_buckets,
+            moments={
+                k: symmetrise_upper(v).cpu() if k in self._upper_only else v.detach().cpu().clone()
+                for k, v in self._sums.items()
+            },
+            tokens={k: torch.tensor(v, dtype=torch.int64) for k, v in self._tokens.items()},
+            meta={**self.meta, **(meta or {})},
+        )
+
+    def reset(self) -> None:
+        for v in self._sums.values():
+            v.zero_()
+        for v in self._tokens.values():
+            v[:] = [0] * self.n_buckets
+
+
+# --------------------------------------------------------------------------------------------
+# One public verb
+# --------------------------------------------------------------------------------------------
+def prompt_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
+    """CPU generators seeded ``seed + global prompt index``: a prompt's noise does not depend on
+    the shard or batch it lands in (CPU so that GPU and CPU runs start from the same latents)."""
+    return [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
+
+
+def collect_stats(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    n_buckets: int = 5,
+    batch_size: int = 4,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    index_offset: int = 0,
+) -> ActivationStats:
+    """Second-moment statistics of ``pipe.unet`` over one prompt shard, per timestep bucket.
+
+    Runs the pipeline's own scheduler and classifier-free guidance (``output_type="latent"``: the
+    VAE decode is skipped). ``index_offset`` is the global index of ``prompts[0]`` in the full
+    calibration set; prompt i gets a generator seeded ``seed + index_offset + i``. Shards cut at
+    multiples of ``batch_size`` merge exactly into the unsharded run (same batches, same sums).
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("collect_stats needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= n_buckets <= num_inference_steps:
+        raise ValueError(
+            f"n_buckets must be in [1, num_inference_steps={num_inference_steps}], got {n_buckets}"
+        )
+    if index_offset < 0:
+        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
+
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    height = height or pipe.unet.config.sample_size * vae_scale
+    width = width or pipe.unet.config.sample_size * vae_scale
+    meta = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": float(guidance_scale),
+        "cfg_branches": 2 if guidance_scale > 1.0 else 1,
+        "n_buckets": n_buckets,
+        "height": int(height),
+        "width": int(width),
+        "seed": seed,
+        "seed_rule": "torch.Generator('cpu').manual_seed(seed + global prompt index)",
+        "batch_size": batch_size,
+    }
+
+    saved_pbar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.set_progress_bar_config(disable=True)
+    collector = ActivationCollector(pipe.unet, n_buckets, scheduler=pipe.scheduler)
+    n_batches = math.ceil(len(prompts) / batch_size)
+    try:
+        with collector:
+            for start in tqdm(
+                range(0, len(prompts), batch_size), total=n_batches, disable=not progress, desc="calibration"
+            ):
+                batch = prompts[start : start + batch_size]
+                pipe(
+                    prompt=batch,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=height,
+                    width=width,
+                    generator=prompt_generators(seed, index_offset + start, len(batch)),
+                    output_type="latent",
+                )
+    finally:
+        pipe.set_progress_bar_config(**saved_pbar)
+    stats = collector.stats(meta)
+    logger.info(
+        "collected %d statistics over %d prompts x %d steps (%d buckets)",
+        len(stats.moments),
+        len(prompts),
+        num_inference_steps,
+        n_buckets,
+    )
+    return stats
