@@ -156,6 +156,14 @@ class EvaluationParams(_Group):
     batch_size: int = Field(32, ge=1)
     latency_repeats: int = Field(5, ge=1)
     gate: QualityGate = QualityGate()
+    # Real-model path only (the toy path uses the toy world's own CLIP and classifier). Weights must
+    # be local: a missing file is an error naming it, never a silent substitute.
+    clip_model: str | None = "ViT-L-14"  # open_clip model for CLIP score (None = off)
+    clip_pretrained: str | None = "openai"  # open_clip tag in the local cache, or a checkpoint path
+    clip_score_kind: Literal["100*max(cos,0)", "cos"] = "100*max(cos,0)"
+    fid_feature: Literal["clip", "inception"] = "clip"
+    inception_weights: str | None = None  # local path of the pt_inception weights (fid_feature=inception)
+    reference_images: str | None = None  # folder of real images for FID against real data
 
 
 class TrackingParams(_Group):

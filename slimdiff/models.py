@@ -119,6 +119,7 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
     folders (with a ``slimdiff.json`` sidecar) are rebuilt with their compressed shapes."""
     from diffusers import DiffusionPipeline
 
+    _quiet_loading()
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
@@ -133,14 +134,23 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
 
             pipe = load_compressed(folder)
             return pipe.to(device=device, dtype=torch_dtype)
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     else:
         resolve_release(source, revision)  # raises a helpful error when not cached
         pipe = DiffusionPipeline.from_pretrained(
-            source, revision=revision, torch_dtype=torch_dtype, local_files_only=True
+            source, revision=revision, dtype=torch_dtype, local_files_only=True
         )
     if getattr(pipe, "safety_checker", None) is not None:
         log.info("disabling the safety checker for calibration/evaluation forward passes")
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _quiet_loading() -> None:
+    """Per-component loading bars are noise in pipeline logs; stage progress bars stay."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

@@ -136,14 +136,14 @@ def _embedder(params: Params, model: Manifest | None):
 # -- stages ----------------------------------------------------------------------------------
 def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Manifest:
     """SlimSet: the calibration prompts (file + card + projection plot)."""
-    from slimdiff.slimset import build_slimset, slimset_card
+    from slimdiff.slimset import select_slimset, slimset_card
 
     cfg = params.slimset
     pool = read_prompt_source(cfg.pool)
     exclude = [p for spec in cfg.exclude for p in read_prompt_source(spec)]
     embedder = _embedder(params, model)
     with staged_dir(out) as tmp:
-        slimset = build_slimset(
+        selection = select_slimset(
             pool,
             embedder,
             n=cfg.n,
@@ -152,11 +152,12 @@ def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Man
             canonical_share=cfg.canonical_share,
             near_dup_threshold=cfg.near_dup_threshold,
         )
+        slimset = selection.slimset
         overlap = set(slimset.prompts) & {p.strip() for p in exclude}
         if overlap:  # build_slimset excludes them; this guards the contract at the stage boundary
             raise StageInputError(f"SlimSet overlaps the evaluation prompts: {sorted(overlap)[:3]}")
         slimset.save(tmp / SLIMSET_FILE)
-        slimset_card(slimset, tmp)
+        slimset_card(slimset, selection.embeddings, selection.selected_idx, tmp)
     return _finish(
         "slimset",
         out,
@@ -340,7 +341,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
 
     cfg = params.allocation
-    scores = _load_influence(influence).scores
+    scores = _load_influence(influence).score_of()
     pipe = _cached_pipe(params, model)
     units = {n: u for n, u in compression_units(pipe.unet).items() if u.kind in cfg.modules}
     with staged_dir(out) as tmp:
