@@ -749,7 +749,7 @@ class PairEvaluator:
             "seed_rule": "image k uses torch.Generator('cpu').manual_seed(seed + k), k = prompt_index * images_per_prompt + copy",
             "resolution": [height, width],
             "sampler": type(scheduler).__name__,
-            "sampler_config": _jsonable(sched_cfg),
+            "sampler_config": jsonable(sched_cfg),
             "num_inference_steps": int(cfg.num_inference_steps),
             "guidance_scale": float(cfg.guidance_scale),
             "batch_size": int(cfg.batch_size),
@@ -893,15 +893,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only: tensors/arrays to lists, NaN/inf to None (strict JSON), others to str."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray | torch.Tensor):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # strict JSON has no NaN/inf: an empty split's accuracy is "not measured"
     if obj is None or isinstance(obj, str | int | float | bool):
@@ -951,4 +952,4 @@ def evaluate_pair(
         "passed" if s["gate_passed"] else "FAILED",
         "" if s["gate_passed"] else f" ({'; '.join(s['gate_reasons'])})",
     )
-    return _jsonable(result)
+    return jsonable(result)
