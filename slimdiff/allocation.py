@@ -177,6 +177,7 @@ class RankPlan:
     r_min: int = 8
     multiple: int = 8
     influence_digest: str | None = None
+    target_params: int | None = None  # kept compressible params the budget asked for (before rounding)
     format_version: int = PLAN_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -239,6 +240,7 @@ class RankPlan:
             "r_min": self.r_min,
             "multiple": self.multiple,
             "influence_digest": self.influence_digest,
+            "target_params": self.target_params,
             "totals": {
                 "params_before": self.params_before,
                 "params_after": self.params_after,
@@ -282,6 +284,7 @@ class RankPlan:
             r_min=int(data.get("r_min", 8)),
             multiple=int(data.get("multiple", 8)),
             influence_digest=data.get("influence_digest"),
+            target_params=data.get("target_params"),
             format_version=version,
         )
         totals = data.get("totals")
@@ -528,11 +531,12 @@ def plan_ranks(
             for n, u in units.items()
         },
         mode=mode,
-        budget={**budget.to_dict(), "kept_params_target": target},
+        budget=budget.to_dict(),
         tau=float(tau) if mode == "influence" else None,
         r_min=r_min,
         multiple=multiple,
         influence_digest=digest,
+        target_params=target,
     )
     logger.info(
         "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",

@@ -156,6 +156,8 @@ def test_budget_forms_agree():
         plan_ranks(scores, units, Budget(total_params=rest + kept), model_params=rest + compressible),
     ]
     assert plans[0].ranks() == plans[1].ranks() == plans[2].ranks()
+    assert all(p.target_params == kept for p in plans)
+    assert Budget(**plans[1].budget) == Budget(removed_params=compressible - kept)  # recorded as given
 
 
 def test_infeasible_budget_names_the_range():

@@ -274,3 +274,63 @@ def test_per_kind_method_overrides():
     report = compress_(unet, plan, covs, ffn_method="magnitude", vo_method="weight_svd")
     methods = {u.kind: u.method for u in report.units.values()}
     assert methods == {"ffn": "magnitude", "qk": "slimdiff", "vo": "weight_svd"}
+
+
+def test_sd2_style_unet_linear_projection_and_per_level_heads():
+    """SD 2.x layout: use_linear_projection, per-level head counts, upcast attention."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=40,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        layers_per_block=1,
+        norm_num_groups=8,
+    ).eval()
+    cal = [unet_inputs(unet, batch=2, size=16, seed=1)]
+    covs = capture_covariances(unet, cal)
+    original = copy.deepcopy(unet)
+    x = unet_inputs(unet, seed=3)
+    units = compression_units(unet)
+    compress_(unet, RankPlan.from_ranks(units, {}), covs, rewrite_full_rank=True)
+    assert rel_err(run(unet, x), run(original, x)) < 1e-5
+    slim = copy.deepcopy(original)
+    plan = RankPlan.from_ranks(units, {n: 8 for n in units})
+    compress_(slim, plan, covs)
+    assert count_parameters(slim) == count_parameters(original) - plan.removed_params
+    assert torch.isfinite(run(slim, x)).all()
+
+
+def test_plain_gelu_ffn_block():
+    """A transformer block with a non-gated GELU FFN (DiT-style): proj keeps rows J only."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24, activation_fn="gelu").eval()
+    units = compression_units(model)
+    ffn = units["block.ff"]
+    assert ffn.cost_per_rank == 2 * 32 + 1 and ffn.full_rank == 128
+    h = torch.randn(2, 40, 32)
+    enc = torch.randn(2, 5, 24)
+    captured = {}
+    hook = model.block.ff.net[-1].register_forward_pre_hook(lambda m, a: captured.update(h=a[0]))
+    with torch.no_grad():
+        ref = model.block(h, encoder_hidden_states=enc)
+    hook.remove()
+    hid = captured["h"].double().reshape(-1, 128)
+    covs = {"block.ff.hidden": hid.T @ hid / hid.shape[0]}
+    full = copy.deepcopy(model)
+    compress_(full, RankPlan.from_ranks({"block.ff": ffn}, {}), covs, rewrite_full_rank=True)
+    with torch.no_grad():
+        assert rel_err(full.block(h, encoder_hidden_states=enc), ref) < 1e-5
+    before = count_parameters(model)
+    compress_(model, RankPlan.from_ranks({"block.ff": ffn}, {"block.ff": 40}), covs)
+    assert model.block.ff.net[0].proj.out_features == 40
+    assert count_parameters(model) == before - (128 - 40) * ffn.cost_per_rank
