@@ -54,8 +54,14 @@ def _exit_code(err: BaseException) -> int:
         return EXIT_CONFIG
     if isinstance(err, ArtifactError):
         return EXIT_INTEGRITY
-    if isinstance(err, ModelLoadError | StageInputError | UnsupportedModelError | FileNotFoundError):
+    if isinstance(
+        err, ModelLoadError | StageInputError | UnsupportedModelError | FileNotFoundError | LookupError
+    ):
         return EXIT_INPUT
+    if type(err).__module__.startswith("mlflow") and "RESOURCE_DOES_NOT_EXIST" in str(
+        getattr(err, "error_code", "")
+    ):
+        return EXIT_INPUT  # a registered model / version / alias that does not exist
     try:
         from slimdiff.allocation import InfeasibleBudgetError, PlanValidationError
 
@@ -334,6 +340,25 @@ def lineage(
         if broken is not None:
             _err(f"lineage broken at {broken.name}: {broken.problem}")
             raise typer.Exit(EXIT_INTEGRITY)
+
+    _guard(body)
+
+
+@app.command()
+def compare(
+    ref_a: Annotated[str, typer.Argument(help="registered model A: NAME@ALIAS or NAME/VERSION")],
+    ref_b: Annotated[str, typer.Argument(help="registered model B")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Print the metrics of two registered models side by side (same protocol required)."""
+
+    def body():
+        cfg = load_cli_params(params, None)
+        from slimdiff.report import compare_table
+        from tasks.tracking import registered_metrics, setup_tracking
+
+        setup_tracking(cfg)
+        typer.echo(compare_table(registered_metrics(ref_a), registered_metrics(ref_b), names=(ref_a, ref_b)))
 
     _guard(body)
 

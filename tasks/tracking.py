@@ -186,3 +186,15 @@ def resolve_version(client: MlflowClient, ref: str):
     if not versions:
         raise LookupError(f"no registered model named {ref!r}")
     return max(versions, key=lambda v: int(v.version))
+
+
+def registered_metrics(ref: str) -> dict[str, Any]:
+    """The evaluation metrics.json of a registered version (from its run's logged artifacts)."""
+    import json
+
+    client = MlflowClient()
+    version = resolve_version(client, ref)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="stages/evaluate/metrics.json"
+    )
+    return json.loads(Path(local).read_text())
