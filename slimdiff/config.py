@@ -173,8 +173,10 @@ class TrackingParams(_Group):
     # None = derived from the source model ("slimdiff-toy", "slimdiff-<repo-name>")
     registered_model: str | None = None
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    # where stage artifacts (Zarr stores, plans, compressed models) are written; any fsspec URL
+    # where stage outputs (SlimSet, plans, compressed models, reports) are written: a local folder
     artifact_root: str = "artifacts"
+    # where covariance stores are written: any fsspec URL (s3://bucket/stores, ...); None = artifact_root
+    store_root: str | None = None
 
 
 class Params(_Group):

@@ -42,8 +42,9 @@ def slimset_task(params: Params, model: Manifest) -> Manifest:
 def calibrate_prepare_task(params: Params, model: Manifest, slimset: Manifest) -> stages.CalibrationJob:
     # Not cached by Prefect: the store is its own cache. Its path is the stage key, its shards carry
     # completion marks, so a finished store has nothing missing and a crashed one resumes.
-    out = _out(params, "calibrate", model, slimset)
-    return stages.prepare_calibration(params, model, slimset, str(out.with_suffix(".zarr")))
+    key = stages.stage_key("calibrate", params, model, slimset)
+    root = (params.tracking.store_root or params.tracking.artifact_root).rstrip("/")
+    return stages.prepare_calibration(params, model, slimset, f"{root}/calibrate/{key[:16]}.zarr")
 
 
 @task(name="calibrate-shard", task_run_name="calibrate-shard-{index}")
