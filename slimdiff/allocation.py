@@ -565,15 +565,15 @@ def plan_for_model(
 # --------------------------------------------------------------------------------------------
 def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
     """Bar chart of the kept ratio r_m / R_m per unit, coloured by kind, in module order."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # the object-oriented API draws without pyplot's global figure manager or backend switching
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     colors = {"ffn": "tab:blue", "qk": "tab:orange", "vo": "tab:green"}
     names = list(plan.units)
     ratios = [plan.units[n].keep_ratio for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.0))
+    fig = Figure(figsize=(max(6.0, 0.22 * len(names)), 4.0))
+    ax = fig.add_subplot()
     ax.bar(range(len(names)), ratios, color=[colors[plan.units[n].kind] for n in names])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([_short_name(n) for n in names], rotation=90, fontsize=6)
@@ -581,15 +581,15 @@ def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
     ax.set_ylabel("kept ratio r / R")
     removed = plan.removed_params / max(1, plan.params_before)
     ax.set_title(
-        f"SlimDiff rank plan ({plan.mode}, tau={plan.tau}): {removed:.1%} of compressible params removed"
+        f"SlimDiff rank plan ({plan.mode}, tau={plan.tau})\n{removed:.1%} of compressible parameters removed",
+        fontsize=9,
     )
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), loc="lower right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
