@@ -163,6 +163,8 @@ class AblationConfig:
     calibration_batch_size: int = 16
     calibration_seed: int = 0
     slimset_seed: int = 0
+    slimset_canonical_share: float = 0.0
+    slimset_near_dup_threshold: float = 0.98
     # allocation / compression (as params.yaml allocation / compression)
     tau: float = 1.0
     r_min: int = 8
@@ -214,18 +216,36 @@ class AblationResult:
 # Pieces
 # --------------------------------------------------------------------------------------------
 def calibration_prompts(
-    spec: CalibrationSet, pool: Sequence[str], exclude: Sequence[str], embedder: Any, seed: int
+    spec: CalibrationSet,
+    pool: Sequence[str],
+    exclude: Sequence[str],
+    embedder: Any,
+    seed: int,
+    *,
+    n: int | None = None,
+    canonical_share: float = 0.0,
+    near_dup_threshold: float = 0.98,
 ) -> list[str]:
     """The prompts of one calibration set: FPS SlimSet, or a seeded random subset of the same
-    deduplicated candidates (evaluation prompts excluded in both)."""
+    deduplicated candidates (evaluation prompts excluded in both). ``n`` overrides ``spec.n`` (a
+    random set matches the size its FPS counterpart really reached)."""
     from slimdiff.slimset import build_slimset, prepare_pool
 
+    n = spec.n if n is None else n
     if spec.selection == "fps":
-        return build_slimset(pool, embedder, n=spec.n, exclude=exclude, seed=seed).prompts
+        return build_slimset(
+            pool,
+            embedder,
+            n=n,
+            exclude=exclude,
+            seed=seed,
+            canonical_share=canonical_share,
+            near_dup_threshold=near_dup_threshold,
+        ).prompts
     candidates = prepare_pool(pool, exclude).candidates
-    if spec.n > len(candidates):
-        raise ValueError(f"{spec.name}: n={spec.n} exceeds the {len(candidates)} candidate prompts")
-    idx = np.random.default_rng(seed).choice(len(candidates), size=spec.n, replace=False)
+    if n > len(candidates):
+        raise ValueError(f"{spec.name}: n={n} exceeds the {len(candidates)} candidate prompts")
+    idx = np.random.default_rng(seed).choice(len(candidates), size=n, replace=False)
     return [candidates[i] for i in sorted(idx.tolist())]
 
 
@@ -306,11 +326,23 @@ def run_ablation(
     # 1. calibration, once per calibration set
     stats: dict[str, Any] = {}
     calibration: dict[str, dict] = {}
-    for spec in cfg.calibration_sets:
+    fps_size: dict[int, int] = {}  # requested n -> prompts FPS really selected (near duplicates cut it short)
+    for spec in sorted(cfg.calibration_sets, key=lambda c: c.selection != "fps"):  # FPS sets first
         if spec.name not in needed_sets:
             continue
         t0 = time.perf_counter()
-        prompts = calibration_prompts(spec, pool, eval_prompts, embedder, cfg.slimset_seed)
+        prompts = calibration_prompts(
+            spec,
+            pool,
+            eval_prompts,
+            embedder,
+            cfg.slimset_seed,
+            n=fps_size.get(spec.n) if spec.selection == "random" else None,
+            canonical_share=cfg.slimset_canonical_share,
+            near_dup_threshold=cfg.slimset_near_dup_threshold,
+        )
+        if spec.selection == "fps":
+            fps_size[spec.n] = len(prompts)
         t_select = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats[spec.name] = collect_stats(
@@ -325,6 +357,7 @@ def run_ablation(
         )
         calibration[spec.name] = {
             "selection": spec.selection,
+            "n_requested": spec.n,
             "n": len(prompts),
             "selection_seconds": t_select,
             "calibration_seconds": time.perf_counter() - t0,
