@@ -130,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         damping=comp.damping,
         ffn_selection=comp.ffn_selection,
     )
+    # latency: a toy UNet forward is ~10 ms, so 5 repeats on shared cores are noisy; 20 cost < 1 s per variant
     eval_cfg = params.evaluation.model_copy(
         update={
             "images_per_prompt": args.images_per_prompt,
             "max_prompts": 24 if args.quick else args.max_prompts,
+            "latency_repeats": max(params.evaluation.latency_repeats, 20),
         }
     )
 
