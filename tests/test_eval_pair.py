@@ -155,3 +155,33 @@ def test_missing_toy_judges_say_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMDIFF_TOY_DIR", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="classifier/model.safetensors.*slimdiff.toy.train"):
         PairEvaluator(PROMPTS, eval_params())
+
+
+def test_peak_memory_sees_a_cpu_allocation():
+    from slimdiff.evaluation import peak_memory
+
+    with peak_memory(torch.device("cpu")) as mem:
+        x = torch.ones(16 * 2**20)  # 16 Mi float32 = 64 MiB, every page touched
+        del x
+    assert mem["bytes"] >= 48 * 2**20, mem
+    assert "RSS" in mem["method"] or "ru_maxrss" in mem["method"]
+
+
+def test_interleaved_latency_times_every_model_every_repeat():
+    from slimdiff.evaluation import interleaved_latency
+
+    order = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            order.append(self.name)
+            return x
+
+    times = interleaved_latency({"a": Probe("a"), "b": Probe("b")}, (torch.zeros(1),), repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4  # one warm-up round, then 3 alternating repeats
+    assert len(times["a"]) == len(times["b"]) == 3 and min(times["a"]) >= 0
