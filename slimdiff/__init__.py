@@ -23,6 +23,19 @@ _EXPORTS = {
     "compression_units": "adapter",
     "describe_unet": "adapter",
     "UnsupportedModelError": "adapter",
+    "build_slimset": "slimset",
+    "SlimSet": "slimset",
+    "collect_stats": "calibration",
+    "compute_influence": "influence",
+    "Influence": "influence",
+    "Budget": "allocation",
+    "RankPlan": "allocation",
+    "plan_ranks": "allocation",
+    "compress_": "compress",
+    "save_compressed": "io",
+    "load_compressed": "io",
+    "load_pipeline": "models",
+    "unet_flops": "flops",
 }
 
 __all__ = ["__version__", *_EXPORTS]

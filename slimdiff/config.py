@@ -135,7 +135,10 @@ class CompressionParams(_Group):
     qk_method: Literal["slimdiff", "weight_svd"] = "slimdiff"
     vo_method: Literal["slimdiff", "weight_svd"] = "slimdiff"
     ffn_method: Literal["slimdiff", "magnitude"] = "slimdiff"
-    ffn_selection: Literal["shared", "separate"] = "shared"
+    # One selection J shared by GEGLU's hidden and gate halves (METHOD.md). Separate selections are
+    # not offered: pairing hidden row i with gate row j makes new neurons whose correlations the
+    # statistics (E[h^T h] of the real neurons) do not contain, so the Nystrom refit is undefined.
+    ffn_selection: Literal["shared"] = "shared"
     damping: float = Field(1e-2, ge=0.0, lt=1.0)
 
 
@@ -245,7 +248,7 @@ class Params(_Group):
 
 # Which params each stage reads: the single source of truth for Prefect cache keys and dvc.yaml.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "slimset": ("model.source", "slimset"),
+    "slimset": ("model.source", "slimset", "evaluation.prompts"),
     "calibrate": ("model.dtype", "calibration"),
     "influence": ("influence",),
     "plan": ("allocation",),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,9 @@ def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Man
 
     cfg = params.slimset
     pool = read_prompt_source(cfg.pool)
-    exclude = [p for spec in cfg.exclude for p in read_prompt_source(spec)]
+    # the evaluation prompts are always excluded: calibrating on them would flatter the evaluation
+    specs = dict.fromkeys([*cfg.exclude, params.evaluation.prompts])
+    exclude = [p for spec in specs for p in read_prompt_source(spec)]
     embedder = _embedder(params, model)
     with staged_dir(out) as tmp:
         selection = select_slimset(
@@ -169,6 +172,21 @@ def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Man
             "pool_size": len(pool),
         },
     )
+
+
+def check_no_overlap(calibration_prompts: list[str], evaluation_spec: str) -> None:
+    """Refuse to calibrate on evaluation prompts (compared after whitespace/case normalisation)."""
+
+    def norm(p: str) -> str:
+        return " ".join(p.lower().split())
+
+    evaluation = {norm(p) for p in read_prompt_source(evaluation_spec)}
+    overlap = [p for p in calibration_prompts if norm(p) in evaluation]
+    if overlap:
+        raise StageInputError(
+            f"the SlimSet overlaps the evaluation prompts ({evaluation_spec}) in {len(overlap)} prompts, "
+            f"e.g. {overlap[0]!r}: rebuild it with those prompts excluded (slimset.exclude)"
+        )
 
 
 def _load_slimset(slimset: Manifest):
@@ -205,6 +223,7 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts
+    check_no_overlap(prompts, params.evaluation.prompts)
     n_shards = max(1, -(-len(prompts) // cfg.shard_size))
     pipe = _cached_pipe(params, model)
     describe_unet(pipe.unet)  # unsupported architectures fail here, before any forward pass
@@ -382,16 +401,17 @@ def run_compress(
     covariances = read_stats(stats).aggregate(weights)
     pipe = _load_pipe(params, model)
     before = sum(p.numel() for p in pipe.unet.parameters())
-    report = compress_(
-        pipe.unet,
-        rank_plan,
-        covariances,
-        qk_method=cfg.qk_method,
-        vo_method=cfg.vo_method,
-        ffn_method=cfg.ffn_method,
-        damping=cfg.damping,
-        ffn_selection=cfg.ffn_selection,
-    )
+    with _single_thread():  # many small per-head factorisations: threads only add overhead
+        report = compress_(
+            pipe.unet,
+            rank_plan,
+            covariances,
+            qk_method=cfg.qk_method,
+            vo_method=cfg.vo_method,
+            ffn_method=cfg.ffn_method,
+            damping=cfg.damping,
+            ffn_selection=cfg.ffn_selection,
+        )
     after = sum(p.numel() for p in pipe.unet.parameters())
     lineage = {
         "model_release": model.meta,
@@ -421,6 +441,16 @@ def run_evaluate(params: Params, model: Manifest, compressed: Manifest, out: Pat
         metrics = evaluate_pair(original, slim, prompts, params.evaluation, out_dir=tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return _finish("evaluate", out, {"metrics": metrics.get("summary", {})})
+
+
+@contextmanager
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def stage_key(stage: str, params: Params, *inputs: Manifest) -> str:

@@ -154,3 +154,22 @@ def test_dask_two_workers_match_one_process(tiny_setup, monkeypatch):
         manifest = sharded()
     assert manifest.meta["collected_shards"] == 3
     _assert_same_stats(_stats(store_uri), _stats(reference.uri))
+
+
+def test_slimset_overlapping_the_evaluation_prompts_stops_calibration(tiny_setup):
+    from slimdiff.slimset import SlimSet
+    from slimdiff.toy.data import heldout_captions
+    from tasks.artifacts import Manifest, content_digest
+    from tasks.stages import SLIMSET_FILE, StageInputError, prepare_calibration
+
+    root, params, model, slimset, reference = tiny_setup
+    original = SlimSet.load(Path(slimset.uri) / SLIMSET_FILE)
+    assert not set(original.prompts) & set(heldout_captions())  # the stage excluded them
+    bad_dir = root / "bad_slimset"
+    bad_dir.mkdir()
+    leaked = SlimSet(**{**original.__dict__, "prompts": [heldout_captions()[0], *original.prompts[1:]]})
+    leaked.save(bad_dir / SLIMSET_FILE)
+    bad = Manifest("slimset", str(bad_dir), content_digest(bad_dir))
+    with pytest.raises(StageInputError, match="overlaps the evaluation prompts"):
+        prepare_calibration(params, model, bad, str(root / "never.zarr"))
+    assert not (root / "never.zarr").exists()
