@@ -34,24 +34,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from sd15 import SD15_UNET_CONFIG  # benchmarks/ is on sys.path when run as a script
 
 from slimdiff.adapter import compression_units, count_parameters
 from slimdiff.allocation import Budget, plan_ranks
 from slimdiff.compress import apply_plan_shapes_, compress_
 from slimdiff.flops import format_breakdown, unet_flops
 
-SD15_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
 TARGET_SPEEDUP = 1.35
 TARGET_EFFICIENCY = 0.85
 SWEEP = [round(0.05 * i, 2) for i in range(1, 16)]  # removed fractions for the FLOPs-bound sweep
