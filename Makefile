@@ -43,8 +43,13 @@ format: $(STAMP)
 train-toy: $(STAMP)
 	$(BIN)/python -m slimdiff.toy.train --out data/toy
 
+# Benchmarks print ratios against a baseline measured in the same run (tens of minutes on 2 cores).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_slimset.py
+	$(BIN)/python benchmarks/bench_calibration.py
+	$(BIN)/python benchmarks/bench_speed.py --write
+	$(BIN)/python benchmarks/bench_pipeline.py --write
+	$(BIN)/python benchmarks/ablation.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
