@@ -723,20 +723,27 @@ def readme_summary(
                 parts.append(f"{other} {_pct(r.get('exact_all'))}% / {_num(r.get('fid'), 4)}")
         lines.append("- " + "; ".join(parts) + ".")
     wins = []
+    criteria = (
+        ("exact_all", "higher exact match", 1),
+        ("fid", "lower FID", -1),
+        ("psnr_db", "higher PSNR to the original", 1),
+    )
     for other in ("uniform-allocation", "weight-svd-qk-vo", "magnitude-ffn", "uniform-timesteps"):
         pairs = [(_find(result, "slimdiff", b), _find(result, other, b)) for b in result.config["budgets"]]
-        pairs = [
-            (a, c) for a, c in pairs if a is not None and c is not None and a.get("exact_all") is not None
-        ]
-        if pairs:
-            n = sum(a["exact_all"] > c["exact_all"] for a, c in pairs)
-            ties = sum(a["exact_all"] == c["exact_all"] for a, c in pairs)
-            wins.append(
-                f"{other}: higher exact match at {n} of {len(pairs)} budgets"
-                + (f" ({ties} tied)" if ties else "")
-            )
+        pairs = [(a, c) for a, c in pairs if a is not None and c is not None]
+        counts = []
+        for key, label, sign in criteria:
+            valid = [(a[key], c[key]) for a, c in pairs if a.get(key) is not None and c.get(key) is not None]
+            if valid:
+                better = sum(sign * (x - y) > 0 for x, y in valid)
+                tied = sum(x == y for x, y in valid)
+                counts.append(f"{label} at {better} of {len(valid)}" + (f" ({tied} tied)" if tied else ""))
+        if counts:
+            wins.append(f"vs {other}: " + ", ".join(counts))
     if wins:
-        lines += ["", "SlimDiff default vs each baseline -- " + "; ".join(wins) + "."]
+        lines += ["", "Budgets at which the SlimDiff default beats each baseline:", ""] + [
+            f"- {w}." for w in wins
+        ]
     lines += [
         "",
         f"Full table: [{Path(table_path).name}]({table_path}); curves: [{Path(curves_path).name}]({curves_path}). "
