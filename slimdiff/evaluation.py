@@ -434,6 +434,23 @@ def _rss_bytes() -> int | None:
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim() -> bool:
+    """Return freed heap memory to the OS (glibc ``malloc_trim(0)``), so that the RSS of the next
+    block shows its own allocations instead of reusing pages an earlier forward left in the heap.
+    False where the C library has no malloc_trim (then RSS deltas under-count)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 @contextmanager
 def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
     """Peak memory above the starting level while the block runs, in bytes: ``out["bytes"]``.
@@ -441,7 +458,9 @@ def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the resident set size polled
     from /proc/self/statm by a background thread (torch's CPU allocations are invisible to
     tracemalloc); without /proc, the ru_maxrss delta (only growth beyond the process's previous
-    high-water mark shows). ``out["method"]`` names which one was used."""
+    high-water mark shows). Before a CPU measurement the heap is trimmed (glibc ``malloc_trim``):
+    without it, a forward reuses pages an earlier one freed and its RSS delta reads ~0.
+    ``out["method"]`` names which one was used."""
     out: dict = {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -452,6 +471,7 @@ def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
         out["bytes"] = int(torch.cuda.max_memory_allocated(device) - base)
         out["method"] = "torch.cuda.max_memory_allocated - memory_allocated before"
         return
+    trimmed = _malloc_trim()
     base = _rss_bytes()
     if base is None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -476,7 +496,11 @@ def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
         thread.join()
         peak[0] = max(peak[0], _rss_bytes() or 0)
         out["bytes"] = int(peak[0] - base)
-        out["method"] = f"RSS from /proc/self/statm polled every {poll_s * 1000:g} ms, peak - start"
+        out["method"] = f"RSS from /proc/self/statm polled every {poll_s * 1000:g} ms, peak - start" + (
+            " (after glibc malloc_trim(0))"
+            if trimmed
+            else " (no malloc_trim: freed memory may be reused unseen)"
+        )
 
 
 @torch.no_grad()
