@@ -14,8 +14,9 @@ PSNR/SSIM to the original, FLOPs, UNet latency ratio). Calibration, allocation, 
 evaluation settings come from params.yaml (``--params``), so the table describes the pipeline's own
 defaults.
 
-Sizing for ~15-20 minutes on 2 shared CPU cores: all 88 held-out captions x 1 image (the sampling
-of ~25 pipelines dominates), calibration once per SlimSet variant (16 + 64 + 64 + 256 prompts).
+Sizing for ~15-20 minutes on 2 shared CPU cores: all 88 held-out captions x 2 images (176 per
+variant; the sampling of 27 pipelines dominates, ~20 s each), calibration once per SlimSet variant
+(16 + 64 + 64 + 256 prompts, ~2 min). ``--images-per-prompt 1`` halves the evaluation time.
 
 Outputs (``--write``, into ``--out``): ``ablation.md`` (the table), ``ablation_curves.png``
 (quality vs parameters), ``ablation_grid.png`` (original vs SlimDiff at 40%, same seeds),
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    ap.add_argument("--images-per-prompt", type=int, default=1)
+    ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--max-prompts", type=int, default=None, help="default: all held-out captions")
     # 1 thread: on the shared 2-core machine, 2 OpenMP threads under load ran ~20x slower (spinning)
     ap.add_argument("--threads", type=int, default=1)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         + ".",
         f"- Allocation tau {alloc.tau}, r_min {alloc.r_min}, multiple {alloc.multiple}; damping {comp.damping}; "
         f"FFN selection {comp.ffn_selection}.",
-        f"- Evaluation: {result.protocol['n_prompts']} held-out captions x {result.protocol['images_per_prompt']} image, "
+        f"- Evaluation: {result.protocol['n_prompts']} held-out captions x {result.protocol['images_per_prompt']} images, "
         f"seed {result.protocol['seed']} + image index, {result.protocol['num_inference_steps']} steps "
         f"{result.protocol['sampler']}, guidance {result.protocol['guidance_scale']}, {result.protocol['resolution'][0]}px. "
         f"FID: {result.protocol['fid_feature']} against {result.protocol['fid_reference']}. "

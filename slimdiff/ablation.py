@@ -703,7 +703,7 @@ def readme_summary(
         f"{result.config['compressible_params']:,} in the compressible set) at "
         + ", ".join(f"{100 * b:.0f}%" for b in result.config["budgets"])
         + " of the compressible parameters removed and evaluates every variant against the original on the "
-        f"{p.get('n_prompts')} held-out captions ({p.get('images_per_prompt')} image each, seeds {p.get('seed')}+k, "
+        f"{p.get('n_prompts')} held-out captions ({p.get('images_per_prompt')} images each, seeds {p.get('seed')}+k, "
         f"{p.get('num_inference_steps')} DDIM steps, guidance {p.get('guidance_scale')}). "
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",
         "",
