@@ -29,11 +29,13 @@ def write_model_card(out: Path, metrics: dict, grid_captions: list[str]) -> Path
     slots = ", ".join(f"{k} {tuple(int(c) for c in v)}" for k, v in toy_data.SLOTS.items())
     reused = metrics.get("reused_stages", [])
     reused_note = (
-        f" Stages {', '.join(reused)} were reused from an interrupted run of the same command (`--resume`; "
-        "each stage seeds its own generators, so the result is the same) and are not in these timings."
+        f" Reused from an interrupted earlier run into the same folder (`--resume`; every stage seeds its "
+        f"own generators): {', '.join(reused)}; not included in these timings."
         if reused
         else ""
     )
+    if metrics.get("timing_note"):
+        reused_note += "\n" + metrics["timing_note"]
     grid_list = "\n".join(f"{i:2d}. {c}" for i, c in enumerate(grid_captions))
     text = f"""# Toy SD-architecture model (slimdiff toy world)
 
