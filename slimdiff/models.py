@@ -50,8 +50,10 @@ class ModelRelease:
 
 
 def toy_pipeline_dir() -> Path:
-    """The committed toy pipeline folder (repository ``data/toy/pipeline``)."""
-    return Path(__file__).resolve().parents[1] / "data" / "toy" / "pipeline"
+    """The committed toy pipeline folder (``data/toy/pipeline``, or under ``$SLIMDIFF_TOY_DIR``)."""
+    from slimdiff.toy import toy_pipeline_dir as _toy_pipeline_dir
+
+    return _toy_pipeline_dir()
 
 
 def folder_digest(

@@ -197,8 +197,10 @@ def _load_slimset(slimset: Manifest):
 
 
 def calibration_identity(params: Params, model: Manifest, slimset: Manifest) -> dict:
+    """What makes two stores interchangeable: the same weights, prompts, params and code (the
+    same inputs as the stage's cache key; where the weights were loaded from does not matter)."""
     return {
-        "model_release": model.meta,
+        "model_digest": model.digest,
         "slimset_digest": slimset.digest,
         "calibration": params.section("calibration"),
         "dtype": params.model.dtype,
@@ -233,6 +235,7 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
         n_shards=n_shards,
         n_buckets=cfg.n_buckets,
         shapes=stat_shapes(pipe.unet),
+        attrs={"model_release": model.meta, "slimset_uri": slimset.uri},
     )
     return CalibrationJob(out_uri, n_shards, tuple(store.missing_shards()), len(prompts))
 

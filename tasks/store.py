@@ -66,6 +66,7 @@ class CovarianceStore:
         n_buckets: int,
         shapes: Mapping[str, Sequence[int]],
         storage_options: dict | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> CovarianceStore:
         """Open the store for (re)collection. An existing store is resumed only when its identity
         (model, SlimSet, params, code) matches; a different one is an error, never overwritten."""
@@ -116,6 +117,7 @@ class CovarianceStore:
                 "n_buckets": n_buckets,
                 "keys": sorted(shapes),
                 "complete": False,
+                **dict(attrs or {}),  # provenance that is not identity (e.g. where the model came from)
             }
         )
         return cls(group, uri)
