@@ -110,11 +110,12 @@ def load_cli_params(params_path: Path, overrides: list[str] | None):
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     apply_env_defaults()
+    # our own progress at INFO; third-party libraries (open_clip logs on the root logger) at WARNING
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("httpx", "alembic", "urllib3", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("slimdiff", "tasks", "flows"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 # -- whole flow --------------------------------------------------------------------------------
@@ -150,6 +151,26 @@ def run(
     _guard(body)
 
 
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+SUMMARY_KEYS = (
+    "gate_passed",
+    "compressible_removed_fraction",
+    "unet_params_ratio",
+    "flops_ratio",
+    "speedup",
+    "exact_match_drop",
+    "fid_increase",
+    "clip_score_delta",
+)
+
+
 def _print_flow_result(result: dict) -> None:
     typer.echo("\nstage      status  seconds")
     for stage, status in result["status"].items():
@@ -157,14 +178,21 @@ def _print_flow_result(result: dict) -> None:
     summary = result.get("summary", {})
     if summary:
         typer.echo(
-            "\nsummary: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list))
+            "\n" + "  ".join(f"{k}={_short(summary[k])}" for k in SUMMARY_KEYS if summary.get(k) is not None)
         )
+        fidelity = summary.get("fidelity") or {}
+        if fidelity:
+            typer.echo(
+                "same seeds vs original: " + "  ".join(f"{k}={_short(v)}" for k, v in fidelity.items())
+            )
         for reason in summary.get("gate_reasons", []):
             typer.echo(f"  gate: {reason}")
     reg = result.get("registered", {})
     if reg:
         alias = f" (alias {reg['alias']})" if reg.get("alias") else " (no alias: quality gate failed)"
         typer.echo(f"registered: {reg['name']} version {reg['version']}{alias}")
+    if result.get("report"):
+        typer.echo(f"report: {result['report']}")
     typer.echo(f"mlflow run: {result.get('mlflow_run_id')}")
 
 

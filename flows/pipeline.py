@@ -42,6 +42,7 @@ class FlowResult:
     registered: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    report: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class FlowResult:
             "registered": self.registered,
             "summary": self.metrics.get("summary", {}),
             "mlflow_run_id": self.mlflow_run_id,
+            "report": self.report,
             "manifests": {k: {"uri": m.uri, "digest": m.digest} for k, m in self.manifests.items()},
         }
 
@@ -185,9 +187,30 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
         result.status["register"] = "ran" if result.registered["new_version"] else "cached"
         result.seconds["register"] = time.perf_counter() - t0
         mlflow.set_tag("stage.register", result.status["register"])
+        result.report = _write_report(cfg, result, run.info.run_id)
+        mlflow.log_artifacts(str(Path(result.report).parent), artifact_path="report")
         mlflow.log_dict(result.to_dict(), "flow_result.json")
     logger.info("tracking: %s  run %s", tracking_uri, result.mlflow_run_id)
     return result.to_dict()
+
+
+def _write_report(params: Params, result: FlowResult, run_id: str) -> str:
+    """One report per flow run (outside the content-addressed stage folders, which stay immutable)."""
+    from slimdiff.report import write_report
+
+    m = result.manifests
+    out = Path(params.tracking.artifact_root) / "reports" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = Path(m["evaluate"].uri)
+    path = write_report(
+        result.metrics,
+        out,
+        plan_plot=Path(m["plan"].uri) / "rank_plan.png",
+        heatmap=Path(m["influence"].uri) / "influence_heatmap.png",
+        grids=sorted(str(p) for p in evaluation.glob("grid_*.png")),
+        title=f"SlimDiff report: {params.model.source} ({run_id[:8]})",
+    )
+    return str(path)
 
 
 def _log_metrics(metrics: dict[str, Any]) -> None:

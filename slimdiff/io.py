@@ -230,7 +230,7 @@ def load_compressed(
         cls = pipeline_class or DiffusionPipeline
         kwargs = dict(pipeline_kwargs)
         if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
+            kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
         pipe = cls.from_pretrained(directory, unet=unet, **kwargs)
         return pipe.to(device)
     return _load_unet(directory, device, torch_dtype)

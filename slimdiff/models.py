@@ -134,8 +134,9 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         if (folder / "slimdiff.json").is_file():
             from slimdiff.io import load_compressed
 
-            pipe = load_compressed(folder)
-            return pipe.to(device=device, dtype=torch_dtype)
+            pipe = load_compressed(folder, device=device, torch_dtype=torch_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     else:
         resolve_release(source, revision)  # raises a helpful error when not cached

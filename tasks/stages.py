@@ -227,11 +227,15 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     prompts = _load_slimset(slimset).prompts
     check_no_overlap(prompts, params.evaluation.prompts)
     n_shards = max(1, -(-len(prompts) // cfg.shard_size))
+    identity = calibration_identity(params, model, slimset)
+    existing = CovarianceStore.open_if_identical(out_uri, identity)
+    if existing is not None and existing.complete:  # nothing to do: no need to load the model
+        return CalibrationJob(out_uri, n_shards, (), len(prompts))
     pipe = _cached_pipe(params, model)
     describe_unet(pipe.unet)  # unsupported architectures fail here, before any forward pass
     store = CovarianceStore.open_or_create(
         out_uri,
-        identity=calibration_identity(params, model, slimset),
+        identity=identity,
         n_shards=n_shards,
         n_buckets=cfg.n_buckets,
         shapes=stat_shapes(pipe.unet),

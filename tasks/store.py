@@ -123,6 +123,18 @@ class CovarianceStore:
         return cls(group, uri)
 
     @classmethod
+    def open_if_identical(cls, uri: str, identity: Mapping[str, Any], storage_options: dict | None = None):
+        """The existing store at ``uri`` when it was made from ``identity``, else None."""
+        kw = {"storage_options": storage_options} if storage_options else {}
+        try:
+            group = zarr.open_group(store=uri, mode="r", **kw)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        if group.attrs.get("identity_digest") != sha256_json(dict(identity)):
+            return None
+        return cls(group, uri)
+
+    @classmethod
     def open(cls, uri: str, storage_options: dict | None = None, writable: bool = False) -> CovarianceStore:
         kw = {"storage_options": storage_options} if storage_options else {}
         try:
