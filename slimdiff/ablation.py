@@ -608,6 +608,13 @@ def ablation_table(result: AblationResult) -> str:
             "one or two points is not a finding.",
             "",
         ]
+    floor = result.protocol.get("fid_real_vs_real")
+    if floor is not None:
+        out += [
+            f"FID noise floor: two independent render sets of the same {n} captions are {floor:.4f} apart "
+            "(the FID of a perfect generator); FID differences smaller than that are not findings.",
+            "",
+        ]
     infeasible = [r for r in result.rows if r["status"] != "ok"]
     if infeasible:
         out += ["Infeasible (the budget cannot be reached by these units at r_min / multiple):", ""]
@@ -708,20 +715,30 @@ def readme_summary(
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",
         "",
     ]
+    names = ("slimdiff", "uniform-allocation", "weight-svd-qk-vo", "magnitude-ffn", "uniform-timesteps")
+    lines += [
+        "Each cell: exact match % / FID vs real renders / PSNR to the original's images (dB), same seeds.",
+        "",
+        "| removed | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     if o_exact is not None:
-        lines.append(f"Original: exact match {100 * o_exact:.1f}%, FID {orig.get('fid', float('nan')):.4f}.")
+        lines.append(
+            f"| original | {_pct(o_exact)} / {_num(orig.get('fid'), 4)} / - |" + " |" * (len(names) - 1)
+        )
     for b in result.config["budgets"]:
-        d = _find(result, "slimdiff", b)
-        if d is None:
-            continue
-        parts = [
-            f"At {100 * b:.0f}% removed, SlimDiff: exact {_pct(d.get('exact_all'))}%, FID {_num(d.get('fid'), 4)}"
-        ]
-        for other in ("uniform-allocation", "weight-svd-qk-vo", "magnitude-ffn", "uniform-timesteps"):
-            r = _find(result, other, b)
-            if r is not None and r.get("exact_all") is not None:
-                parts.append(f"{other} {_pct(r.get('exact_all'))}% / {_num(r.get('fid'), 4)}")
-        lines.append("- " + "; ".join(parts) + ".")
+        cells = []
+        for name in names:
+            r = _find(result, name, b)
+            cells.append(
+                "-"
+                if r is None
+                else f"{_pct(r.get('exact_all'))} / {_num(r.get('fid'), 4)} / {_num(r.get('psnr_db'), 1)}"
+            )
+        lines.append(f"| {100 * b:.0f}% | " + " | ".join(cells) + " |")
+    floor = p.get("fid_real_vs_real")
+    if floor is not None:
+        lines += ["", f"FID noise floor (two independent render sets of the same captions): {floor:.4f}."]
     wins = []
     criteria = (
         ("exact_all", "higher exact match", 1),

@@ -562,6 +562,7 @@ class PairEvaluator:
         self._inception: InceptionFeatures | None = None
         self._reference: M.FeatureMoments | None = None
         self._reference_desc: str | None = None
+        self._fid_floor: float | None = None
         self._text_embeds: torch.Tensor | None = None
         self._resolution: tuple[int, int] | None = None
         if self.path == "toy" and self.judges is None:
@@ -618,6 +619,12 @@ class PairEvaluator:
             self._reference_desc = "none (set evaluation.reference_images for FID against real images)"
             return None
         self._reference = M.feature_moments(self.fid_features(real))
+        if self.path == "toy":
+            # FID between two independent render sets of the same captions: the FID a perfect model
+            # would get, so differences between models smaller than this are sampling noise
+            rng = np.random.default_rng(int(self.cfg.seed) + 1)
+            again = np.stack([render(p, rng) for p in self.image_prompts])
+            self._fid_floor = M.frechet_distance(self.fid_features(again), self._reference)
         return self._reference
 
     # -- per pipeline --------------------------------------------------------------------------
@@ -782,6 +789,7 @@ class PairEvaluator:
             "dtype": str(p.dtype).removeprefix("torch."),
             "fid_feature": self.fid_feature_name(),
             "fid_reference": self._reference_desc,
+            "fid_real_vs_real": self._fid_floor,
             "fid_implementation": "slimdiff.metrics.frechet_distance: float64, unbiased covariances (n-1), "
             "tr sqrt via symmetric eigh (equals torchmetrics FrechetInceptionDistance with feature=<module>)",
             "psnr": f"per image on uint8 RGB scaled to [0,1], capped at {PSNR_CAP_DB:g} dB before the mean",

@@ -107,7 +107,8 @@ def test_rendering(result_and_calls, tmp_path):
     path = plot_curves(result, tmp_path / "curves.png")
     assert path.stat().st_size > 1000
     text = readme_summary(result)
-    assert "At 40% removed, SlimDiff: exact" in text and "uniform-allocation" in text
+    assert "| 40% | " in text and "| removed | slimdiff | uniform-allocation |" in text
+    assert "FID noise floor" in text and "vs uniform-allocation: higher exact match at" in text
     assert result.to_dict()["rows"] == result.rows and "images" not in result.to_dict()
 
 

@@ -77,6 +77,7 @@ def test_identical_copy_has_zero_deltas_and_passes_the_gate(pipe, tmp_path):
     )
     assert p["num_inference_steps"] == 2 and p["guidance_scale"] == 4.0 and p["seed"] == 7
     assert "toy-clip-tiny" in p["fid_feature"] and "renders" in p["fid_reference"]
+    assert p["fid_real_vs_real"] > 0  # two independent render sets differ: the FID noise floor
 
 
 def test_degraded_copy_fails_the_gate_with_a_reason(pipe, tmp_path):
