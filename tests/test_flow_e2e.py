@@ -210,3 +210,42 @@ def test_new_release_in_a_release_folder_is_compressed_once(flow_env, first_run)
     again = check_releases(str(releases), params=cfg)
     assert again["ran"] == [] and again["skipped"] == [str(releases / "v1")]
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == 1
+
+
+def test_lineage_command_json_and_exit_codes(flow_env, first_run):
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, params = flow_env
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["lineage", "slimdiff-toy/1", "--params", str(params_file), "--verify", "--json"])
+    assert ok.exit_code == 0, ok.output
+    chain = json.loads(ok.stdout)
+    assert [link["name"] for link in chain["links"]] == [
+        "source_model",
+        "slimset",
+        "covariance_store",
+        "influence",
+        "rank_plan",
+        "compressed_weights",
+        "evaluation",
+    ]
+    assert all(link["verified"] for link in chain["links"])
+    assert chain["links"][1]["details"]["pool_digest"]  # SlimSet provenance is shown
+
+    plan_file = Path(first_run["manifests"]["plan"]["uri"]) / "rank_plan.json"
+    original = plan_file.read_text()
+    plan_file.write_text(original + " ")
+    try:
+        broken = runner.invoke(app, ["lineage", "slimdiff-toy/1", "--params", str(params_file), "--verify"])
+    finally:
+        plan_file.write_text(original)
+    assert broken.exit_code == 4
+    assert "lineage broken at rank_plan" in broken.output
+
+    missing = runner.invoke(app, ["lineage", "no-such-model/1", "--params", str(params_file)])
+    assert missing.exit_code == 3, missing.output
