@@ -21,7 +21,7 @@ variant; the sampling of ~30 pipelines dominates, ~18 s each), calibration once 
 
 Outputs (``--write``, into ``--out``): ``ablation.md`` (the table), ``ablation_curves.png``
 (quality vs parameters), ``ablation_grid.png`` (original vs SlimDiff at 40%, same seeds),
-``ablation.json`` (every number and the protocol) and ``README_snippet.md`` (the paragraph for the
+``ablation.json`` (every number and the protocol) and ``ablation_readme.md`` (the paragraph for the
 README).
 """
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
-    (out / "README_snippet.md").write_text(summary)
+    (out / "ablation_readme.md").write_text(summary)
     plot_curves(result, out / "ablation_curves.png")
     key = f"{grid_key[0]}@{grid_key[1]:g}"
     if key in result.images:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ablation.json").write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
     log.info(
         "wrote %s",
-        ", ".join(sorted(p.name for p in out.iterdir() if p.name.startswith(("ablation", "README_snippet")))),
+        ", ".join(sorted(p.name for p in out.iterdir() if p.name.startswith("ablation"))),
     )
     return 0
 
