@@ -231,7 +231,9 @@ def headline(metrics: Mapping) -> str:
             f"({-s['exact_match_drop']:+.1f} pts)."
         )
     if s.get("fid_increase") is not None:
-        parts.append(f"FID {o['fid']:.4f} -> {c['fid']:.4f} ({s['fid_increase']:+.4f}).")
+        floor = _get(metrics.get("protocol"), "fid_real_vs_real")
+        noise = f"; two real render sets differ by {floor:.4f}" if floor is not None else ""
+        parts.append(f"FID {o['fid']:.4f} -> {c['fid']:.4f} ({s['fid_increase']:+.4f}{noise}).")
     return " ".join(parts)
 
 

@@ -52,7 +52,13 @@ def _metrics(exact_c: float = 0.70, fid_c: float = 0.30, passed: bool = True) ->
                 {"name": "exact_match_drop", "passed": passed, "reason": reasons[0] if reasons else "ok"}
             ],
         },
-        "protocol": {"path": "toy", "prompts_sha256": "abc", "seed": 1, "num_inference_steps": 20},
+        "protocol": {
+            "path": "toy",
+            "prompts_sha256": "abc",
+            "seed": 1,
+            "num_inference_steps": 20,
+            "fid_real_vs_real": 0.01,
+        },
     }
 
 
@@ -95,6 +101,7 @@ def test_write_report_is_self_contained(tmp_path):
     assert path.name == REPORT_NAME
     assert text.splitlines()[2].startswith("**Quality gate: FAILED.** Reasons: exact_match_drop 10 points")
     assert "UNet 1,000 -> 800 parameters (20.0% fewer; 40.0% of the compressible set removed)" in text
+    assert "FID 0.2500 -> 0.3000 (+0.0500; two real render sets differ by 0.0100)." in text
     assert "![grid_compare](grid_compare.png)" in text and "![Rank plan](rank_plan.png)" in text
     assert (out / "rank_plan.png").is_file() and (out / "curves.png").is_file()
     assert "| metric | original | compressed | delta | uniform |" in text
