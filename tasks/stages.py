@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -433,21 +434,72 @@ def run_compress(
 
 
 def run_evaluate(params: Params, model: Manifest, compressed: Manifest, out: Path) -> Manifest:
-    """Quality, size and speed of the compressed pipeline against the original, same seeds."""
-    from slimdiff.evaluation import evaluate_pair
+    """Quality, size and speed of the compressed pipeline against the original, same seeds.
 
-    verify(compressed)
-    original = _load_pipe(params, model)
+    The original model's samples and quality numbers depend only on the model and the evaluation
+    params, so they are measured once and reused by every compressed variant (a tau sweep does
+    not resample the original); sizes, FLOPs and the latency ratio are measured fresh each time."""
+    from slimdiff.evaluation import PairEvaluator, jsonable
     from slimdiff.models import load_pipeline
 
+    verify(compressed)
+    original = _cached_pipe(params, model)
     slim = load_pipeline(
         str(Path(compressed.uri) / "pipeline"), dtype=params.model.dtype, device=params.model.device
     )
     prompts = read_prompt_source(params.evaluation.prompts)
+    evaluator = PairEvaluator(list(prompts), params.evaluation)
+    original_measured = _original_measurement(params, model, evaluator, original)
+    compressed_measured = evaluator.measure(slim)
     with staged_dir(out) as tmp:
-        metrics = evaluate_pair(original, slim, prompts, params.evaluation, out_dir=tmp)
+        metrics = jsonable(evaluator.compare(original, slim, original_measured, compressed_measured, tmp))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return _finish("evaluate", out, {"metrics": metrics.get("summary", {})})
+    s = metrics["summary"]
+    log.info(
+        "evaluation: gate %s, speedup %.3f", "passed" if s["gate_passed"] else "FAILED", s.get("speedup", 0)
+    )
+    return _finish("evaluate", out, {"gate_passed": s["gate_passed"]})
+
+
+def _original_measurement(params: Params, model: Manifest, evaluator, pipe):
+    """The original pipeline's Measured, from a content-keyed cache file when present."""
+    import numpy as np
+
+    from slimdiff.evaluation import Measured, jsonable
+
+    key = sha256_json(
+        {"model": model.digest, "evaluation": params.section("evaluation"), "code": code_version("evaluate")}
+    )
+    folder = Path(params.tracking.artifact_root) / "evaluate-original"
+    arrays, facts = folder / f"{key[:16]}.npz", folder / f"{key[:16]}.json"
+    if arrays.exists() and facts.exists():
+        data = np.load(arrays)
+        meta = json.loads(facts.read_text())
+        feats = torch.from_numpy(data["fid_features"]) if meta["has_fid_features"] else None
+        return Measured(
+            images=data["images"],
+            quality=meta["quality"],
+            fid_features=feats,
+            sample_time_s=meta["sample_time_s"],
+        )
+    measured = evaluator.measure(pipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_arrays = folder / f".tmp-{key[:16]}.npz"
+    feats = measured.fid_features
+    np.savez(
+        tmp_arrays, images=measured.images, fid_features=feats.numpy() if feats is not None else np.zeros(0)
+    )
+    facts.write_text(
+        json.dumps(
+            {
+                "quality": jsonable(measured.quality),
+                "sample_time_s": measured.sample_time_s,
+                "has_fid_features": feats is not None,
+            }
+        )
+    )
+    os.replace(tmp_arrays, arrays)  # the arrays file appears last: a crash leaves no half cache entry
+    return measured
 
 
 @contextmanager
