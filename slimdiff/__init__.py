@@ -36,6 +36,9 @@ _EXPORTS = {
     "load_compressed": "io",
     "load_pipeline": "models",
     "unet_flops": "flops",
+    "evaluate_pair": "evaluation",
+    "write_report": "report",
+    "compare_table": "report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
