@@ -149,6 +149,11 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
         metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
         result.metrics = metrics
         _log_metrics(metrics)
+        from tasks.store import CovarianceStore
+
+        calibration_s = CovarianceStore.open(stats.uri).attrs.get("calibration_seconds")
+        if calibration_s is not None:  # wall time of the run that collected the statistics
+            mlflow.log_metric("calibration_seconds", float(calibration_s))
         for stage, manifest in result.manifests.items():
             if stage != "calibrate":
                 _log_folder(manifest.uri, f"stages/{stage}")
