@@ -24,7 +24,12 @@ def stage_dir(params: Params, stage: str, key: str) -> Path:
 
 def _cache_key(stage: str, *input_names: str):
     def key_fn(context, parameters) -> str:
-        return stages.stage_key(stage, parameters["params"], *(parameters[n] for n in input_names))
+        params = parameters["params"]
+        key = stages.stage_key(stage, params, *(parameters[n] for n in input_names))
+        # The cached value is a manifest pointing into artifact_root: workspaces with different
+        # roots must not hand each other manifests of folders they do not own.
+        root = str(Path(params.tracking.artifact_root).resolve())
+        return f"slimdiff-{stage}-{key[:32]}-{stages.sha256_json(root)[:8]}"
 
     return key_fn
 

@@ -429,7 +429,9 @@ def run_compress(
     }
     with staged_dir(out) as tmp:
         save_compressed(pipe, tmp / "pipeline", extra={"lineage": lineage})
-        (tmp / "compression_report.json").write_text(json.dumps(_jsonable(report.to_dict()), indent=2))
+        (tmp / "compression_report.json").write_text(
+            json.dumps(_jsonable(report.to_dict()), indent=2, sort_keys=True)  # stable bytes, stable digest
+        )
     return _finish("compress", out, {"unet_params_before": before, "unet_params_after": after})
 
 
