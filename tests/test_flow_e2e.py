@@ -249,3 +249,21 @@ def test_lineage_command_json_and_exit_codes(flow_env, first_run):
 
     missing = runner.invoke(app, ["lineage", "no-such-model/1", "--params", str(params_file)])
     assert missing.exit_code == 3, missing.output
+
+
+def test_compare_command_prints_two_registered_models(flow_env, first_run):
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, params = flow_env
+    _run(params.with_overrides({"allocation.tau": 0.25}))  # cached if the tau test already ran
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    out = CliRunner().invoke(
+        app, ["compare", "slimdiff-toy/1", "slimdiff-toy/2", "--params", str(params_file)]
+    )
+    assert out.exit_code == 0, out.output
+    assert "slimdiff-toy/1" in out.stdout and "slimdiff-toy/2" in out.stdout
+    assert "exact match" in out.stdout
