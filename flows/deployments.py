@@ -78,10 +78,10 @@ def check_releases(
     if kind == "hub":
         candidates = _hub_release(releases)
     else:
-        candidates = [str(p) for p in list_folder_releases(releases, cache_dir)]
+        candidates = [(str(p), None) for p in list_folder_releases(releases, cache_dir)]
     report: dict[str, Any] = {"checked": [], "ran": [], "skipped": []}
-    for source in candidates:
-        release = resolve_release(source)
+    for source, revision in candidates:
+        release = resolve_release(source, revision)
         name = registered_model_name(base, release.short_name if release.kind == "hub" else _family(releases))
         report["checked"].append(source)
         if release.digest in registered_source_digests(client, name):
@@ -105,11 +105,15 @@ def _family(releases: str) -> str:
     return releases.rstrip("/").split("/")[-1].replace("_", "-").lower() or "releases"
 
 
-def _hub_release(repo_id: str) -> list[str]:
+def _hub_release(repo_id: str) -> list[tuple[str, str | None]]:
+    """The hub repo's current commit (queried only when online). Its snapshot must be in the local
+    HF cache: resolve_release names the missing snapshot and how to fetch it otherwise."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         log.warning("HF_HUB_OFFLINE is set: not querying %s for new releases", repo_id)
         return []
-    return [repo_id]
+    from huggingface_hub import HfApi
+
+    return [(repo_id, HfApi().model_info(repo_id).sha)]
 
 
 def serve(
