@@ -212,10 +212,6 @@ def _input_manifest(stage: str, path: Path):
     return Manifest(stage=manifest.stage, uri=str(path), digest=manifest.digest, meta=manifest.meta)
 
 
-def _stage(fn):
-    return _guard(fn)
-
-
 @app.command()
 def slimset(
     params: ParamsOpt = Path("params.yaml"),
@@ -231,7 +227,7 @@ def slimset(
         m = stages.run_slimset(cfg, out, model=model)
         typer.echo(f"slimset: {m.meta['n']} prompts -> {out} ({m.short})")
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()
@@ -253,7 +249,7 @@ def calibrate(
             f"calibrate: {m.meta['n_shards']} shards ({m.meta['resumed_shards']} resumed) -> {out} ({m.short})"
         )
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()
@@ -271,7 +267,7 @@ def influence(
         m = stages.run_influence(cfg, stages.model_manifest(cfg), _input_manifest("calibrate", stats), out)
         typer.echo(f"influence: {cfg.influence.weighting} weighting -> {out} ({m.short})")
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()
@@ -293,7 +289,7 @@ def plan(
             f"plan: {m.meta['params_before']:,} -> {m.meta['params_after']:,} compressible params -> {out}"
         )
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()
@@ -322,7 +318,7 @@ def compress(
             f"compress: UNet {m.meta['unet_params_before']:,} -> {m.meta['unet_params_after']:,} params -> {out}"
         )
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()
@@ -340,7 +336,7 @@ def evaluate(
         m = stages.run_evaluate(cfg, stages.model_manifest(cfg), _input_manifest("compress", compressed), out)
         typer.echo(json.dumps(m.meta.get("metrics", {}), indent=2))
 
-    _stage(body)
+    _guard(body)
 
 
 @app.command()

@@ -307,11 +307,6 @@ def run_calibrate(
     return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
 
 
-def _token_total(store: CovarianceStore) -> dict[str, int]:
-    counts = store.attrs.get("token_counts", {})
-    return {k: int(sum(v)) for k, v in list(counts.items())[:4]}
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
