@@ -155,8 +155,8 @@ def load_registered_pipeline(ref: str, params: Params | None = None):
     """One call from a registry reference ("name@alias", "name/3" or "name") to a diffusers pipeline."""
     from slimdiff.io import load_compressed
 
-    if params is not None:
-        setup_tracking(params)
+    # default params: $MLFLOW_TRACKING_URI or ./mlflow.db, as `slimdiff run` uses
+    setup_tracking(params if params is not None else Params())
     uri = model_uri(ref)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     return load_compressed(local / "artifacts" / "pipeline")
