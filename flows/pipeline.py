@@ -125,6 +125,7 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
     result = FlowResult()
     tracking_uri = setup_tracking(cfg)
     model = stages.model_manifest(cfg)
+    commit = git_commit()
     logger.info("source model %s (revision %s)", model.meta["source"], model.meta["revision"][:12])
     with mlflow.start_run(run_name=f"slimdiff-{model.meta['kind']}-{model.short}") as run:
         result.mlflow_run_id = run.info.run_id
@@ -133,7 +134,7 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
             {
                 "source_model": model.meta["source"],
                 "source_revision": model.meta["revision"],
-                "git_commit": git_commit(),
+                "git_commit": commit,
                 "params_digest": cfg.digest(),
             }
         )
@@ -175,15 +176,15 @@ def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
             "eval_digest": evaluation.digest,
             "eval_uri": evaluation.uri,
             "params_digest": cfg.digest(),
-            "git_commit": git_commit(),
+            "git_commit": commit,
         }
         mlflow.set_tags(lineage)
         summary = metrics.get("summary", {})
-        from slimdiff.models import resolve_release
+        from slimdiff.models import ModelRelease
 
         result.registered = register_compressed(
             cfg,
-            source_short_name=resolve_release(cfg.model.source, cfg.model.revision).short_name,
+            source_short_name=ModelRelease(**model.meta).short_name,  # already resolved: no re-hashing
             pipeline_dir=Path(compressed.uri) / "pipeline",
             lineage=lineage,
             gate_passed=bool(summary.get("gate_passed", False)),

@@ -160,6 +160,29 @@ def compression_units(model: nn.Module) -> dict[str, UnitInfo]:
     return {u.name: u for info in describe_unet(model) for u in units_of_block(info)}
 
 
+def short_unit_label(name: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.qk' -> 'd1.a0.t0 attn2.qk'."""
+    abbrev = {
+        "down_blocks": "d",
+        "up_blocks": "u",
+        "mid_block": "mid",
+        "attentions": "a",
+        "transformer_blocks": "t",
+    }
+    parts = name.split(".")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p in abbrev:
+            nxt = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else ""
+            out.append(abbrev[p] + nxt)
+            i += 2 if nxt else 1
+        else:
+            break
+    return ".".join(out) + " " + ".".join(parts[i:])
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

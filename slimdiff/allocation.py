@@ -44,7 +44,7 @@ from typing import Literal
 
 from torch import nn
 
-from slimdiff.adapter import UnitInfo, compression_units, count_parameters
+from slimdiff.adapter import UnitInfo, compression_units, count_parameters, short_unit_label
 
 logger = logging.getLogger(__name__)
 
@@ -576,7 +576,7 @@ def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
     ax = fig.add_subplot()
     ax.bar(range(len(names)), ratios, color=[colors[plan.units[n].kind] for n in names])
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([_short_name(n) for n in names], rotation=90, fontsize=6)
+    ax.set_xticklabels([short_unit_label(n) for n in names], rotation=90, fontsize=6)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("kept ratio r / R")
     removed = plan.removed_params / max(1, plan.params_before)
@@ -591,24 +591,3 @@ def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def _short_name(unit: str) -> str:
-    """down_blocks.1.attentions.0.transformer_blocks.0.attn2.qk -> d1.a0.t0.attn2.qk"""
-    short = {
-        "down_blocks": "d",
-        "up_blocks": "u",
-        "mid_block": "m",
-        "attentions": "a",
-        "transformer_blocks": "t",
-    }
-    parts = unit.split(".")
-    out: list[str] = []
-    for p in parts:
-        if p in short:
-            out.append(short[p])
-        elif p.isdigit() and out:
-            out[-1] += p
-        else:
-            out.append(p)
-    return ".".join(out)

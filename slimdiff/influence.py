@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimdiff.adapter import compression_units
+from slimdiff.adapter import compression_units, short_unit_label
 from slimdiff.stats import ATTN_OUT, KEY, QUERY, ActivationStats, attn_key, ffn_key
 
 logger = logging.getLogger(__name__)
@@ -314,29 +314,6 @@ def compute_influence(stats: ActivationStats, unet: nn.Module, weighting: str = 
 # --------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------
-def short_unit_label(name: str) -> str:
-    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.qk' -> 'd1.a0.t0 attn2.qk'."""
-    abbrev = {
-        "down_blocks": "d",
-        "up_blocks": "u",
-        "mid_block": "mid",
-        "attentions": "a",
-        "transformer_blocks": "t",
-    }
-    parts = name.split(".")
-    out: list[str] = []
-    i = 0
-    while i < len(parts):
-        p = parts[i]
-        if p in abbrev:
-            nxt = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else ""
-            out.append(abbrev[p] + nxt)
-            i += 2 if nxt else 1
-        else:
-            break
-    return ".".join(out) + " " + ".".join(parts[i:])
-
-
 def plot_influence_heatmap(influence: Influence, path: str | Path) -> Path:
     """Unit x timestep-bucket heatmap of TRQ with a colorbar, the timestep weights as a line above
     and each unit's score s_m as a column on the right. Writes a PNG to ``path``."""

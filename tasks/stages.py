@@ -22,6 +22,7 @@ import torch
 
 import slimdiff
 from slimdiff.config import Params
+from slimdiff.evaluation import jsonable
 from tasks.artifacts import Manifest, content_digest, sha256_json, staged_dir, verify, write_manifest
 from tasks.store import CovarianceStore
 
@@ -273,7 +274,7 @@ def collect_shard(
     digest = store.write_shard(index, stats)
     store.mark_shard(index, digest)
     if index == 0:
-        store.group.attrs["stats_meta"] = _jsonable(stats.meta)
+        store.group.attrs["stats_meta"] = jsonable(stats.meta)
     return digest
 
 
@@ -305,16 +306,6 @@ def run_calibrate(
     for i in job.missing:
         collect_shard(params, model, slimset, out_uri, i, progress=progress)
     return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return obj
 
 
 def read_stats(stats: Manifest):
@@ -425,7 +416,7 @@ def run_compress(
     with staged_dir(out) as tmp:
         save_compressed(pipe, tmp / "pipeline", extra={"lineage": lineage})
         (tmp / "compression_report.json").write_text(
-            json.dumps(_jsonable(report.to_dict()), indent=2, sort_keys=True)  # stable bytes, stable digest
+            json.dumps(jsonable(report.to_dict()), indent=2, sort_keys=True)  # stable bytes, stable digest
         )
     return _finish("compress", out, {"unet_params_before": before, "unet_params_after": after})
 
