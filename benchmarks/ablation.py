@@ -6,7 +6,7 @@
 
 Compresses the committed toy UNet at 20%, 40%, 60% (and, as a stress point, 80%: the toy model is
 over-parameterised for its task and barely degrades at 60%) of the compressible parameters removed with:
-the SlimDiff default, uniform rank allocation, weight-only SVD for QK/VO, magnitude FFN pruning,
+the SlimDiff default, METHOD.md's influence-softmax allocation, uniform rank allocation, weight-only SVD for QK/VO, magnitude FFN pruning,
 uniform timestep weighting, and each module type alone (also at 10%, the most that QK or VO alone
 can reach); and, at 40%, SlimSet FPS vs a random subset of the same size and SlimSet sizes 16/64/256.
 Each variant is evaluated against the original on the toy held-out captions (unseen compositions),
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         slimset_seed=params.slimset.seed,
         slimset_canonical_share=params.slimset.canonical_share,
         slimset_near_dup_threshold=params.slimset.near_dup_threshold,
+        mode=alloc.mode,
         tau=alloc.tau,
         r_min=alloc.r_min,
         multiple=alloc.multiple,
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} ({v['n']} prompts, {v['calibration_seconds']:.0f} s)" for k, v in result.calibration.items()
         )
         + ".",
-        f"- Allocation tau {alloc.tau}, r_min {alloc.r_min}, multiple {alloc.multiple}; damping {comp.damping}; "
+        f"- Allocation {alloc.mode}, tau {alloc.tau}, r_min {alloc.r_min}, multiple {alloc.multiple}; damping {comp.damping}; "
         f"FFN selection {comp.ffn_selection}.",
         f"- Evaluation: {result.protocol['n_prompts']} held-out captions x {result.protocol['images_per_prompt']} images, "
         f"seed {result.protocol['seed']} + image index, {result.protocol['num_inference_steps']} steps "

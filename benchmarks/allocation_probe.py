@@ -1,11 +1,13 @@
-"""Which way should spectral influence steer the rank allocation? A quick probe on the toy model.
+"""Which allocation should spend the rank budget? A probe on the toy model.
 
-Compresses the committed toy UNet at 20% and 40% of the compressible parameters removed with
-rank plans from: the influence scores as METHOD.md defines them (more rank to high TRQ), the same
-scores normalised within each module type, the negated scores (more rank to low TRQ), and uniform
-allocation; reports PSNR of 88 held-out captions against the original on the same seeds, and the
-share of parameters each module type keeps. Uses the statistics and influence of a previous
-`make run` (artifacts/calibrate, artifacts/influence).
+Compresses the committed toy UNet at 20%, 40% and 60% of the compressible parameters removed with
+rank plans from: METHOD.md's softmax of the influence scores (more rank to high TRQ), the same
+scores normalised within each module type, the negated scores (more rank to low TRQ), uniform
+allocation, and the error-driven allocation (``mode: error``, the default: least
+parameter-weighted relative truncation error, ``slimdiff.spectra``) at tau 0 and 0.05; reports
+PSNR of 88 held-out captions against the original on the same seeds, the share of parameters
+each module type keeps, and the plan's parameter-weighted predicted relative error. Uses the
+statistics and influence of a previous `make run` (artifacts/calibrate, artifacts/influence).
 
     python benchmarks/allocation_probe.py [--write]   # --write: benchmarks/results/allocation_probe.md
 """
@@ -26,6 +28,7 @@ from slimdiff.allocation import Budget, plan_ranks
 from slimdiff.compress import compress_
 from slimdiff.influence import Influence
 from slimdiff.models import load_pipeline
+from slimdiff.spectra import error_profiles
 from slimdiff.toy.data import heldout_captions
 from tasks.store import CovarianceStore
 
@@ -55,11 +58,14 @@ def main() -> None:
     per_kind: dict[str, float] = {}
     for kind in ("ffn", "qk", "vo"):
         per_kind.update(zscore({n: raw[n] for n in units if units[n].kind == kind}))
-    variants = {
-        "influence (METHOD.md)": (raw, "influence"),
-        "influence, per-type z-score": (per_kind, "influence"),
-        "negated influence": ({k: -v for k, v in raw.items()}, "influence"),
-        "uniform": (None, "uniform"),
+    profiles = error_profiles(pipe.unet, cov, units)
+    variants = {  # name: (scores, mode, tau)
+        "influence (METHOD.md, tau 1)": (raw, "influence", 1.0),
+        "influence, per-type z-score": (per_kind, "influence", 1.0),
+        "negated influence": ({k: -v for k, v in raw.items()}, "influence", 1.0),
+        "uniform": (None, "uniform", 1.0),
+        "error, tau 0 (default)": (raw, "error", 0.0),
+        "error, tau 0.05": (raw, "error", 0.05),
     }
     captions = heldout_captions()
 
@@ -71,12 +77,15 @@ def main() -> None:
     reference = sample(pipe)
     original = copy.deepcopy(pipe.unet)
     lines = [
-        "| removed | allocation | PSNR to original (dB) | kept share: ffn / qk / vo |",
-        "|---|---|---:|---|",
+        "| removed | allocation | PSNR to original (dB) | kept share: ffn / qk / vo | predicted error |",
+        "|---|---|---:|---|---:|",
     ]
-    for frac in (0.2, 0.4):
-        for name, (scores, mode) in variants.items():
-            plan = plan_ranks(scores, units, Budget(removed_fraction=frac), tau=1.0, mode=mode)
+    total = sum(u.full_params for u in units.values())
+    for frac in (0.2, 0.4, 0.6):
+        for name, (scores, mode, tau) in variants.items():
+            plan = plan_ranks(
+                scores, units, Budget(removed_fraction=frac), tau=tau, mode=mode, profiles=profiles
+            )
             pipe.unet = copy.deepcopy(original)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -89,14 +98,18 @@ def main() -> None:
                 acc[0] += u.params_before
                 acc[1] += u.params_after
             share = " / ".join(f"{kept[k][1] / kept[k][0]:.2f}" for k in ("ffn", "qk", "vo"))
-            lines.append(f"| {frac:.0%} | {name} | {psnr:.2f} | {share} |")
+            predicted = sum(u.params_before / total * profiles[n][u.rank] for n, u in plan.units.items())
+            lines.append(f"| {frac:.0%} | {name} | {psnr:.2f} | {share} | {predicted:.4f} |")
             print(lines[-1], flush=True)
     if args.write:
         out = ROOT / "benchmarks" / "results" / "allocation_probe.md"
         out.write_text(
             "# Allocation direction probe (`python benchmarks/allocation_probe.py`)\n\n"
             "Toy model, 88 held-out captions x 1 image, 20 DDIM steps, guidance 4.0, seeds 1234+i; "
-            "tau 1.0, r_min 8, multiple 8.\n\n" + "\n".join(lines) + "\n"
+            "r_min 8, multiple 8; damping 0.01. Predicted error: sum over units of the parameter share "
+            "times the relative truncation error at the planned rank (what mode error minimises).\n\n"
+            + "\n".join(lines)
+            + "\n"
         )
 
 

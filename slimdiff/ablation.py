@@ -1,6 +1,6 @@
 """Baselines and ablations at equal parameter budget, on one model, with one evaluation protocol.
 
-Every variant changes one thing against the SlimDiff default (influence allocation, spectral
+Every variant changes one thing against the SlimDiff default (error-driven allocation, spectral
 timestep weighting, whitened QK/VO SVD, Nystrom-CPQR FFN, FPS SlimSet) and is compressed to the same
 number of removed parameters -- a share of the *whole* compressible set, also when only one module
 type is compressed (``Budget(removed_params=...)``), so rows of one budget are directly comparable.
@@ -63,14 +63,17 @@ class Variant:
     description: str
     calibration: str = "fps-64"  # CalibrationSet.name
     weighting: str = "spectral"  # timestep weighting (slimdiff.influence)
-    mode: Literal["influence", "uniform"] = "influence"  # rank allocation
+    mode: Literal["error", "influence", "uniform"] | None = None  # rank allocation; None: the config's
+    tau: float | None = None  # allocation temperature; None: the config's
     methods: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METHODS))
     modules: tuple[str, ...] = ("ffn", "qk", "vo")
     budgets: tuple[float, ...] | None = None  # None: every budget of the config
 
     def __post_init__(self) -> None:
-        if self.mode not in ("influence", "uniform"):
-            raise ValueError(f"Variant {self.name}: mode must be 'influence' or 'uniform', got {self.mode!r}")
+        if self.mode not in (None, "error", "influence", "uniform"):
+            raise ValueError(
+                f"Variant {self.name}: mode must be 'error', 'influence' or 'uniform', got {self.mode!r}"
+            )
         bad = set(self.modules) - {"ffn", "qk", "vo"}
         if not self.modules or bad:
             raise ValueError(
@@ -100,9 +103,17 @@ def default_variants(
         Variant(
             "slimdiff",
             "method",
-            "SlimDiff default: influence allocation, spectral weights, whitened SVD / Nystrom-CPQR",
+            "SlimDiff default: error-driven allocation, spectral weights, whitened SVD / Nystrom-CPQR",
             base,
             budgets=every,
+        ),
+        Variant(
+            "influence-allocation",
+            "method",
+            "METHOD.md softmax of the spectral influence scores (tau 1)",
+            base,
+            mode="influence",
+            tau=1.0,
         ),
         Variant(
             "uniform-allocation",
@@ -166,7 +177,8 @@ class AblationConfig:
     slimset_canonical_share: float = 0.0
     slimset_near_dup_threshold: float = 0.98
     # allocation / compression (as params.yaml allocation / compression)
-    tau: float = 1.0
+    mode: str = "error"
+    tau: float = 0.0
     r_min: int = 8
     multiple: int = 8
     damping: float = 1e-2
@@ -314,6 +326,7 @@ def run_ablation(
     from slimdiff.compress import compress_
     from slimdiff.evaluation import PairEvaluator
     from slimdiff.influence import compute_influence
+    from slimdiff.spectra import error_profiles
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -376,11 +389,13 @@ def run_ablation(
     t0 = time.perf_counter()
     influence: dict[tuple[str, str], Any] = {}
     covariances: dict[tuple[str, str], dict] = {}
+    profiles: dict[tuple[str, str], dict] = {}
     for v in variants:
         key = (v.calibration, v.weighting)
         if key not in influence:
             influence[key] = compute_influence(stats[v.calibration], pipe.unet, v.weighting)
             covariances[key] = influence[key].aggregate(stats[v.calibration])
+            profiles[key] = error_profiles(pipe.unet, covariances[key], units_all, cfg.damping)
     seconds["influence"] = time.perf_counter() - t0
 
     # 3. the original, sampled and featurised once
@@ -404,7 +419,8 @@ def run_ablation(
                 "budget": budget,
                 "calibration": v.calibration,
                 "weighting": v.weighting,
-                "mode": v.mode,
+                "mode": v.mode or cfg.mode,
+                "tau": cfg.tau if v.tau is None else v.tau,
                 "methods": dict(v.methods),
                 "modules": list(v.modules),
             }
@@ -415,11 +431,12 @@ def run_ablation(
                     influence[(v.calibration, v.weighting)].score_of(),
                     units,
                     Budget(removed_params=removed),
-                    tau=cfg.tau,
+                    tau=row["tau"],
                     r_min=cfg.r_min,
                     multiple=cfg.multiple,
-                    mode=v.mode,
+                    mode=row["mode"],
                     model_params=model_params,
+                    profiles=profiles[(v.calibration, v.weighting)],
                 )
             except InfeasibleBudgetError as err:
                 row.update(status="infeasible", message=str(err))
@@ -625,6 +642,7 @@ def ablation_table(result: AblationResult) -> str:
 
 CURVE_VARIANTS = (
     "slimdiff",
+    "influence-allocation",
     "uniform-allocation",
     "weight-svd-qk-vo",
     "magnitude-ffn",
@@ -715,7 +733,14 @@ def readme_summary(
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",
         "",
     ]
-    names = ("slimdiff", "uniform-allocation", "weight-svd-qk-vo", "magnitude-ffn", "uniform-timesteps")
+    names = (
+        "slimdiff",
+        "influence-allocation",
+        "uniform-allocation",
+        "weight-svd-qk-vo",
+        "magnitude-ffn",
+        "uniform-timesteps",
+    )
     lines += [
         "Each cell: exact match % / FID vs real renders / PSNR to the original's images (dB), same seeds.",
         "",
@@ -745,7 +770,7 @@ def readme_summary(
         ("fid", "lower FID", -1),
         ("psnr_db", "higher PSNR to the original", 1),
     )
-    for other in ("uniform-allocation", "weight-svd-qk-vo", "magnitude-ffn", "uniform-timesteps"):
+    for other in names[1:]:
         pairs = [(_find(result, "slimdiff", b), _find(result, other, b)) for b in result.config["budgets"]]
         pairs = [(a, c) for a, c in pairs if a is not None and c is not None]
         counts = []

@@ -1,6 +1,27 @@
 """Rank allocation under a global parameter budget (METHOD.md stage 4) and the rank-plan file.
 
-Keep ratios phi_m = r_m / R_m maximise  sum_m pi_m s_m phi_m - tau sum_m pi_m phi_m log phi_m
+Three modes. ``error`` (the default) spends the budget where it removes the most truncation
+error; ``influence`` is METHOD.md's softmax of the spectral influence scores; ``uniform`` keeps
+the same ratio everywhere.
+
+Mode "error": with e_m(r) the unit's relative truncation error at rank r (``slimdiff.spectra``:
+exactly the error each closed-form decomposition leaves, under the timestep-weighted covariances
+that spectral influence produced), minimise
+
+    sum_m pi_m e_m(phi_m) + tau sum_m pi_m phi_m log phi_m     subject to the budget,
+
+i.e. METHOD.md's objective with the linear utility s_m phi_m replaced by the measured loss
+curve. tau = 0 is pure error-driven; tau -> inf is uniform. Why it is the default: on the toy
+model, softmax-of-influence allocation lost to uniform allocation at every budget (high TRQ
+marks anisotropic, i.e. the *most compressible*, units, and the softmax gives them more rank),
+while the error mode beats uniform at every budget (README, "Rank allocation";
+``benchmarks/allocation_probe.py``). Solved by Lagrangian relaxation plus a greedy fill of the
+slack (``_error_ranks``); the result never exceeds the budget and is step-maximal.
+
+Mode "influence": keep ratios phi_m = r_m / R_m maximise
+
+    sum_m pi_m s_m phi_m - tau sum_m pi_m phi_m log phi_m
+
 subject to the budget and r_min <= r_m <= R_m, with pi_m the unit's share of the compressible
 parameters. The stationarity condition gives the closed form
 
@@ -15,7 +36,7 @@ s~_m = (s_m - mean(s)) / std(s) over the planned units (population std; all-equa
 0). tau is therefore measured in standard deviations of influence: at tau = 1 a unit one std
 above the mean keeps e = 2.7x the ratio of an average unit (before clipping).
 
-Rounding and repair (what "exact budget" means): every rank is rounded to the nearest point of
+Rounding and repair of modes "influence" and "uniform" (what "exact budget" means): every rank is rounded to the nearest point of
 its grid G_m = {r_min_m, R_m} u {multiples of ``multiple`` between them} (r_min_m = min(r_min,
 R_m)). The rounded plan is then repaired greedily, one grid step at a time:
 
@@ -49,7 +70,7 @@ from slimdiff.adapter import UnitInfo, compression_units, count_parameters, shor
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT_VERSION = 1
-AllocationMode = Literal["influence", "uniform", "manual"]
+AllocationMode = Literal["error", "influence", "uniform", "manual"]
 
 
 class InfeasibleBudgetError(ValueError):
@@ -132,7 +153,8 @@ class UnitPlan:
     full_rank: int
     rank: int
     cost_per_rank: int
-    score: float | None = None  # influence score used for the allocation (None: manual plan)
+    score: float | None = None  # influence score of the unit (None: manual plan, or none given)
+    predicted_error: float | None = None  # e_m(rank), relative truncation error (mode "error")
 
     @property
     def params_before(self) -> int:
@@ -179,6 +201,7 @@ class RankPlan:
     influence_digest: str | None = None
     target_params: int | None = None  # kept compressible params the budget asked for (before rounding)
     format_version: int = PLAN_FORMAT_VERSION
+    profiles_digest: str | None = None  # error profiles the plan was made from (mode "error")
 
     def __post_init__(self) -> None:
         if self.format_version != PLAN_FORMAT_VERSION:
@@ -240,6 +263,7 @@ class RankPlan:
             "r_min": self.r_min,
             "multiple": self.multiple,
             "influence_digest": self.influence_digest,
+            "profiles_digest": self.profiles_digest,
             "target_params": self.target_params,
             "totals": {
                 "params_before": self.params_before,
@@ -265,6 +289,7 @@ class RankPlan:
                 rank=int(u["rank"]),
                 cost_per_rank=int(u["cost_per_rank"]),
                 score=u.get("score"),
+                predicted_error=u.get("predicted_error"),
             )
             if name != entry.name:
                 raise PlanValidationError(
@@ -286,6 +311,7 @@ class RankPlan:
             influence_digest=data.get("influence_digest"),
             target_params=data.get("target_params"),
             format_version=version,
+            profiles_digest=data.get("profiles_digest"),
         )
         totals = data.get("totals")
         if totals and int(totals.get("params_after", plan.params_after)) != plan.params_after:
@@ -403,6 +429,76 @@ def _uniform_ratios(units: Mapping[str, UnitInfo], target: int, r_min: int) -> d
     return {n: max(lo_ratio[n], lo) for n in units}
 
 
+def _error_ranks(
+    profiles: Mapping[str, list[float]],
+    units: Mapping[str, UnitInfo],
+    target: int,
+    tau: float,
+    r_min: int,
+    multiple: int,
+) -> dict[str, int]:
+    """Minimise sum_m pi_m (e_m(r_m) + tau phi_m log phi_m), phi_m = r_m / R_m, over the rank
+    grids subject to sum_m c_m r_m <= target (mode "error", see the module docstring).
+
+    Lagrangian relaxation: for a price lambda per kept parameter every unit independently takes
+    r_m(lambda) = argmin_{r in G_m} v_m(r) + lambda c_m r (ties: the larger rank); the kept
+    count is non-increasing in lambda, so bisection finds the cheapest price that meets the
+    budget. Those plans are optimal for their own kept count (points of the lower convex hull of
+    every unit's curve); the slack left is then filled greedily, one grid step at a time, by the
+    step that removes the most objective per parameter among those that fit (ties: unit name)."""
+    grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
+    total = sum(u.full_params for u in units.values())
+
+    def objective(n: str, g: int) -> float:  # pi_m (e_m(phi) + tau phi log phi), phi = g / R_m
+        u = units[n]
+        phi = g / u.full_rank
+        return u.full_params / total * (profiles[n][g] + tau * phi * math.log(phi))
+
+    value = {n: [objective(n, g) for g in grids[n]] for n in units}
+
+    def choose(lam: float) -> dict[str, int]:
+        idx = {}
+        for n, u in units.items():
+            costs = [v + lam * u.cost_per_rank * g for v, g in zip(value[n], grids[n], strict=True)]
+            best = min(costs)
+            idx[n] = max(i for i, c in enumerate(costs) if c <= best + 1e-15 * max(1.0, abs(best)))
+        return idx
+
+    def kept(idx: Mapping[str, int]) -> int:
+        return sum(grids[n][idx[n]] * units[n].cost_per_rank for n in units)
+
+    lo, hi = 0.0, 1.0
+    while kept(choose(hi)) > target:
+        hi *= 2.0
+        if hi > 1e300:
+            raise InfeasibleBudgetError(f"no price meets the budget of {target} kept parameters")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if kept(choose(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-15 * hi:
+            break
+    idx = choose(hi)
+    kept_now = kept(idx)
+    while True:
+        best_gain, best = -1.0, None
+        for n, u in units.items():
+            i = idx[n]
+            if i + 1 < len(grids[n]):
+                step = (grids[n][i + 1] - grids[n][i]) * u.cost_per_rank
+                if kept_now + step <= target:
+                    gain = (value[n][i] - value[n][i + 1]) / step
+                    if gain > best_gain or (gain == best_gain and n < best[0]):
+                        best_gain, best = gain, (n, step)
+        if best is None:
+            break
+        idx[best[0]] += 1
+        kept_now += best[1]
+    return {n: grids[n][idx[n]] for n in units}
+
+
 def _q(x: float) -> float:
     """Quantise a ratio deviation so that differences below 1e-9 (bisection noise, tau -> inf)
     count as ties and fall through to the documented tie-breaks."""
@@ -469,15 +565,18 @@ def plan_ranks(
     multiple: int = 8,
     mode: AllocationMode = "influence",
     model_params: int | None = None,
+    profiles: Mapping[str, list[float]] | None = None,
 ) -> RankPlan:
     """Allocate per-unit ranks under ``budget`` (see the module docstring for the exact rules).
 
-    ``influence`` maps every unit name to its spectral influence s_m (ignored, may be None, for
-    mode="uniform"); ``units`` comes from ``slimdiff.adapter.compression_units(unet)`` (a subset
+    ``influence`` maps every unit name to its spectral influence s_m (needed for mode="influence";
+    optional otherwise, where it only breaks ties and is recorded); ``profiles`` maps every unit to
+    its relative error curve [e(0), ..., e(R_m)] (``slimdiff.spectra.error_profiles``; needed for
+    mode="error"). ``units`` comes from ``slimdiff.adapter.compression_units(unet)`` (a subset
     restricts compression to those units: e.g. only the FFN units). ``model_params`` is the
     whole UNet's parameter count, needed only for ``Budget(total_params=...)``."""
-    if mode not in ("influence", "uniform"):
-        raise ValueError(f"mode must be 'influence' or 'uniform', got {mode!r}")
+    if mode not in ("error", "influence", "uniform"):
+        raise ValueError(f"mode must be 'error', 'influence' or 'uniform', got {mode!r}")
     if not units:
         raise ValueError("plan_ranks needs at least one compression unit")
     if r_min < 1 or multiple < 1:
@@ -485,19 +584,18 @@ def plan_ranks(
     if mode == "influence":
         if not tau > 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a positive finite number for mode='influence', got {tau!r}")
-        if influence is None:
-            raise ValueError("mode='influence' needs influence scores (dict unit name -> float)")
-        missing = sorted(set(units) - set(influence))
-        extra = sorted(set(influence) - set(units))
-        if missing:
-            raise ValueError(f"influence scores missing for {len(missing)} units, e.g. {missing[:3]}")
-        if extra:
-            logger.info(
-                "ignoring influence scores of %d units not being planned, e.g. %s", len(extra), extra[:3]
+        _check_per_unit("influence scores", influence, units, "mode='influence' needs influence scores")
+    if mode == "error":
+        if not tau >= 0 or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number >= 0 for mode='error', got {tau!r}")
+        _check_per_unit("error profiles", profiles, units, "mode='error' needs error profiles")
+        short = [n for n in units if len(profiles[n]) != units[n].full_rank + 1]
+        if short:
+            n = short[0]
+            raise ValueError(
+                f"error profile of {n} has {len(profiles[n])} points, expected {units[n].full_rank + 1} "
+                "(ranks 0..R): the profiles were computed on another model"
             )
-        bad = [n for n in units if not math.isfinite(float(influence[n]))]
-        if bad:
-            raise ValueError(f"influence scores must be finite; not for {bad[:3]}")
 
     compressible = sum(u.full_params for u in units.values())
     target = budget.kept(compressible, model_params)
@@ -509,34 +607,42 @@ def plan_ranks(
             f"({budget.describe_range(lo, hi, compressible, model_params)})"
         )
 
-    if mode == "influence":
-        raw = {n: float(influence[n]) for n in units}
-        scores = normalise_scores(raw)
-        continuous = _continuous_ratios(scores, units, target, tau, r_min)
-        digest = influence_digest(raw)
+    raw = (
+        {n: float(influence[n]) for n in units} if influence and all(n in influence for n in units) else None
+    )
+    digest = influence_digest(raw) if raw is not None else None
+    if mode == "error":
+        ranks = _error_ranks(profiles, units, target, tau, r_min, multiple)
     else:
-        raw = None
-        # scores only break ties in the repair (so uniform == influence at tau -> inf, exactly)
-        scores = (
-            normalise_scores({n: float(influence.get(n, 0.0)) for n in units})
-            if influence
-            else dict.fromkeys(units, 0.0)
-        )
-        continuous = _uniform_ratios(units, target, r_min)
-        digest = influence_digest({n: influence.get(n, 0.0) for n in units}) if influence else None
-    ranks = _round_and_repair(continuous, scores, units, target, r_min, multiple)
+        if mode == "influence":
+            scores = normalise_scores(raw)
+            continuous = _continuous_ratios(scores, units, target, tau, r_min)
+        else:
+            # scores only break ties in the repair (so uniform == influence at tau -> inf, exactly)
+            scores = normalise_scores(raw) if raw is not None else dict.fromkeys(units, 0.0)
+            continuous = _uniform_ratios(units, target, r_min)
+        ranks = _round_and_repair(continuous, scores, units, target, r_min, multiple)
     plan = RankPlan(
         units={
-            n: UnitPlan(n, u.kind, u.full_rank, ranks[n], u.cost_per_rank, None if raw is None else raw[n])
+            n: UnitPlan(
+                n,
+                u.kind,
+                u.full_rank,
+                ranks[n],
+                u.cost_per_rank,
+                None if raw is None else raw[n],
+                None if profiles is None or n not in profiles else float(profiles[n][ranks[n]]),
+            )
             for n, u in units.items()
         },
         mode=mode,
         budget=budget.to_dict(),
-        tau=float(tau) if mode == "influence" else None,
+        tau=float(tau) if mode in ("error", "influence") else None,
         r_min=r_min,
         multiple=multiple,
         influence_digest=digest,
         target_params=target,
+        profiles_digest=_profiles_digest(profiles, units) if mode == "error" else None,
     )
     logger.info(
         "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",
@@ -549,6 +655,28 @@ def plan_ranks(
         len(units),
     )
     return plan
+
+
+def _check_per_unit(what: str, values: Mapping | None, units: Mapping[str, UnitInfo], need: str) -> None:
+    if values is None:
+        raise ValueError(f"{need} (dict unit name -> value)")
+    missing = sorted(set(units) - set(values))
+    if missing:
+        raise ValueError(f"{what} missing for {len(missing)} units, e.g. {missing[:3]}")
+    extra = sorted(set(values) - set(units))
+    if extra:
+        logger.info("ignoring %s of %d units not being planned, e.g. %s", what, len(extra), extra[:3])
+    bad = [n for n in units if not all(math.isfinite(float(v)) for v in _as_list(values[n]))]
+    if bad:
+        raise ValueError(f"{what} must be finite; not for {bad[:3]}")
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, list | tuple) else [v]
+
+
+def _profiles_digest(profiles: Mapping[str, list[float]], units: Mapping[str, UnitInfo]) -> str:
+    return _digest_json({n: [repr(float(x)) for x in profiles[n]] for n in sorted(units)})
 
 
 def plan_for_model(

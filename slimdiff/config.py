@@ -115,13 +115,22 @@ class BudgetParams(_Group):
 
 
 class AllocationParams(_Group):
-    mode: Literal["influence", "uniform"] = "influence"
+    # error: least parameter-weighted relative truncation error (slimdiff.spectra);
+    # influence: METHOD.md's softmax of the spectral influence scores; uniform: one keep ratio
+    mode: Literal["error", "influence", "uniform"] = "error"
     budget: BudgetParams = BudgetParams()
-    tau: float = Field(1.0, gt=0.0, description="temperature: large = uniform, small = greedy")
+    # pull toward uniform keep ratios: large = uniform; small = greedy (error: 0 allowed, influence: > 0)
+    tau: float = Field(0.0, ge=0.0, description="temperature: large = uniform, small = greedy")
     r_min: int = Field(8, ge=1)
     multiple: int = Field(8, ge=1)
     # module types to compress; the others keep full rank
     modules: tuple[Literal["ffn", "qk", "vo"], ...] = ("ffn", "qk", "vo")
+
+    @model_validator(mode="after")
+    def _tau_for_mode(self) -> AllocationParams:
+        if self.mode == "influence" and self.tau <= 0:
+            raise ValueError(f"tau: mode 'influence' needs tau > 0 (softmax temperature), got {self.tau}")
+        return self
 
     @field_validator("modules")
     @classmethod
@@ -250,7 +259,7 @@ class Params(_Group):
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "slimset": ("model.source", "slimset", "evaluation.prompts"),
     "calibrate": ("model.dtype", "calibration"),
-    "influence": ("influence",),
+    "influence": ("influence", "compression.damping"),
     "plan": ("allocation",),
     "compress": ("compression",),
     "evaluate": ("evaluation",),

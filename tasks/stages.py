@@ -43,6 +43,7 @@ STAGE_VERSIONS = {
 SLIMSET_FILE = "slimset.json"
 INFLUENCE_FILE = "influence.json"
 PLAN_FILE = "rank_plan.json"
+PROFILES_FILE = "error_profiles.json"
 METRICS_FILE = "metrics.json"
 
 
@@ -320,6 +321,7 @@ def read_stats(stats: Manifest):
 def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -> Manifest:
     """Spectral influence per unit and timestep weights (+ heatmap); no forward passes."""
     from slimdiff.influence import compute_influence, plot_influence_heatmap
+    from slimdiff.spectra import error_profiles
 
     activation_stats = read_stats(stats)
     pipe = _cached_pipe(params, model)
@@ -327,9 +329,24 @@ def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -
         influence = compute_influence(activation_stats, pipe.unet, weighting=params.influence.weighting)
         (tmp / INFLUENCE_FILE).write_text(influence.to_json())
         plot_influence_heatmap(influence, tmp / "influence_heatmap.png")
+        # the truncation error of every unit at every rank, under the same weighted covariances
+        # and damping compress_ uses: what allocation mode "error" spends the budget on
+        profiles = error_profiles(
+            pipe.unet, influence.aggregate(activation_stats), damping=params.compression.damping
+        )
+        (tmp / PROFILES_FILE).write_text(json.dumps(profiles, separators=(",", ":"), allow_nan=False))
     return _finish(
         "influence", out, {"weighting": params.influence.weighting, "influence_digest": influence.digest}
     )
+
+
+def _load_profiles(influence: Manifest) -> dict[str, list[float]]:
+    path = Path(influence.uri) / PROFILES_FILE
+    if not path.exists():
+        raise StageInputError(
+            f"{path} is missing: the influence stage output predates error profiles; rerun `slimdiff influence`"
+        )
+    return json.loads(path.read_text())
 
 
 def _load_influence(influence: Manifest):
@@ -352,9 +369,11 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
     """Rank plan under the global budget (+ bar chart)."""
     from slimdiff.adapter import compression_units
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
+    from slimdiff.spectra import plot_error_profiles
 
     cfg = params.allocation
     scores = _load_influence(influence).score_of()
+    profiles = _load_profiles(influence) if cfg.mode == "error" else None
     pipe = _cached_pipe(params, model)
     units = {n: u for n, u in compression_units(pipe.unet).items() if u.kind in cfg.modules}
     with staged_dir(out) as tmp:
@@ -368,11 +387,14 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
                 multiple=cfg.multiple,
                 mode=cfg.mode,
                 model_params=sum(p.numel() for p in pipe.unet.parameters()),
+                profiles=profiles,
             )
         except InfeasibleBudgetError as err:
             raise StageInputError(f"allocation.budget: {err}") from err
         plan.save(tmp / PLAN_FILE)
         plot_rank_plan(plan, tmp / "rank_plan.png")
+        if profiles is not None:
+            plot_error_profiles(profiles, units, tmp / "error_profiles.png", plan.ranks())
     return _finish(
         "plan",
         out,

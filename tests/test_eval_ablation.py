@@ -107,7 +107,7 @@ def test_rendering(result_and_calls, tmp_path):
     path = plot_curves(result, tmp_path / "curves.png")
     assert path.stat().st_size > 1000
     text = readme_summary(result)
-    assert "| 40% | " in text and "| removed | slimdiff | uniform-allocation |" in text
+    assert "| 40% | " in text and "| removed | slimdiff | influence-allocation | uniform-allocation |" in text
     assert "FID noise floor" in text and "vs uniform-allocation: higher exact match at" in text
     assert result.to_dict()["rows"] == result.rows and "images" not in result.to_dict()
 
@@ -124,6 +124,7 @@ def test_default_variants_cover_the_issue():
     names = {v.name for v in default_variants((0.2, 0.4, 0.6), 0.4, 0.1)}
     assert names == {
         "slimdiff",
+        "influence-allocation",
         "uniform-allocation",
         "weight-svd-qk-vo",
         "magnitude-ffn",

@@ -24,7 +24,7 @@ def test_committed_params_load_and_match_defaults():
     # params.yaml spells out every default: the file and the code cannot drift apart silently
     assert params == Params()
     assert params.allocation.budget.kind == "removed_fraction"
-    assert params.flat()["allocation.tau"] == 1.0
+    assert params.flat()["allocation.tau"] == 0.0 and params.flat()["allocation.mode"] == "error"
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_malformed_params_fail_with_the_key_named(mutate, expected):
 def test_overrides_are_validated():
     p = Params().with_overrides({"allocation.tau": 0.25})
     assert p.allocation.tau == 0.25
-    with pytest.raises(ConfigError, match="allocation.tau: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match="allocation.tau: Input should be greater than or equal to 0"):
         Params().with_overrides({"allocation.tau": -1.0})
     with pytest.raises(ConfigError, match="unknown key 'taux'"):
         Params().with_overrides({"allocation.taux": 1.0})
