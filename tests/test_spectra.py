@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from compress_helpers import capture_covariances, unet_inputs
+
 from slimdiff import linalg
 from slimdiff.adapter import UnitInfo, compression_units
 from slimdiff.allocation import Budget, RankPlan, plan_ranks, rank_grid
