@@ -155,10 +155,6 @@ def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _short(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 SUMMARY_KEYS = (
     "gate_passed",
     "compressible_removed_fraction",
