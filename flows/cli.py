@@ -135,7 +135,10 @@ def run(
 
     def body():
         cfg = load_cli_params(params, set_)
+        server_ready = _start_prefect_server_early()
         from flows.pipeline import slimdiff_flow, with_dask
+
+        server_ready()
 
         flow_fn = slimdiff_flow
         if dask:
@@ -149,6 +152,33 @@ def run(
             _print_flow_result(result)
 
     _guard(body)
+
+
+def _start_prefect_server_early():
+    """Without PREFECT_API_URL a flow starts Prefect's temporary API server when it first needs
+    the API, after this process has imported torch, diffusers and MLflow. Start that same server
+    (Prefect's own singleton) now, on a thread, so that its boot runs on another core while the
+    imports happen; returns a callable that waits for it. If the early start fails, the flow's
+    own start runs as usual and reports the error."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception as err:  # noqa: BLE001 - the flow's own start raises it again, with context
+            logging.getLogger(__name__).debug("early Prefect server start failed: %s", err)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def _short(v) -> str:

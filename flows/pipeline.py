@@ -208,11 +208,13 @@ def _write_report(params: Params, result: FlowResult, run_id: str) -> str:
     out = Path(params.tracking.artifact_root) / "reports" / run_id
     out.mkdir(parents=True, exist_ok=True)
     evaluation = Path(m["evaluate"].uri)
+    profiles = Path(m["plan"].uri) / "error_profiles.png"
     path = write_report(
         result.metrics,
         out,
         plan_plot=Path(m["plan"].uri) / "rank_plan.png",
         heatmap=Path(m["influence"].uri) / "influence_heatmap.png",
+        error_profiles=profiles if profiles.is_file() else None,  # drawn only by allocation mode "error"
         grids=sorted(str(p) for p in evaluation.glob("grid_*.png")),
         title=f"SlimDiff report: {params.model.source} ({run_id[:8]})",
     )

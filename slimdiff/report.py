@@ -293,6 +293,7 @@ def write_report(
     *,
     plan_plot=None,
     heatmap=None,
+    error_profiles=None,
     grids: Mapping[str, str] | Sequence[str] | None = None,
     curves=None,
     baselines: Mapping[str, Mapping] | None = None,
@@ -301,7 +302,8 @@ def write_report(
     """Write ``REPORT.md`` into ``out_dir`` and return its path.
 
     ``metrics`` is ``evaluate_pair``'s result. ``grids`` defaults to ``metrics["grids"]`` (file names
-    inside ``out_dir``); ``plan_plot`` / ``heatmap`` / ``curves`` are image paths (copied into
+    inside ``out_dir``); ``plan_plot`` / ``heatmap`` / ``error_profiles`` / ``curves`` are image
+    paths (copied into
     ``out_dir``); ``baselines`` maps a name to another evaluation result at the same protocol,
     shown as extra columns."""
     out_dir = Path(out_dir)
@@ -332,6 +334,7 @@ def write_report(
             parts += [f"![{Path(name).stem}]({name})", ""]
     for heading, img in (
         ("Rank plan", plan_plot),
+        ("Truncation error per unit (what the error-driven allocation trades)", error_profiles),
         ("Spectral influence", heatmap),
         ("Quality vs parameters", curves),
     ):
