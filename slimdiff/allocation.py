@@ -36,9 +36,10 @@ s~_m = (s_m - mean(s)) / std(s) over the planned units (population std; all-equa
 0). tau is therefore measured in standard deviations of influence: at tau = 1 a unit one std
 above the mean keeps e = 2.7x the ratio of an average unit (before clipping).
 
-Rounding and repair of modes "influence" and "uniform" (what "exact budget" means): every rank is rounded to the nearest point of
-its grid G_m = {r_min_m, R_m} u {multiples of ``multiple`` between them} (r_min_m = min(r_min,
-R_m)). The rounded plan is then repaired greedily, one grid step at a time:
+Rounding and repair of modes "influence" and "uniform" (what "exact budget" means): every rank
+is rounded to the nearest point of its grid G_m = {r_min_m, R_m} u {multiples of ``multiple``
+between them} (r_min_m = min(r_min, R_m)). The rounded plan is then repaired greedily, one grid
+step at a time:
 
 1. while the kept parameters exceed the budget, step down the unit whose rank exceeds its
    continuous optimum r*_m by the largest fraction of R_m ((r_m - r*_m) / R_m), ties: lower

@@ -132,6 +132,33 @@ def test_error_allocation_cuts_the_flat_curve_first_and_tau_pulls_to_uniform():
         assert all(u.rank in rank_grid(full, 8, 8) for u in p.units.values())
 
 
+@pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6])
+def test_error_allocation_meets_the_budget_step_maximally_at_sd_shapes(fraction):
+    from test_allocation import assert_step_maximal, sd_like_units
+
+    units = sd_like_units()
+    # decaying spectra of different speed per unit: the error curves of a whitened SVD
+    profiles = {}
+    for i, (n, u) in enumerate(units.items()):
+        sq = [math.exp(-0.02 * (1 + 3 * (i % 4)) * 40 / u.full_rank * k) for k in range(u.full_rank)]
+        tail = [sum(sq[r:]) / sum(sq) for r in range(u.full_rank)] + [0.0]
+        profiles[n] = tail
+    compressible = sum(u.full_params for u in units.values())
+    plan = plan_ranks(
+        None, units, Budget(removed_fraction=fraction), mode="error", tau=0.0, profiles=profiles
+    )
+    target = math.floor(compressible * (1 - fraction))
+    assert_step_maximal(plan, units, target)
+    assert target - plan.params_after < 1e-3 * compressible
+    # a uniform plan of the same budget predicts more error than the one that minimises it
+    uniform = plan_ranks(None, units, Budget(removed_fraction=fraction), mode="uniform")
+
+    def predicted(p):
+        return sum(u.params_before * profiles[n][u.rank] for n, u in p.units.items())
+
+    assert predicted(plan) < predicted(uniform)
+
+
 def test_error_mode_inputs_are_checked_and_the_plan_round_trips(tmp_path):
     units, profiles = convex_units()
     with pytest.raises(ValueError, match="needs error profiles"):
