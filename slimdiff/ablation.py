@@ -640,15 +640,16 @@ def ablation_table(result: AblationResult) -> str:
     return "\n".join(out)
 
 
-CURVE_VARIANTS = (
+#: the SlimDiff default and the method baselines it is compared against (README table)
+METHOD_VARIANTS = (
     "slimdiff",
     "influence-allocation",
     "uniform-allocation",
     "weight-svd-qk-vo",
     "magnitude-ffn",
     "uniform-timesteps",
-    "ffn-only",
 )
+CURVE_VARIANTS = (*METHOD_VARIANTS, "ffn-only")
 
 
 def plot_curves(result: AblationResult, path: str | Path) -> Path:
@@ -733,14 +734,7 @@ def readme_summary(
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",
         "",
     ]
-    names = (
-        "slimdiff",
-        "influence-allocation",
-        "uniform-allocation",
-        "weight-svd-qk-vo",
-        "magnitude-ffn",
-        "uniform-timesteps",
-    )
+    names = METHOD_VARIANTS
     lines += [
         "Each cell: exact match % / FID vs real renders / PSNR to the original's images (dB), same seeds.",
         "",

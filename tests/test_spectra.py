@@ -29,6 +29,19 @@ from slimdiff.spectra import (
 F64 = torch.float64
 
 
+def error_plan(units, profiles, fraction: float, step: int = 1) -> RankPlan:
+    return plan_ranks(
+        None,
+        units,
+        Budget(removed_fraction=fraction),
+        mode="error",
+        tau=0.0,
+        r_min=step,
+        multiple=step,
+        profiles=profiles,
+    )
+
+
 def spd(n: int, seed: int, decay: float = 0.7) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
@@ -69,16 +82,7 @@ def test_profiles_predict_compress_report_on_a_tiny_unet(tiny_unet, tmp_path):
     assert set(profiles) == set(units)
     for n, u in units.items():
         assert len(profiles[n]) == u.full_rank + 1 and profiles[n][0] == 1.0
-    plan = plan_ranks(
-        None,
-        units,
-        Budget(removed_fraction=0.5),
-        mode="error",
-        tau=0.0,
-        r_min=2,
-        multiple=2,
-        profiles=profiles,
-    )
+    plan = error_plan(units, profiles, 0.5, step=2)
     unet = copy.deepcopy(tiny_unet)
     report = compress_(unet, plan, cov, damping=1e-2)
     assert report.units, "the plan compresses something"
@@ -161,51 +165,19 @@ def test_error_allocation_meets_the_budget_step_maximally_at_sd_shapes(fraction)
 
 def test_error_mode_inputs_are_checked_and_the_plan_round_trips(tmp_path):
     units, profiles = convex_units()
-    with pytest.raises(ValueError, match="needs error profiles"):
-        plan_ranks(None, units, Budget(removed_fraction=0.3), mode="error", tau=0.0)
-    with pytest.raises(ValueError, match="computed on another model"):
-        plan_ranks(
-            None, units, Budget(removed_fraction=0.3), mode="error", profiles={**profiles, "u0": [1.0, 0.0]}
-        )
-    with pytest.raises(ValueError, match="missing for 1 units"):
-        plan_ranks(
-            None,
-            units,
-            Budget(removed_fraction=0.3),
-            mode="error",
-            profiles={"u0": profiles["u0"], "u1": profiles["u1"]},
-        )
-    with pytest.raises(ValueError, match="finite"):
-        plan_ranks(
-            None,
-            units,
-            Budget(removed_fraction=0.3),
-            mode="error",
-            profiles={**profiles, "u2": [math.nan] * 7},
-        )
-    plan = plan_ranks(
-        None,
-        units,
-        Budget(removed_fraction=0.3),
-        mode="error",
-        tau=0.0,
-        r_min=1,
-        multiple=1,
-        profiles=profiles,
-    )
+    bad = {
+        "needs error profiles": None,
+        "computed on another model": {**profiles, "u0": [1.0, 0.0]},
+        "missing for 1 units": {"u0": profiles["u0"], "u1": profiles["u1"]},
+        "finite": {**profiles, "u2": [math.nan] * 7},
+    }
+    for message, curves in bad.items():
+        with pytest.raises(ValueError, match=message):
+            error_plan(units, curves, 0.3)
+    plan = error_plan(units, profiles, 0.3)
     again = RankPlan.load(plan.save(tmp_path / "plan.json"))
     assert again == plan and again.digest == plan.digest
-    changed = {**profiles, "u0": [x * 0.5 for x in profiles["u0"]]}
-    other = plan_ranks(
-        None,
-        units,
-        Budget(removed_fraction=0.3),
-        mode="error",
-        tau=0.0,
-        r_min=1,
-        multiple=1,
-        profiles=changed,
-    )
+    other = error_plan(units, {**profiles, "u0": [x * 0.5 for x in profiles["u0"]]}, 0.3)
     assert other.profiles_digest != plan.profiles_digest
 
 
