@@ -111,6 +111,17 @@ def test_first_run_runs_every_stage_and_registers_with_lineage(flow_env, first_r
     assert version.tags["compressed_digest"] == first_run["manifests"]["compress"]["digest"]
     metrics = json.loads((Path(first_run["manifests"]["evaluate"]["uri"]) / "metrics.json").read_text())
     assert metrics["compressed"]["unet_params"] < metrics["original"]["unet_params"]
+    # the default allocation is error-driven: the plan records what it predicted, from the
+    # influence stage's profiles, and the run report shows the curves with the plan's cuts
+    plan = json.loads((Path(first_run["manifests"]["plan"]["uri"]) / "rank_plan.json").read_text())
+    profiles = json.loads(
+        (Path(first_run["manifests"]["influence"]["uri"]) / "error_profiles.json").read_text()
+    )
+    assert plan["mode"] == "error" and plan["profiles_digest"]
+    for name, unit in plan["units"].items():
+        assert unit["predicted_error"] == profiles[name][unit["rank"]], name
+    report = Path(first_run["report"])
+    assert "error_profiles.png" in report.read_text() and (report.parent / "error_profiles.png").is_file()
 
 
 def test_registered_model_loads_back_in_one_call(flow_env, first_run):
