@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 STAGE_VERSIONS = {
     "slimset": "1",
     "calibrate": "1",
-    "influence": "1",
-    "plan": "1",
+    "influence": "2",  # 2: also writes error_profiles.json
+    "plan": "2",  # 2: mode "error"; plans record profiles_digest and predicted_error
     "compress": "1",
     "evaluate": "1",
     "register": "1",
