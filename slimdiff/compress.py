@@ -320,7 +320,7 @@ def _heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, w.shape[0] // heads, w.shape[1])
 
 
-def _out_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def out_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """to_out.0 weight (d_out, H*d_h) -> (H, d_h, d_out): head h's block in row-vector form."""
     w = weight.detach().to("cpu", F64)
     return w.view(w.shape[0], heads, w.shape[1] // heads).permute(1, 2, 0)
@@ -372,7 +372,7 @@ def _vo_whitened(ctx: UnitContext) -> VORewrite:
     key = attn_key(ctx.unit.block, ctx.unit.attn, ATTN_OUT)
     ca = ctx.covariance(key)
     _check_cov(ctx.unit.name, key, ca, (info.heads, info.head_dim, info.head_dim))
-    wo = _out_heads(ctx.attention.to_out[0].weight, info.heads)
+    wo = out_heads(ctx.attention.to_out[0].weight, info.heads)
     return _vo_rewrite(
         [linalg.vo_whitened_svd(ca[h], wo[h], ctx.rank, ctx.damping) for h in range(info.heads)]
     )
@@ -381,7 +381,7 @@ def _vo_whitened(ctx: UnitContext) -> VORewrite:
 @register_method("vo", "weight_svd")
 def _vo_weight_svd(ctx: UnitContext) -> VORewrite:
     attn, heads = ctx.attention, getattr(ctx.block, ctx.unit.attn).heads
-    wv, wo = _heads(attn.to_v.weight, heads), _out_heads(attn.to_out[0].weight, heads)
+    wv, wo = _heads(attn.to_v.weight, heads), out_heads(attn.to_out[0].weight, heads)
     return _vo_rewrite([linalg.vo_weight_svd(wv[h], wo[h], ctx.rank) for h in range(heads)])
 
 

@@ -133,16 +133,21 @@ def _solve_upper(upper: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Type I: FFN neuron selection (Nystrom with column-pivoted QR)
 # --------------------------------------------------------------------------------------------
-def cpqr_order(factor: DampedFactor) -> torch.Tensor:
-    """Neuron order of a column-pivoted QR of ``L^T`` (a square root of C~: C~ = (L^T)^T L^T).
+def cpqr(factor: DampedFactor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, pivots) of a column-pivoted QR of ``L^T`` (a square root of C~: C~ = (L^T)^T L^T).
 
     Column j of ``L^T`` has squared norm C~_jj; each pivot step takes the neuron with the largest
     residual variance after projecting out the ones already chosen (= pivoted Cholesky on C~),
-    so every prefix of the order is a greedy interpolative-decomposition subset.
-    Returns a permutation (int64) of range(n)."""
-    root = factor.upper.numpy()
-    _, piv = scipy.linalg.qr(root, mode="r", pivoting=True)
-    return torch.as_tensor(np.asarray(piv), dtype=torch.int64)
+    so every prefix of the pivots is a greedy interpolative-decomposition subset, and
+    C~[piv][:, piv] = R^T R (what ``slimdiff.spectra`` reads the Nystrom error of every prefix from).
+    R is (n, n) float64; pivots a permutation (int64) of range(n)."""
+    r, piv = scipy.linalg.qr(factor.upper.numpy(), mode="r", pivoting=True)
+    return torch.from_numpy(r), torch.as_tensor(np.asarray(piv), dtype=torch.int64)
+
+
+def cpqr_order(factor: DampedFactor) -> torch.Tensor:
+    """Neuron order of ``cpqr``: a permutation (int64) of range(n)."""
+    return cpqr(factor)[1]
 
 
 @dataclass(frozen=True)

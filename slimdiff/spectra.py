@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
 from slimdiff.adapter import UnitInfo, compression_units, describe_unet
-from slimdiff.linalg import damped_cholesky
+from slimdiff.compress import out_heads
+from slimdiff.linalg import cpqr, damped_cholesky
 from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
 
 F64 = torch.float64
@@ -76,10 +75,9 @@ def ffn_error_curve(
     """Relative Nystrom-CPQR error e(k), k = 0..inner, for ``correlation`` E[h^T h] (inner, inner)
     and ``out_weight`` (d, inner), the ff.net.2 weight. Matches ``linalg.nystrom_ffn``'s error at
     every k (same damping, same pivots)."""
-    factor = damped_cholesky(correlation, damping)
-    r, piv = scipy.linalg.qr(factor.upper.numpy(), mode="r", pivoting=True)
-    b = out_weight.to(F64).T.numpy()[np.asarray(piv)]  # (inner, d), rows in pivot order
-    row_err = torch.from_numpy(np.square(r @ b).sum(axis=1))  # ||R_i B_P||^2
+    r, piv = cpqr(damped_cholesky(correlation, damping))
+    b = out_weight.to(F64).T[piv]  # (inner, d), rows in pivot order
+    row_err = (r @ b).square().sum(dim=1)  # ||R_i B_P||^2
     return _relative(_tail_sums(row_err))
 
 
@@ -113,9 +111,7 @@ def error_profiles(
                 curve = qk_error_curve(cq, ck, damping)
             else:
                 ca = _need(covariances, attn_key(unit.block, unit.attn, ATTN_OUT), name)
-                w = attn.to_out[0].weight.detach().to("cpu", F64)
-                w_o = w.view(w.shape[0], heads, w.shape[1] // heads).permute(1, 2, 0)
-                curve = vo_error_curve(ca, w_o, damping)
+                curve = vo_error_curve(ca, out_heads(attn.to_out[0].weight, heads), damping)
         if len(curve) != unit.full_rank + 1:
             raise ValueError(f"{name}: error curve has {len(curve)} points, expected {unit.full_rank + 1}")
         out[name] = curve
