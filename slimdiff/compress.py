@@ -31,15 +31,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimdiff import linalg
 from slimdiff.adapter import BlockInfo, UnitInfo, count_parameters, describe_unet, units_of_block
 from slimdiff.allocation import RankPlan
+from slimdiff.attention import SlimAttnProcessor
 from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
 
 logger = logging.getLogger(__name__)
@@ -52,98 +51,6 @@ PLAN_ATTRIBUTE = "slimdiff_plan"
 
 class CompressionError(ValueError):
     """Compression cannot proceed (missing statistics, unknown method, already compressed)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Attention processor
-# --------------------------------------------------------------------------------------------
-class SlimAttnProcessor:
-    """diffusers ``AttnProcessor2_0`` for attention with compressed per-head q/k and v widths.
-
-    q and k are split into heads of width r_qk = to_q.out_features / heads, v into heads of
-    width r_vo = to_v.out_features / heads (``F.scaled_dot_product_attention`` accepts a value
-    head dim different from the query/key one), and the softmax uses the ORIGINAL scale
-    1/sqrt(d_h): the QK decomposition approximates the original logits q k^T, so rescaling by
-    1/sqrt(r_qk) would sharpen every attention map."""
-
-    slimdiff_supported = True
-
-    def __init__(self, scale: float):
-        if not scale > 0:
-            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
-        self.scale = float(scale)
-
-    def __repr__(self) -> str:
-        return f"SlimAttnProcessor(scale={self.scale:.6g})"
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            # (B, C, H, W) -> (B, H*W, C)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            # (B*heads, 1|N_q, N_k) -> (B, heads, 1|N_q, N_k) as scaled_dot_product_attention expects
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        heads = attn.heads
-        r_qk = key.shape[-1] // heads
-        r_vo = value.shape[-1] // heads
-        # (B, N, heads*r) -> (B, heads, N, r)
-        query = query.view(batch_size, -1, heads, r_qk).transpose(1, 2)
-        key = key.view(batch_size, -1, heads, r_qk).transpose(1, 2)
-        value = value.view(batch_size, -1, heads, r_vo).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        # (B, heads, N_q, r_vo)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=self.scale
-        )
-        # (B, heads, N_q, r_vo) -> (B, N_q, heads*r_vo)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * r_vo)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,6 +359,36 @@ def _set_processor(attn: nn.Module, head_dim: int) -> None:
     attn.set_processor(SlimAttnProcessor(scale=head_dim**-0.5))
 
 
+def _output_error(
+    unit: UnitInfo,
+    info: BlockInfo,
+    block: nn.Module,
+    rw: FFNRewrite | QKRewrite | VORewrite,
+    covariances: Mapping[str, torch.Tensor],
+) -> tuple[float, float] | None:
+    """(error, energy) of a rewrite under the undamped covariances, from the ORIGINAL weights of
+    ``block`` (call before the rewrite is applied); None when the statistics are not given."""
+    if isinstance(rw, FFNRewrite):
+        cov = covariances.get(ffn_key(unit.block))
+        if cov is None or not torch.equal(rw.keep_value, rw.keep_gate):
+            return None
+        return linalg.ffn_output_error(cov, _ffn_layers(block)[1].weight, rw.keep_value, rw.out_weight)
+    attn, heads = getattr(block, unit.attn), getattr(info, unit.attn).heads
+    if isinstance(rw, QKRewrite):
+        cq = covariances.get(attn_key(unit.block, unit.attn, QUERY))
+        ck = covariances.get(attn_key(unit.block, unit.attn, KEY))
+        if cq is None or ck is None:
+            return None
+        parts = [linalg.qk_logit_error(cq[h], ck[h], rw.t_q[h], rw.t_k[h]) for h in range(heads)]
+    else:
+        ca = covariances.get(attn_key(unit.block, unit.attn, ATTN_OUT))
+        if ca is None:
+            return None
+        wo = out_heads(attn.to_out[0].weight, heads)
+        parts = [linalg.vo_output_error(ca[h], wo[h], rw.t_v[h], rw.out_blocks[h]) for h in range(heads)]
+    return sum(e for e, _ in parts), sum(n for _, n in parts)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -464,8 +401,11 @@ class UnitReport:
     rank: int
     params_before: int
     params_after: int
-    error: float | None  # decomposition error under the damped covariance (None: baseline w/o stats)
-    relative_error: float | None  # error / energy
+    # expected squared output error of the rewrite under the undamped covariance (what the unit
+    # really loses on the calibration activations; None when no statistics were given)
+    error: float | None
+    relative_error: float | None  # error / output energy: what the plan's predicted_error predicts
+    damped_relative_error: float | None  # the same under the damped covariance the method factored
     max_condition_number: float | None
     fallbacks: int  # covariances factored through the eigh fallback
 
@@ -577,6 +517,7 @@ def compress_(
         for name, rw in rewrites.items():  # 2. swap in the smaller layers
             unit, p = units[name], todo[name]
             block = unet.get_submodule(unit.block)
+            true = _output_error(unit, blocks[unit.block], block, rw, covariances)  # original weights
             if isinstance(rw, FFNRewrite):
                 _apply_ffn(block, blocks[unit.block], rw)
             elif isinstance(rw, QKRewrite):
@@ -594,8 +535,9 @@ def compress_(
                 rank=p.rank,
                 params_before=p.params_before,
                 params_after=p.params_after,
-                error=rw.error,
-                relative_error=None if rw.error is None or not rw.energy else rw.error / rw.energy,
+                error=None if true is None else true[0],
+                relative_error=None if true is None else (true[0] / true[1] if true[1] > 0 else 0.0),
+                damped_relative_error=None if rw.error is None or not rw.energy else rw.error / rw.energy,
                 max_condition_number=max(conds) if conds else None,
                 fallbacks=sum(d.fallback for d in rw.diagnostics),
             )

@@ -7,7 +7,8 @@ the operations it covers and ignores the rest (stated so nobody mistakes it for 
 * every ``nn.Linear``: 2 * tokens * in * out
 * every ``nn.Conv2d``: 2 * B * H_out * W_out * C_out * (C_in / groups) * k_h * k_w
 * attention matmuls of every diffusers ``Attention``: 2 * B * heads * N_q * N_k * (r_qk + r_vo)
-  (logits q k^T and probabilities times values, with the per-head widths actually in use)
+  (logits q k^T and probabilities times values, with the per-head widths actually in use: untied
+  compressed widths are padded to one, see ``slimdiff.attention``)
 
 Not counted: biases, norms, softmax, activations, residual adds, up-sampling interpolation
 (all elementwise, a few percent of a SD UNet).
@@ -115,10 +116,18 @@ def meta_copy(unet: nn.Module) -> nn.Module:
     return skel
 
 
-def unet_flops(unet: nn.Module, batch: int = 2, latent_size: int = 64, text_len: int = 77) -> FlopsReport:
+def unet_flops(
+    unet: nn.Module, batch: int = 2, latent_size: int = 64, text_len: int = 77, device: str = "cpu"
+) -> FlopsReport:
     """Analytic forward FLOPs of ``unet`` (a UNet2DConditionModel, compressed or not) for
-    ``batch`` samples of ``latent_size`` x ``latent_size`` latents and ``text_len`` text tokens."""
+    ``batch`` samples of ``latent_size`` x ``latent_size`` latents and ``text_len`` text tokens.
+
+    Attention matmuls are counted at the widths that really run: a compressed head with
+    r_qk != r_vo is padded to one width (``slimdiff.attention.common_head_width``, which depends on
+    the ``device`` the model will run on)."""
     from diffusers.models.attention_processor import Attention
+
+    from slimdiff.attention import SlimAttnProcessor, common_head_width
 
     skel = meta_copy(unet)
     rows: list[FlopsRow] = []
@@ -147,6 +156,8 @@ def unet_flops(unet: nn.Module, batch: int = 2, latent_size: int = 64, text_len:
         heads = mod.heads
         r_qk = mod.to_q.out_features // heads
         r_vo = mod.to_v.out_features // heads
+        if isinstance(mod.processor, SlimAttnProcessor):  # pads q/k/v to one width (fused-kernel rule)
+            r_qk = r_vo = common_head_width(r_qk, r_vo, torch.device(device))
         which = "attn2" if name.endswith("attn2") else "attn1"
         rows.append(FlopsRow(name, f"{which}_matmul", 2 * b * heads * n_q * n_k * (r_qk + r_vo), n_q))
 

@@ -1,0 +1,241 @@
+"""Attention for compressed heads: the processor, the kernel rule, and a probe of the SDPA backend.
+
+Why this module exists: ``F.scaled_dot_product_attention`` runs its fused kernels (flash attention
+on the CPU; flash / memory-efficient / cuDNN on CUDA) only when the query/key head width equals the
+value head width. A SlimDiff plan may give a head r_qk query-key columns and r_vo value columns
+with r_qk != r_vo; passed as they are, PyTorch falls back to its math kernel, measured on the 2-core
+dev machine at 2.5-4x *slower* than the original uncompressed attention (batch 2, 8 heads, 4096
+tokens). The processor therefore zero-pads the narrower of q/k or v to one common width before the
+call. That is exact: zero columns of q and k add nothing to the logits q k^T, and zero columns of
+v produce zero output columns, which are sliced off before ``to_out``. Its cost is the attention
+matmuls at max(r_qk, r_vo) instead of r_qk + r_vo, still never more than the original's d_h.
+
+On CUDA the width is also rounded up to a multiple of 8 (flash attention's requirement); on the
+CPU any width runs on the fused kernel.
+
+``sdpa_backends(model, *args)`` runs one forward under the PyTorch profiler and reports, per
+attention module, which SDPA implementation ran (``flash``, ``efficient``, ``cudnn``, ``math``),
+so tests and benchmarks can assert that a compressed model stays on the original's kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: aten op name (substring) -> backend label, most specific first
+_BACKEND_OPS = (
+    ("_scaled_dot_product_flash_attention", "flash"),
+    ("_scaled_dot_product_efficient_attention", "efficient"),
+    ("_scaled_dot_product_cudnn_attention", "cudnn"),
+    ("_scaled_dot_product_fused_attention_overrideable", "fused"),
+    ("_scaled_dot_product_attention_math", "math"),
+    ("_efficient_attention_forward", "efficient"),
+    ("_flash_attention_forward", "flash"),
+)
+
+#: head widths are padded to a multiple of this on CUDA (flash attention needs head_dim % 8 == 0)
+CUDA_HEAD_MULTIPLE = 8
+
+
+def common_head_width(r_qk: int, r_vo: int, device: torch.device) -> int:
+    """The one head width q, k and v are padded to before SDPA (see the module docstring)."""
+    width = max(r_qk, r_vo)
+    if device.type == "cuda":
+        width = -(-width // CUDA_HEAD_MULTIPLE) * CUDA_HEAD_MULTIPLE
+    return width
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
+def padded_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` for q/k heads of width r_qk and v heads of width r_vo.
+
+    query (B, H, N_q, r_qk), key (B, H, N_k, r_qk), value (B, H, N_k, r_vo) -> (B, H, N_q, r_vo).
+    All three are zero-padded to ``common_head_width`` so the fused kernels apply; ``scale`` must be
+    given (the padded width is not the width the logits were designed for)."""
+    r_vo = value.shape[-1]
+    width = common_head_width(query.shape[-1], r_vo, query.device)
+    out = F.scaled_dot_product_attention(
+        _pad_last(query, width),
+        _pad_last(key, width),
+        _pad_last(value, width),
+        attn_mask=attn_mask,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=scale,
+    )
+    return out if width == r_vo else out[..., :r_vo]
+
+
+class SlimAttnProcessor:
+    """diffusers ``AttnProcessor2_0`` for attention with compressed per-head q/k and v widths.
+
+    q and k are split into heads of width r_qk = to_q.out_features / heads, v into heads of
+    width r_vo = to_v.out_features / heads, and attention runs through ``padded_sdpa`` (one common
+    width, so the fused kernel is used) with the ORIGINAL softmax scale 1/sqrt(d_h): the QK
+    decomposition approximates the original logits q k^T, so rescaling by 1/sqrt(r_qk) would
+    sharpen every attention map."""
+
+    slimdiff_supported = True
+
+    def __init__(self, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
+        self.scale = float(scale)
+
+    def __repr__(self) -> str:
+        return f"SlimAttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            # (B, C, H, W) -> (B, H*W, C)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            # (B*heads, 1|N_q, N_k) -> (B, heads, 1|N_q, N_k) as scaled_dot_product_attention expects
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        r_qk = key.shape[-1] // heads
+        r_vo = value.shape[-1] // heads
+        # (B, N, heads*r) -> (B, heads, N, r)
+        query = query.view(batch_size, -1, heads, r_qk).transpose(1, 2)
+        key = key.view(batch_size, -1, heads, r_qk).transpose(1, 2)
+        value = value.view(batch_size, -1, heads, r_vo).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # (B, heads, N_q, r_vo)
+        hidden_states = padded_sdpa(query, key, value, scale=self.scale, attn_mask=attention_mask)
+        # (B, heads, N_q, r_vo) -> (B, N_q, heads*r_vo)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * r_vo)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+# --------------------------------------------------------------------------------------------
+# Which SDPA kernel ran
+# --------------------------------------------------------------------------------------------
+def _backend_of(op_name: str) -> str | None:
+    for needle, label in _BACKEND_OPS:
+        if needle in op_name:
+            return label
+    return None
+
+
+def sdpa_backends(
+    model: nn.Module,
+    *args: Any,
+    is_attention: Callable[[nn.Module], bool] | None = None,
+    **kwargs: Any,
+) -> dict[str, list[str]]:
+    """``{attention module name: [SDPA backend of each call]}`` for one forward ``model(*args, **kwargs)``.
+
+    Each attention module's forward is wrapped in a named ``record_function`` range (hooks, only
+    for this probe) and the aten SDPA implementation ops under it are read from the profiler.
+    ``is_attention`` picks the modules (default: diffusers ``Attention`` and ``JointAttnProcessor``
+    users, i.e. every ``diffusers.models.attention_processor.Attention``). Modules that never call
+    SDPA map to an empty list."""
+    from torch.autograd.profiler import profile, record_function
+
+    if is_attention is None:
+        from diffusers.models.attention_processor import Attention
+
+        def is_attention(m: nn.Module) -> bool:
+            return isinstance(m, Attention)
+
+    prefix = "slimdiff.attn::"
+    ranges: dict[int, Any] = {}
+    handles = []
+    names = {}
+    for name, mod in model.named_modules():
+        if not is_attention(mod):
+            continue
+        names[name] = []
+
+        def pre(m, a, n=name):
+            ctx = record_function(prefix + n)
+            ctx.__enter__()
+            ranges[id(m)] = ctx
+
+        def post(m, a, o):
+            ranges.pop(id(m)).__exit__(None, None, None)
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    try:
+        # the legacy (non-kineto) profiler: the aten op names on the CPU side are all that is read,
+        # and it does not print kineto's start/stop lines
+        with torch.inference_mode(), profile(use_kineto=False) as prof:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for event in prof.function_events:
+        label = _backend_of(event.name)
+        if label is None:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(prefix):
+            parent = parent.cpu_parent
+        if parent is not None:
+            calls = names[parent.name[len(prefix) :]]
+            # a backend op nests inside the dispatcher op of the same backend: count each call once
+            if not (event.cpu_parent is not None and _backend_of(event.cpu_parent.name) == label):
+                calls.append(label)
+    return names
