@@ -309,3 +309,54 @@ def vo_weight_svd(w_v: torch.Tensor, w_o: torch.Tensor, rank: int, damping: floa
     covariance of v for isotropic inputs (attention probabilities aside), W_v,h W_v,h^T."""
     w_v = w_v.to(F64)
     return vo_whitened_svd(w_v @ w_v.T, w_o, rank, damping)
+
+
+# --------------------------------------------------------------------------------------------
+# Output errors of a rewrite under a covariance (the truth the error profiles must match)
+# --------------------------------------------------------------------------------------------
+# Every decomposition above is computed under the *damped* covariance (damping is numerics and
+# regularisation); these functions measure what a rewrite really loses, under whatever covariance
+# is given (normally the undamped, timestep-weighted one). Each returns (error, energy), with
+# energy the error of the zero map, so error / energy is the relative error.
+
+
+def _sym(cov: torch.Tensor) -> torch.Tensor:
+    return _check_square(cov, "covariance")
+
+
+def ffn_output_error(
+    correlation: torch.Tensor, out_weight: torch.Tensor, keep: torch.Tensor, new_out_weight: torch.Tensor
+) -> tuple[float, float]:
+    """E||h B - h_J B'||^2 and E||h B||^2 under ``correlation`` K = E[h^T h] (inner, inner).
+
+    ``out_weight`` (d, inner) is the original ff.net.2 weight (B = out_weight^T), ``keep`` the kept
+    neurons J (k,), ``new_out_weight`` (d, k) the rebuilt ff.net.2 weight (B' = new_out_weight^T)."""
+    k = _sym(correlation)
+    b = out_weight.to(F64).T  # (inner, d)
+    delta = b.clone()
+    delta[keep] -= new_out_weight.to(F64).T  # rows J: B_J - B'; others: B_i (dropped neurons)
+    return float(torch.einsum("nd,nm,md->", delta, k, delta)), float(torch.einsum("nd,nm,md->", b, k, b))
+
+
+def qk_logit_error(
+    cov_q: torch.Tensor, cov_k: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor
+) -> tuple[float, float]:
+    """E||q (I - T_q T_k^T) k^T||^2 and E||q k^T||^2 for independent q, k with second moments
+    ``cov_q``, ``cov_k`` (d_h, d_h); ``t_q``, ``t_k`` are (d_h, r). Summed over every (query, key)
+    token pair of one sequence, the independence assumption is exact: sum_ij (q_i M k_j^T)^2 =
+    tr(S_q M S_k M^T) with S the token sums."""
+    cq, ck = _sym(cov_q), _sym(cov_k)
+    m = torch.eye(cq.shape[0], dtype=F64) - t_q.to(F64) @ t_k.to(F64).T
+    return float(torch.trace(cq @ m @ ck @ m.T)), float(torch.trace(cq @ ck))
+
+
+def vo_output_error(
+    cov_a: torch.Tensor, w_o: torch.Tensor, t_v: torch.Tensor, out_block: torch.Tensor
+) -> tuple[float, float]:
+    """E||a W_o - a T O||^2 and E||a W_o||^2 for one head: ``cov_a`` (d_h, d_h) second moment of
+    the head's attention output, ``w_o`` (d_h, d_out) its block of to_out.0, ``t_v`` (d_h, r) and
+    ``out_block`` (r, d_out) the rewrite."""
+    ca = _sym(cov_a)
+    w = w_o.to(F64)
+    delta = w - t_v.to(F64) @ out_block.to(F64)
+    return float(torch.einsum("io,ij,jo->", delta, ca, delta)), float(torch.einsum("io,ij,jo->", w, ca, w))

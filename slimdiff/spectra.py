@@ -1,21 +1,41 @@
 """Truncation-error profiles: how much of each unit's output the closed-form decompositions lose
 at every rank, read off one factorisation per unit (no compression is run).
 
-For a unit m and a rank r, ``e_m(r)`` is the decomposition's expected squared output error at
-rank r divided by its error at rank 0 (the unit's output energy), under the same damped,
-timestep-weighted covariances ``compress_`` uses:
+For a unit m and a rank r, ``e_m(r)`` is the expected squared output error of the rewrite that
+``compress_`` builds at rank r, divided by the unit's output energy (its error at rank 0). Two
+covariances are involved and kept apart:
 
-* QK (whitening-SVD per head): sum over heads of the discarded S_i^2 of R_q R_k^T, over the sum
-  of all S_i^2 (the attention-logit energy). Every head keeps the same r.
-* VO (whitening-SVD per head): the same with the singular values of R_a W_o,h.
-* FFN (Nystrom with CPQR): with K~ = A^T A, the pivoted QR A P = Q R gives K~_PP = R^T R, and
-  the Nystrom residual of the first k pivots is the Schur complement sum_{i>=k} R_i^T R_i
-  (rows of R). The refit's error is therefore sum_{i>=k} ||R_i B_P||^2, with B = ff.net.2's
-  weight transposed and its rows permuted like the neurons: all ranks from one QR.
+* the rewrite is computed, as in ``compress_``, from the *damped* covariance
+  C~ = C + lambda I (lambda = damping * tr(C)/n): damping is numerics and regularisation;
+* its error is measured under the *undamped* timestep-weighted covariance C, i.e. on the
+  activations the unit really sees. (Under C~ the error of a rank-deficient unit is dominated by
+  the damping's isotropic floor: cross-attention keys come from a few dozen text tokens, and their
+  damped QK error was orders of magnitude above the true one.)
+
+All ranks come from one factorisation per unit, as prefix sums:
+
+* QK, per head: with SVD(R~_q R~_k^T) = U S V^T, a_i = R~_q^-1 u_i s_i^1/2, b_i = R~_k^-1 v_i s_i^1/2,
+  the rank-r rewrite is A_r = sum_{i<r} a_i b_i^T and its logit error over independent q, k is
+  tr(C_q C_k) - 2 sum_{i<r} b_i^T C_k C_q a_i + sum_{i,j<r} (a_i^T C_q a_j)(b_i^T C_k b_j).
+  Heads are separate outputs (their logits never mix), so the unit's error is the sum over heads.
+* VO, per head: with SVD(R~_a W_o) = U S V^T and x_i = R~_a^-1 u_i, the rewrite is
+  P_r W_o with P_r = sum_{i<r} x_i u_i^T R~_a, and since u_i^T R~_a W_o = s_i v_i^T its error is
+  tr(W_o^T C_a W_o) - 2 sum_{i<r} s_i v_i^T W_o^T C_a x_i + sum_{i<r} s_i^2 x_i^T C_a x_i.
+  The unit's error is the sum over heads: this ignores the cross-head terms E[e_h^T e_g] of the
+  head errors, which the per-head statistics cannot see (``benchmarks/vo_cross_head.py`` measures
+  them on the toy model with the full covariance).
+* FFN (Nystrom with CPQR): the pivoted QR A P = Q R of a square root of C~ gives C~_PP = R^T R;
+  with W = R B_P (B = ff.net.2's weight transposed, rows in pivot order), the damped Schur
+  complement error of the first k pivots is sum_{i>=k} ||W_i||^2. Under C = C~ - lambda I the
+  error is that minus lambda * (||B||^2 - 2 a_k + b_k), where, with G = R^-1,
+  a_k = sum_{i,j<k} G_ij (B_i . W_j) and b_k = sum_{i,j<k} (G^T G)_ij (W_i . W_j): leading-block
+  sums of two fixed matrices (the refit of the first k pivots is B' = G_kk W_k).
 
 Why: the allocation needs a currency shared by all units. A relative error is unit-free and is
 exactly what each decomposition minimises, so "error" allocation (``slimdiff.allocation``)
 spends the parameter budget where it buys the largest drop in relative error per parameter.
+``slimdiff.linalg``'s ``*_output_error`` functions compute the same quantity for one rewrite
+directly; tests check that every point of a curve equals them.
 """
 
 from __future__ import annotations
@@ -33,52 +53,95 @@ from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
 F64 = torch.float64
 
 
-def _relative(discarded: torch.Tensor) -> list[float]:
-    """``discarded[r]`` = error at rank r (r = 0..R) -> the same divided by the rank-0 error."""
-    total = float(discarded[0])
-    if total <= 0.0:  # a dead unit: nothing to lose at any rank
-        return [0.0] * discarded.numel()
-    return [min(1.0, max(0.0, float(x) / total)) for x in discarded]
+def _relative(errors: torch.Tensor, energy: float) -> list[float]:
+    """Errors at ranks 0..R -> the same over the unit's output energy, clipped to [0, 1]."""
+    if energy <= 0.0:  # a dead unit: nothing to lose at any rank
+        return [0.0] * errors.numel()
+    # rank 0 is the zero map: its error is the energy by definition (the sums only round to it)
+    return [1.0] + [min(1.0, max(0.0, float(x) / energy)) for x in errors[1:]]
 
 
-def _tail_sums(sq: torch.Tensor) -> torch.Tensor:
-    """(..., R) squared values, descending importance -> (R+1,) sum over leading dims of the
-    values from index r on, for r = 0..R (index R: 0)."""
-    per_rank = sq.reshape(-1, sq.shape[-1]).sum(0)
-    tail = torch.flip(torch.cumsum(torch.flip(per_rank, [0]), 0), [0])
-    return torch.cat([tail, tail.new_zeros(1)])
+def _prefix(values: torch.Tensor) -> torch.Tensor:
+    """(R,) -> (R+1,) sums of the first r values, r = 0..R."""
+    return torch.cat([values.new_zeros(1), torch.cumsum(values, 0)])
+
+
+def _block_prefix(matrix: torch.Tensor) -> torch.Tensor:
+    """(R, R) -> (R+1,) sums of the leading r x r blocks, r = 0..R."""
+    s = matrix.cumsum(0).cumsum(1)
+    return torch.cat([matrix.new_zeros(1), torch.diagonal(s)])
+
+
+def _sym(cov: torch.Tensor) -> torch.Tensor:
+    c = cov.to(F64)
+    return 0.5 * (c + c.T)
 
 
 def qk_error_curve(cov_q: torch.Tensor, cov_k: torch.Tensor, damping: float = 1e-2) -> list[float]:
-    """Relative QK error e(r), r = 0..d_h, for (H, d_h, d_h) query and key second moments."""
-    sq = []
+    """Relative QK logit error e(r), r = 0..d_h, of the damped whitening-SVD rewrite under the
+    undamped (H, d_h, d_h) query and key second moments."""
+    errors, energy = torch.zeros(cov_q.shape[-1] + 1, dtype=F64), 0.0
     for h in range(cov_q.shape[0]):
-        fq, fk = damped_cholesky(cov_q[h], damping), damped_cholesky(cov_k[h], damping)
-        sq.append(torch.linalg.svdvals(fq.upper @ fk.upper.T).square())
-    return _relative(_tail_sums(torch.stack(sq)))
+        cq, ck = _sym(cov_q[h]), _sym(cov_k[h])
+        fq, fk = damped_cholesky(cq, damping), damped_cholesky(ck, damping)
+        u, s, vh = torch.linalg.svd(fq.upper @ fk.upper.T)
+        root = s.sqrt()
+        a = torch.linalg.solve_triangular(fq.upper, u * root, upper=True)  # columns a_i
+        b = torch.linalg.solve_triangular(fk.upper, vh.T * root, upper=True)  # columns b_i
+        cross = torch.einsum("di,de,ef,fi->i", b, ck, cq, a)  # b_i^T C_k C_q a_i
+        gram = (a.T @ cq @ a) * (b.T @ ck @ b)  # (a_i^T C_q a_j)(b_i^T C_k b_j)
+        e0 = float(torch.trace(cq @ ck))
+        errors += e0 - 2.0 * _prefix(cross) + _block_prefix(gram)
+        energy += e0
+    return _relative(errors, energy)
 
 
 def vo_error_curve(cov_a: torch.Tensor, w_o: torch.Tensor, damping: float = 1e-2) -> list[float]:
-    """Relative VO error e(r), r = 0..d_h; ``w_o`` is (H, d_h, d_out), each head's block of
-    to_out.0 in row-vector form."""
-    sq = []
+    """Relative VO error e(r), r = 0..d_h, of the damped whitening-SVD rewrite under the undamped
+    (H, d_h, d_h) attention-output second moments; ``w_o`` is (H, d_h, d_out), each head's block
+    of to_out.0 in row-vector form."""
+    d = cov_a.shape[-1]
+    errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
     for h in range(cov_a.shape[0]):
-        fa = damped_cholesky(cov_a[h], damping)
-        s = torch.linalg.svdvals(fa.upper @ w_o[h].to(F64)).square()
-        sq.append(torch.cat([s, s.new_zeros(w_o.shape[1] - s.numel())]))  # d_out < d_h: rank-deficient
-    return _relative(_tail_sums(torch.stack(sq)))
+        ca, w = _sym(cov_a[h]), w_o[h].to(F64)
+        fa = damped_cholesky(ca, damping)
+        u, s, vh = torch.linalg.svd(fa.upper @ w, full_matrices=False)  # k = min(d_h, d_out) triplets
+        x = torch.linalg.solve_triangular(fa.upper, u, upper=True)  # columns x_i
+        z = ca @ x
+        cross = s * ((w @ vh.T) * z).sum(0)  # s_i v_i^T W^T C_a x_i
+        quad = s.square() * (x * z).sum(0)  # s_i^2 x_i^T C_a x_i
+        e0 = float(torch.einsum("io,ij,jo->", w, ca, w))
+        head = e0 - 2.0 * _prefix(cross) + _prefix(quad)  # ranks 0..k
+        if head.numel() < d + 1:  # d_out < d_h: rank k already reproduces the head exactly
+            head = torch.cat([head, head[-1:].expand(d + 1 - head.numel())])
+        errors += head
+        energy += e0
+    return _relative(errors, energy)
 
 
 def ffn_error_curve(
     correlation: torch.Tensor, out_weight: torch.Tensor, damping: float = 1e-2
 ) -> list[float]:
-    """Relative Nystrom-CPQR error e(k), k = 0..inner, for ``correlation`` E[h^T h] (inner, inner)
-    and ``out_weight`` (d, inner), the ff.net.2 weight. Matches ``linalg.nystrom_ffn``'s error at
-    every k (same damping, same pivots)."""
-    r, piv = cpqr(damped_cholesky(correlation, damping))
+    """Relative Nystrom-CPQR error e(k), k = 0..inner, of the damped refit (``linalg.nystrom_ffn``,
+    same pivots) under the undamped ``correlation`` E[h^T h] (inner, inner); ``out_weight`` is the
+    ff.net.2 weight (d, inner)."""
+    k_und = _sym(correlation)
+    factor = damped_cholesky(k_und, damping)
+    r, piv = cpqr(factor)
     b = out_weight.to(F64).T[piv]  # (inner, d), rows in pivot order
-    row_err = (r @ b).square().sum(dim=1)  # ||R_i B_P||^2
-    return _relative(_tail_sums(row_err))
+    w = r @ b  # (inner, d)
+    row = w.square().sum(dim=1)
+    damped = torch.flip(torch.cumsum(torch.flip(row, [0]), 0), [0])
+    damped = torch.cat([damped, damped.new_zeros(1)])  # sum_{i>=k} ||W_i||^2, k = 0..inner
+    lam = factor.diagnostics.damping_abs
+    energy = float(torch.einsum("nd,nm,md->", b, k_und[piv][:, piv], b))
+    if lam == 0.0:
+        return _relative(damped, energy)
+    g = torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=F64), upper=True)  # R^-1
+    a_k = _block_prefix(g * (b @ w.T))  # sum_{i,j<k} G_ij (B_i . W_j)
+    b_k = _block_prefix((g.T @ g) * (w @ w.T))  # ||B'_k||^2
+    errors = damped - lam * (b.square().sum() - 2.0 * a_k + b_k)
+    return _relative(errors, energy)
 
 
 def error_profiles(

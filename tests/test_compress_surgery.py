@@ -63,6 +63,7 @@ def test_full_rank_rewrite_reproduces_every_module_and_the_unet(cfg):
 @pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
 def test_compressed_layers_are_really_smaller_and_count_matches_plan(cfg):
     unet, covs = calibrated(CONFIGS[cfg])
+    original = copy.deepcopy(unet)
     units = compression_units(unet)
     before = count_parameters(unet)
     scores = {n: float(i % 5) for i, n in enumerate(units)}
@@ -85,8 +86,13 @@ def test_compressed_layers_are_really_smaller_and_count_matches_plan(cfg):
             else:
                 assert shapes[f"{pre}.to_v"][0] == heads * p.rank
                 assert shapes[f"{pre}.to_out.0"][1] == heads * p.rank
-    out = run(unet, unet_inputs(unet, seed=3))
-    assert torch.isfinite(out).all()
+    # quality reference: the activation-free baselines at the same plan; whitening must be closer
+    # to the original on held-out inputs (measured here: 0.09-0.12 vs 0.11-0.18 relative error)
+    x = unet_inputs(unet, seed=3)
+    baseline = copy.deepcopy(original)
+    compress_(baseline, plan, None, method="baseline")
+    ref = run(original, x)
+    assert 0 < rel_err(run(unet, x), ref) < rel_err(run(baseline, x), ref)
 
 
 def test_reduced_rank_error_on_calibration_tokens_equals_report():
@@ -143,9 +149,13 @@ def test_weight_svd_and_magnitude_baselines_need_no_statistics():
     unet = make_tiny_unet()
     units = compression_units(unet)
     plan = RankPlan.from_ranks(units, {n: 8 for n in units})
+    original = copy.deepcopy(unet)
     report = compress_(unet, plan, None, method="baseline")
     assert {u.method for u in report.units.values()} == {"magnitude", "weight_svd"}
-    assert torch.isfinite(run(unet, unet_inputs(unet))).all()
+    assert all(u.error is None for u in report.units.values())  # no statistics: nothing to measure
+    x = unet_inputs(unet)
+    # changed, and far closer to the original than dropping the transformer blocks' output
+    assert 1e-4 < rel_err(run(unet, x), run(original, x)) < 0.5
     assert available_methods() == {
         "ffn": ["slimdiff", "magnitude"],
         "qk": ["slimdiff", "weight_svd"],
@@ -304,7 +314,10 @@ def test_sd2_style_unet_linear_projection_and_per_level_heads():
     plan = RankPlan.from_ranks(units, {n: 8 for n in units})
     compress_(slim, plan, covs)
     assert count_parameters(slim) == count_parameters(original) - plan.removed_params
-    assert torch.isfinite(run(slim, x)).all()
+    baseline = copy.deepcopy(original)
+    compress_(baseline, plan, None, method="baseline")
+    ref = run(original, x)
+    assert 0 < rel_err(run(slim, x), ref) < rel_err(run(baseline, x), ref)
 
 
 def test_plain_gelu_ffn_block():

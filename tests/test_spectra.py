@@ -42,37 +42,71 @@ def error_plan(units, profiles, fraction: float, step: int = 1) -> RankPlan:
     )
 
 
-def spd(n: int, seed: int, decay: float = 0.7) -> torch.Tensor:
+def spd(n: int, seed: int, decay: float = 0.7, rank: int | None = None) -> torch.Tensor:
+    """A random SPD (or, with ``rank``, PSD rank-deficient) matrix with eigenvalues decay**i."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
-    return (q * decay ** torch.arange(n, dtype=F64)) @ q.T
+    eig = decay ** torch.arange(n, dtype=F64)
+    if rank is not None:
+        eig[rank:] = 0.0
+    return (q * eig) @ q.T
 
 
-def test_ffn_curve_equals_nystrom_refit_error_at_every_rank():
-    corr = spd(24, 0, 0.8)
+# The curves are prefix-sum formulas; the references evaluate each rank's rewrite explicitly
+# (slimdiff.linalg *_output_error under the undamped covariance). Both are float64 sums of O(n)
+# terms of size <= 1, so they agree to ~1e-15; 1e-10 leaves room without hiding a wrong formula.
+EXACT = 1e-10
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+def test_ffn_curve_equals_the_undamped_error_of_the_damped_refit_at_every_rank(rank):
+    corr = spd(24, 0, 0.8, rank)
     g = torch.Generator().manual_seed(1)
     w_out = torch.randn(6, 24, generator=g, dtype=F64)
     curve = ffn_error_curve(corr, w_out, damping=1e-2)
     assert len(curve) == 25 and curve[0] == 1.0 and curve[-1] == pytest.approx(0.0, abs=1e-12)
-    for k in (1, 3, 8, 16, 23):
-        res = linalg.nystrom_ffn(corr, w_out, k, damping=1e-2)  # explicit Schur complement
-        assert curve[k] == pytest.approx(res.error / res.energy, rel=1e-8, abs=1e-12), k
-    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(curve))  # nested subsets: non-increasing
+    for k in range(1, 25):
+        res = linalg.nystrom_ffn(corr, w_out, k, damping=1e-2)
+        error, energy = linalg.ffn_output_error(corr, w_out, res.keep, res.out_weight)
+        assert curve[k] == pytest.approx(error / energy, abs=EXACT), k
 
 
-def test_qk_and_vo_curves_equal_the_discarded_singular_values():
+@pytest.mark.parametrize("rank", [None, 3])
+def test_qk_and_vo_curves_equal_the_undamped_error_of_each_rewrite(rank):
     heads, d = 3, 8
-    cq = torch.stack([spd(d, 10 + h) for h in range(heads)])
-    ck = torch.stack([spd(d, 20 + h) for h in range(heads)])
-    ca = torch.stack([spd(d, 30 + h) for h in range(heads)])
+    cq = torch.stack([spd(d, 10 + h, rank=rank) for h in range(heads)])
+    ck = torch.stack([spd(d, 20 + h, rank=rank) for h in range(heads)])
+    ca = torch.stack([spd(d, 30 + h, rank=rank) for h in range(heads)])
     w_o = torch.randn(heads, d, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
     qk, vo = qk_error_curve(cq, ck), vo_error_curve(ca, w_o)
     for r in range(1, d + 1):
         rq = [linalg.qk_whitened_svd(cq[h], ck[h], r) for h in range(heads)]
         rv = [linalg.vo_whitened_svd(ca[h], w_o[h], r) for h in range(heads)]
-        assert qk[r] == pytest.approx(sum(x.error for x in rq) / sum(x.energy for x in rq), abs=1e-12)
-        assert vo[r] == pytest.approx(sum(x.error for x in rv) / sum(x.energy for x in rv), abs=1e-12)
-    assert qk[0] == vo[0] == 1.0 and qk[d] == vo[d] == 0.0
+        eq = [linalg.qk_logit_error(cq[h], ck[h], x.t_q, x.t_k) for h, x in enumerate(rq)]
+        ev = [linalg.vo_output_error(ca[h], w_o[h], x.t_v, x.out_block) for h, x in enumerate(rv)]
+        assert qk[r] == pytest.approx(sum(e for e, _ in eq) / sum(n for _, n in eq), abs=EXACT), r
+        assert vo[r] == pytest.approx(sum(e for e, _ in ev) / sum(n for _, n in ev), abs=EXACT), r
+    assert (
+        qk[0] == vo[0] == 1.0
+        and qk[d] == pytest.approx(0.0, abs=1e-12)
+        and vo[d] == pytest.approx(0.0, abs=1e-12)
+    )
+
+
+def test_rank_deficient_keys_the_damped_error_overstates_the_true_one():
+    """Cross-attention keys span a few text-token directions: once the rank covers them, the
+    true logit error is ~0, while the damped covariance's isotropic floor still reads as error.
+    The profile must report the truth (this was off by orders of magnitude before)."""
+    d = 16
+    cq, ck = spd(d, 1, 0.8)[None], spd(d, 2, 0.8, rank=4)[None]
+    true = qk_error_curve(cq, ck, damping=1e-2)
+    damped = [
+        (x := linalg.qk_whitened_svd(cq[0], ck[0], r, 1e-2)).error / x.energy if r else 1.0
+        for r in range(d + 1)
+    ]
+    # four key directions: rank 4 keeps all but the damping's perturbation of the basis (~5e-6)
+    assert true[4] < 1e-4 and true[3] > 1e-2
+    assert damped[4] > 100 * true[4]  # the damped reading: ~6.6e-3, over 1000x the truth
 
 
 def test_profiles_predict_compress_report_on_a_tiny_unet(tiny_unet, tmp_path):
@@ -118,6 +152,100 @@ def test_error_allocation_is_optimal_on_convex_curves(kept_ranks):
     got = sum(profiles[n][u.rank] for n, u in plan.units.items())
     assert got == pytest.approx(best[0], abs=1e-12)
     assert plan.mode == "error" and plan.tau == 0.0 and plan.profiles_digest
+
+
+def _brute_force(units, profiles, target: int, grids, groups=()):
+    """Minimum parameter-weighted error over every rank combination that fits ``target``."""
+    names = list(units)
+    total = sum(u.full_params for u in units.values())
+    best = (math.inf, None)
+    for combo in itertools.product(*(grids[n] for n in names)):
+        ranks = dict(zip(names, combo, strict=True))
+        if any(ranks[a] != ranks[b] for a, b in groups):
+            continue
+        if sum(ranks[n] * units[n].cost_per_rank for n in names) > target:
+            continue
+        value = sum(units[n].full_params / total * profiles[n][ranks[n]] for n in names)
+        best = min(best, (value, combo), key=lambda t: t[0])
+    return best[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_error_allocation_equals_brute_force_with_unequal_costs_and_non_convex_curves(seed):
+    """The dynamic programme is the constrained optimum: unequal costs per rank, curves with
+    plateaus and cliffs (non-convex, where a greedy or a Lagrangian relaxation can miss), a
+    target between grid sums. Reference: every combination of the rank grids."""
+    g = torch.Generator().manual_seed(seed)
+    units, profiles = {}, {}
+    for i, (full, cost) in enumerate([(8, 7), (6, 13), (8, 5), (4, 29)]):
+        n = f"u{i}"
+        units[n] = UnitInfo(n, "ffn", f"b{i}", None, full, cost)
+        drops = torch.rand(full, generator=g, dtype=F64) ** 3  # spiky: non-convex tails
+        tail = torch.flip(torch.cumsum(torch.flip(drops, [0]), 0), [0]) / drops.sum()
+        profiles[n] = [*tail.tolist(), 0.0]
+    grids = {n: rank_grid(u.full_rank, 2, 2) for n, u in units.items()}
+    compressible = sum(u.full_params for u in units.values())
+    for fraction in (0.2, 0.35, 0.5, 0.6):  # the grid's floor (all at rank 2) is 63% removed
+        target = math.floor(compressible * (1 - fraction))
+        plan = plan_ranks(
+            None,
+            units,
+            Budget(kept_params=target),
+            mode="error",
+            tau=0.0,
+            r_min=2,
+            multiple=2,
+            profiles=profiles,
+        )
+        assert plan.params_after <= target
+        assert plan.solver == {"method": "dp", "quantum": 2, "exact": True, "tie_qk_vo": False}  # costs even
+        got = sum(u.params_before / compressible * profiles[n][u.rank] for n, u in plan.units.items())
+        assert got == pytest.approx(_brute_force(units, profiles, target, grids), abs=1e-12)
+
+
+def test_tied_allocation_gives_each_attention_one_rank_and_is_optimal_among_tied_plans():
+    units, profiles = {}, {}
+    for b, (qk_slope, vo_slope) in enumerate([(3.0, 0.2), (0.5, 1.5)]):
+        for kind, slope, cost in (("qk", qk_slope, 11), ("vo", vo_slope, 17)):
+            n = f"b{b}.attn1.{kind}"
+            units[n] = UnitInfo(n, kind, f"b{b}", "attn1", 8, cost)
+            profiles[n] = [math.exp(-slope * r) * (1 - r / 8) for r in range(9)]
+    grids = {n: rank_grid(8, 1, 1) for n in units}
+    target = 120
+    free = plan_ranks(
+        None, units, Budget(kept_params=target), mode="error", r_min=1, multiple=1, profiles=profiles
+    )
+    tied = plan_ranks(
+        None,
+        units,
+        Budget(kept_params=target),
+        mode="error",
+        r_min=1,
+        multiple=1,
+        profiles=profiles,
+        tie_qk_vo=True,
+    )
+    pairs = [(f"b{b}.attn1.qk", f"b{b}.attn1.vo") for b in range(2)]
+    assert any(free.units[a].rank != free.units[b].rank for a, b in pairs)  # unconstrained: untied
+    assert all(tied.units[a].rank == tied.units[b].rank for a, b in pairs)
+    assert tied.solver["tie_qk_vo"] is True and tied.params_after <= target
+    compressible = sum(u.full_params for u in units.values())
+    got = sum(u.params_before / compressible * profiles[n][u.rank] for n, u in tied.units.items())
+    assert got == pytest.approx(_brute_force(units, profiles, target, grids, pairs), abs=1e-12)
+
+
+def test_dp_on_a_coarse_quantum_never_exceeds_the_budget():
+    """Budgets too fine for the state limit are solved on rounded-up costs: still within budget,
+    and no worse than the exact optimum by more than what the slack could buy."""
+    from slimdiff.allocation import dp_allocate
+
+    options = [[(c * 7, 1.0 / (1 + c)) for c in range(1, 30)] for _ in range(5)]
+    exact = dp_allocate(options, 500)
+    coarse = dp_allocate(options, 500, max_states=20)
+    assert exact.exact and exact.quantum == 7 and not coarse.exact and coarse.quantum == 25
+    cost = sum(options[g][i][0] for g, i in enumerate(coarse.choice))
+    value = lambda r: sum(options[g][i][1] for g, i in enumerate(r.choice))  # noqa: E731
+    assert cost <= 500 and value(coarse) >= value(exact) - 1e-12
 
 
 def test_error_allocation_cuts_the_flat_curve_first_and_tau_pulls_to_uniform():
