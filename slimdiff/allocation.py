@@ -5,8 +5,8 @@ error; ``influence`` is METHOD.md's softmax of the spectral influence scores; ``
 the same ratio everywhere.
 
 Mode "error": with e_m(r) the unit's relative truncation error at rank r (``slimdiff.spectra``:
-exactly the error each closed-form decomposition leaves, under the timestep-weighted covariances
-that spectral influence produced), minimise
+the undamped output error of the rewrite each closed-form decomposition builds, under the
+timestep-weighted covariances that spectral influence produced), minimise
 
     sum_m pi_m e_m(phi_m) + tau sum_m pi_m phi_m log phi_m     subject to the budget,
 
@@ -15,8 +15,13 @@ curve. tau = 0 is pure error-driven; tau -> inf is uniform. Why it is the defaul
 model, softmax-of-influence allocation lost to uniform allocation at every budget (high TRQ
 marks anisotropic, i.e. the *most compressible*, units, and the softmax gives them more rank),
 while the error mode beats uniform at every budget (README, "Rank allocation";
-``benchmarks/allocation_probe.py``). Solved by Lagrangian relaxation plus a greedy fill of the
-slack (``_error_ranks``); the result never exceeds the budget and is step-maximal.
+``benchmarks/allocation_probe.py``). Solved by exact dynamic programming over the rank grids
+(``dp_allocate``, a multiple-choice knapsack): the constrained optimum whenever the budget is
+at most ``DP_MAX_STATES`` multiples of the gcd of the costs (the toy model), otherwise the optimum
+for costs rounded up to a coarser quantum followed by a greedy fill of the slack; the plan's
+``solver`` field records which. ``tie_qk_vo`` gives the qk and vo units of each attention one
+shared rank (an allocation constraint; compressed attention runs on the fused SDPA kernel
+either way, see ``slimdiff.attention``).
 
 Mode "influence": keep ratios phi_m = r_m / R_m maximise
 
@@ -203,6 +208,8 @@ class RankPlan:
     target_params: int | None = None  # kept compressible params the budget asked for (before rounding)
     format_version: int = PLAN_FORMAT_VERSION
     profiles_digest: str | None = None  # error profiles the plan was made from (mode "error")
+    # how the ranks were found: {"method": "dp", "quantum": q, "exact": bool, "tie_qk_vo": bool}, ...
+    solver: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.format_version != PLAN_FORMAT_VERSION:
@@ -256,7 +263,7 @@ class RankPlan:
         return self.params_before - self.params_after
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format_version": self.format_version,
             "mode": self.mode,
             "budget": dict(self.budget),
@@ -273,6 +280,9 @@ class RankPlan:
             },
             "units": {name: u.to_dict() for name, u in self.units.items()},
         }
+        if self.solver:  # absent from plans made before it was recorded: their digests stay valid
+            out["solver"] = dict(self.solver)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> RankPlan:
@@ -313,6 +323,7 @@ class RankPlan:
             target_params=data.get("target_params"),
             format_version=version,
             profiles_digest=data.get("profiles_digest"),
+            solver=dict(data.get("solver") or {}),
         )
         totals = data.get("totals")
         if totals and int(totals.get("params_after", plan.params_after)) != plan.params_after:
@@ -430,6 +441,82 @@ def _uniform_ratios(units: Mapping[str, UnitInfo], target: int, r_min: int) -> d
     return {n: max(lo_ratio[n], lo) for n in units}
 
 
+#: the exact dynamic programme's state count limit (kept parameters / cost quantum); above it the
+#: costs are rounded up to a coarser quantum (see ``dp_allocate``)
+DP_MAX_STATES = 1 << 18
+
+
+@dataclass(frozen=True)
+class DPResult:
+    choice: list[int]  # option index per group
+    quantum: int  # parameters per DP state
+    exact: bool  # quantum divides every cost: the result is the constrained optimum
+
+
+def dp_allocate(
+    options: list[list[tuple[int, float]]], target: int, max_states: int = DP_MAX_STATES
+) -> DPResult:
+    """Pick one (cost, value) option per group minimising the summed value with summed cost <= target.
+
+    A multiple-choice knapsack solved by dynamic programming over kept parameters. Costs are
+    counted in a quantum q: the gcd of all costs when target / gcd <= ``max_states`` (then the
+    result is the exact constrained optimum), else q = ceil(target / max_states) with every cost
+    rounded UP to a multiple of q (the result never exceeds the budget and is optimal for the
+    rounded costs; it can leave at most n_groups * q parameters unused, which the caller fills).
+    Ties: the smaller value, then the larger total cost, then the larger option index."""
+    import numpy as np
+
+    if not options or any(not opts for opts in options):
+        raise ValueError("dp_allocate needs at least one option per group")
+    costs = [c for opts in options for c, _ in opts]
+    if min(costs) < 0:
+        raise ValueError("option costs must be >= 0")
+    g = 0
+    for c in costs:
+        g = math.gcd(g, c)
+    g = max(g, 1)
+    q = g if target // g <= max_states else -(-target // max_states)
+    while True:
+        qcost = [[-(-c // q) for c, _ in opts] for opts in options]
+        base = [min(cs) for cs in qcost]  # every group pays at least its cheapest option
+        cap = target // q - sum(base)
+        if cap >= 0 or q == g:
+            break
+        # rounding up made a budget that sits just above the cheapest plan look infeasible
+        q = max(g, q // 2)
+    if cap < 0:
+        raise InfeasibleBudgetError(f"no choice of options fits {target}")
+    inf = np.inf
+    dp = np.full(cap + 1, inf)
+    dp[0] = 0.0
+    choices = np.zeros((len(options), cap + 1), dtype=np.int32)
+    for gi, opts in enumerate(options):
+        new = np.full(cap + 1, inf)
+        ch = choices[gi]
+        for oi in range(len(opts) - 1, -1, -1):  # larger index first: it wins exact ties
+            c = qcost[gi][oi] - base[gi]
+            if c > cap:
+                continue
+            cand = dp[: cap + 1 - c] + opts[oi][1]
+            tail = new[c:]
+            better = cand < tail
+            tail[better] = cand[better]
+            ch[c:][better] = oi
+        dp = new
+    finite = np.isfinite(dp)
+    if not finite.any():
+        raise InfeasibleBudgetError(f"no choice of options fits {target}")
+    best = float(dp[finite].min())
+    tol = 1e-12 * max(1.0, abs(best))
+    s = int(np.flatnonzero(finite & (dp <= best + tol)).max())  # ties: the most kept parameters
+    choice = [0] * len(options)
+    for gi in range(len(options) - 1, -1, -1):
+        oi = int(choices[gi, s])
+        choice[gi] = oi
+        s -= qcost[gi][oi] - base[gi]
+    return DPResult(choice, q, q == g)
+
+
 def _error_ranks(
     profiles: Mapping[str, list[float]],
     units: Mapping[str, UnitInfo],
@@ -437,16 +524,16 @@ def _error_ranks(
     tau: float,
     r_min: int,
     multiple: int,
-) -> dict[str, int]:
+    groups: list[list[str]] | None = None,
+) -> tuple[dict[str, int], DPResult]:
     """Minimise sum_m pi_m (e_m(r_m) + tau phi_m log phi_m), phi_m = r_m / R_m, over the rank
     grids subject to sum_m c_m r_m <= target (mode "error", see the module docstring).
 
-    Lagrangian relaxation: for a price lambda per kept parameter every unit independently takes
-    r_m(lambda) = argmin_{r in G_m} v_m(r) + lambda c_m r (ties: the larger rank); the kept
-    count is non-increasing in lambda, so bisection finds the cheapest price that meets the
-    budget. Those plans are optimal for their own kept count (points of the lower convex hull of
-    every unit's curve); the slack left is then filled greedily, one grid step at a time, by the
-    step that removes the most objective per parameter among those that fit (ties: unit name)."""
+    ``groups`` ties units to one shared rank (e.g. an attention's qk and vo units, which need the
+    same grid); every unit not in a group is its own group. Solved exactly by ``dp_allocate``
+    (or, for budgets too fine for its state limit, on rounded-up costs); the slack the rounding
+    leaves is then filled one grid step at a time by the step that removes the most objective per
+    parameter among those that fit (ties: unit name)."""
     grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
     total = sum(u.full_params for u in units.values())
 
@@ -455,49 +542,38 @@ def _error_ranks(
         phi = g / u.full_rank
         return u.full_params / total * (profiles[n][g] + tau * phi * math.log(phi))
 
-    value = {n: [objective(n, g) for g in grids[n]] for n in units}
-
-    def choose(lam: float) -> dict[str, int]:
-        idx = {}
-        for n, u in units.items():
-            costs = [v + lam * u.cost_per_rank * g for v, g in zip(value[n], grids[n], strict=True)]
-            best = min(costs)
-            idx[n] = max(i for i, c in enumerate(costs) if c <= best + 1e-15 * max(1.0, abs(best)))
-        return idx
-
-    def kept(idx: Mapping[str, int]) -> int:
-        return sum(grids[n][idx[n]] * units[n].cost_per_rank for n in units)
-
-    lo, hi = 0.0, 1.0
-    while kept(choose(hi)) > target:
-        hi *= 2.0
-        if hi > 1e300:
-            raise InfeasibleBudgetError(f"no price meets the budget of {target} kept parameters")
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if kept(choose(mid)) > target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-15 * hi:
-            break
-    idx = choose(hi)
-    kept_now = kept(idx)
-    while True:
-        best_gain, best = -1.0, None
-        for n, u in units.items():
-            i = idx[n]
-            if i + 1 < len(grids[n]):
-                step = (grids[n][i + 1] - grids[n][i]) * u.cost_per_rank
-                if kept_now + step <= target:
-                    gain = (value[n][i] - value[n][i + 1]) / step
-                    if gain > best_gain or (gain == best_gain and n < best[0]):
-                        best_gain, best = gain, (n, step)
+    grouped = {n for grp in groups or [] for n in grp}
+    all_groups = [list(grp) for grp in groups or []] + [[n] for n in units if n not in grouped]
+    for grp in all_groups:
+        if len({tuple(grids[n]) for n in grp}) != 1:
+            raise ValueError(f"tied units {grp} have different rank grids; they cannot share one rank")
+    options = [
+        [
+            (sum(r * units[n].cost_per_rank for n in grp), sum(objective(n, r) for n in grp))
+            for r in grids[grp[0]]
+        ]
+        for grp in all_groups
+    ]
+    result = dp_allocate(options, target)
+    idx = {n: result.choice[gi] for gi, grp in enumerate(all_groups) for n in grp}
+    kept_now = sum(options[gi][result.choice[gi]][0] for gi in range(len(all_groups)))
+    order = sorted(range(len(all_groups)), key=lambda gi: all_groups[gi][0])  # ties: unit name
+    while True:  # fill what the cost rounding left (nothing when the DP was exact)
+        best_gain, best = 0.0, None
+        for gi in order:
+            i = result.choice[gi]
+            if i + 1 < len(options[gi]):
+                step = options[gi][i + 1][0] - options[gi][i][0]
+                gain = (options[gi][i][1] - options[gi][i + 1][1]) / step
+                if kept_now + step <= target and gain > best_gain:
+                    best_gain, best = gain, (gi, step)
         if best is None:
             break
-        idx[best[0]] += 1
+        result.choice[best[0]] += 1
+        for n in all_groups[best[0]]:
+            idx[n] = result.choice[best[0]]
         kept_now += best[1]
-    return {n: grids[n][idx[n]] for n in units}
+    return {n: grids[n][idx[n]] for n in units}, result
 
 
 def _q(x: float) -> float:
@@ -550,6 +626,16 @@ def _round_and_repair(
     return {n: rank(n) for n in units}
 
 
+def qk_vo_groups(units: Mapping[str, UnitInfo]) -> list[list[str]]:
+    """[[{block}.{attn}.qk, {block}.{attn}.vo], ...] for every attention whose two units are both
+    planned: the pairs ``tie_qk_vo`` gives one shared rank."""
+    by_attn: dict[tuple[str, str | None], dict[str, str]] = {}
+    for n, u in units.items():
+        if u.kind in ("qk", "vo"):
+            by_attn.setdefault((u.block, u.attn), {})[u.kind] = n
+    return [[d["qk"], d["vo"]] for d in by_attn.values() if len(d) == 2]
+
+
 def feasible_range(units: Mapping[str, UnitInfo], r_min: int = 8, multiple: int = 8) -> tuple[int, int]:
     """(min, max) kept compressible parameters reachable on the rounding grid."""
     lo = sum(rank_grid(u.full_rank, r_min, multiple)[0] * u.cost_per_rank for u in units.values())
@@ -567,6 +653,7 @@ def plan_ranks(
     mode: AllocationMode = "influence",
     model_params: int | None = None,
     profiles: Mapping[str, list[float]] | None = None,
+    tie_qk_vo: bool = False,
 ) -> RankPlan:
     """Allocate per-unit ranks under ``budget`` (see the module docstring for the exact rules).
 
@@ -613,8 +700,12 @@ def plan_ranks(
     )
     digest = influence_digest(raw) if raw is not None else None
     if mode == "error":
-        ranks = _error_ranks(profiles, units, target, tau, r_min, multiple)
+        ranks, dp = _error_ranks(
+            profiles, units, target, tau, r_min, multiple, qk_vo_groups(units) if tie_qk_vo else None
+        )
+        solver = {"method": "dp", "quantum": dp.quantum, "exact": dp.exact, "tie_qk_vo": bool(tie_qk_vo)}
     else:
+        solver = {"method": "closed-form+repair" if mode == "influence" else "uniform+repair"}
         if mode == "influence":
             scores = normalise_scores(raw)
             continuous = _continuous_ratios(scores, units, target, tau, r_min)
@@ -644,6 +735,7 @@ def plan_ranks(
         influence_digest=digest,
         target_params=target,
         profiles_digest=_profiles_digest(profiles, units) if mode == "error" else None,
+        solver=solver,
     )
     logger.info(
         "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",
