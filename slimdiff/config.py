@@ -125,6 +125,9 @@ class AllocationParams(_Group):
     multiple: int = Field(8, ge=1)
     # module types to compress; the others keep full rank
     modules: tuple[Literal["ffn", "qk", "vo"], ...] = ("ffn", "qk", "vo")
+    # mode error: give each attention's qk and vo units one shared rank (an allocation constraint).
+    # Not needed for speed: untied widths are padded to one at run time (slimdiff.attention).
+    tie_qk_vo: bool = False
 
     @model_validator(mode="after")
     def _tau_for_mode(self) -> AllocationParams:

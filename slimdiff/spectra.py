@@ -67,9 +67,37 @@ def _prefix(values: torch.Tensor) -> torch.Tensor:
 
 
 def _block_prefix(matrix: torch.Tensor) -> torch.Tensor:
-    """(R, R) -> (R+1,) sums of the leading r x r blocks, r = 0..R."""
-    s = matrix.cumsum(0).cumsum(1)
-    return torch.cat([matrix.new_zeros(1), torch.diagonal(s)])
+    """(R, R) -> (R+1,) sums of the leading r x r blocks, r = 0..R: block r adds row r-1 up to
+    its diagonal and column r-1 above it."""
+    increments = torch.tril(matrix).sum(1) + torch.triu(matrix, 1).sum(0)
+    return _prefix(increments)
+
+
+def _upper_gram(g: torch.Tensor) -> torch.Tensor:
+    """G^T G for upper-triangular G (n, n), float64, with LAPACK's triangular product ``dlauum``
+    (a third of a GEMM's flops): reversing rows and columns turns G into a lower-triangular L
+    with G^T G = J (L^T L) J."""
+    import numpy as np
+    from scipy.linalg.lapack import dlauum
+
+    flipped = np.ascontiguousarray(torch.flip(g, [0, 1]).numpy())
+    prod, info = dlauum(flipped, lower=1)  # L^T L in the lower triangle
+    if info != 0:
+        raise ValueError(f"dlauum failed (info={info})")
+    low = torch.from_numpy(np.tril(prod))
+    full = low + torch.tril(low, -1).T
+    return torch.flip(full, [0, 1])
+
+
+def _upper_inverse(r: torch.Tensor) -> torch.Tensor:
+    """R^-1 for upper-triangular R (LAPACK ``dtrtri``, a third of a triangular solve's flops)."""
+    import numpy as np
+    from scipy.linalg.lapack import dtrtri
+
+    inv, info = dtrtri(np.ascontiguousarray(r.numpy()), lower=0)
+    if info != 0:
+        raise ValueError(f"dtrtri failed (info={info}): singular pivoted factor")
+    return torch.from_numpy(np.triu(inv))
 
 
 def _sym(cov: torch.Tensor) -> torch.Tensor:
@@ -134,12 +162,13 @@ def ffn_error_curve(
     damped = torch.flip(torch.cumsum(torch.flip(row, [0]), 0), [0])
     damped = torch.cat([damped, damped.new_zeros(1)])  # sum_{i>=k} ||W_i||^2, k = 0..inner
     lam = factor.diagnostics.damping_abs
-    energy = float(torch.einsum("nd,nm,md->", b, k_und[piv][:, piv], b))
+    # tr(B^T C B) = tr(B^T C~ B) - lambda ||B||^2 = ||W||^2 - lambda ||B||^2
+    energy = float(row.sum() - lam * b.square().sum())
     if lam == 0.0:
         return _relative(damped, energy)
-    g = torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=F64), upper=True)  # R^-1
-    a_k = _block_prefix(g * (b @ w.T))  # sum_{i,j<k} G_ij (B_i . W_j)
-    b_k = _block_prefix((g.T @ g) * (w @ w.T))  # ||B'_k||^2
+    g = _upper_inverse(r)  # G = R^-1
+    a_k = _prefix((g * (b @ w.T)).sum(0))  # sum_{i,j<k} G_ij (B_i . W_j); G upper: column sums
+    b_k = _block_prefix(_upper_gram(g) * (w @ w.T))  # ||B'_k||^2, B'_k the refit of k pivots
     errors = damped - lam * (b.square().sum() - 2.0 * a_k + b_k)
     return _relative(errors, energy)
 

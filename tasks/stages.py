@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 STAGE_VERSIONS = {
     "slimset": "1",
     "calibrate": "1",
-    "influence": "2",  # 2: also writes error_profiles.json
-    "plan": "2",  # 2: mode "error"; plans record profiles_digest and predicted_error
-    "compress": "1",
+    "influence": "3",  # 2: also writes error_profiles.json; 3: profiles are undamped errors
+    "plan": "3",  # 2: mode "error"; plans record profiles_digest and predicted_error; 3: exact DP
+    "compress": "2",  # 2: fused-kernel processor; report errors under the undamped covariance
     "evaluate": "1",
     "register": "1",
 }
@@ -388,6 +388,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
                 mode=cfg.mode,
                 model_params=sum(p.numel() for p in pipe.unet.parameters()),
                 profiles=profiles,
+                tie_qk_vo=cfg.tie_qk_vo,
             )
         except InfeasibleBudgetError as err:
             raise StageInputError(f"allocation.budget: {err}") from err
