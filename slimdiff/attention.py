@@ -20,7 +20,11 @@ so tests and benchmarks can assert that a compressed model stays on the original
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -178,6 +182,36 @@ def _backend_of(op_name: str) -> str | None:
     return None
 
 
+@contextmanager
+def _native_stderr_filtered() -> Iterator[None]:
+    """Drop the profiler library's own start/stop and GPU-probe lines, which it writes to the
+    process's stderr file descriptor (not Python's sys.stderr); everything else is passed on."""
+    noise = ("SyncActivityProfilerHandler", "gpuGetDeviceCount")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [
+                ln
+                for ln in tmp.read().decode(errors="replace").splitlines(True)
+                if not any(n in ln for n in noise)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def sdpa_backends(
     model: nn.Module,
     *args: Any,
@@ -219,9 +253,8 @@ def sdpa_backends(
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post))
     try:
-        # the legacy (non-kineto) profiler: the aten op names on the CPU side are all that is read,
-        # and it does not print kineto's start/stop lines
-        with torch.inference_mode(), profile(use_kineto=False) as prof:
+        # the legacy profiler: the aten op names on the CPU side are all that is read
+        with _native_stderr_filtered(), torch.inference_mode(), profile(use_kineto=False) as prof:
             model(*args, **kwargs)
     finally:
         for h in handles:

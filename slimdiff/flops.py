@@ -120,7 +120,22 @@ def unet_flops(
     unet: nn.Module, batch: int = 2, latent_size: int = 64, text_len: int = 77, device: str = "cpu"
 ) -> FlopsReport:
     """Analytic forward FLOPs of ``unet`` (a UNet2DConditionModel, compressed or not) for
-    ``batch`` samples of ``latent_size`` x ``latent_size`` latents and ``text_len`` text tokens.
+    ``batch`` samples of ``latent_size`` x ``latent_size`` latents and ``text_len`` text tokens
+    (see ``forward_flops``)."""
+    cfg = unet.config
+    sample = torch.empty(batch, cfg.in_channels, latent_size, latent_size, device="meta")
+    text = torch.empty(batch, text_len, cfg.cross_attention_dim, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    report = forward_flops(unet, (sample, timesteps, text), {}, batch=batch, device=device)
+    report.latent_size, report.text_len = latent_size, text_len
+    return report
+
+
+def forward_flops(
+    model: nn.Module, args: tuple, kwargs: dict, *, batch: int, device: str = "cpu"
+) -> FlopsReport:
+    """Analytic FLOPs of one forward ``model(*args, **kwargs)`` of any diffusers denoiser; the
+    inputs are meta tensors of the shapes to count (nothing is computed or allocated).
 
     Attention matmuls are counted at the widths that really run: a compressed head with
     r_qk != r_vo is padded to one width (``slimdiff.attention.common_head_width``, which depends on
@@ -129,7 +144,7 @@ def unet_flops(
 
     from slimdiff.attention import SlimAttnProcessor, common_head_width
 
-    skel = meta_copy(unet)
+    skel = meta_copy(model)
     rows: list[FlopsRow] = []
     hooks = []
 
@@ -170,17 +185,13 @@ def unet_flops(
             hooks.append(
                 mod.register_forward_pre_hook(lambda m, a, k, n=name: attn_hook(m, a, k, n), with_kwargs=True)
             )
-    cfg = unet.config
-    sample = torch.empty(batch, cfg.in_channels, latent_size, latent_size, device="meta")
-    text = torch.empty(batch, text_len, cfg.cross_attention_dim, device="meta")
-    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     try:
         with torch.inference_mode():
-            skel(sample, timesteps, text)
+            skel(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return FlopsReport(rows, batch, latent_size, text_len)
+    return FlopsReport(rows, batch, 0, 0)
 
 
 def format_breakdown(report: FlopsReport, top: int = 8) -> str:
