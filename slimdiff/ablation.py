@@ -262,8 +262,10 @@ def calibration_prompts(
 
 
 def with_unet(pipe, unet):
-    """A pipeline sharing every component of ``pipe`` but the UNet."""
-    components = {**pipe.components, "unet": unet}
+    """A pipeline sharing every component of ``pipe`` but the denoiser (UNet or transformer)."""
+    from slimdiff.arch.base import denoiser_attr
+
+    components = {**pipe.components, denoiser_attr(pipe): unet}
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
         components["requires_safety_checker"] = False
     new = type(pipe)(**components)
@@ -320,7 +322,7 @@ def run_ablation(
     ``pool`` is the calibration prompt pool (the evaluation prompts are excluded from it),
     ``embedder`` the SlimSet embedder, ``judges`` the toy judges (None: the committed ones).
     ``keep_images`` lists (variant, budget) pairs whose samples are kept in ``result.images``."""
-    from slimdiff.adapter import compression_units, count_parameters
+    from slimdiff.adapter import compression_units, count_parameters, denoiser_of
     from slimdiff.allocation import Budget, InfeasibleBudgetError, plan_ranks
     from slimdiff.calibration import collect_stats
     from slimdiff.compress import compress_
@@ -332,9 +334,10 @@ def run_ablation(
     seconds: dict[str, float] = {}
     variants = cfg.resolved_variants()
     needed_sets = {v.calibration for v in variants}
-    units_all = compression_units(pipe.unet)
+    denoiser = denoiser_of(pipe)
+    units_all = compression_units(denoiser)
     compressible = sum(u.full_params for u in units_all.values())
-    model_params = count_parameters(pipe.unet)
+    model_params = count_parameters(denoiser)
 
     # 1. calibration, once per calibration set
     stats: dict[str, Any] = {}
@@ -393,9 +396,9 @@ def run_ablation(
     for v in variants:
         key = (v.calibration, v.weighting)
         if key not in influence:
-            influence[key] = compute_influence(stats[v.calibration], pipe.unet, v.weighting)
+            influence[key] = compute_influence(stats[v.calibration], denoiser, v.weighting)
             covariances[key] = influence[key].aggregate(stats[v.calibration])
-            profiles[key] = error_profiles(pipe.unet, covariances[key], units_all, cfg.damping)
+            profiles[key] = error_profiles(denoiser, covariances[key], units_all, cfg.damping)
     seconds["influence"] = time.perf_counter() - t0
 
     # 3. the original, sampled and featurised once
@@ -446,7 +449,7 @@ def run_ablation(
                     on_row(row)
                 continue
             t0 = time.perf_counter()
-            unet = copy.deepcopy(pipe.unet)
+            unet = copy.deepcopy(denoiser)
             compress_(
                 unet,
                 plan,

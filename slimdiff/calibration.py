@@ -31,13 +31,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from slimdiff.adapter import UnsupportedModelError, find_transformer_blocks
-from slimdiff.stats import ATTN_OUT, KEY, QUERY, ActivationStats, attn_key, ffn_key
+from slimdiff.arch.base import StatSite, UnsupportedModelError, adapter_for, denoiser_of
+from slimdiff.stats import ActivationStats
 
 logger = logging.getLogger(__name__)
 
@@ -107,99 +106,44 @@ def per_head_gram_fp32(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Model checks
+# Sites
 # --------------------------------------------------------------------------------------------
-def _known_processor_types() -> tuple[type, ...]:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    return (AttnProcessor, AttnProcessor2_0)
-
-
 def check_attention_supported(name: str, attn: nn.Module) -> None:
-    """Raise UnsupportedModelError (naming ``name``) if the collector's hooks would not see the
-    query/key/attention-output activations this module really uses."""
-    proc = getattr(attn, "processor", None)
-    proc_type = type(proc)
-    known = proc_type in _known_processor_types() or getattr(proc_type, "slimdiff_supported", False) is True
-    if "Fused" in proc_type.__name__ or (getattr(attn, "fused_projections", False) and not known):
-        raise UnsupportedModelError(
-            f"{name}: fused QKV projections ({proc_type.__name__}) are not supported: the statistics hook "
-            "the separate to_q / to_k projections; call unet.unfuse_qkv_projections() first"
-        )
-    if not known:
-        raise UnsupportedModelError(
-            f"{name}: unknown attention processor {proc_type.__name__}; SlimDiff statistics support "
-            "diffusers' AttnProcessor2_0 / AttnProcessor and processors that set the class attribute "
-            "`slimdiff_supported = True`. Call unet.set_attn_processor(AttnProcessor2_0()) first"
-        )
-    for proj in ("to_q", "to_k", "to_v"):
-        if not isinstance(getattr(attn, proj, None), nn.Linear):
-            raise UnsupportedModelError(
-                f"{name}.{proj}: expected nn.Linear, got {type(getattr(attn, proj, None)).__name__}"
-            )
-    if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-        raise UnsupportedModelError(
-            f"{name}: per-head QK normalisation (norm_q / norm_k) is not supported: the query/key "
-            "statistics would not be those the softmax sees"
-        )
+    """Raise UnsupportedModelError (naming ``name``) if the statistics hooks would not see what
+    this BasicTransformerBlock attention really uses (kept for callers of the old API)."""
+    from slimdiff.arch.basic import check_attention_processor
 
-
-@dataclass(frozen=True)
-class _Site:
-    """One hooked activation: which statistic it feeds and how to reduce it."""
-
-    key: str
-    module: nn.Module
-    kind: str  # "pre" (module input) or "post" (module output)
-    heads: int  # 0 for the FFN (full gram), else per-head gram
-    shape: tuple[int, ...]
-
-
-def _sites(model: nn.Module) -> list[_Site]:
-    sites: list[_Site] = []
-    for block_name, block in find_transformer_blocks(model):
-        ff = getattr(block, "ff", None)
-        ff_out = ff.net[2] if ff is not None and hasattr(ff, "net") and len(ff.net) > 2 else None
-        if not isinstance(ff_out, nn.Linear):
-            raise UnsupportedModelError(
-                f"{block_name}.ff: expected ff.net.2 to be the nn.Linear output projection of the feed-forward "
-                f"(got {type(ff_out).__name__})"
-            )
-        inner = ff_out.in_features
-        sites.append(_Site(ffn_key(block_name), ff_out, "pre", 0, (inner, inner)))
-        for which in ("attn1", "attn2"):
-            attn = getattr(block, which, None)
-            if attn is None:
-                continue
-            name = f"{block_name}.{which}"
-            check_attention_supported(name, attn)
-            heads = int(attn.heads)
-            to_out = attn.to_out[0]
-            for stat, mod, kind, width in (
-                (QUERY, attn.to_q, "post", attn.to_q.out_features),
-                (KEY, attn.to_k, "post", attn.to_k.out_features),
-                (ATTN_OUT, to_out, "pre", to_out.in_features),
-            ):
-                if width % heads:
-                    raise UnsupportedModelError(
-                        f"{name}: {stat} width {width} is not a multiple of {heads} heads"
-                    )
-                d = width // heads
-                sites.append(_Site(attn_key(block_name, which, stat), mod, kind, heads, (heads, d, d)))
-    return sites
+    check_attention_processor(name, attn)
 
 
 def stat_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every statistic key the collector fills on ``model`` and its per-bucket shape (for stores
     that preallocate, e.g. the Zarr covariance store). Validates the model like the collector."""
-    return {s.key: s.shape for s in _sites(model)}
+    return {s.key: s.shape for s in adapter_for(model).stat_sites(model)}
+
+
+def _kept_tokens(mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
+    """Boolean (B, N) of the key tokens an attention mask lets through, or None (all of them).
+
+    diffusers passes masks as additive biases (0 = attend, large negative = masked), shaped
+    (B, N), (B, 1, N) or (B*heads, 1, N) by the time the attention module sees them; boolean
+    masks (True = attend) are accepted too."""
+    if mask is None:
+        return None
+    m = mask.detach()
+    keep = m if m.dtype == torch.bool else m > -1.0  # additive: 0 kept, -10000 / -inf masked
+    keep = keep.reshape(keep.shape[0], -1, keep.shape[-1])[:, 0, :]  # (B', N): one row per sample
+    if keep.shape[-1] != n_tokens:
+        raise RuntimeError(f"attention mask covers {keep.shape[-1]} key tokens, the keys have {n_tokens}")
+    return keep
 
 
 # --------------------------------------------------------------------------------------------
 # The collector
 # --------------------------------------------------------------------------------------------
 class ActivationCollector:
-    """Owns the statistics hooks on one UNet; use as a context manager.
+    """Owns the statistics hooks on one denoiser (any family ``slimdiff.arch`` supports); use as a
+    context manager. Which activations are hooked comes from the family adapter's ``stat_sites``.
 
     ``with ActivationCollector(unet, n_buckets, scheduler=pipe.scheduler) as col: pipe(...)``
     registers the hooks on enter and removes every one of them on exit, also when the body raises.
@@ -216,7 +160,8 @@ class ActivationCollector:
         self.model = model
         self.n_buckets = n_buckets
         self.scheduler = scheduler
-        self._sites = _sites(model)  # validates the model (raises naming the module)
+        self.adapter = adapter_for(model)
+        self._sites = self.adapter.stat_sites(model)  # validates the model (raises naming the module)
         device = next(model.parameters()).device
         self._sums = {
             s.key: torch.zeros((n_buckets, *s.shape), dtype=torch.float64, device=device) for s in self._sites
@@ -235,6 +180,7 @@ class ActivationCollector:
         self._schedule: list[float] | None = None  # unique timesteps of the sampler, in order
         self._schedule_src: torch.Tensor | None = None
         self._step_of_t: dict[float, int] = {}
+        self._masks: dict[str, torch.Tensor | None] = {}  # attention path -> its current attention_mask
         self.meta: dict = {}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -242,7 +188,7 @@ class ActivationCollector:
         if self._handles:
             raise RuntimeError("ActivationCollector is already active (nested `with` on the same collector)")
         # Re-check: processors may have been swapped since construction.
-        sites = _sites(self.model)
+        sites = self.adapter.stat_sites(self.model)
         if [(s.key, s.shape) for s in sites] != [(s.key, s.shape) for s in self._sites]:
             raise UnsupportedModelError(
                 "the model's transformer blocks changed shape since this collector was created; "
@@ -254,12 +200,19 @@ class ActivationCollector:
                 self._handles.append(
                     self.model.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True)
                 )
+            for path in sorted({s.mask_module for s in self._sites if s.mask_module}):
+                self._handles.append(
+                    self.model.get_submodule(path).register_forward_pre_hook(
+                        self._mask_hook(path), with_kwargs=True
+                    )
+                )
             for site in self._sites:
                 hook = self._make_hook(site)
+                module = self.model.get_submodule(site.module)
                 if site.kind == "pre":
-                    self._handles.append(site.module.register_forward_pre_hook(hook))
+                    self._handles.append(module.register_forward_pre_hook(hook))
                 else:
-                    self._handles.append(site.module.register_forward_hook(hook))
+                    self._handles.append(module.register_forward_hook(hook))
         except BaseException:
             self.remove_hooks()
             raise
@@ -297,14 +250,25 @@ class ActivationCollector:
         self._bucket = value
 
     # -- hooks ------------------------------------------------------------------------------
-    def _make_hook(self, site: _Site) -> Callable:
+    def _mask_hook(self, path: str) -> Callable:
+        def hook(module, args, kwargs):
+            self._masks[path] = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+
+        return hook
+
+    def _make_hook(self, site: StatSite) -> Callable:
         sums, tokens, heads = self._sums[site.key], self._tokens[site.key], site.heads
         upper_only = site.key in self._upper_only
+        mask_module = site.mask_module
 
         def record(x: torch.Tensor) -> None:
             if self._muted:
                 return
             with torch.no_grad():
+                if mask_module is not None:  # padded key tokens never enter the statistics
+                    keep = _kept_tokens(self._masks.get(mask_module), x.shape[-2])
+                    if keep is not None:
+                        x = x[keep.to(x.device)]  # (kept tokens, features)
                 if heads:
                     prod = per_head_gram_fp32(x, heads)
                 elif upper_only and x.device.type == "cpu":
@@ -330,7 +294,7 @@ class ActivationCollector:
     def _unet_pre_hook(self, module, args, kwargs) -> None:
         if self._muted:
             return
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = self.adapter.timestep(module, args, kwargs)
         if t is None:
             raise RuntimeError(
                 f"{type(module).__name__} was called without a timestep; cannot assign a bucket"
@@ -339,7 +303,7 @@ class ActivationCollector:
             flat = t.detach().flatten()
             if flat.numel() > 1 and not bool((flat == flat[0]).all()):
                 raise RuntimeError(
-                    "the UNet was called with different timesteps in one batch; buckets need one"
+                    "the denoiser was called with different timesteps in one batch; buckets need one"
                 )
             t = flat[0].item()
         self._bucket = self._bucket_of_timestep(float(t))
@@ -447,7 +411,8 @@ def collect_stats(
     progress: bool = True,
     index_offset: int = 0,
 ) -> ActivationStats:
-    """Second-moment statistics of ``pipe.unet`` over one prompt shard, per timestep bucket.
+    """Second-moment statistics of the pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)
+    over one prompt shard, per timestep bucket.
 
     Runs the pipeline's own scheduler and classifier-free guidance (``output_type="latent"``: the
     VAE decode is skipped). ``index_offset`` is the global index of ``prompts[0]`` in the full
@@ -469,8 +434,10 @@ def collect_stats(
         raise ValueError(f"index_offset must be >= 0, got {index_offset}")
 
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    height = height or pipe.unet.config.sample_size * vae_scale
-    width = width or pipe.unet.config.sample_size * vae_scale
+    denoiser = denoiser_of(pipe)
+    sample_h, sample_w = adapter_for(denoiser).sample_size(denoiser)
+    height = height or sample_h * vae_scale
+    width = width or sample_w * vae_scale
     meta = {
         "num_inference_steps": num_inference_steps,
         "guidance_scale": float(guidance_scale),
@@ -485,7 +452,7 @@ def collect_stats(
 
     saved_pbar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
-    collector = ActivationCollector(pipe.unet, n_buckets, scheduler=pipe.scheduler)
+    collector = ActivationCollector(denoiser, n_buckets, scheduler=pipe.scheduler)
     n_batches = math.ceil(len(prompts) / batch_size)
     try:
         with collector:

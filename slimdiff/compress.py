@@ -1,8 +1,9 @@
-"""Module surgery: rebuild a UNet's attention and FFN layers at the ranks of a rank plan.
+"""Module surgery: rebuild a denoiser's attention and FFN layers at the ranks of a rank plan.
 
-``compress_(unet, plan, covariances)`` is the one in-place verb (torchao-shaped). For every unit
+``compress_(model, plan, covariances)`` is the one in-place verb (torchao-shaped). For every unit
 the plan keeps below full rank it computes a closed-form decomposition (``slimdiff.linalg``) from
-the aggregated covariances and swaps in *really smaller* ``nn.Linear`` layers:
+the aggregated covariances and swaps in *really smaller* ``nn.Linear`` layers. Which layers those
+are comes from the unit's layout (``slimdiff.arch``); for a BasicTransformerBlock:
 
 =============  ===========================================  ================================
 unit           layers rewritten                             new shape (out, in)
@@ -13,7 +14,11 @@ unit           layers rewritten                             new shape (out, in)
 ``.attnX.vo``  ``to_v``, ``to_out.0``                       (H*r_vo, d_kv_in), (d_out, H*r_vo)
 =============  ===========================================  ================================
 
-Attention modules with a compressed QK or VO get ``SlimAttnProcessor``: diffusers' stock
+(a family whose attention has two token streams rewrites both streams' projections with the
+same per-head transforms.)
+
+Attention modules with a compressed QK or VO get the family's compressed processor
+(``slimdiff.attention.SlimAttnProcessor`` for diffusers' ``Attention``): diffusers' stock
 processor derives one head dim for q, k and v and the softmax scale from it, which is wrong once
 r_qk != d_h or r_vo != r_qk. Units at full rank are left untouched, so a plan can compress only
 the FFNs, only QK or only VO.
@@ -36,10 +41,17 @@ import torch
 from torch import nn
 
 from slimdiff import linalg
-from slimdiff.adapter import BlockInfo, UnitInfo, count_parameters, describe_unet, units_of_block
+from slimdiff.adapter import count_parameters
 from slimdiff.allocation import RankPlan
-from slimdiff.attention import SlimAttnProcessor
-from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
+from slimdiff.arch.base import (
+    AttentionLayout,
+    FFNLayout,
+    UnitInfo,
+    adapter_for,
+    linear,
+    replace_module,
+)
+from slimdiff.attention import SlimAttnProcessor  # noqa: F401  (re-exported: the processor's old home)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +90,7 @@ class QKRewrite:
 @dataclass
 class VORewrite:
     t_v: torch.Tensor  # (H, d_h, r): new value head h = v_h @ t_v[h]
-    out_blocks: torch.Tensor  # (H, r, d_out): head h's new rows of to_out.0 in row-vector form
+    out_blocks: torch.Tensor  # (H, r, sum d_out): head h's new rows of the out linear(s), side by side
     error: float | None = None
     energy: float | None = None
     diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
@@ -89,27 +101,47 @@ class UnitContext:
     """Everything a decomposition method may read for one unit (nothing is mutated)."""
 
     unit: UnitInfo
-    block: BlockInfo
-    module: nn.Module  # the BasicTransformerBlock
+    model: nn.Module  # the whole denoiser (layers are looked up by the layout's paths)
     rank: int
     covariances: Mapping[str, torch.Tensor]
     damping: float
     ffn_selection: str
 
-    def covariance(self, key: str) -> torch.Tensor:
+    @property
+    def layout(self) -> FFNLayout | AttentionLayout:
+        return self.unit.layout
+
+    def covariance(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if key not in self.covariances:
             raise CompressionError(f"{self.unit.name}: covariance {key!r} is missing from the statistics")
-        return self.covariances[key]
+        cov = self.covariances[key]
+        if tuple(cov.shape) != shape:
+            raise CompressionError(
+                f"{self.unit.name}: covariance {key!r} has shape {tuple(cov.shape)}, the model needs {shape} "
+                "(statistics collected on another model?)"
+            )
+        return cov
 
-    @property
-    def attention(self) -> nn.Module:
-        return getattr(self.module, self.unit.attn)
+    def weight(self, path: str) -> torch.Tensor:
+        return linear(self.model, path).weight.detach().to("cpu", F64)
+
+    def head_shape(self) -> tuple[int, int, int]:
+        return (self.layout.heads, self.layout.head_dim, self.layout.head_dim)
+
+    def out_blocks(self) -> torch.Tensor:
+        """(H, d_h, sum d_out): every out linear's per-head block in row-vector form, side by side."""
+        return torch.cat([out_heads(self.weight(p), self.layout.heads) for p in self.layout.out], dim=-1)
+
+    def head_gram(self, paths: tuple[str, ...]) -> torch.Tensor:
+        """(H, d_h, d_h): sum over ``paths`` of W_h W_h^T, the per-head output covariance of those
+        linears for isotropic inputs (what the weight-only baselines use)."""
+        return sum((w := _heads(self.weight(p), self.layout.heads)) @ w.transpose(1, 2) for p in paths)
 
 
 Method = Callable[[UnitContext], FFNRewrite | QKRewrite | VORewrite]
 _METHODS: dict[tuple[str, str], Method] = {}
-# covariance keys a method reads, as templates over (block, attn); checked before any work
-_NEEDS: dict[tuple[str, str], tuple[str, ...]] = {}
+# whether a method reads the unit's statistics; checked before any work
+_NEEDS: dict[tuple[str, str], bool] = {}
 
 #: method presets: a string ``method`` names one registered method per kind
 PRESETS: dict[str, dict[str, str]] = {
@@ -120,10 +152,11 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 
-def register_method(kind: str, name: str, needs: tuple[str, ...] = ()) -> Callable[[Method], Method]:
+def register_method(kind: str, name: str, needs: bool = False) -> Callable[[Method], Method]:
     """Register a decomposition for units of ``kind`` ("ffn" | "qk" | "vo") under ``name``.
 
-    ``needs`` lists the statistics the method reads: "ffn.hidden", "query", "key", "attnout"."""
+    ``needs`` says whether the method reads activation statistics (True: the unit's statistic keys,
+    ``UnitInfo.stat_keys``, must be given)."""
     if kind not in ("ffn", "qk", "vo"):
         raise ValueError(f"kind must be 'ffn', 'qk' or 'vo', got {kind!r}")
 
@@ -167,27 +200,9 @@ def resolve_methods(method: str | Mapping[str, str], kinds: set[str]) -> dict[st
     return {k: chosen[k] for k in kinds}
 
 
-def _required_key(unit: UnitInfo, need: str) -> str:
-    if need == "ffn.hidden":
-        return ffn_key(unit.block)
-    return attn_key(unit.block, unit.attn, need)
-
-
-def _check_cov(name: str, key: str, cov: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(cov.shape) != shape:
-        raise CompressionError(
-            f"{name}: covariance {key!r} has shape {tuple(cov.shape)}, the model needs {shape} "
-            "(statistics collected on another model?)"
-        )
-
-
 # -- FFN methods ------------------------------------------------------------------------------
-def _ffn_layers(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    return block.ff.net[0].proj, block.ff.net[-1]
-
-
 def _check_selection(ctx: UnitContext) -> None:
-    if ctx.ffn_selection == "separate" and ctx.block.geglu:
+    if ctx.ffn_selection == "separate" and ctx.layout.gated:
         raise NotImplementedError(
             f"{ctx.unit.name}: ffn_selection='separate' (independent hidden/gate row sets) is not implemented: "
             "a kept hidden row paired with another neuron's gate row makes a new neuron whose correlation "
@@ -196,14 +211,13 @@ def _check_selection(ctx: UnitContext) -> None:
         )
 
 
-@register_method("ffn", "slimdiff", needs=("ffn.hidden",))
+@register_method("ffn", "slimdiff", needs=True)
 def _ffn_nystrom(ctx: UnitContext) -> FFNRewrite:
-    """Type I: CPQR selection on the FFN correlation, Nystrom refit of ff.net.2."""
+    """Type I: CPQR selection on the FFN correlation, Nystrom refit of the output projection."""
     _check_selection(ctx)
-    cov = ctx.covariance(ffn_key(ctx.unit.block))
-    _check_cov(ctx.unit.name, ffn_key(ctx.unit.block), cov, (ctx.block.ffn_inner, ctx.block.ffn_inner))
-    _, out = _ffn_layers(ctx.module)
-    res = linalg.nystrom_ffn(cov, out.weight.detach().to("cpu", F64), ctx.rank, ctx.damping)
+    inner = ctx.unit.full_rank
+    cov = ctx.covariance(ctx.layout.hidden_key, (inner, inner))
+    res = linalg.nystrom_ffn(cov, ctx.weight(ctx.layout.proj_out), ctx.rank, ctx.damping)
     return FFNRewrite(res.keep, res.keep, res.out_weight, res.error, res.energy, [res.diagnostics])
 
 
@@ -211,11 +225,10 @@ def _ffn_nystrom(ctx: UnitContext) -> FFNRewrite:
 def _ffn_magnitude(ctx: UnitContext) -> FFNRewrite:
     """Baseline: keep the neurons with the largest ||W_2 column|| * ||proj rows||, no refit."""
     _check_selection(ctx)
-    proj, out = _ffn_layers(ctx.module)
-    inner = ctx.block.ffn_inner
-    w_in = proj.weight.detach().to("cpu", F64)
-    rows = torch.cat([w_in[:inner], w_in[inner:]], dim=1) if ctx.block.geglu else w_in  # (inner, 2d | d)
-    w_out = out.weight.detach().to("cpu", F64)
+    inner = ctx.unit.full_rank
+    w_in = ctx.weight(ctx.layout.proj_in)
+    rows = torch.cat([w_in[:inner], w_in[inner:]], dim=1) if ctx.layout.gated else w_in  # (inner, 2d | d)
+    w_out = ctx.weight(ctx.layout.proj_out)
     keep = linalg.magnitude_select(linalg.magnitude_neuron_scores(rows, w_out), ctx.rank)
     return FFNRewrite(keep, keep, w_out[:, keep].contiguous())
 
@@ -253,43 +266,40 @@ def _vo_rewrite(results: list[linalg.VOResult]) -> VORewrite:
     )
 
 
-@register_method("qk", "slimdiff", needs=(QUERY, KEY))
+@register_method("qk", "slimdiff", needs=True)
 def _qk_whitened(ctx: UnitContext) -> QKRewrite:
-    info = getattr(ctx.block, ctx.unit.attn)
-    shape = (info.heads, info.head_dim, info.head_dim)
-    keys = [attn_key(ctx.unit.block, ctx.unit.attn, w) for w in (QUERY, KEY)]
-    cq, ck = (ctx.covariance(k) for k in keys)
-    for k, c in zip(keys, (cq, ck), strict=True):
-        _check_cov(ctx.unit.name, k, c, shape)
+    cq = ctx.covariance(ctx.layout.query_key, ctx.head_shape())
+    ck = ctx.covariance(ctx.layout.key_key, ctx.head_shape())
     return _qk_rewrite(
-        [linalg.qk_whitened_svd(cq[h], ck[h], ctx.rank, ctx.damping) for h in range(info.heads)]
+        [linalg.qk_whitened_svd(cq[h], ck[h], ctx.rank, ctx.damping) for h in range(ctx.layout.heads)]
     )
 
 
 @register_method("qk", "weight_svd")
 def _qk_weight_svd(ctx: UnitContext) -> QKRewrite:
-    attn, heads = ctx.attention, getattr(ctx.block, ctx.unit.attn).heads
-    wq, wk = _heads(attn.to_q.weight, heads), _heads(attn.to_k.weight, heads)
-    return _qk_rewrite([linalg.qk_weight_svd(wq[h], wk[h], ctx.rank) for h in range(heads)])
+    """Baseline: truncated SVD of the head's bilinear form W_q,h^T W_k,h (isotropic inputs; with
+    several token streams, their query / key weights' Grams summed)."""
+    gq, gk = ctx.head_gram(ctx.layout.query), ctx.head_gram(ctx.layout.key)
+    return _qk_rewrite(
+        [linalg.qk_whitened_svd(gq[h], gk[h], ctx.rank, 1e-8) for h in range(ctx.layout.heads)]
+    )
 
 
-@register_method("vo", "slimdiff", needs=(ATTN_OUT,))
+@register_method("vo", "slimdiff", needs=True)
 def _vo_whitened(ctx: UnitContext) -> VORewrite:
-    info = getattr(ctx.block, ctx.unit.attn)
-    key = attn_key(ctx.unit.block, ctx.unit.attn, ATTN_OUT)
-    ca = ctx.covariance(key)
-    _check_cov(ctx.unit.name, key, ca, (info.heads, info.head_dim, info.head_dim))
-    wo = out_heads(ctx.attention.to_out[0].weight, info.heads)
+    ca = ctx.covariance(ctx.layout.attnout_key, ctx.head_shape())
+    wo = ctx.out_blocks()
     return _vo_rewrite(
-        [linalg.vo_whitened_svd(ca[h], wo[h], ctx.rank, ctx.damping) for h in range(info.heads)]
+        [linalg.vo_whitened_svd(ca[h], wo[h], ctx.rank, ctx.damping) for h in range(ctx.layout.heads)]
     )
 
 
 @register_method("vo", "weight_svd")
 def _vo_weight_svd(ctx: UnitContext) -> VORewrite:
-    attn, heads = ctx.attention, getattr(ctx.block, ctx.unit.attn).heads
-    wv, wo = _heads(attn.to_v.weight, heads), out_heads(attn.to_out[0].weight, heads)
-    return _vo_rewrite([linalg.vo_weight_svd(wv[h], wo[h], ctx.rank) for h in range(heads)])
+    gv, wo = ctx.head_gram(ctx.layout.value), ctx.out_blocks()
+    return _vo_rewrite(
+        [linalg.vo_whitened_svd(gv[h], wo[h], ctx.rank, 1e-8) for h in range(ctx.layout.heads)]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,18 +321,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) ->
     return lin
 
 
-def _apply_ffn(block: nn.Module, info: BlockInfo, rw: FFNRewrite) -> None:
-    proj, out = _ffn_layers(block)
+def _apply_ffn(model: nn.Module, unit: UnitInfo, rw: FFNRewrite) -> None:
+    lay: FFNLayout = unit.layout
+    proj, out = linear(model, lay.proj_in), linear(model, lay.proj_out)
     w = proj.weight.detach().to("cpu", F64)
     b = proj.bias.detach().to("cpu", F64) if proj.bias is not None else None
-    if info.geglu:
-        inner = info.ffn_inner
-        rows = torch.cat([rw.keep_value, inner + rw.keep_gate])  # [hidden J | gate J]: chunk(2) still splits
+    if lay.gated:
+        rows = torch.cat(
+            [rw.keep_value, unit.full_rank + rw.keep_gate]
+        )  # [hidden J | gate J]: chunk(2) still splits
     else:
         rows = rw.keep_value
-    block.ff.net[0].proj = _linear(w[rows], None if b is None else b[rows], proj)
+    replace_module(model, lay.proj_in, _linear(w[rows], None if b is None else b[rows], proj))
     out_bias = out.bias.detach().to("cpu", F64) if out.bias is not None else None
-    block.ff.net[len(block.ff.net) - 1] = _linear(rw.out_weight, out_bias, out)
+    replace_module(model, lay.proj_out, _linear(rw.out_weight, out_bias, out))
 
 
 def _project_heads(layer: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -337,55 +349,57 @@ def _project_heads(layer: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, tor
     return new_w, new_b
 
 
-def _apply_qk(attn: nn.Module, rw: QKRewrite) -> None:
-    wq, bq = _project_heads(attn.to_q, rw.t_q)
-    wk, bk = _project_heads(attn.to_k, rw.t_k)
-    attn.to_q = _linear(wq, bq, attn.to_q)
-    attn.to_k = _linear(wk, bk, attn.to_k)
+def _project_all(model: nn.Module, paths: tuple[str, ...], t: torch.Tensor) -> None:
+    for path in paths:
+        layer = linear(model, path)
+        replace_module(model, path, _linear(*_project_heads(layer, t), layer))
 
 
-def _apply_vo(attn: nn.Module, rw: VORewrite) -> None:
-    wv, bv = _project_heads(attn.to_v, rw.t_v)
-    heads, r, d_out = rw.out_blocks.shape
-    # (H, r, d_out) -> (d_out, H, r) -> (d_out, H*r): column block h holds head h's new rows
-    wo = rw.out_blocks.permute(2, 0, 1).reshape(d_out, heads * r)
-    old_out = attn.to_out[0]
-    bo = old_out.bias.detach().to("cpu", F64) if old_out.bias is not None else None
-    attn.to_v = _linear(wv, bv, attn.to_v)
-    attn.to_out[0] = _linear(wo, bo, old_out)
+def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
+    _project_all(model, unit.layout.query, rw.t_q)
+    _project_all(model, unit.layout.key, rw.t_k)
 
 
-def _set_processor(attn: nn.Module, head_dim: int) -> None:
-    attn.set_processor(SlimAttnProcessor(scale=head_dim**-0.5))
+def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:
+    _project_all(model, unit.layout.value, rw.t_v)
+    heads, r, _ = rw.out_blocks.shape
+    offset = 0
+    for path in unit.layout.out:  # the out linears' blocks sit side by side in out_blocks
+        old = linear(model, path)
+        d_out = old.out_features
+        blocks = rw.out_blocks[..., offset : offset + d_out]  # (H, r, d_out)
+        offset += d_out
+        # (H, r, d_out) -> (d_out, H, r) -> (d_out, H*r): column block h holds head h's new rows
+        weight = blocks.permute(2, 0, 1).reshape(d_out, heads * r)
+        bias = old.bias.detach().to("cpu", F64) if old.bias is not None else None
+        replace_module(model, path, _linear(weight, bias, old))
 
 
 def _output_error(
+    model: nn.Module,
     unit: UnitInfo,
-    info: BlockInfo,
-    block: nn.Module,
     rw: FFNRewrite | QKRewrite | VORewrite,
     covariances: Mapping[str, torch.Tensor],
 ) -> tuple[float, float] | None:
     """(error, energy) of a rewrite under the undamped covariances, from the ORIGINAL weights of
-    ``block`` (call before the rewrite is applied); None when the statistics are not given."""
+    ``model`` (call before the rewrite is applied); None when the statistics are not given."""
+    covs = [covariances.get(k) for k in unit.stat_keys()]
+    if any(c is None for c in covs):
+        return None
+    lay = unit.layout
     if isinstance(rw, FFNRewrite):
-        cov = covariances.get(ffn_key(unit.block))
-        if cov is None or not torch.equal(rw.keep_value, rw.keep_gate):
+        if not torch.equal(rw.keep_value, rw.keep_gate):
             return None
-        return linalg.ffn_output_error(cov, _ffn_layers(block)[1].weight, rw.keep_value, rw.out_weight)
-    attn, heads = getattr(block, unit.attn), getattr(info, unit.attn).heads
+        return linalg.ffn_output_error(
+            covs[0], linear(model, lay.proj_out).weight, rw.keep_value, rw.out_weight
+        )
     if isinstance(rw, QKRewrite):
-        cq = covariances.get(attn_key(unit.block, unit.attn, QUERY))
-        ck = covariances.get(attn_key(unit.block, unit.attn, KEY))
-        if cq is None or ck is None:
-            return None
-        parts = [linalg.qk_logit_error(cq[h], ck[h], rw.t_q[h], rw.t_k[h]) for h in range(heads)]
+        cq, ck = covs
+        parts = [linalg.qk_logit_error(cq[h], ck[h], rw.t_q[h], rw.t_k[h]) for h in range(lay.heads)]
     else:
-        ca = covariances.get(attn_key(unit.block, unit.attn, ATTN_OUT))
-        if ca is None:
-            return None
-        wo = out_heads(attn.to_out[0].weight, heads)
-        parts = [linalg.vo_output_error(ca[h], wo[h], rw.t_v[h], rw.out_blocks[h]) for h in range(heads)]
+        (ca,) = covs
+        wo = torch.cat([out_heads(linear(model, p).weight, lay.heads) for p in lay.out], dim=-1)
+        parts = [linalg.vo_output_error(ca[h], wo[h], rw.t_v[h], rw.out_blocks[h]) for h in range(lay.heads)]
     return sum(e for e, _ in parts), sum(n for _, n in parts)
 
 
@@ -469,8 +483,8 @@ def compress_(
     plan.validate_against(unet)
     covariances = covariances or {}
 
-    blocks = {info.name: info for info in describe_unet(unet)}
-    units = {u.name: u for info in blocks.values() for u in units_of_block(info)}
+    adapter = adapter_for(unet)
+    units = adapter.units(unet)
     todo = {n: p for n, p in plan.units.items() if p.rank < p.full_rank or rewrite_full_rank}
     overrides = {
         k: v for k, v in (("ffn", ffn_method), ("qk", qk_method), ("vo", vo_method)) if v is not None
@@ -484,10 +498,11 @@ def compress_(
 
     missing = sorted(
         {
-            _required_key(units[n], need)
+            key
             for n, p in todo.items()
-            for need in _NEEDS[(p.kind, methods[p.kind])]
-            if _required_key(units[n], need) not in covariances
+            if _NEEDS[(p.kind, methods[p.kind])]
+            for key in units[n].stat_keys()
+            if key not in covariances
         }
     )
     if missing:
@@ -499,11 +514,9 @@ def compress_(
     params_before = count_parameters(unet)
     rewrites: dict[str, FFNRewrite | QKRewrite | VORewrite] = {}
     for name, p in todo.items():  # 1. decompose everything (no mutation yet)
-        unit = units[name]
         ctx = UnitContext(
-            unit=unit,
-            block=blocks[unit.block],
-            module=unet.get_submodule(unit.block),
+            unit=units[name],
+            model=unet,
             rank=p.rank,
             covariances=covariances,
             damping=damping,
@@ -511,21 +524,20 @@ def compress_(
         )
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
 
-    processors: set[tuple[str, str]] = set()
+    attentions: dict[str, AttentionLayout] = {}
     reports = {}
     with torch.no_grad():
         for name, rw in rewrites.items():  # 2. swap in the smaller layers
             unit, p = units[name], todo[name]
-            block = unet.get_submodule(unit.block)
-            true = _output_error(unit, blocks[unit.block], block, rw, covariances)  # original weights
+            true = _output_error(unet, unit, rw, covariances)  # before the swap: original weights
             if isinstance(rw, FFNRewrite):
-                _apply_ffn(block, blocks[unit.block], rw)
+                _apply_ffn(unet, unit, rw)
             elif isinstance(rw, QKRewrite):
-                _apply_qk(getattr(block, unit.attn), rw)
-                processors.add((unit.block, unit.attn))
+                _apply_qk(unet, unit, rw)
+                attentions[unit.layout.module] = unit.layout
             else:
-                _apply_vo(getattr(block, unit.attn), rw)
-                processors.add((unit.block, unit.attn))
+                _apply_vo(unet, unit, rw)
+                attentions[unit.layout.module] = unit.layout
             conds = [d.condition_number for d in rw.diagnostics]
             reports[name] = UnitReport(
                 name=name,
@@ -541,10 +553,9 @@ def compress_(
                 max_condition_number=max(conds) if conds else None,
                 fallbacks=sum(d.fallback for d in rw.diagnostics),
             )
-        for block_name, which in sorted(processors):
-            _set_processor(
-                getattr(unet.get_submodule(block_name), which), getattr(blocks[block_name], which).head_dim
-            )
+        for path, layout in sorted(attentions.items()):
+            attn = unet.get_submodule(path)
+            attn.set_processor(adapter.processor(attn, layout))
 
     setattr(unet, PLAN_ATTRIBUTE, plan)
     params_after = count_parameters(unet)
@@ -577,32 +588,39 @@ def compress_(
 # --------------------------------------------------------------------------------------------
 # Shapes only (for loading a saved compressed model)
 # --------------------------------------------------------------------------------------------
-def apply_plan_shapes_(unet: nn.Module, plan: RankPlan) -> None:
+def apply_plan_shapes_(model: nn.Module, plan: RankPlan) -> None:
     """Replace the planned layers of an *uncompressed* skeleton by empty layers of the planned
     shapes and set the processors, without any decomposition: weights are loaded afterwards
     (``slimdiff.io.load_compressed``). New layers live on the meta device."""
-    plan.validate_against(unet)
-    blocks = {info.name: info for info in describe_unet(unet)}
-    units = {u.name: u for info in blocks.values() for u in units_of_block(info)}
+    plan.validate_against(model)
+    adapter = adapter_for(model)
+    units = adapter.units(model)
 
-    def empty(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
-        return nn.Linear(in_f, out_f, bias=like.bias is not None, device="meta", dtype=like.weight.dtype)
+    def shrink(path: str, *, out_f: int | None = None, in_f: int | None = None) -> None:
+        like = linear(model, path)
+        new = nn.Linear(
+            like.in_features if in_f is None else in_f,
+            like.out_features if out_f is None else out_f,
+            bias=like.bias is not None,
+            device="meta",
+            dtype=like.weight.dtype,
+        )
+        replace_module(model, path, new)
 
     for name, p in plan.compressed_units().items():
-        unit = units[name]
-        info, block = blocks[unit.block], unet.get_submodule(unit.block)
-        r = p.rank
+        lay, r = units[name].layout, p.rank
         if p.kind == "ffn":
-            proj, out = _ffn_layers(block)
-            block.ff.net[0].proj = empty(proj.in_features, 2 * r if info.geglu else r, proj)
-            block.ff.net[len(block.ff.net) - 1] = empty(r, out.out_features, out)
+            shrink(lay.proj_in, out_f=2 * r if lay.gated else r)
+            shrink(lay.proj_out, in_f=r)
             continue
-        attn, a = getattr(block, unit.attn), getattr(info, unit.attn)
         if p.kind == "qk":
-            attn.to_q = empty(attn.to_q.in_features, a.heads * r, attn.to_q)
-            attn.to_k = empty(attn.to_k.in_features, a.heads * r, attn.to_k)
+            for path in (*lay.query, *lay.key):
+                shrink(path, out_f=lay.heads * r)
         else:
-            attn.to_v = empty(attn.to_v.in_features, a.heads * r, attn.to_v)
-            attn.to_out[0] = empty(a.heads * r, attn.to_out[0].out_features, attn.to_out[0])
-        _set_processor(attn, a.head_dim)
-    setattr(unet, PLAN_ATTRIBUTE, plan)
+            for path in lay.value:
+                shrink(path, out_f=lay.heads * r)
+            for path in lay.out:
+                shrink(path, in_f=lay.heads * r)
+        attn = model.get_submodule(lay.module)
+        attn.set_processor(adapter.processor(attn, lay))
+    setattr(model, PLAN_ATTRIBUTE, plan)

@@ -269,43 +269,32 @@ class InceptionFeatures:
 # --------------------------------------------------------------------------------------------
 # Sizes
 # --------------------------------------------------------------------------------------------
-def compressible_parameter_count(unet: nn.Module) -> int:
-    """Parameters of the compressible set, counted on the live layers (works on compressed UNets,
-    where the adapter's shape checks no longer hold): per transformer block, the rank-dependent
-    tensors of the cost model in ``slimdiff.adapter.units_of_block`` -- to_q, to_k (weights and
-    biases), to_v (weight and bias), to_out.0 weight, ff proj (weight and bias), ff.net.2 weight.
-    On an uncompressed UNet it equals the sum of the units' full_params."""
-    from slimdiff.adapter import find_transformer_blocks
+def compressible_parameter_count(model: nn.Module, units: dict | None = None) -> int:
+    """Parameters of the compressible set, counted on the live layers (works on compressed models,
+    where the adapter's shape checks no longer hold: pass the original's ``units``, or the plan the
+    model carries supplies them). On an uncompressed model it equals the sum of the units' full_params."""
+    from slimdiff.adapter import compressible_parameter_count as count
 
-    total = 0
-    for name, block in find_transformer_blocks(unet):
-        for which in ("attn1", "attn2"):
-            attn = getattr(block, which, None)
-            if attn is None:
-                continue
-            for layer in (attn.to_q, attn.to_k, attn.to_v):
-                total += layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
-            total += attn.to_out[0].weight.numel()
-        ff = getattr(block, "ff", None)
-        if ff is None:
-            raise ValueError(f"{name}: transformer block without `ff`")
-        proj = ff.net[0].proj
-        total += proj.weight.numel() + (proj.bias.numel() if proj.bias is not None else 0)
-        total += ff.net[-1].weight.numel()
-    return total
+    return count(model, compression_units_of(model) if units is None else units)
 
 
-def unet_flops(unet: nn.Module, latent_size: int, text_len: int) -> dict:
-    """Analytic FLOPs of one UNet forward on one latent (batch 1, one classifier-free-guidance
+def _skeleton_of(model: nn.Module) -> nn.Module:
+    """The uncompressed architecture of ``model`` on the meta device (from its config)."""
+    with torch.device("meta"):
+        return type(model).from_config(model.config)
+
+
+def unet_flops(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int) -> dict:
+    """Analytic FLOPs of one denoiser forward on one latent (batch 1, one classifier-free-guidance
     branch) from ``slimdiff.flops``, with the per-category breakdown."""
-    from slimdiff.flops import unet_flops as count
+    from slimdiff.flops import denoiser_flops
 
-    report = count(unet, batch=1, latent_size=latent_size, text_len=text_len)
+    report = denoiser_flops(unet, batch=1, latent_hw=latent_size, text_len=text_len)
     return {"total": int(report.total), "by_category": report.by_category()}
 
 
 FLOPS_METHOD = (
-    "slimdiff.flops.unet_flops: analytic, batch 1 (one CFG branch), Linear + Conv2d + attention matmuls, "
+    "slimdiff.flops.denoiser_flops: analytic, batch 1 (one CFG branch), Linear + Conv2d + attention matmuls, "
     "multiply-add = 2 FLOPs; biases, norms, softmax and activations not counted"
 )
 
@@ -313,6 +302,21 @@ FLOPS_METHOD = (
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
+def _denoiser(pipe) -> nn.Module:
+    from slimdiff.arch.base import denoiser_of
+
+    return denoiser_of(pipe)
+
+
+def compression_units_of(model: nn.Module) -> dict:
+    """The units of ``model``'s original architecture (its skeleton when it is compressed)."""
+    from slimdiff.adapter import compression_units
+
+    return compression_units(
+        _skeleton_of(model) if getattr(model, "slimdiff_plan", None) is not None else model
+    )
+
+
 def image_seeds(seed: int, n_images: int) -> list[int]:
     """Image k (prompt k // images_per_prompt) gets ``seed + k``: a sample does not depend on the
     batch it lands in, and both pipelines start from the same latent."""
@@ -358,9 +362,11 @@ def sample_pipeline(
 
 
 def pipeline_resolution(pipe) -> tuple[int, int]:
+    from slimdiff.arch.base import adapter_for, denoiser_of
+
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    size = pipe.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    model = denoiser_of(pipe)
+    h, w = adapter_for(model).sample_size(model)
     return int(h) * vae_scale, int(w) * vae_scale
 
 
@@ -384,25 +390,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unet_inputs_like(
-    pipe, n_prompts: int, guidance_scale: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed random UNet inputs of the sampling shapes: (latents, timestep, text states).
-
+def unet_inputs_like(pipe, n_prompts: int, guidance_scale: float, seed: int = 0) -> tuple[tuple, dict]:
+    """Fixed random denoiser inputs of the sampling shapes, as (args, kwargs) of one forward:
     ``2 * n_prompts`` rows under classifier-free guidance, as the sampler feeds them."""
-    unet = pipe.unet
-    p = next(unet.parameters())
+    from slimdiff.arch.base import adapter_for, denoiser_of
+
+    model = denoiser_of(pipe)
+    adapter = adapter_for(model)
+    p = next(model.parameters())
     rows = n_prompts * (2 if guidance_scale > 1.0 else 1)
     h, w = pipeline_resolution(pipe)
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    text_len = (
-        int(getattr(pipe.tokenizer, "model_max_length", 77)) if getattr(pipe, "tokenizer", None) else 77
-    )
     g = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn(rows, unet.config.in_channels, h // vae_scale, w // vae_scale, generator=g)
-    text = torch.randn(rows, text_len, unet.config.cross_attention_dim, generator=g)
-    t = torch.full((rows,), LATENCY_TIMESTEP, dtype=torch.long)
-    return latents.to(p.device, p.dtype), t.to(p.device), text.to(p.device, p.dtype)
+    return adapter.example_inputs(
+        model,
+        rows,
+        (h // vae_scale, w // vae_scale),
+        adapter.text_len(pipe),
+        device=p.device,
+        dtype=p.dtype,
+        generator=g,
+    )
 
 
 @torch.no_grad()
@@ -414,12 +422,13 @@ def interleaved_latency(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     times: dict[str, list[float]] = {k: [] for k in unets}
+    args, kwargs = inputs
     for r in range(warmup + repeats):
         for name, unet in unets.items():
             device = next(unet.parameters()).device
             _sync(device)
             start = time.perf_counter()
-            unet(*inputs)
+            unet(*args, **kwargs)
             _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -506,8 +515,9 @@ def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
 @torch.no_grad()
 def unet_forward_peak_memory(unet: nn.Module, inputs) -> dict:
     device = next(unet.parameters()).device
+    args, kwargs = inputs
     with peak_memory(device) as mem:
-        unet(*inputs)
+        unet(*args, **kwargs)
     return mem
 
 
@@ -629,7 +639,7 @@ class PairEvaluator:
 
     # -- per pipeline --------------------------------------------------------------------------
     def measure(self, pipe) -> Measured:
-        device = next(pipe.unet.parameters()).device
+        device = next(_denoiser(pipe).parameters()).device
         height, width = pipeline_resolution(pipe)
         if self._resolution is None:
             self._resolution = (height, width)
@@ -700,16 +710,21 @@ class PairEvaluator:
         """Sizes, FLOPs, latency, memory, fidelity, deltas and the gate of one compressed pipeline."""
         cfg = self.cfg
         height, width = self._resolution or pipeline_resolution(original_pipe)
-        text_len = int(getattr(original_pipe.tokenizer, "model_max_length", 77))
+        from slimdiff.arch.base import adapter_for
+
+        text_len = adapter_for(_denoiser(original_pipe)).text_len(original_pipe)
         sides = {"original": (original_pipe, original), "compressed": (compressed_pipe, compressed)}
         result: dict = {}
-        latent_size = height // int(getattr(original_pipe, "vae_scale_factor", 8))
+        vae_scale = int(getattr(original_pipe, "vae_scale_factor", 8))
+        latent_hw = (height // vae_scale, width // vae_scale)
+        units = compression_units_of(_denoiser(original_pipe))
         for side, (pipe, measured) in sides.items():
-            flops = unet_flops(pipe.unet, latent_size, text_len)
+            model = _denoiser(pipe)
+            flops = unet_flops(model, latent_hw, text_len)
             result[side] = {
-                "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
-                "compressible_params": compressible_parameter_count(pipe.unet),
-                "unet_weights_mb": parameter_bytes(pipe.unet) / 2**20,
+                "unet_params": sum(p.numel() for p in model.parameters()),
+                "compressible_params": compressible_parameter_count(model, units),
+                "unet_weights_mb": parameter_bytes(model) / 2**20,
                 "unet_flops": flops["total"],
                 "unet_flops_by_category": flops["by_category"],
                 "sample_time_s": measured.sample_time_s,
@@ -720,20 +735,21 @@ class PairEvaluator:
             n_prompts = min(int(cfg.batch_size), LATENCY_MAX_PROMPTS)
             inputs = unet_inputs_like(original_pipe, n_prompts, float(cfg.guidance_scale))
             times = interleaved_latency(
-                {"original": original_pipe.unet, "compressed": compressed_pipe.unet},
+                {"original": _denoiser(original_pipe), "compressed": _denoiser(compressed_pipe)},
                 inputs,
                 int(cfg.latency_repeats),
             )
             for side in sides:
                 result[side]["unet_latency_ms"] = 1000.0 * M.median(times[side])
                 result[side]["unet_latency_ms_all"] = [1000.0 * t for t in times[side]]
-                mem = unet_forward_peak_memory(sides[side][0].unet, inputs)
+                mem = unet_forward_peak_memory(_denoiser(sides[side][0]), inputs)
                 result[side]["unet_forward_peak_memory_mb"] = mem["bytes"] / 2**20
+            first = inputs[0][0]
             latency_info = {
                 "measured": True,
-                "unet_batch": int(inputs[0].shape[0]),
-                "latent_shape": list(inputs[0].shape[1:]),
-                "text_shape": list(inputs[2].shape[1:]),
+                "unet_batch": int(first.shape[0]),
+                "latent_shape": list(first.shape[1:]),
+                "text_len": text_len,
                 "timestep": LATENCY_TIMESTEP,
                 "repeats": int(cfg.latency_repeats),
                 "warmup": 1,
@@ -768,7 +784,7 @@ class PairEvaluator:
         height, width = self._resolution or pipeline_resolution(pipe)
         scheduler = pipe.scheduler
         sched_cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-        p = next(pipe.unet.parameters())
+        p = next(_denoiser(pipe).parameters())
         proto: dict = {
             "path": self.path,
             "n_prompts": len(self.prompts),

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a UNet forward, counted from the actual (possibly compressed) layer shapes.
+"""Analytic FLOPs of a denoiser forward, counted from the actual (possibly compressed) layer shapes.
 
 Why analytic: the speed-up a compression can buy is bounded by the FLOPs it removes; measured
 latency divided by that bound says how much of it the runtime realises. The count is exact for
@@ -119,15 +119,25 @@ def meta_copy(unet: nn.Module) -> nn.Module:
 def unet_flops(
     unet: nn.Module, batch: int = 2, latent_size: int = 64, text_len: int = 77, device: str = "cpu"
 ) -> FlopsReport:
-    """Analytic forward FLOPs of ``unet`` (a UNet2DConditionModel, compressed or not) for
-    ``batch`` samples of ``latent_size`` x ``latent_size`` latents and ``text_len`` text tokens
-    (see ``forward_flops``)."""
-    cfg = unet.config
-    sample = torch.empty(batch, cfg.in_channels, latent_size, latent_size, device="meta")
-    text = torch.empty(batch, text_len, cfg.cross_attention_dim, device="meta")
-    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    report = forward_flops(unet, (sample, timesteps, text), {}, batch=batch, device=device)
-    report.latent_size, report.text_len = latent_size, text_len
+    """``denoiser_flops`` with a square latent (the historical name; works for every family)."""
+    return denoiser_flops(unet, batch, latent_size, text_len, device)
+
+
+def denoiser_flops(
+    model: nn.Module,
+    batch: int = 2,
+    latent_hw: tuple[int, int] | int = 64,
+    text_len: int = 77,
+    device: str = "cpu",
+) -> FlopsReport:
+    """Analytic forward FLOPs of any supported denoiser (``slimdiff.arch``) at ``batch`` samples
+    of ``latent_hw`` latents and ``text_len`` text tokens: the family adapter builds the meta inputs."""
+    from slimdiff.arch.base import adapter_for
+
+    hw = (latent_hw, latent_hw) if isinstance(latent_hw, int) else tuple(latent_hw)
+    args, kwargs = adapter_for(model).example_inputs(model, batch, hw, text_len, device="meta")
+    report = forward_flops(model, args, kwargs, batch=batch, device=device)
+    report.latent_size, report.text_len = hw[0], text_len
     return report
 
 

@@ -47,8 +47,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimdiff.adapter import compression_units, short_unit_label
-from slimdiff.stats import ATTN_OUT, KEY, QUERY, ActivationStats, attn_key, ffn_key
+from slimdiff.adapter import compression_units, linear, short_unit_label
+from slimdiff.stats import ActivationStats
 
 logger = logging.getLogger(__name__)
 
@@ -242,16 +242,15 @@ def unit_trq(stats: ActivationStats, model: nn.Module) -> tuple[list[str], torch
     units = compression_units(model)
     names, rows = [], []
     for name, u in units.items():
+        keys = u.stat_keys()
+        lay = u.layout
         if u.kind == "ffn":
-            keys = (ffn_key(u.block),)
             # F = W2^T: (inner, d_out); its Gram F F^T is computed once for all buckets.
-            op = model.get_submodule(f"{u.block}.ff.net.2").weight.detach().T
+            op = linear(model, lay.proj_out).weight.detach().T
         elif u.kind == "vo":
-            attn = model.get_submodule(f"{u.block}.{u.attn}")
-            keys = (attn_key(u.block, u.attn, ATTN_OUT),)
-            op = vo_operator(attn.to_out[0].weight, int(attn.heads))  # (H, d_h, d_out)
+            # per head, the blocks of every out linear side by side: (H, d_h, sum of d_out)
+            op = torch.cat([vo_operator(linear(model, p).weight, lay.heads) for p in lay.out], dim=-1)
         else:
-            keys = (attn_key(u.block, u.attn, QUERY), attn_key(u.block, u.attn, KEY))
             op = None
         for key in keys:
             if key not in stats.moments:

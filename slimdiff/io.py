@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimdiff.allocation import PlanValidationError, RankPlan
+from slimdiff.arch.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
 from slimdiff.compress import PLAN_ATTRIBUTE, apply_plan_shapes_
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _is_pipeline(obj: Any) -> bool:
-    return hasattr(obj, "components") and hasattr(obj, "unet") and hasattr(obj, "save_pretrained")
+    return hasattr(obj, "components") and hasattr(obj, "save_pretrained") and not isinstance(obj, nn.Module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def save_compressed(
     top-level ``slimdiff.json`` marks the folder as compressed (it points at ``unet/``).
     ``extra`` is free-form JSON (e.g. lineage) stored in the sidecar(s) under "extra"."""
     directory = Path(directory)
-    unet = pipeline_or_unet.unet if _is_pipeline(pipeline_or_unet) else pipeline_or_unet
+    unet = denoiser_of(pipeline_or_unet) if _is_pipeline(pipeline_or_unet) else pipeline_or_unet
     plan = plan or getattr(unet, PLAN_ATTRIBUTE, None)
     if plan is None:
         raise CompressedModelError(
@@ -102,14 +103,15 @@ def save_compressed(
         )
     if _is_pipeline(pipeline_or_unet):
         pipeline_or_unet.save_pretrained(directory, safe_serialization=True)
-        unet_dir = directory / "unet"
+        sub = denoiser_attr(pipeline_or_unet)
+        unet_dir = directory / sub
         if unet_dir.exists():
             shutil.rmtree(unet_dir)  # replaced by the SlimDiff layout below
         _save_unet(unet, unet_dir, plan, extra)
         top = {
             "format_version": SIDECAR_FORMAT_VERSION,
             "kind": "pipeline",
-            "unet_subfolder": "unet",
+            "unet_subfolder": sub,
             "plan_digest": plan.digest,
             "extra": dict(extra or {}),
         }
@@ -134,14 +136,13 @@ def read_sidecar(directory: str | Path) -> dict:
 
 
 def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.dtype | None) -> nn.Module:
-    from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
     sidecar = read_sidecar(directory)
-    if sidecar.get("model_class") != UNet2DConditionModel.__name__:
-        raise CompressedModelError(
-            f"{directory}: model_class {sidecar.get('model_class')!r} is not supported"
-        )
+    try:
+        model_cls = adapter_for_class(str(sidecar.get("model_class"))).denoiser_class()
+    except UnsupportedModelError as err:
+        raise CompressedModelError(f"{directory}: {err}") from err
     try:
         plan = RankPlan.from_dict(sidecar["plan"])
     except (KeyError, PlanValidationError) as err:  # re-raised with the folder named
@@ -161,9 +162,9 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
             "the weights were changed or truncated after saving"
         )
 
-    config = UNet2DConditionModel.load_config(directory)
+    config = model_cls.load_config(directory)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = model_cls.from_config(config)
     try:
         apply_plan_shapes_(unet, plan)
     except PlanValidationError as err:
@@ -222,7 +223,8 @@ def load_compressed(
         from diffusers import DiffusionPipeline
 
         top = read_sidecar(directory) if (directory / SIDECAR_NAME).is_file() else {}
-        unet = _load_unet(directory / top.get("unet_subfolder", "unet"), device, torch_dtype)
+        sub = top.get("unet_subfolder", "unet")
+        unet = _load_unet(directory / sub, device, torch_dtype)
         if top and top.get("plan_digest") != unet.slimdiff_plan.digest:
             raise CompressedModelError(
                 f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its unet folder (mixed folders?)"
@@ -231,6 +233,6 @@ def load_compressed(
         kwargs = dict(pipeline_kwargs)
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
-        pipe = cls.from_pretrained(directory, unet=unet, **kwargs)
+        pipe = cls.from_pretrained(directory, **{sub: unet}, **kwargs)
         return pipe.to(device)
     return _load_unet(directory, device, torch_dtype)

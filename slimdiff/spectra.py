@@ -45,10 +45,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from slimdiff.adapter import UnitInfo, compression_units, describe_unet
+from slimdiff.adapter import UnitInfo, compression_units, linear
 from slimdiff.compress import out_heads
 from slimdiff.linalg import cpqr, damped_cholesky
-from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
 
 F64 = torch.float64
 
@@ -174,36 +173,30 @@ def ffn_error_curve(
 
 
 def error_profiles(
-    unet: nn.Module,
+    model: nn.Module,
     covariances: Mapping[str, torch.Tensor],
     units: Mapping[str, UnitInfo] | None = None,
     damping: float = 1e-2,
 ) -> dict[str, list[float]]:
-    """``{unit name: [e(0), ..., e(R)]}`` for every unit of ``unet`` (or of ``units``).
+    """``{unit name: [e(0), ..., e(R)]}`` for every unit of ``model`` (or of ``units``).
 
     ``covariances`` are ``ActivationStats.aggregate(weights)`` of statistics collected on this
     model, the same mapping ``compress_`` reads."""
-    units = dict(units) if units is not None else compression_units(unet)
-    modules = dict(unet.named_modules())
-    blocks = {info.name: info for info in describe_unet(unet)}
+    units = dict(units) if units is not None else compression_units(model)
     out: dict[str, list[float]] = {}
     for name, unit in units.items():
-        block = modules[unit.block]
+        lay = unit.layout
+        keys = unit.stat_keys()
         if unit.kind == "ffn":
-            key = ffn_key(unit.block)
-            curve = ffn_error_curve(
-                _need(covariances, key, name), block.ff.net[-1].weight.detach().cpu(), damping
+            weight = linear(model, lay.proj_out).weight.detach().cpu()
+            curve = ffn_error_curve(_need(covariances, keys[0], name), weight, damping)
+        elif unit.kind == "qk":
+            curve = qk_error_curve(
+                _need(covariances, keys[0], name), _need(covariances, keys[1], name), damping
             )
         else:
-            heads = getattr(blocks[unit.block], unit.attn).heads
-            attn = getattr(block, unit.attn)
-            if unit.kind == "qk":
-                cq = _need(covariances, attn_key(unit.block, unit.attn, QUERY), name)
-                ck = _need(covariances, attn_key(unit.block, unit.attn, KEY), name)
-                curve = qk_error_curve(cq, ck, damping)
-            else:
-                ca = _need(covariances, attn_key(unit.block, unit.attn, ATTN_OUT), name)
-                curve = vo_error_curve(ca, out_heads(attn.to_out[0].weight, heads), damping)
+            w_o = torch.cat([out_heads(linear(model, p).weight, lay.heads) for p in lay.out], dim=-1)
+            curve = vo_error_curve(_need(covariances, keys[0], name), w_o, damping)
         if len(curve) != unit.full_rank + 1:
             raise ValueError(f"{name}: error curve has {len(curve)} points, expected {unit.full_rank + 1}")
         out[name] = curve

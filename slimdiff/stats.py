@@ -12,7 +12,7 @@ Keys (``block`` is the BasicTransformerBlock's module path, see ``slimdiff.adapt
     {block}.{attn}.key             per-head outputs of to_k                   mat = (H, d_h, d_h)
     {block}.{attn}.attnout         per-head attention output = input of to_out.0, mat = (H, d_h, d_h)
 
-with ``attn`` in {"attn1", "attn2"}. Both classifier-free-guidance branches are accumulated into
+with ``attn`` the attention's name in its block (``attn1``, ``attn2``; ``attn`` in MMDiT blocks). Both classifier-free-guidance branches are accumulated into
 the same sums (both pass through the UNet at inference). Sums make shards mergeable exactly:
 ``merge([a, b])`` of two prompt shards equals the statistics of the whole run.
 
@@ -40,8 +40,8 @@ def ffn_key(block: str) -> str:
 
 
 def attn_key(block: str, attn: str, which: str) -> str:
-    if attn not in ("attn1", "attn2"):
-        raise ValueError(f"attn must be 'attn1' or 'attn2', got {attn!r}")
+    if not attn or not attn.replace("_", "").isalnum():
+        raise ValueError(f"attn must be the attention's name inside its block (e.g. 'attn1'), got {attn!r}")
     if which not in (QUERY, KEY, ATTN_OUT):
         raise ValueError(f"which must be one of {QUERY!r}, {KEY!r}, {ATTN_OUT!r}, got {which!r}")
     return f"{block}.{attn}.{which}"

@@ -223,7 +223,7 @@ class CalibrationJob:
 
 def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_uri: str) -> CalibrationJob:
     """Open (resume) or create the store; say which shards are still missing."""
-    from slimdiff.adapter import describe_unet
+    from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.calibration import stat_shapes
 
     cfg = params.calibration
@@ -235,13 +235,13 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     if existing is not None and existing.complete:  # nothing to do: no need to load the model
         return CalibrationJob(out_uri, n_shards, (), len(prompts))
     pipe = _cached_pipe(params, model)
-    describe_unet(pipe.unet)  # unsupported architectures fail here, before any forward pass
+    compression_units(denoiser_of(pipe))  # unsupported architectures fail here, before any forward pass
     store = CovarianceStore.open_or_create(
         out_uri,
         identity=identity,
         n_shards=n_shards,
         n_buckets=cfg.n_buckets,
-        shapes=stat_shapes(pipe.unet),
+        shapes=stat_shapes(denoiser_of(pipe)),
         attrs={"model_release": model.meta, "slimset_uri": slimset.uri},
     )
     return CalibrationJob(out_uri, n_shards, tuple(store.missing_shards()), len(prompts))
@@ -320,19 +320,22 @@ def read_stats(stats: Manifest):
 
 def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -> Manifest:
     """Spectral influence per unit and timestep weights (+ heatmap); no forward passes."""
+    from slimdiff.adapter import denoiser_of
     from slimdiff.influence import compute_influence, plot_influence_heatmap
     from slimdiff.spectra import error_profiles
 
     activation_stats = read_stats(stats)
     pipe = _cached_pipe(params, model)
     with staged_dir(out) as tmp:
-        influence = compute_influence(activation_stats, pipe.unet, weighting=params.influence.weighting)
+        influence = compute_influence(
+            activation_stats, denoiser_of(pipe), weighting=params.influence.weighting
+        )
         (tmp / INFLUENCE_FILE).write_text(influence.to_json())
         plot_influence_heatmap(influence, tmp / "influence_heatmap.png")
         # the truncation error of every unit at every rank, under the same weighted covariances
         # and damping compress_ uses: what allocation mode "error" spends the budget on
         profiles = error_profiles(
-            pipe.unet, influence.aggregate(activation_stats), damping=params.compression.damping
+            denoiser_of(pipe), influence.aggregate(activation_stats), damping=params.compression.damping
         )
         (tmp / PROFILES_FILE).write_text(json.dumps(profiles, separators=(",", ":"), allow_nan=False))
     return _finish(
@@ -367,7 +370,7 @@ def budget_from_params(params: Params):
 
 def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) -> Manifest:
     """Rank plan under the global budget (+ bar chart)."""
-    from slimdiff.adapter import compression_units
+    from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
     from slimdiff.spectra import plot_error_profiles
 
@@ -375,7 +378,8 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
     scores = _load_influence(influence).score_of()
     profiles = _load_profiles(influence) if cfg.mode == "error" else None
     pipe = _cached_pipe(params, model)
-    units = {n: u for n, u in compression_units(pipe.unet).items() if u.kind in cfg.modules}
+    denoiser = denoiser_of(pipe)
+    units = {n: u for n, u in compression_units(denoiser).items() if u.kind in cfg.modules}
     with staged_dir(out) as tmp:
         try:
             plan = plan_ranks(
@@ -386,7 +390,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
                 r_min=cfg.r_min,
                 multiple=cfg.multiple,
                 mode=cfg.mode,
-                model_params=sum(p.numel() for p in pipe.unet.parameters()),
+                model_params=sum(p.numel() for p in denoiser.parameters()),
                 profiles=profiles,
                 tie_qk_vo=cfg.tie_qk_vo,
             )
@@ -407,6 +411,7 @@ def run_compress(
     params: Params, model: Manifest, stats: Manifest, influence: Manifest, plan: Manifest, out: Path
 ) -> Manifest:
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
+    from slimdiff.adapter import denoiser_of
     from slimdiff.allocation import RankPlan
     from slimdiff.compress import compress_
     from slimdiff.io import save_compressed
@@ -417,10 +422,11 @@ def run_compress(
     weights = _load_influence(influence).weights
     covariances = read_stats(stats).aggregate(weights)
     pipe = _load_pipe(params, model)
-    before = sum(p.numel() for p in pipe.unet.parameters())
+    denoiser = denoiser_of(pipe)
+    before = sum(p.numel() for p in denoiser.parameters())
     with _single_thread():  # many small per-head factorisations: threads only add overhead
         report = compress_(
-            pipe.unet,
+            denoiser,
             rank_plan,
             covariances,
             qk_method=cfg.qk_method,
@@ -429,7 +435,7 @@ def run_compress(
             damping=cfg.damping,
             ffn_selection=cfg.ffn_selection,
         )
-    after = sum(p.numel() for p in pipe.unet.parameters())
+    after = sum(p.numel() for p in denoiser.parameters())
     lineage = {
         "model_release": model.meta,
         "stats_digest": stats.digest,

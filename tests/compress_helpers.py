@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from slimdiff.adapter import describe_unet
+from slimdiff.adapter import compression_units
 
 F64 = torch.float64
 
@@ -42,28 +42,28 @@ def capture_covariances(unet, inputs_list) -> dict[str, torch.Tensor]:
         sums[key] = sums[key] + m if key in sums else m
         counts[key] += x.shape[0]
 
-    for info in describe_unet(unet):
-        block = unet.get_submodule(info.name)
-        hooks.append(
-            block.ff.net[-1].register_forward_pre_hook(
-                lambda m, a, k=f"{info.name}.ff.hidden": add(k, a[0], None)
-            )
-        )
-        for which in ("attn1", "attn2"):
-            a_info = getattr(info, which)
-            if a_info is None:
-                continue
-            attn = getattr(block, which)
-            base, h = f"{info.name}.{which}", a_info.heads
+    for u in compression_units(unet).values():  # the layouts say which linears to hook
+        lay = u.layout
+        if u.kind == "ffn":
             hooks.append(
-                attn.to_q.register_forward_hook(lambda m, a, o, k=f"{base}.query", h=h: add(k, o, h))
-            )
-            hooks.append(attn.to_k.register_forward_hook(lambda m, a, o, k=f"{base}.key", h=h: add(k, o, h)))
-            hooks.append(
-                attn.to_out[0].register_forward_pre_hook(
-                    lambda m, a, k=f"{base}.attnout", h=h: add(k, a[0], h)
+                unet.get_submodule(lay.proj_out).register_forward_pre_hook(
+                    lambda m, a, k=lay.hidden_key: add(k, a[0], None)
                 )
             )
+        elif u.kind == "qk":
+            for path, key in [*((p, lay.query_key) for p in lay.query), *((p, lay.key_key) for p in lay.key)]:
+                hooks.append(
+                    unet.get_submodule(path).register_forward_hook(
+                        lambda m, a, o, k=key, h=lay.heads: add(k, o, h)
+                    )
+                )
+        else:
+            for path in lay.out:
+                hooks.append(
+                    unet.get_submodule(path).register_forward_pre_hook(
+                        lambda m, a, k=lay.attnout_key, h=lay.heads: add(k, a[0], h)
+                    )
+                )
     try:
         for inputs in inputs_list:
             run(unet, inputs)

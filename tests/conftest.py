@@ -50,6 +50,36 @@ def make_tiny_unet(
     return unet.eval()
 
 
+def make_tiny_pixart(
+    seed: int = 0, heads: int = 2, head_dim: int = 8, layers: int = 2, caption_channels: int = 12
+):
+    """A 2-layer PixArt-Sigma-shaped PixArtTransformer2DModel (adaLN-single, GELU-tanh FFN,
+    cross-attention to text tokens), 8x8 latents in 2x2 patches."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=heads * head_dim,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+    ).eval()
+
+
+def transformer_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of every diffusers BasicTransformerBlock: the tests' own view of the layout
+    (the library finds blocks only through slimdiff.arch)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, transformer_blocks
 from torch import nn
 
 from slimdiff import calibration
-from slimdiff.adapter import UnsupportedModelError, find_transformer_blocks
+from slimdiff.adapter import UnsupportedModelError
 from slimdiff.calibration import (
     ActivationCollector,
     bucket_of_step,
@@ -124,7 +124,7 @@ class Capture:
             self.t = float(torch.as_tensor(t).flatten()[0])
 
         self.handles.append(self.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
-        for name, block in find_transformer_blocks(self.unet):
+        for name, block in transformer_blocks(self.unet):
 
             def pre(key, heads):
                 return lambda m, a: self.records.append((self.t, key, heads, a[0].detach().clone()))
@@ -230,7 +230,7 @@ def test_direct_unet_matches_brute_force(tiny_unet, monkeypatch, syrk):
     moments, tokens = cap.reference(lambda t: int(t) // 10, 2)  # t = 5 -> 0, 15 -> 1
     assert_matches_reference(stats, moments, tokens)
     # token counting: self-attention sees image tokens, cross-attention keys the text tokens
-    blk = find_transformer_blocks(tiny_unet)[0][0]
+    blk = transformer_blocks(tiny_unet)[0][0]
     assert stats.tokens[attn_key(blk, "attn1", KEY)].tolist() == [2 * 64, 3 * 64]
     assert stats.tokens[attn_key(blk, "attn2", KEY)].tolist() == [2 * 5, 3 * 7]
     assert stats.moments[ffn_key(blk)].shape == (2, 128, 128)
@@ -269,7 +269,7 @@ def test_pipeline_buckets_match_brute_force(tmp_path, scheduler):
     assert_matches_reference(stats, moments, tokens)
     calls = [pipe.scheduler.timesteps.tolist().count(t) for t in schedule]  # UNet calls per step
     per_bucket = [calls[0] + calls[1], calls[2] + calls[3]]
-    blk = find_transformer_blocks(pipe.unet)[0][0]
+    blk = transformer_blocks(pipe.unet)[0][0]
     # 3 prompts x 2 CFG branches x 64 image tokens (8x8 latents) per UNet call
     assert stats.tokens[attn_key(blk, "attn1", QUERY)].tolist() == [c * 3 * 2 * 64 for c in per_bucket]
     assert stats.tokens[attn_key(blk, "attn2", KEY)].tolist() == [c * 3 * 2 * 12 for c in per_bucket]
@@ -324,7 +324,7 @@ def test_refuses_unknown_processor_and_accepts_flagged(tiny_unet):
     class CompressedLikeProcessor(AttnProcessor2_0):
         slimdiff_supported = True
 
-    name, block = find_transformer_blocks(tiny_unet)[-1]
+    name, block = transformer_blocks(tiny_unet)[-1]
     block.attn2.set_processor(MysteryProcessor())
     with pytest.raises(
         UnsupportedModelError, match=rf"{name}\.attn2: unknown attention processor MysteryProcessor"
@@ -343,8 +343,25 @@ def test_refuses_processor_swapped_after_construction(tiny_unet):
 
 
 def test_refuses_model_without_transformer_blocks():
-    with pytest.raises(UnsupportedModelError, match="no diffusers BasicTransformerBlock"):
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(
+        UnsupportedModelError, match="Sequential is not a supported denoiser.*Supported families"
+    ):
         ActivationCollector(nn.Sequential(nn.Linear(4, 4)))
+    plain = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"no diffusers BasicTransformerBlock \(its blocks: .*DownBlock2D"
+    ):
+        ActivationCollector(plain)
 
 
 def test_timestep_outside_schedule_is_an_error(tiny_pipe):

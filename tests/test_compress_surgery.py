@@ -321,29 +321,36 @@ def test_sd2_style_unet_linear_projection_and_per_level_heads():
 
 
 def test_plain_gelu_ffn_block():
-    """A transformer block with a non-gated GELU FFN (DiT-style): proj keeps rows J only."""
-    from diffusers.models.attention import BasicTransformerBlock
+    """A DiT block with a non-gated GELU(tanh) FFN (PixArt): proj keeps rows J only, and the
+    full-rank rewrite reproduces the block."""
+    from conftest import make_tiny_pixart
 
-    torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24, activation_fn="gelu").eval()
+    model = make_tiny_pixart()
+    block = "transformer_blocks.0"
     units = compression_units(model)
-    ffn = units["block.ff"]
-    assert ffn.cost_per_rank == 2 * 32 + 1 and ffn.full_rank == 128
-    h = torch.randn(2, 40, 32)
-    enc = torch.randn(2, 5, 24)
+    ffn = units[f"{block}.ff"]
+    assert ffn.cost_per_rank == 2 * 16 + 1 and ffn.full_rank == 64 and not ffn.layout.gated
+    args, kwargs = pixart_inputs(model)
     captured = {}
-    hook = model.block.ff.net[-1].register_forward_pre_hook(lambda m, a: captured.update(h=a[0]))
+    ff_out = model.get_submodule(f"{block}.ff.net.2")
+    hook = ff_out.register_forward_pre_hook(lambda m, a: captured.update(h=a[0]))
     with torch.no_grad():
-        ref = model.block(h, encoder_hidden_states=enc)
+        ref = model(*args, **kwargs).sample
     hook.remove()
-    hid = captured["h"].double().reshape(-1, 128)
-    covs = {"block.ff.hidden": hid.T @ hid / hid.shape[0]}
+    hid = captured["h"].double().reshape(-1, 64)
+    covs = {f"{block}.ff.hidden": hid.T @ hid / hid.shape[0]}
     full = copy.deepcopy(model)
-    compress_(full, RankPlan.from_ranks({"block.ff": ffn}, {}), covs, rewrite_full_rank=True)
+    compress_(full, RankPlan.from_ranks({f"{block}.ff": ffn}, {}), covs, rewrite_full_rank=True)
     with torch.no_grad():
-        assert rel_err(full.block(h, encoder_hidden_states=enc), ref) < 1e-5
+        assert rel_err(full(*args, **kwargs).sample, ref) < 1e-5
     before = count_parameters(model)
-    compress_(model, RankPlan.from_ranks({"block.ff": ffn}, {"block.ff": 40}), covs)
-    assert model.block.ff.net[0].proj.out_features == 40
-    assert count_parameters(model) == before - (128 - 40) * ffn.cost_per_rank
+    compress_(model, RankPlan.from_ranks({f"{block}.ff": ffn}, {f"{block}.ff": 24}), covs)
+    assert model.get_submodule(f"{block}.ff.net.0.proj").out_features == 24
+    assert count_parameters(model) == before - (64 - 24) * ffn.cost_per_rank
+
+
+def pixart_inputs(model, batch: int = 2, text_len: int = 6, seed: int = 0):
+    from slimdiff.arch import adapter_for
+
+    g = torch.Generator().manual_seed(seed)
+    return adapter_for(model).example_inputs(model, batch, (8, 8), text_len, device="cpu", generator=g)

@@ -183,6 +183,8 @@ def test_interleaved_latency_times_every_model_every_repeat():
             order.append(self.name)
             return x
 
-    times = interleaved_latency({"a": Probe("a"), "b": Probe("b")}, (torch.zeros(1),), repeats=3, warmup=1)
+    times = interleaved_latency(
+        {"a": Probe("a"), "b": Probe("b")}, ((torch.zeros(1),), {}), repeats=3, warmup=1
+    )
     assert order == ["a", "b"] * 4  # one warm-up round, then 3 alternating repeats
     assert len(times["a"]) == len(times["b"]) == 3 and min(times["a"]) >= 0

@@ -95,21 +95,24 @@ def test_committed_pipeline_is_sd_shaped_fp16_and_small():
 
 
 def test_pipeline_loads_offline_with_real_cross_attention(pipe):
+    from conftest import transformer_blocks
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-    from slimdiff.adapter import compression_units, describe_unet
+    from slimdiff.adapter import compression_units
     from slimdiff.toy.models import transformer_share
 
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.tokenizer, PreTrainedTokenizerFast)
     assert pipe.unet.dtype == torch.float32
-    blocks = describe_unet(pipe.unet)
-    widths = {b.dim for b in blocks}
-    assert len(blocks) >= 4 and all(b.geglu and b.attn2 is not None for b in blocks)
+    from diffusers.models.activations import GEGLU
+
+    blocks = [b for _, b in transformer_blocks(pipe.unet)]
+    widths = {b.ff.net[-1].out_features for b in blocks}
+    assert len(blocks) >= 4 and all(isinstance(b.ff.net[0], GEGLU) and b.attn2 is not None for b in blocks)
     assert all(b.attn1.heads >= 2 for b in blocks)
-    assert all(b.attn2.kv_in == pipe.text_encoder.config.hidden_size not in widths for b in blocks)
+    assert all(b.attn2.to_k.in_features == pipe.text_encoder.config.hidden_size not in widths for b in blocks)
     assert pipe.unet.config.transformer_layers_per_block in (2, [2, 2], (2, 2))
     assert transformer_share(pipe.unet) >= 0.25
     assert len(compression_units(pipe.unet)) == 5 * len(blocks)

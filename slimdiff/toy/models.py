@@ -212,13 +212,13 @@ def save_pipeline_fp16(pipe, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def transformer_share(unet) -> float:
-    """Fraction of UNet parameters inside transformer blocks' attn1, attn2 and ff (SlimDiff's targets)."""
-    from slimdiff.adapter import compression_units, count_parameters, find_transformer_blocks
+def transformer_share(model) -> float:
+    """Fraction of the denoiser's parameters inside the modules SlimDiff compresses (every unit's
+    attention and feed-forward module, norms and biases included)."""
+    from slimdiff.adapter import compression_units, count_parameters
 
-    compression_units(unet)  # raises if the adapter cannot describe the blocks
-    inside = 0
-    for _, block in find_transformer_blocks(unet):
-        for part in ("attn1", "attn2", "ff"):
-            inside += count_parameters(getattr(block, part))
-    return inside / count_parameters(unet)
+    modules = {}
+    for u in compression_units(model).values():
+        path = u.layout.module if u.kind != "ffn" else u.layout.proj_in.rsplit(".net.", 1)[0]
+        modules[path] = model.get_submodule(path)
+    return sum(count_parameters(m) for m in modules.values()) / count_parameters(model)

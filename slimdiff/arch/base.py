@@ -1,0 +1,368 @@
+"""What slimdiff must know about a model family, behind one interface (the adapter), and the registry
+that picks the adapter for a denoiser by its class and its block types (never by model names).
+
+An adapter describes a denoiser as *compression units* (``UnitInfo``), each with a ``layout``: the
+module paths of the linear layers the unit's rewrite touches. Everything downstream is generic over
+layouts: the statistics hooks (``stat_sites``), influence, error profiles, the surgery, the shape
+rebuild at load time and the FLOPs counter. A family only says where its layers are, what each
+forward's inputs look like, and which attention processor runs a compressed attention.
+
+Units (one rank each, METHOD.md stage 4):
+
+* ``ffn``: rank = kept intermediate neurons. ``FFNLayout(proj_in, proj_out, gated)``: proj_in
+  produces the intermediate (gated: its rows are [hidden | gate] halves, one shared selection),
+  proj_out consumes it.
+* ``qk``: rank = per-head query/key width. ``AttentionLayout.query`` / ``.key``: the linears whose
+  outputs are split into query / key heads (one per token stream: MMDiT has two).
+* ``vo``: rank = per-head value width. ``.value``: linears producing value heads; ``.out``: the
+  linears that consume the per-head attention output.
+
+Statistic keys (``slimdiff.stats``) are named from the unit's block path, so a rank plan, a
+covariance store and a compressed folder written for one family are read the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+UnitKind = Literal["ffn", "qk", "vo"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or one of its modules) has a structure SlimDiff cannot compress."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and units
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FFNLayout:
+    proj_in: str  # nn.Linear d -> inner (gated: d -> 2 * inner, rows [hidden | gate])
+    proj_out: str  # nn.Linear inner -> d
+    gated: bool
+    hidden_key: str  # statistic: second moment of proj_out's input (the intermediate h)
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    module: str  # path of the attention module (its processor is replaced when compressed)
+    heads: int
+    head_dim: int  # d_h of q, k and v in the original model (the softmax scale is 1/sqrt(d_h))
+    query: tuple[str, ...]  # linears whose outputs are the query heads (one per token stream)
+    key: tuple[str, ...]
+    value: tuple[str, ...]
+    out: tuple[str, ...]  # linears consuming the per-head attention output (one per stream)
+    query_key: str  # statistic keys: per-head second moments of q, k and the attention output
+    key_key: str
+    attnout_key: str
+    # the module's ``attention_mask`` marks padded key/value tokens (e.g. T5 padding in PixArt's
+    # cross-attention): those tokens are left out of the key statistics
+    masked_keys: bool = False
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One compression unit: the thing a rank plan assigns a rank to."""
+
+    name: str  # e.g. "mid_block.attentions.0.transformer_blocks.0.attn2.qk"
+    kind: UnitKind
+    block: str  # path of the block the unit belongs to
+    attn: str | None  # attention name inside the block ("attn1", "attn2", ...), None for ffn
+    full_rank: int  # R_m: inner dim for ffn, d_h for qk / vo
+    cost_per_rank: int  # parameters per unit of rank (biases included)
+    layout: FFNLayout | AttentionLayout | None = field(default=None, compare=False)
+
+    @property
+    def full_params(self) -> int:
+        return self.full_rank * self.cost_per_rank
+
+    def stat_keys(self) -> tuple[str, ...]:
+        lay = self.layout
+        if lay is None:
+            return ()
+        if isinstance(lay, FFNLayout):
+            return (lay.hidden_key,)
+        return (lay.query_key, lay.key_key) if self.kind == "qk" else (lay.attnout_key,)
+
+
+@dataclass(frozen=True)
+class StatSite:
+    """One hooked activation: the statistic it feeds and how to reduce it."""
+
+    key: str
+    module: str  # path of the module whose input ("pre") or output ("post") is recorded
+    kind: Literal["pre", "post"]
+    heads: int  # 0: one full gram; else per-head grams
+    shape: tuple[int, ...]
+    mask_module: str | None = None  # attention module whose attention_mask selects the tokens
+
+
+def linear(model: nn.Module, path: str) -> nn.Linear:
+    mod = model.get_submodule(path)
+    if not isinstance(mod, nn.Linear):
+        raise UnsupportedModelError(
+            f"{path}: expected nn.Linear, got {type(mod).__name__} (fused or quantized projections are "
+            "not supported: compress the original float model, e.g. call unfuse_qkv_projections() first)"
+        )
+    return mod
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.ModuleList | nn.Sequential) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _in_cost(layer: nn.Linear) -> int:
+    return layer.in_features + (1 if layer.bias is not None else 0)
+
+
+def ffn_unit(model: nn.Module, name: str, block: str, layout: FFNLayout) -> UnitInfo:
+    """The FFN unit of ``layout`` with its cost per kept neuron: the neuron's row(s) of proj_in
+    (weights and biases; both halves when gated) and its column of proj_out."""
+    proj_in, proj_out = linear(model, layout.proj_in), linear(model, layout.proj_out)
+    inner = proj_out.in_features
+    if proj_in.out_features != (2 * inner if layout.gated else inner):
+        raise UnsupportedModelError(
+            f"{layout.proj_in}: {proj_in.out_features} outputs, expected {'2 x ' if layout.gated else ''}{inner} "
+            f"(the input width of {layout.proj_out})"
+        )
+    cost = _in_cost(proj_in) * (2 if layout.gated else 1) + proj_out.out_features
+    return UnitInfo(name, "ffn", block, None, inner, cost, layout)
+
+
+def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLayout) -> list[UnitInfo]:
+    """The qk and vo units of one attention, checking that every projection has the layout's
+    heads x d_h width. QK cost per rank: the head's column of every query and key linear (and
+    bias); VO: the value linears' columns (and bias) plus the out linears' rows."""
+    width = layout.heads * layout.head_dim
+    for path in (*layout.query, *layout.key, *layout.value):
+        if linear(model, path).out_features != width:
+            raise UnsupportedModelError(
+                f"{path}: {linear(model, path).out_features} outputs, expected {layout.heads} heads x "
+                f"{layout.head_dim} = {width} (q/k/v must share one head width)"
+            )
+    for path in layout.out:
+        if linear(model, path).in_features != width:
+            raise UnsupportedModelError(f"{path}: {linear(model, path).in_features} inputs, expected {width}")
+    qk = layout.heads * sum(_in_cost(linear(model, p)) for p in (*layout.query, *layout.key))
+    vo = layout.heads * (
+        sum(_in_cost(linear(model, p)) for p in layout.value)
+        + sum(linear(model, p).out_features for p in layout.out)
+    )
+    return [
+        UnitInfo(f"{block}.{attn}.qk", "qk", block, attn, layout.head_dim, qk, layout),
+        UnitInfo(f"{block}.{attn}.vo", "vo", block, attn, layout.head_dim, vo, layout),
+    ]
+
+
+def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
+    """The statistics every unit's decomposition reads, as hook sites (derived from the layouts):
+    FFN: proj_out's input; QK: the query and key linears' outputs, per head; VO: the out linears'
+    inputs, per head. Several linears feeding one key (two token streams) add into one sum."""
+    sites: list[StatSite] = []
+    for u in units.values():
+        lay = u.layout
+        if isinstance(lay, FFNLayout):
+            inner = u.full_rank
+            sites.append(StatSite(lay.hidden_key, lay.proj_out, "pre", 0, (inner, inner)))
+        elif u.kind == "qk":
+            shape = (lay.heads, lay.head_dim, lay.head_dim)
+            sites += [StatSite(lay.query_key, p, "post", lay.heads, shape) for p in lay.query]
+            mask = lay.module if lay.masked_keys else None
+            sites += [StatSite(lay.key_key, p, "post", lay.heads, shape, mask) for p in lay.key]
+        elif u.kind == "vo":
+            shape = (lay.heads, lay.head_dim, lay.head_dim)
+            sites += [StatSite(lay.attnout_key, p, "pre", lay.heads, shape) for p in lay.out]
+    return sites
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter interface
+# --------------------------------------------------------------------------------------------
+class ModelAdapter:
+    """A model family. Subclasses set the class attributes and implement ``layouts`` and
+    ``example_inputs``; everything else has a generic default built on the layouts."""
+
+    #: family name for messages and the README ("SD 1.x / 2.x / XL UNet", ...)
+    family: str = ""
+    #: the pipeline attribute that holds the denoiser ("unet" or "transformer")
+    pipeline_attr: str = "unet"
+
+    # -- recognition -----------------------------------------------------------------------
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def denoiser_class(self) -> type:
+        """The diffusers class of this family's denoiser (rebuilt from config at load time)."""
+        raise NotImplementedError
+
+    # -- layout ----------------------------------------------------------------------------
+    def units(self, model: nn.Module) -> dict[str, UnitInfo]:
+        """Every compression unit of ``model``, keyed by name, in module order. Raises
+        UnsupportedModelError (naming the module) where the layout is not what the family has."""
+        raise NotImplementedError
+
+    def stat_sites(self, model: nn.Module) -> list[StatSite]:
+        self.check_processors(model)
+        return sites_of(model, self.units(model))
+
+    def check_processors(self, model: nn.Module) -> None:
+        """Raise if an attention processor would make the hooked activations differ from what the
+        softmax sees (unknown or fused processors)."""
+
+    def processor(self, attn: nn.Module, layout: AttentionLayout) -> Any:
+        """The attention processor for a compressed attention (widths per head from its linears,
+        softmax scale 1/sqrt(original d_h))."""
+        from slimdiff.attention import SlimAttnProcessor
+
+        return SlimAttnProcessor(scale=layout.head_dim**-0.5)
+
+    # -- forwards ----------------------------------------------------------------------------
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The ``timestep`` argument of one denoiser call (bound by name from the signature)."""
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        if "timestep" in params and params.index("timestep") < len(args):
+            return args[params.index("timestep")]
+        return None
+
+    def example_inputs(
+        self,
+        model: nn.Module,
+        batch: int,
+        latent_hw: tuple[int, int],
+        text_len: int,
+        *,
+        device: str | torch.device = "meta",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[tuple, dict]:
+        """(args, kwargs) of one forward at these shapes: random tensors (meta for FLOPs)."""
+        raise NotImplementedError
+
+    def sample_size(self, model: nn.Module) -> tuple[int, int]:
+        """The latent (height, width) the model is configured for."""
+        size = model.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def text_len(self, pipe) -> int:
+        tok = getattr(pipe, "tokenizer", None)
+        return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
+
+
+def randn(shape, device, dtype, generator) -> torch.Tensor:
+    """Random tensor (CPU generator, then moved) or an empty meta tensor."""
+    if str(device) == "meta":
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+_ADAPTERS: list[ModelAdapter] = []
+
+#: transformer blocks of families that are not supported, by class name: refused with the family named
+UNSUPPORTED_BLOCKS = {
+    "FluxTransformerBlock": "FLUX (double-stream block)",
+    "FluxSingleTransformerBlock": "FLUX (single-stream block with a fused parallel MLP)",
+    "SanaTransformerBlock": "Sana (linear attention)",
+    "HunyuanDiTBlock": "Hunyuan-DiT",
+    "LuminaNextDiTBlock": "Lumina-Next",
+    "CogVideoXBlock": "CogVideoX",
+    "AuraFlowJointTransformerBlock": "AuraFlow",
+    "AuraFlowSingleTransformerBlock": "AuraFlow",
+    "WanTransformerBlock": "Wan",
+    "QwenImageTransformerBlock": "Qwen-Image",
+}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: add a family to the registry (adapters are tried in registration order)."""
+    _ADAPTERS.append(cls())
+    return cls
+
+
+def registered_adapters() -> list[ModelAdapter]:
+    import slimdiff.arch  # noqa: F401  (importing the package registers the built-in families)
+
+    return list(_ADAPTERS)
+
+
+def supported_families() -> list[str]:
+    return [a.family for a in registered_adapters()]
+
+
+def _block_types(model: nn.Module) -> list[str]:
+    names = []
+    for m in model.modules():
+        n = type(m).__name__
+        if (n.endswith(("Block", "Block2D", "BlockFlux")) or "TransformerBlock" in n) and n not in names:
+            names.append(n)
+    return names
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s family; raises UnsupportedModelError naming the block type and
+    the supported families when there is none."""
+    unsupported = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__name__ in UNSUPPORTED_BLOCKS}
+    )
+    if unsupported:
+        names = ", ".join(f"{b} ({UNSUPPORTED_BLOCKS[b]})" for b in unsupported)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has transformer blocks slimdiff does not support: {names}. "
+            f"Supported families: {'; '.join(supported_families())}"
+        )
+    for adapter in registered_adapters():
+        if adapter.matches(model):
+            return adapter
+    blocks = _block_types(model)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported denoiser (its block types: {', '.join(blocks) or 'none'}). "
+        f"Supported families: {'; '.join(supported_families())}"
+    )
+
+
+def adapter_for_class(class_name: str) -> ModelAdapter:
+    """The adapter whose denoiser class is named ``class_name`` (for loading saved folders)."""
+    for adapter in registered_adapters():
+        try:
+            if adapter.denoiser_class().__name__ == class_name:
+                return adapter
+        except NotImplementedError:
+            continue
+    raise UnsupportedModelError(
+        f"no slimdiff adapter for denoiser class {class_name!r}; supported families: "
+        f"{'; '.join(supported_families())}"
+    )
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``pipe.unet`` or ``pipe.transformer``)."""
+    for attr in dict.fromkeys(a.pipeline_attr for a in registered_adapters()):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise UnsupportedModelError(
+        f"{type(pipe).__name__} has no denoiser slimdiff knows (looked for "
+        f"{sorted({a.pipeline_attr for a in registered_adapters()})})"
+    )
+
+
+def denoiser_attr(pipe) -> str:
+    model = denoiser_of(pipe)
+    return next(a for a in ("unet", "transformer") if getattr(pipe, a, None) is model)
