@@ -76,7 +76,7 @@ def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -
             add(lay.proj_in, True)
             add(lay.proj_out, False)
         elif u.kind == "qk":
-            for p in (*lay.query, *lay.key):
+            for p in (*lay.all_query, *lay.key):
                 add(p, True)
         else:
             for p in lay.value:

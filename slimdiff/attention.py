@@ -172,6 +172,117 @@ class SlimAttnProcessor:
         return hidden_states
 
 
+class HeadwiseRMSNorm(nn.Module):
+    """RMSNorm of each head's kept coordinates with a per-head weight and epsilon: what a stock
+    per-head ``RMSNorm(d_h)`` becomes after RMSNorm-aware coordinate selection keeps a different
+    set of r coordinates in every head (``slimdiff.linalg.rms_coordinate_selection``). Input and
+    output (B, heads, N, r)."""
+
+    def __init__(self, heads: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, dim, device=device, dtype=dtype))
+        self.register_buffer("eps", torch.full((heads,), 1e-6, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)  # (B, H, N, 1)
+        x = x * torch.rsqrt(variance + self.eps.view(1, -1, 1, 1))
+        return (x.to(self.weight.dtype) * self.weight[None, :, None, :]).to(x.dtype)
+
+
+class QKPostProjection(nn.Module):
+    """Per-head projections applied to q and k AFTER their norms (``compression.qk_norm:
+    project``): logits n(q) T_q T_k^T n(k)^T of width r instead of d_h. ``t_q``, ``t_k``
+    (heads, d_h, r)."""
+
+    def __init__(self, heads: int, head_dim: int, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.t_q = nn.Parameter(torch.zeros(heads, head_dim, rank, device=device, dtype=dtype))
+        self.t_k = nn.Parameter(torch.zeros(heads, head_dim, rank, device=device, dtype=dtype))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, H, N, d_h) x (H, d_h, r) -> (B, H, N, r)
+        return (
+            torch.einsum("bhnd,hdr->bhnr", query, self.t_q.to(query.dtype)),
+            torch.einsum("bhnd,hdr->bhnr", key, self.t_k.to(key.dtype)),
+        )
+
+
+class SlimJointAttnProcessor:
+    """diffusers ``JointAttnProcessor2_0`` (MMDiT joint attention) for compressed per-head widths.
+
+    Image tokens are projected by ``to_q/to_k/to_v`` and text tokens by ``add_q_proj/add_k_proj/
+    add_v_proj`` at the compressed widths r_qk / r_vo (one width per head for both streams), the
+    per-head q/k norms run on those widths, both streams are concatenated ([image; text], as the
+    stock processor does), attention runs through ``padded_sdpa`` with the ORIGINAL scale
+    1/sqrt(d_h), and the output is split again for ``to_out.0`` and ``to_add_out`` (absent in a
+    ``context_pre_only`` block, whose text output is discarded). Without ``encoder_hidden_states``
+    (SD3.5's image-only ``attn2``) it is plain self-attention."""
+
+    slimdiff_supported = True
+
+    def __init__(self, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
+        self.scale = float(scale)
+
+    def __repr__(self) -> str:
+        return f"SlimJointAttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ):
+        batch_size, n_image = hidden_states.shape[0], hidden_states.shape[1]
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, heads*r) -> (B, heads, N, r)
+            return x.view(batch_size, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            c_query = split(attn.add_q_proj(encoder_hidden_states))
+            c_key = split(attn.add_k_proj(encoder_hidden_states))
+            c_value = split(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            # (B, heads, N_image + N_text, r): image tokens first, as JointAttnProcessor2_0
+            query = torch.cat([query, c_query], dim=2)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+        post = getattr(attn, "slim_qk_post", None)
+        if post is not None:  # qk_norm "project": cheaper logits after the norms
+            query, key = post(query, key)
+
+        out = padded_sdpa(
+            query, key, value, scale=self.scale, attn_mask=attention_mask
+        )  # (B, heads, N, r_vo)
+        out = out.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, c_out = out[:, :n_image], out[:, n_image:]
+            if not attn.context_pre_only:
+                c_out = attn.to_add_out(c_out)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)  # dropout
+        if encoder_hidden_states is not None:
+            return out, c_out
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # Which SDPA kernel ran
 # --------------------------------------------------------------------------------------------

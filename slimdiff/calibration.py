@@ -259,12 +259,14 @@ class ActivationCollector:
     def _make_hook(self, site: StatSite) -> Callable:
         sums, tokens, heads = self._sums[site.key], self._tokens[site.key], site.heads
         upper_only = site.key in self._upper_only
-        mask_module = site.mask_module
+        mask_module, head_major = site.mask_module, site.head_major
 
         def record(x: torch.Tensor) -> None:
             if self._muted:
                 return
             with torch.no_grad():
+                if head_major:  # (B, heads, N, d) -> (B, N, heads*d)
+                    x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
                 if mask_module is not None:  # padded key tokens never enter the statistics
                     keep = _kept_tokens(self._masks.get(mask_module), x.shape[-2])
                     if keep is not None:

@@ -59,6 +59,9 @@ F64 = torch.float64
 
 #: attribute set on a compressed UNet: the RankPlan it was compressed with (read by slimdiff.io)
 PLAN_ATTRIBUTE = "slimdiff_plan"
+#: ... and the options that change its layer layout beyond the plan's ranks (``{"qk_norm": mode}``)
+COMPRESSION_ATTRIBUTE = "slimdiff_compression"
+QK_NORM_MODES = ("select", "keep", "project")
 
 
 class CompressionError(ValueError):
@@ -85,6 +88,8 @@ class QKRewrite:
     error: float | None = None
     energy: float | None = None
     diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+    # q/k RMSNorm modules replaced after coordinate selection: path -> (weight (H, r), eps (H,))
+    norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +111,7 @@ class UnitContext:
     covariances: Mapping[str, torch.Tensor]
     damping: float
     ffn_selection: str
+    qk_norm: str = "select"  # how a QK under per-head RMSNorms is compressed (compress_)
 
     @property
     def layout(self) -> FFNLayout | AttentionLayout:
@@ -266,8 +272,44 @@ def _vo_rewrite(results: list[linalg.VOResult]) -> VORewrite:
     )
 
 
+def _qk_rms_select(ctx: UnitContext) -> QKRewrite:
+    """QK under per-head RMSNorms: keep r coordinates of every head (chosen on the normalised
+    statistics), the rows of every q/k projection for them, and each norm over the kept
+    coordinates with its scale corrected (``linalg.rms_coordinate_selection``, ``rms_norm_correction``)."""
+    lay, shape = ctx.layout, ctx.head_shape()
+    cq, ck = ctx.covariance(lay.query_key, shape), ctx.covariance(lay.key_key, shape)
+    cqn, ckn = ctx.covariance(lay.query_normed_key, shape), ctx.covariance(lay.key_normed_key, shape)
+    heads, d, r = lay.heads, lay.head_dim, ctx.rank
+    t = torch.zeros(heads, d, r, dtype=F64)
+    c_q, c_k = torch.zeros(heads, dtype=F64), torch.zeros(heads, dtype=F64)
+    error = energy = 0.0
+    for h in range(heads):
+        sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r)
+        t[h, sel.keep, torch.arange(r)] = 1.0  # one-hot columns: the new head keeps those rows
+        c_q[h] = linalg.rms_norm_correction(cq[h], sel.keep)
+        c_k[h] = linalg.rms_norm_correction(ck[h], sel.keep)
+        error += float(sel.errors[r])
+        energy += sel.energy
+    keep = t.argmax(dim=1)  # (H, r) kept coordinate of every new column
+    norms = {}
+    for paths, c in ((lay.norms_q, c_q), (lay.norms_k, c_k)):
+        for path in paths:
+            norm = ctx.model.get_submodule(path)
+            g = norm.weight.detach().to("cpu", F64) if norm.weight is not None else torch.ones(d, dtype=F64)
+            norms[path] = (g[keep] / c.sqrt()[:, None], float(norm.eps) / c)
+    return QKRewrite(t, t.clone(), error, energy, [], norms)
+
+
 @register_method("qk", "slimdiff", needs=True)
 def _qk_whitened(ctx: UnitContext) -> QKRewrite:
+    if ctx.layout.qk_norm:
+        if ctx.qk_norm != "select":
+            raise CompressionError(
+                f"{ctx.unit.name}: the plan compresses a QK under per-head RMSNorms, but qk_norm is "
+                f"{ctx.qk_norm!r}: with 'keep' or 'project' such units must stay at full rank in the plan "
+                "(the plan stage drops them), or use qk_norm='select'"
+            )
+        return _qk_rms_select(ctx)
     cq = ctx.covariance(ctx.layout.query_key, ctx.head_shape())
     ck = ctx.covariance(ctx.layout.key_key, ctx.head_shape())
     return _qk_rewrite(
@@ -279,6 +321,11 @@ def _qk_whitened(ctx: UnitContext) -> QKRewrite:
 def _qk_weight_svd(ctx: UnitContext) -> QKRewrite:
     """Baseline: truncated SVD of the head's bilinear form W_q,h^T W_k,h (isotropic inputs; with
     several token streams, their query / key weights' Grams summed)."""
+    if ctx.layout.qk_norm:
+        raise CompressionError(
+            f"{ctx.unit.name}: weight-only SVD of W_q W_k^T does not commute with the per-head q/k "
+            "RMSNorms; use qk_method 'slimdiff' (with qk_norm 'select') or leave QK uncompressed"
+        )
     gq, gk = ctx.head_gram(ctx.layout.query), ctx.head_gram(ctx.layout.key)
     return _qk_rewrite(
         [linalg.qk_whitened_svd(gq[h], gk[h], ctx.rank, 1e-8) for h in range(ctx.layout.heads)]
@@ -356,8 +403,18 @@ def _project_all(model: nn.Module, paths: tuple[str, ...], t: torch.Tensor) -> N
 
 
 def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
-    _project_all(model, unit.layout.query, rw.t_q)
+    from slimdiff.attention import HeadwiseRMSNorm
+
+    _project_all(model, unit.layout.all_query, rw.t_q)
     _project_all(model, unit.layout.key, rw.t_k)
+    for path, (weight, eps) in rw.norms.items():
+        old = model.get_submodule(path)
+        like = old.weight if old.weight is not None else next(model.parameters())
+        norm = HeadwiseRMSNorm(*weight.shape, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            norm.eps.copy_(eps)
+        replace_module(model, path, norm)
 
 
 def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:
@@ -393,6 +450,8 @@ def _output_error(
         return linalg.ffn_output_error(
             covs[0], linear(model, lay.proj_out).weight, rw.keep_value, rw.out_weight
         )
+    if isinstance(rw, QKRewrite) and lay.qk_norm:  # coordinate selection: its dropped logit energy
+        return rw.error, rw.energy
     if isinstance(rw, QKRewrite):
         cq, ck = covs
         parts = [linalg.qk_logit_error(cq[h], ck[h], rw.t_q[h], rw.t_k[h]) for h in range(lay.heads)]
@@ -401,6 +460,53 @@ def _output_error(
         wo = torch.cat([out_heads(linear(model, p).weight, lay.heads) for p in lay.out], dim=-1)
         parts = [linalg.vo_output_error(ca[h], wo[h], rw.t_v[h], rw.out_blocks[h]) for h in range(lay.heads)]
     return sum(e for e, _ in parts), sum(n for _, n in parts)
+
+
+def _post_norm_projections(
+    model: nn.Module, units: dict[str, UnitInfo], plan: RankPlan, covariances, damping: float
+) -> dict[str, tuple[AttentionLayout, nn.Module]]:
+    """qk_norm "project": for every attention with q/k norms whose VO unit the plan cuts to r, a
+    whitening-SVD of the NORMALISED q/k statistics at rank r (``linalg.qk_whitened_svd``),
+    applied after the norms; the QK unit itself must be at full rank in the plan."""
+    from slimdiff.attention import QKPostProjection
+
+    out = {}
+    for name, u in units.items():
+        lay = u.layout
+        if u.kind != "vo" or not lay.qk_norm:
+            continue
+        qk_name = name[: -len(".vo")] + ".qk"
+        if qk_name in plan.units and plan.units[qk_name].rank < plan.units[qk_name].full_rank:
+            raise CompressionError(
+                f"{qk_name}: qk_norm 'project' keeps a QK under RMSNorms at full rank in the plan; "
+                "make the plan without those units (the plan stage does this for qk_norm 'project')"
+            )
+        r = plan.units[name].rank if name in plan.units else u.full_rank
+        if r >= lay.head_dim:
+            continue
+        shape = (lay.heads, lay.head_dim, lay.head_dim)
+        for key in (lay.query_normed_key, lay.key_normed_key):
+            if key not in covariances:
+                raise CompressionError(
+                    f"{qk_name}: covariance {key!r} is missing (needed by qk_norm 'project')"
+                )
+            if tuple(covariances[key].shape) != shape:
+                raise CompressionError(
+                    f"{qk_name}: covariance {key!r} has shape {tuple(covariances[key].shape)}"
+                )
+        res = [
+            linalg.qk_whitened_svd(
+                covariances[lay.query_normed_key][h], covariances[lay.key_normed_key][h], r, damping
+            )
+            for h in range(lay.heads)
+        ]
+        like = linear(model, lay.query[0]).weight
+        proj = QKPostProjection(lay.heads, lay.head_dim, r, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            proj.t_q.copy_(torch.stack([x.t_q for x in res]))
+            proj.t_k.copy_(torch.stack([x.t_k for x in res]))
+        out[lay.module] = (lay, proj)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +567,7 @@ def compress_(
     ffn_method: str | None = None,
     qk_method: str | None = None,
     vo_method: str | None = None,
+    qk_norm: str = "select",
 ) -> CompressionReport:
     """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
 
@@ -471,6 +578,11 @@ def compress_(
     kind -> method name; ``ffn_method`` / ``qk_method`` / ``vo_method`` override one kind (the
     params.yaml form: ``compression.{ffn,qk,vo}_method``). ``rewrite_full_rank`` also rebuilds units planned at full rank (a check
     that the decomposition reproduces the original; normally they are left untouched).
+    ``qk_norm`` says how a QK under per-head q/k RMSNorms (MMDiT) is treated: "select" (RMSNorm-
+    aware coordinate selection, planned like any QK unit), "keep" (left whole: the plan must keep
+    those units at full rank) or "project" (left whole in the plan; when the attention's VO is cut
+    to r, q and k are projected to r AFTER their norms, so the logits and the fused kernel run at
+    width r while to_q / to_k keep their size and the projections add 2 H d_h r parameters).
     The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.io.save_compressed``."""
     if getattr(unet, PLAN_ATTRIBUTE, None) is not None:
         raise CompressionError(
@@ -480,6 +592,8 @@ def compress_(
         raise ValueError(f"ffn_selection must be 'shared' or 'separate', got {ffn_selection!r}")
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
+    if qk_norm not in QK_NORM_MODES:
+        raise ValueError(f"qk_norm must be one of {QK_NORM_MODES}, got {qk_norm!r}")
     plan.validate_against(unet)
     covariances = covariances or {}
 
@@ -521,11 +635,14 @@ def compress_(
             covariances=covariances,
             damping=damping,
             ffn_selection=ffn_selection,
+            qk_norm=qk_norm,
         )
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
+    post = _post_norm_projections(unet, units, plan, covariances, damping) if qk_norm == "project" else {}
 
     attentions: dict[str, AttentionLayout] = {}
     reports = {}
+    norm_delta = 0  # parameters of replaced q/k norms: H * r per norm instead of d_h
     with torch.no_grad():
         for name, rw in rewrites.items():  # 2. swap in the smaller layers
             unit, p = units[name], todo[name]
@@ -533,7 +650,10 @@ def compress_(
             if isinstance(rw, FFNRewrite):
                 _apply_ffn(unet, unit, rw)
             elif isinstance(rw, QKRewrite):
+                # per-head norms (coordinate selection) are outside the unit cost model: count them
+                norm_delta -= sum(count_parameters(unet.get_submodule(path)) for path in rw.norms)
                 _apply_qk(unet, unit, rw)
+                norm_delta += sum(count_parameters(unet.get_submodule(path)) for path in rw.norms)
                 attentions[unit.layout.module] = unit.layout
             else:
                 _apply_vo(unet, unit, rw)
@@ -553,17 +673,23 @@ def compress_(
                 max_condition_number=max(conds) if conds else None,
                 fallbacks=sum(d.fallback for d in rw.diagnostics),
             )
+        added = 0
+        for path, (layout, proj) in post.items():
+            unet.get_submodule(path).slim_qk_post = proj
+            attentions[path] = layout
+            added += sum(p.numel() for p in proj.parameters())
         for path, layout in sorted(attentions.items()):
             attn = unet.get_submodule(path)
             attn.set_processor(adapter.processor(attn, layout))
 
     setattr(unet, PLAN_ATTRIBUTE, plan)
+    setattr(unet, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})
     params_after = count_parameters(unet)
     report = CompressionReport(
         units=reports,
         params_before=params_before,
         params_after=params_after,
-        predicted_params_after=params_before - plan.removed_params,
+        predicted_params_after=params_before - plan.removed_params + added + norm_delta,
         plan_digest=plan.digest,
         methods=methods,
         damping=damping,
@@ -588,10 +714,13 @@ def compress_(
 # --------------------------------------------------------------------------------------------
 # Shapes only (for loading a saved compressed model)
 # --------------------------------------------------------------------------------------------
-def apply_plan_shapes_(model: nn.Module, plan: RankPlan) -> None:
+def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select") -> None:
     """Replace the planned layers of an *uncompressed* skeleton by empty layers of the planned
     shapes and set the processors, without any decomposition: weights are loaded afterwards
-    (``slimdiff.io.load_compressed``). New layers live on the meta device."""
+    (``slimdiff.io.load_compressed``). New layers live on the meta device. ``qk_norm`` is the
+    mode the model was compressed with (it decides the norm and projection modules' shapes)."""
+    from slimdiff.attention import HeadwiseRMSNorm, QKPostProjection
+
     plan.validate_against(model)
     adapter = adapter_for(model)
     units = adapter.units(model)
@@ -614,9 +743,15 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan) -> None:
             shrink(lay.proj_out, in_f=r)
             continue
         if p.kind == "qk":
-            for path in (*lay.query, *lay.key):
+            for path in (*lay.all_query, *lay.key):
                 shrink(path, out_f=lay.heads * r)
+            for path in (*lay.norms_q, *lay.norms_k):  # coordinate selection: per-head norms over r
+                replace_module(model, path, HeadwiseRMSNorm(lay.heads, r, device="meta"))
         else:
+            if qk_norm == "project" and lay.qk_norm:
+                model.get_submodule(lay.module).slim_qk_post = QKPostProjection(
+                    lay.heads, lay.head_dim, r, device="meta"
+                )
             for path in lay.value:
                 shrink(path, out_f=lay.heads * r)
             for path in lay.out:
@@ -624,3 +759,4 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan) -> None:
         attn = model.get_submodule(lay.module)
         attn.set_processor(adapter.processor(attn, lay))
     setattr(model, PLAN_ATTRIBUTE, plan)
+    setattr(model, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})

@@ -152,6 +152,10 @@ class CompressionParams(_Group):
     # statistics (E[h^T h] of the real neurons) do not contain, so the Nystrom refit is undefined.
     ffn_selection: Literal["shared"] = "shared"
     damping: float = Field(1e-2, ge=0.0, lt=1.0)
+    # QK under per-head q/k RMSNorms (SD3.5 MMDiT): select = RMSNorm-aware coordinate selection,
+    # planned like any QK; keep = left whole; project = left whole in the plan, q/k projected to the
+    # attention's VO rank after the norms (cheaper logits, to_q/to_k keep their size). docs/METHOD.md
+    qk_norm: Literal["select", "keep", "project"] = "select"
 
 
 class QualityGate(_Group):
@@ -263,7 +267,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "slimset": ("model.source", "slimset", "evaluation.prompts"),
     "calibrate": ("model.dtype", "calibration"),
     "influence": ("influence", "compression.damping"),
-    "plan": ("allocation",),
+    "plan": ("allocation", "compression.qk_norm"),
     "compress": ("compression",),
     "evaluate": ("evaluation",),
     "register": ("tracking",),

@@ -85,10 +85,10 @@ class FlopsReport:
 
 
 def _category(name: str) -> str:
-    for which in ("attn1", "attn2"):
-        if f".{which}." in name:
-            return f"{which}_proj"
-    if ".ff." in name:
+    for which, cat in ((".attn1.", "attn1_proj"), (".attn.", "attn1_proj"), (".attn2.", "attn2_proj")):
+        if which in name:  # MMDiT's joint ``attn`` counts with self-attention
+            return cat
+    if ".ff." in name or ".ff_context." in name:
         return "ffn"
     return "other_linear"
 
@@ -152,7 +152,8 @@ def forward_flops(
     the ``device`` the model will run on)."""
     from diffusers.models.attention_processor import Attention
 
-    from slimdiff.attention import SlimAttnProcessor, common_head_width
+    from slimdiff.arch.base import adapter_for
+    from slimdiff.attention import SlimAttnProcessor, SlimJointAttnProcessor, common_head_width
 
     skel = meta_copy(model)
     rows: list[FlopsRow] = []
@@ -172,18 +173,16 @@ def forward_flops(
         flops = 2 * b * h * w * c_out * (mod.in_channels // mod.groups) * kh * kw
         rows.append(FlopsRow(name, "conv", flops, h * w))
 
+    adapter = adapter_for(model)
+
     def attn_hook(mod: nn.Module, args, kwargs, name: str) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        enc = kwargs.get("encoder_hidden_states")
-        b = hidden.shape[0]
-        n_q = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
-        n_k = n_q if enc is None else enc.shape[1]
+        b, n_q, n_k = adapter.attention_tokens(mod, args, kwargs)
         heads = mod.heads
         r_qk = mod.to_q.out_features // heads
         r_vo = mod.to_v.out_features // heads
-        if isinstance(mod.processor, SlimAttnProcessor):  # pads q/k/v to one width (fused-kernel rule)
+        if isinstance(mod.processor, SlimAttnProcessor | SlimJointAttnProcessor):  # pads to one width
             r_qk = r_vo = common_head_width(r_qk, r_vo, torch.device(device))
-        which = "attn2" if name.endswith("attn2") else "attn1"
+        which = "attn2" if name.endswith("attn2") else "attn1"  # MMDiT: joint "attn" counts as attn1
         rows.append(FlopsRow(name, f"{which}_matmul", 2 * b * heads * n_q * n_k * (r_qk + r_vo), n_q))
 
     for name, mod in skel.named_modules():

@@ -30,7 +30,7 @@ from torch import nn
 
 from slimdiff.allocation import PlanValidationError, RankPlan
 from slimdiff.arch.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
-from slimdiff.compress import PLAN_ATTRIBUTE, apply_plan_shapes_
+from slimdiff.compress import COMPRESSION_ATTRIBUTE, PLAN_ATTRIBUTE, apply_plan_shapes_
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | N
         "weights_sha256": _sha256(weights),
         "plan_digest": plan.digest,
         "plan": plan.to_dict(),
+        # layout options beyond the ranks (e.g. how a QK under RMSNorms was rebuilt)
+        "compression": dict(getattr(unet, COMPRESSION_ATTRIBUTE, None) or {}),
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in state.items()},
         "extra": dict(extra or {}),
     }
@@ -166,7 +168,7 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
     with torch.device("meta"):
         unet = model_cls.from_config(config)
     try:
-        apply_plan_shapes_(unet, plan)
+        apply_plan_shapes_(unet, plan, **dict(sidecar.get("compression") or {}))
     except PlanValidationError as err:
         raise CompressedModelError(
             f"{directory}: the sidecar's plan does not fit config.json: {err}"

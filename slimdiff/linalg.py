@@ -387,3 +387,63 @@ def vo_output_error(
     w = w_o.to(F64)
     delta = w - t_v.to(F64) @ out_block.to(F64)
     return float(torch.einsum("io,ij,jo->", delta, ca, delta)), float(torch.einsum("io,ij,jo->", w, ca, w))
+
+
+# --------------------------------------------------------------------------------------------
+# QK under a per-head RMSNorm (MMDiT qk_norm): RMSNorm-aware coordinate selection
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoordinateSelection:
+    keep: torch.Tensor  # (r,) int64 kept coordinates of the head, ascending
+    drop_order: (
+        torch.Tensor
+    )  # (d,) int64 coordinates in the order they are dropped (rank d-k keeps order[k:])
+    errors: torch.Tensor  # (d+1,) float64 dropped logit energy at ranks 0..d (errors[d] = 0)
+    energy: float  # E[(n(q) . n(k))^2], the logit energy (errors[0])
+
+
+def rms_coordinate_selection(cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: int) -> CoordinateSelection:
+    """Which of a head's d coordinates to keep after its q/k RMSNorms, for rank ``rank``.
+
+    ``cov_qn``, ``cov_kn`` (d, d): second moments of the *normalised* query and key (the norm
+    outputs, learned scale included). Dropping a set D of coordinates changes the logit
+    n(q) . n(k) by sum_{i in D} n(q)_i n(k)_i; for independent q and k its mean square is
+    1_D^T M 1_D with M = C_qn o C_kn (elementwise; PSD by the Schur product theorem). D is grown
+    greedily, one coordinate at a time, by the one that adds least to that sum (M_ii + 2 sum_{j in D}
+    M_ij), so the kept sets are nested and every rank's error is read off one pass.
+
+    The rewrite keeps those coordinates' rows of the q/k projections and replaces each norm by
+    an RMSNorm over the kept coordinates with its scale corrected (``rms_norm_correction``). The
+    error ignores what the correction cannot fix: the token-to-token variation of the kept share
+    of ||q||^2 around its mean."""
+    m = _sym(cov_qn) * _sym(cov_kn)  # (d, d)
+    d = m.shape[0]
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}], got {rank}")
+    dropped = torch.zeros(d, dtype=torch.bool)
+    acc = torch.zeros(d, dtype=F64)  # sum_{j in D} M_ij
+    order, errors = [], [0.0]
+    for _ in range(d):
+        cost = torch.diagonal(m) + 2.0 * acc
+        cost[dropped] = torch.inf
+        i = int(torch.argmin(cost))  # ties: the lowest index
+        order.append(i)
+        errors.append(errors[-1] + float(cost[i]))
+        dropped[i] = True
+        acc += m[:, i]
+    order_t = torch.tensor(order, dtype=torch.int64)
+    # errors[k] = energy dropped with k coordinates gone = the error at rank d - k
+    by_rank = torch.tensor(errors[::-1], dtype=F64)
+    keep = order_t[d - rank :].sort().values
+    return CoordinateSelection(keep, order_t, by_rank, float(by_rank[0]))
+
+
+def rms_norm_correction(cov_pre: torch.Tensor, keep: torch.Tensor) -> float:
+    """c = r / (rho d) with rho = E||x_S||^2 / E||x||^2 from the pre-norm second moment (d, d):
+    RMSNorm over the kept coordinates S reads mean_S(x^2); mean_d(x^2) ~ mean_S(x^2) * c, so
+    x_S / sqrt(c mean_S(x^2) + eps) = c^-1/2 x_S / sqrt(mean_S(x^2) + eps / c): the same stock
+    RMSNorm over r coordinates with eps / c and weight / sqrt(c). Exact at r = d (c = 1)."""
+    diag = torch.diagonal(_sym(cov_pre))
+    total = float(diag.sum())
+    rho = float(diag[keep].sum()) / total if total > 0 else keep.numel() / diag.numel()
+    return keep.numel() / (max(rho, 1e-12) * diag.numel())

@@ -47,7 +47,7 @@ from torch import nn
 
 from slimdiff.adapter import UnitInfo, compression_units, linear
 from slimdiff.compress import out_heads
-from slimdiff.linalg import cpqr, damped_cholesky
+from slimdiff.linalg import cpqr, damped_cholesky, rms_coordinate_selection
 
 F64 = torch.float64
 
@@ -172,6 +172,19 @@ def ffn_error_curve(
     return _relative(errors, energy)
 
 
+def qk_select_error_curve(cov_qn: torch.Tensor, cov_kn: torch.Tensor) -> list[float]:
+    """Relative logit error e(r), r = 0..d_h, of RMSNorm-aware coordinate selection for a QK under
+    per-head q/k norms, from the (H, d_h, d_h) second moments of the normalised q and k
+    (``linalg.rms_coordinate_selection``: the dropped coordinates' logit energy, summed over heads)."""
+    d = cov_qn.shape[-1]
+    errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
+    for h in range(cov_qn.shape[0]):
+        sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d)
+        errors += sel.errors
+        energy += sel.energy
+    return _relative(errors, energy)
+
+
 def error_profiles(
     model: nn.Module,
     covariances: Mapping[str, torch.Tensor],
@@ -190,6 +203,10 @@ def error_profiles(
         if unit.kind == "ffn":
             weight = linear(model, lay.proj_out).weight.detach().cpu()
             curve = ffn_error_curve(_need(covariances, keys[0], name), weight, damping)
+        elif unit.kind == "qk" and lay.qk_norm:  # under per-head RMSNorms: coordinate selection
+            curve = qk_select_error_curve(
+                _need(covariances, keys[2], name), _need(covariances, keys[3], name)
+            )
         elif unit.kind == "qk":
             curve = qk_error_curve(
                 _need(covariances, keys[0], name), _need(covariances, keys[1], name), damping

@@ -11,6 +11,8 @@ Keys (``block`` is the BasicTransformerBlock's module path, see ``slimdiff.adapt
     {block}.{attn}.query           per-head outputs of to_q                   mat = (H, d_h, d_h)
     {block}.{attn}.key             per-head outputs of to_k                   mat = (H, d_h, d_h)
     {block}.{attn}.attnout         per-head attention output = input of to_out.0, mat = (H, d_h, d_h)
+    {block}.{attn}.query_normed    per-head q after its RMSNorm (MMDiT qk_norm)   mat = (H, d_h, d_h)
+    {block}.{attn}.key_normed      per-head k after its RMSNorm                   mat = (H, d_h, d_h)
 
 with ``attn`` the attention's name in its block (``attn1``, ``attn2``; ``attn`` in MMDiT blocks). Both classifier-free-guidance branches are accumulated into
 the same sums (both pass through the UNet at inference). Sums make shards mergeable exactly:
@@ -33,6 +35,9 @@ FFN_HIDDEN = "ff.hidden"
 QUERY = "query"
 KEY = "key"
 ATTN_OUT = "attnout"
+# after a per-head q/k RMSNorm (MMDiT qk_norm): what the softmax really sees
+QUERY_NORMED = "query_normed"
+KEY_NORMED = "key_normed"
 
 
 def ffn_key(block: str) -> str:
@@ -42,8 +47,10 @@ def ffn_key(block: str) -> str:
 def attn_key(block: str, attn: str, which: str) -> str:
     if not attn or not attn.replace("_", "").isalnum():
         raise ValueError(f"attn must be the attention's name inside its block (e.g. 'attn1'), got {attn!r}")
-    if which not in (QUERY, KEY, ATTN_OUT):
-        raise ValueError(f"which must be one of {QUERY!r}, {KEY!r}, {ATTN_OUT!r}, got {which!r}")
+    if which not in (QUERY, KEY, ATTN_OUT, QUERY_NORMED, KEY_NORMED):
+        raise ValueError(
+            f"which must be one of {QUERY!r}, {KEY!r}, {ATTN_OUT!r}, {QUERY_NORMED!r}, {KEY_NORMED!r}, got {which!r}"
+        )
     return f"{block}.{attn}.{which}"
 
 

@@ -379,7 +379,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
     profiles = _load_profiles(influence) if cfg.mode == "error" else None
     pipe = _cached_pipe(params, model)
     denoiser = denoiser_of(pipe)
-    units = {n: u for n, u in compression_units(denoiser).items() if u.kind in cfg.modules}
+    units = planned_units(compression_units(denoiser), cfg.modules, params.compression.qk_norm)
     with staged_dir(out) as tmp:
         try:
             plan = plan_ranks(
@@ -405,6 +405,16 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
         out,
         {"plan_digest": plan.digest, "params_before": plan.params_before, "params_after": plan.params_after},
     )
+
+
+def planned_units(units: dict, modules, qk_norm: str) -> dict:
+    """The units a plan allocates: the kinds in ``allocation.modules``, without QK units under
+    per-head RMSNorms unless ``compression.qk_norm`` is "select" (keep / project leave them whole)."""
+    return {
+        n: u
+        for n, u in units.items()
+        if u.kind in modules and not (u.kind == "qk" and u.layout.qk_norm and qk_norm != "select")
+    }
 
 
 def run_compress(
@@ -434,6 +444,7 @@ def run_compress(
             ffn_method=cfg.ffn_method,
             damping=cfg.damping,
             ffn_selection=cfg.ffn_selection,
+            qk_norm=cfg.qk_norm,
         )
     after = sum(p.numel() for p in denoiser.parameters())
     lineage = {

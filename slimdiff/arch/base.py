@@ -63,9 +63,26 @@ class AttentionLayout:
     query_key: str  # statistic keys: per-head second moments of q, k and the attention output
     key_key: str
     attnout_key: str
+    query_normed_key: str = ""  # ... and of q, k after their RMSNorm (only with norms_q / norms_k)
+    key_normed_key: str = ""
     # the module's ``attention_mask`` marks padded key/value tokens (e.g. T5 padding in PixArt's
     # cross-attention): those tokens are left out of the key statistics
     masked_keys: bool = False
+    # query linears whose outputs the model discards (MMDiT's last block: text queries): rewritten
+    # with the same transform as ``query`` so shapes stay consistent, never measured
+    unused_query: tuple[str, ...] = ()
+    # per-head RMSNorm modules applied to q and k after the projections (MMDiT qk_norm), aligned
+    # with the streams; empty when the attention has none
+    norms_q: tuple[str, ...] = ()
+    norms_k: tuple[str, ...] = ()
+
+    @property
+    def qk_norm(self) -> bool:
+        return bool(self.norms_q or self.norms_k)
+
+    @property
+    def all_query(self) -> tuple[str, ...]:
+        return (*self.query, *self.unused_query)
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,11 @@ class UnitInfo:
             return ()
         if isinstance(lay, FFNLayout):
             return (lay.hidden_key,)
-        return (lay.query_key, lay.key_key) if self.kind == "qk" else (lay.attnout_key,)
+        if self.kind == "vo":
+            return (lay.attnout_key,)
+        if lay.qk_norm:
+            return (lay.query_key, lay.key_key, lay.query_normed_key, lay.key_normed_key)
+        return (lay.query_key, lay.key_key)
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,7 @@ class StatSite:
     heads: int  # 0: one full gram; else per-head grams
     shape: tuple[int, ...]
     mask_module: str | None = None  # attention module whose attention_mask selects the tokens
+    head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
 
 
 def linear(model: nn.Module, path: str) -> nn.Linear:
@@ -147,7 +169,7 @@ def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLa
     heads x d_h width. QK cost per rank: the head's column of every query and key linear (and
     bias); VO: the value linears' columns (and bias) plus the out linears' rows."""
     width = layout.heads * layout.head_dim
-    for path in (*layout.query, *layout.key, *layout.value):
+    for path in (*layout.all_query, *layout.key, *layout.value):
         if linear(model, path).out_features != width:
             raise UnsupportedModelError(
                 f"{path}: {linear(model, path).out_features} outputs, expected {layout.heads} heads x "
@@ -156,7 +178,7 @@ def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLa
     for path in layout.out:
         if linear(model, path).in_features != width:
             raise UnsupportedModelError(f"{path}: {linear(model, path).in_features} inputs, expected {width}")
-    qk = layout.heads * sum(_in_cost(linear(model, p)) for p in (*layout.query, *layout.key))
+    qk = layout.heads * sum(_in_cost(linear(model, p)) for p in (*layout.all_query, *layout.key))
     vo = layout.heads * (
         sum(_in_cost(linear(model, p)) for p in layout.value)
         + sum(linear(model, p).out_features for p in layout.out)
@@ -182,6 +204,12 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
             sites += [StatSite(lay.query_key, p, "post", lay.heads, shape) for p in lay.query]
             mask = lay.module if lay.masked_keys else None
             sites += [StatSite(lay.key_key, p, "post", lay.heads, shape, mask) for p in lay.key]
+            # after the per-head norms; the last norm of norms_q belongs to unused queries when the
+            # attention has some (MMDiT's last block): only the measured streams' norms count
+            for p in lay.norms_q[: len(lay.query)]:
+                sites.append(StatSite(lay.query_normed_key, p, "post", lay.heads, shape, None, True))
+            for p in lay.norms_k:
+                sites.append(StatSite(lay.key_normed_key, p, "post", lay.heads, shape, mask, True))
         elif u.kind == "vo":
             shape = (lay.heads, lay.head_dim, lay.head_dim)
             sites += [StatSite(lay.attnout_key, p, "pre", lay.heads, shape) for p in lay.out]
@@ -261,6 +289,13 @@ class ModelAdapter:
     def text_len(self, pipe) -> int:
         tok = getattr(pipe, "tokenizer", None)
         return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
+
+    def attention_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """(batch, query tokens, key tokens) of one call of an attention module (for FLOPs)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        n_q = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        return hidden.shape[0], n_q, n_q if enc is None else enc.shape[1]
 
 
 def randn(shape, device, dtype, generator) -> torch.Tensor:

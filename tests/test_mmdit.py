@@ -1,0 +1,218 @@
+"""MMDiT (SD3 / SD3.5 SD3Transformer2DModel): joint attention, q/k RMSNorm modes, dual attention and
+the context_pre_only last block, on tiny random models built from config.
+
+References: the uncompressed model's outputs (full-rank rewrites must reproduce them to float32
+rounding, ~1e-7 relative here; 1e-5 is the project's contract), brute force over coordinate
+subsets (selection), and the model reloaded from its compressed weights."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from slimdiff import linalg
+from slimdiff.adapter import compression_units, count_parameters
+from slimdiff.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.arch import adapter_for
+from slimdiff.attention import HeadwiseRMSNorm, SlimJointAttnProcessor, sdpa_backends
+from slimdiff.calibration import ActivationCollector
+from slimdiff.compress import apply_plan_shapes_, compress_
+from slimdiff.spectra import error_profiles
+from tasks.stages import planned_units
+
+F64 = torch.float64
+
+
+def tiny_sd3(qk_norm: str | None = "rms_norm", seed: int = 0):
+    """3 joint blocks (the first with SD3.5's dual attention, the last context_pre_only), 2 heads of 8."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        caption_projection_dim=16,
+        pooled_projection_dim=10,
+        out_channels=4,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+        qk_norm=qk_norm,
+    ).eval()
+    with torch.no_grad():  # non-trivial norm scales, so that a wrong norm rewrite shows
+        for name, p in model.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def inputs(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return adapter_for(model).example_inputs(model, 2, (8, 8), 5, device="cpu", generator=g)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_sd3()
+    args, kwargs = inputs(model)
+    collector = ActivationCollector(model, 1)
+    with collector, torch.no_grad():
+        model(*args, **kwargs)
+    return model, collector.stats().aggregate([1.0]), (args, kwargs)
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(*x[0], **x[1]).sample
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_units_cover_both_streams_dual_attention_and_the_last_block():
+    model = tiny_sd3()
+    units = compression_units(model)
+    names = set(units)
+    assert "transformer_blocks.0.attn2.qk" in names and "transformer_blocks.1.attn2.qk" not in names
+    assert "transformer_blocks.1.ff_context" in names and "transformer_blocks.2.ff_context" not in names
+    joint = units["transformer_blocks.0.attn.vo"].layout
+    assert joint.query == ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj")
+    assert joint.out == ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_add_out")
+    last = units["transformer_blocks.2.attn.qk"].layout
+    # context_pre_only: the text queries' outputs are discarded, no text output projection
+    assert last.query == ("transformer_blocks.2.attn.to_q",)
+    assert last.unused_query == ("transformer_blocks.2.attn.add_q_proj",)
+    assert last.out == ("transformer_blocks.2.attn.to_out.0",)
+    assert joint.qk_norm and units["transformer_blocks.0.attn2.qk"].layout.qk_norm
+    # QK cost: per rank, a column of to_q, add_q_proj, to_k, add_k_proj per head (weights + biases)
+    assert units["transformer_blocks.0.attn.qk"].cost_per_rank == 2 * 4 * (16 + 1)
+
+
+@pytest.mark.parametrize("mode", ["select", "keep", "project"])
+def test_full_rank_rewrite_is_exact_in_every_qk_norm_mode(calibrated, mode):
+    model, covs, x = calibrated
+    units = planned_units(compression_units(model), ("ffn", "qk", "vo"), mode)
+    full = copy.deepcopy(model)
+    compress_(full, RankPlan.from_ranks(units, {}), covs, rewrite_full_rank=True, qk_norm=mode)
+    assert rel(run(full, x), run(model, x)) < 1e-5
+    for name, mod in full.named_modules():
+        if name.endswith((".attn", ".attn2")):
+            assert isinstance(mod.processor, SlimJointAttnProcessor), name
+
+
+def test_statistics_cover_the_concatenated_tokens(calibrated):
+    model, covs, (args, kwargs) = calibrated
+    stats_tokens = {}
+    collector = ActivationCollector(model, 1)
+    with collector, torch.no_grad():
+        model(*args, **kwargs)
+    stats = collector.stats()
+    batch, image = 2, (8 // 2) ** 2  # 2x2 patches of an 8x8 latent: 16 image tokens
+    text = kwargs["encoder_hidden_states"].shape[1]
+    stats_tokens = {k: int(v.sum()) for k, v in stats.tokens.items()}
+    assert stats_tokens["transformer_blocks.0.attn.query"] == batch * (image + text)  # both streams
+    assert stats_tokens["transformer_blocks.0.attn2.query"] == batch * image  # image-only attention
+    assert stats_tokens["transformer_blocks.2.attn.query"] == batch * image  # text queries unused
+    assert stats_tokens["transformer_blocks.2.attn.key"] == batch * (image + text)
+    assert stats_tokens["transformer_blocks.2.attn.attnout"] == batch * image  # text output dropped
+    assert stats_tokens["transformer_blocks.0.attn.query_normed"] == batch * (image + text)
+
+
+def test_coordinate_selection_is_the_best_subset_for_each_rank_on_small_heads():
+    """Greedy growth of the dropped set is exact for a 1-coordinate drop and matches brute force
+    on these well-separated spectra; every rank's error is the dropped block of C_qn o C_kn."""
+    g = torch.Generator().manual_seed(3)
+    d = 6
+    a = torch.randn(d, d, generator=g, dtype=F64) * torch.logspace(0, -1.5, d, dtype=F64)
+    b = torch.randn(d, d, generator=g, dtype=F64) * torch.logspace(0, -1.5, d, dtype=F64)
+    cq, ck = a @ a.T, b @ b.T
+    m = cq * ck
+    sel = linalg.rms_coordinate_selection(cq, ck, 3)
+    assert sel.errors[d] == 0.0 and sel.errors[0] == pytest.approx(float(m.sum()), rel=1e-12)
+    for r in range(d + 1):
+        dropped = sel.drop_order[: d - r]
+        assert float(sel.errors[r]) == pytest.approx(
+            float(m[dropped][:, dropped].sum()), rel=1e-12, abs=1e-12
+        )
+    best1 = min(float(m[[i]][:, [i]].sum()) for i in range(d))
+    assert float(sel.errors[d - 1]) == pytest.approx(best1, rel=1e-12)
+    best3 = min(float(m[list(s)][:, list(s)].sum()) for s in itertools.combinations(range(d), 3))
+    assert float(sel.errors[3]) <= 1.25 * best3  # greedy: within 25% of the best 3-subset here
+
+
+def test_norm_correction_is_exact_at_full_rank_and_rescales_the_kept_share():
+    c = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=F64))
+    assert linalg.rms_norm_correction(c, torch.arange(4)) == pytest.approx(1.0)
+    # keep 2 of 4 coordinates holding 70% of the energy: c = r / (rho d) = 2 / (0.7 * 4)
+    assert linalg.rms_norm_correction(c, torch.tensor([0, 1])) == pytest.approx(2 / (0.7 * 4))
+    norm = HeadwiseRMSNorm(2, 3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
+        norm.eps.copy_(torch.tensor([1e-6, 1e-2]))
+    x = torch.randn(1, 2, 4, 3)
+    ref = torch.stack(
+        [
+            x[:, h] * torch.rsqrt(x[:, h].pow(2).mean(-1, keepdim=True) + norm.eps[h]) * norm.weight[h]
+            for h in range(2)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["select", "keep", "project"])
+def test_reduced_rank_modes_count_parameters_reload_and_stay_on_the_fused_kernel(calibrated, mode):
+    model, covs, x = calibrated
+    units = planned_units(compression_units(model), ("ffn", "qk", "vo"), mode)
+    profiles = error_profiles(model, covs, units)
+    plan = plan_ranks(
+        None, units, Budget(removed_fraction=0.4), mode="error", r_min=4, multiple=4, profiles=profiles
+    )
+    slim = copy.deepcopy(model)
+    report = compress_(slim, plan, covs, qk_norm=mode)
+    assert count_parameters(slim) == report.params_after == report.predicted_params_after
+    out = run(slim, x)
+    assert 0 < rel(out, run(model, x)) < 0.5
+    with torch.device("meta"):
+        skeleton = type(model).from_config(model.config)
+    apply_plan_shapes_(skeleton, plan, qk_norm=mode)
+    skeleton.load_state_dict(slim.state_dict(), strict=True, assign=True)
+    assert torch.equal(run(skeleton, x), out)
+    backends = sdpa_backends(slim, *x[0], **x[1])
+    assert {b for calls in backends.values() for b in calls} == {"flash"}
+    if mode == "select":
+        assert any(u.kind == "qk" for u in plan.compressed_units().values())
+    else:
+        assert not any(u.kind == "qk" and units[n].layout.qk_norm for n, u in plan.compressed_units().items())
+
+
+def test_select_profile_predicts_the_rewrite(calibrated):
+    model, covs, _ = calibrated
+    units = compression_units(model)
+    profiles = error_profiles(model, covs)
+    name = "transformer_blocks.0.attn.qk"
+    slim = copy.deepcopy(model)
+    report = compress_(slim, RankPlan.from_ranks(units, {name: 4}), covs, qk_norm="select")
+    assert report.units[name].relative_error == pytest.approx(profiles[name][4], rel=1e-12)
+
+
+def test_qk_weight_svd_is_refused_under_rms_norm(calibrated):
+    from slimdiff.compress import CompressionError
+
+    model, covs, _ = calibrated
+    units = compression_units(model)
+    with pytest.raises(CompressionError, match="does not commute"):
+        compress_(
+            copy.deepcopy(model),
+            RankPlan.from_ranks(units, {"transformer_blocks.0.attn.qk": 4}),
+            covs,
+            qk_method="weight_svd",
+        )
