@@ -34,6 +34,7 @@ _EXPORTS = {
     "compress_": "compress",
     "save_compressed": "io",
     "load_compressed": "io",
+    "to_slim_": "loading",
     "load_pipeline": "models",
     "unet_flops": "flops",
     "evaluate_pair": "evaluation",
@@ -46,6 +47,10 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
+    if module is None and (name.startswith("Slim") or name == "ModelMixin"):
+        # SlimUNet2DConditionModel, ... (slimdiff.loading); diffusers' loader also asks the module
+        # of a component for its loadable base class, ModelMixin
+        return getattr(importlib.import_module("slimdiff.loading"), name)
     if module is None:
         raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"slimdiff.{module}"), name)

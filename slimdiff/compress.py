@@ -717,7 +717,7 @@ def compress_(
 def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select") -> None:
     """Replace the planned layers of an *uncompressed* skeleton by empty layers of the planned
     shapes and set the processors, without any decomposition: weights are loaded afterwards
-    (``slimdiff.io.load_compressed``). New layers live on the meta device. ``qk_norm`` is the
+    (``slimdiff.io.load_compressed``). New layers live on the skeleton's device. ``qk_norm`` is the
     mode the model was compressed with (it decides the norm and projection modules' shapes)."""
     from slimdiff.attention import HeadwiseRMSNorm, QKPostProjection
 
@@ -725,13 +725,17 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
     adapter = adapter_for(model)
     units = adapter.units(model)
 
+    # new modules live where the skeleton's do: meta under diffusers' empty-weights init, else CPU
+    ref = next(model.parameters())
+    device, dtype = ref.device, ref.dtype
+
     def shrink(path: str, *, out_f: int | None = None, in_f: int | None = None) -> None:
         like = linear(model, path)
         new = nn.Linear(
             like.in_features if in_f is None else in_f,
             like.out_features if out_f is None else out_f,
             bias=like.bias is not None,
-            device="meta",
+            device=like.weight.device,
             dtype=like.weight.dtype,
         )
         replace_module(model, path, new)
@@ -746,11 +750,11 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
             for path in (*lay.all_query, *lay.key):
                 shrink(path, out_f=lay.heads * r)
             for path in (*lay.norms_q, *lay.norms_k):  # coordinate selection: per-head norms over r
-                replace_module(model, path, HeadwiseRMSNorm(lay.heads, r, device="meta"))
+                replace_module(model, path, HeadwiseRMSNorm(lay.heads, r, device=device, dtype=dtype))
         else:
             if qk_norm == "project" and lay.qk_norm:
                 model.get_submodule(lay.module).slim_qk_post = QKPostProjection(
-                    lay.heads, lay.head_dim, r, device="meta"
+                    lay.heads, lay.head_dim, r, device=device, dtype=dtype
                 )
             for path in lay.value:
                 shrink(path, out_f=lay.heads * r)

@@ -1,19 +1,25 @@
-"""Save and load compressed UNets (and whole pipelines around them).
+"""Save and load compressed denoisers (and whole pipelines around them).
 
-A compressed UNet cannot be loaded by a plain ``from_pretrained``: its config describes the
-original architecture while its Linear layers are smaller. So, as SliceGPT and diffusers'
-quantizer loaders do, a folder holds the weights plus a small JSON sidecar, and loading rebuilds
-the skeleton from the config, applies the plan's shapes (no decomposition), then loads weights:
+A compressed folder loads with a plain ``DiffusionPipeline.from_pretrained(folder)`` (or the
+denoiser alone with its class's ``from_pretrained(folder, subfolder=...)``): the denoiser is saved
+as its slimdiff class (``slimdiff.loading``), a subclass of the stock one whose config carries the
+rank plan, so the skeleton is built at the compressed shapes before the weights load. Layout:
 
-    <dir>/config.json                             the UNet's diffusers config (unchanged)
-    <dir>/diffusion_pytorch_model.safetensors     the compressed weights
-    <dir>/slimdiff.json                           rank plan, format version, per-tensor shape and
-                                                  dtype, sha256 of the weights file
+    <dir>/config.json                             the stock config + "slimdiff": plan and layout
+                                                  options; _class_name Slim<StockClass>
+    <dir>/diffusion_pytorch_model.safetensors     the compressed weights (stock module names)
+    <dir>/slimdiff.json                           sidecar: format version, per-tensor shape and
+                                                  dtype, sha256 of the weights file, plan digest
 
-For a pipeline, ``<dir>`` is a normal ``save_pretrained`` folder whose ``unet/`` subfolder has the
-layout above. Every mismatch between sidecar, plan, config and weights (edited sidecar, wrong
+For a pipeline, ``<dir>`` is a normal ``save_pretrained`` folder whose denoiser subfolder
+(``unet/`` or ``transformer/``) has the layout above and whose ``model_index.json`` names the
+slimdiff class. Every mismatch between sidecar, plan, config and weights (edited sidecar, wrong
 ranks, changed or truncated weights) is an error that says what differs; a folder never loads
 into a silently different model.
+
+Folders of the first format (stock config class, plan only in the sidecar; sidecar
+format_version 1) still load through ``load_compressed``, which rebuilds the shapes from the
+sidecar as before.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 SIDECAR_NAME = "slimdiff.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SIDECAR_FORMAT_VERSION = 1
+SIDECAR_FORMAT_VERSION = 2  # 1: plan only in the sidecar, stock class in config.json
+READABLE_SIDECAR_VERSIONS = (1, 2)
 
 
 class CompressedModelError(ValueError):
@@ -65,7 +72,10 @@ def _is_pipeline(obj: Any) -> bool:
 def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | None) -> Path:
     from safetensors.torch import save_file
 
+    from slimdiff.loading import to_slim_
+
     directory.mkdir(parents=True, exist_ok=True)
+    to_slim_(unet)  # its slimdiff class: config.json then carries the plan and names that class
     unet.save_config(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     weights = directory / WEIGHTS_NAME
@@ -104,8 +114,11 @@ def save_compressed(
             "no rank plan: pass plan=... or save a UNet returned by compress_ (it records unet.slimdiff_plan)"
         )
     if _is_pipeline(pipeline_or_unet):
-        pipeline_or_unet.save_pretrained(directory, safe_serialization=True)
+        from slimdiff.loading import to_slim_
+
         sub = denoiser_attr(pipeline_or_unet)
+        setattr(pipeline_or_unet, sub, to_slim_(unet))  # model_index.json names the slimdiff class
+        pipeline_or_unet.save_pretrained(directory, safe_serialization=True)
         unet_dir = directory / sub
         if unet_dir.exists():
             shutil.rmtree(unet_dir)  # replaced by the SlimDiff layout below
@@ -130,9 +143,10 @@ def read_sidecar(directory: str | Path) -> dict:
     if not path.is_file():
         raise CompressedModelError(f"{path} not found: {directory} is not a SlimDiff-compressed UNet folder")
     data = json.loads(path.read_text())
-    if data.get("format_version") != SIDECAR_FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_SIDECAR_VERSIONS:
         raise CompressedModelError(
-            f"{path}: format_version {data.get('format_version')!r} is not supported (expected {SIDECAR_FORMAT_VERSION})"
+            f"{path}: format_version {data.get('format_version')!r} is not supported (this slimdiff reads "
+            f"{list(READABLE_SIDECAR_VERSIONS)})"
         )
     return data
 
@@ -217,24 +231,51 @@ def load_compressed(
     pipeline_class: type | None = None,
     **pipeline_kwargs: Any,
 ) -> Any:
-    """Load what ``save_compressed`` wrote: a UNet, or a pipeline when ``directory`` holds a
-    ``model_index.json`` (loaded with ``pipeline_class`` or ``DiffusionPipeline``, its UNet rebuilt
-    here). The UNet is in eval mode with SlimAttnProcessor on every compressed attention."""
+    """Load what ``save_compressed`` wrote: a denoiser, or a pipeline when ``directory`` holds a
+    ``model_index.json`` (loaded with ``pipeline_class`` or ``DiffusionPipeline``). Current folders
+    load through diffusers' own ``from_pretrained`` (the slimdiff class rebuilds the shapes and
+    verifies the sidecar); first-format folders are rebuilt from their sidecar here. The denoiser
+    is in eval mode with the compressed attention processor on every compressed attention."""
     directory = Path(directory)
     if (directory / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
         top = read_sidecar(directory) if (directory / SIDECAR_NAME).is_file() else {}
         sub = top.get("unet_subfolder", "unet")
+        cls = pipeline_class or DiffusionPipeline
+        kwargs = dict(pipeline_kwargs)
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
+        if _is_slim_folder(directory / sub):
+            pipe = cls.from_pretrained(directory, **kwargs)
+            model = getattr(pipe, sub)
+            if top and top.get("plan_digest") != model.slimdiff_plan.digest:
+                raise CompressedModelError(
+                    f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its {sub} folder (mixed folders?)"
+                )
+            return pipe.to(device)
         unet = _load_unet(directory / sub, device, torch_dtype)
         if top and top.get("plan_digest") != unet.slimdiff_plan.digest:
             raise CompressedModelError(
                 f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its unet folder (mixed folders?)"
             )
-        cls = pipeline_class or DiffusionPipeline
-        kwargs = dict(pipeline_kwargs)
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
         pipe = cls.from_pretrained(directory, **{sub: unet}, **kwargs)
         return pipe.to(device)
+    if _is_slim_folder(directory):
+        from slimdiff import loading
+
+        config = json.loads((directory / "config.json").read_text())
+        model = getattr(loading, config["_class_name"]).from_pretrained(directory, torch_dtype=torch_dtype)
+        return model.eval().to(device)
     return _load_unet(directory, device, torch_dtype)
+
+
+def _is_slim_folder(directory: Path) -> bool:
+    """A denoiser folder of the current format (its config names a slimdiff class)."""
+    from slimdiff.loading import CONFIG_KEY
+
+    config = directory / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return str(data.get("_class_name", "")).startswith("Slim") and CONFIG_KEY in data

@@ -34,7 +34,7 @@ def test_roundtrip_is_bit_identical(tmp_path, cfg):
     save_compressed(unet, tmp_path / "m")
     sidecar = json.loads((tmp_path / "m" / SIDECAR_NAME).read_text())
     assert sidecar["plan_digest"] == plan.digest
-    assert sidecar["format_version"] == 1
+    assert sidecar["format_version"] == 2
     assert len(sidecar["weights_sha256"]) == 64
     assert set(sidecar["tensors"]) == set(unet.state_dict())
     loaded = load_compressed(tmp_path / "m")
@@ -63,6 +63,13 @@ def _edit_sidecar(folder, fn):
     path = folder / SIDECAR_NAME
     data = json.loads(path.read_text())
     fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_config_plan(folder, fn):
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    fn(data["slimdiff"])
     path.write_text(json.dumps(data))
 
 
@@ -95,6 +102,7 @@ def test_tampered_plan_with_forged_digest_rejected_by_shapes(saved):
         d["plan_digest"] = forged.digest
 
     _edit_sidecar(folder, forge)
+    _edit_config_plan(folder, forge)  # config.json carries the plan too: forge both, consistently
     with pytest.raises(CompressedModelError, match=r"has shape .* \(wrong ranks\?\)"):
         load_compressed(folder)
 
@@ -108,6 +116,7 @@ def test_plan_that_does_not_fit_config_rejected(saved):
         d["plan_digest"] = other.digest
 
     _edit_sidecar(folder, swap)
+    _edit_config_plan(folder, swap)
     with pytest.raises(CompressedModelError, match="does not fit config.json: .*attn1.qk: plan says"):
         load_compressed(folder)
 
@@ -128,7 +137,9 @@ def test_missing_or_foreign_sidecar_rejected(saved, tmp_path):
     with pytest.raises(CompressedModelError, match="format_version 7"):
         load_compressed(folder)
     (folder / SIDECAR_NAME).unlink()
-    with pytest.raises(CompressedModelError, match="not a SlimDiff-compressed"):
+    with pytest.raises(
+        CompressedModelError, match="slimdiff.json not found: the weights .* cannot be verified"
+    ):
         load_compressed(folder)
 
 
