@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
@@ -92,6 +96,41 @@ def content_digest(uri: str | Path, exclude: tuple[str, ...] = (MANIFEST_NAME,))
                 h.update(chunk)
         entries.append((rel, h.hexdigest()))
     return sha256_json(entries)
+
+
+def canonicalise_safetensors_header(path: str | Path) -> tuple[str, str]:
+    """Sort the ``__metadata__`` entries of a safetensors file's JSON header, in place; returns the
+    file's sha256 before and after (equal when the header was already canonical).
+
+    safetensors writes ``__metadata__`` in Rust HashMap order, randomised per process, so the same
+    tensors with two or more metadata entries get different bytes from different processes. The
+    sorted header has the same length, so no tensor offset moves."""
+    path = Path(path)
+    with path.open("r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or list(meta) == sorted(meta):
+            digest = file_digest(path)
+            return digest, digest
+
+        def dump(obj) -> bytes:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+        body = raw.rstrip(b" ")
+        if dump(header) != body:  # not the serialisation we know: leave the file alone
+            log.warning("%s: unexpected safetensors header layout; not canonicalised", path)
+            digest = file_digest(path)
+            return digest, digest
+        before = file_digest(path)
+        ordered = {"__metadata__": dict(sorted(meta.items()))}
+        ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
+        new = dump(ordered)
+        assert len(new) == len(body), "a reordered header has the same length"
+        f.seek(8)
+        f.write(new)
+    return before, file_digest(path)
 
 
 def verify(manifest: Manifest) -> None:
