@@ -284,22 +284,34 @@ def _run_flow(cfg, trigger: str, dask: str | None) -> dict:
         os._exit(128 + int(signum))  # do not wait for a worker thread still finishing its task
 
 
-def _quiet_expected_tracebacks() -> None:
-    """Prefect logs every failed task and flow with its traceback; for the errors this CLI reports
-    in one line (bad input, integrity, busy, unreachable tracking) keep only the line, unless
-    --verbose."""
-    if _VERBOSE["on"]:
-        return
+class _OneLineKnownErrors(logging.Formatter):
+    """Wraps Prefect's console formatter: a failed task or flow whose error this CLI reports in
+    one line (bad input, integrity, busy, unreachable tracking) is logged without its traceback,
+    unless --verbose. The record itself is left intact for every other handler."""
 
-    def keep_line_only(record: logging.LogRecord) -> bool:
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc, Exception) and _exit_code(exc) != EXIT_BUG:
-            record.exc_info, record.exc_text = None, None
-        return True
+        if _VERBOSE["on"] or not isinstance(exc, Exception) or _exit_code(exc) == EXIT_BUG:
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
 
+
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs every failed task and flow with its traceback; keep one line for known errors."""
     for handler in logging.getLogger().handlers:
-        if keep_line_only not in handler.filters and type(handler).__name__ == "PrefectConsoleHandler":
-            handler.addFilter(keep_line_only)
+        if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
+            handler.formatter, _OneLineKnownErrors
+        ):
+            handler.setFormatter(_OneLineKnownErrors(handler.formatter or logging.Formatter()))
 
 
 def _show_result(result: dict, as_json: bool) -> None:

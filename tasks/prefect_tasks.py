@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import task
@@ -93,7 +93,8 @@ def _keyed(params: Params, stage: str, inputs: tuple[Manifest, ...], compute: Ca
         problem = None
         if out.exists():
             published = read_manifest(out)
-            if published is not None and published.uri == str(out):
+            if published is not None and Path(published.uri).resolve() == out.resolve():
+                published = replace(published, uri=str(out))  # same folder, maybe spelled differently
                 problem = check_cached(params, published)
                 if problem is None:
                     return StageResult(published, "reused")

@@ -79,8 +79,9 @@ FULL_VERIFY_MAX_BYTES = 256 << 20
 
 def _finish(stage: str, folder: Path, meta: dict[str, Any]) -> Manifest:
     existing = read_manifest(folder)
-    if existing is not None and existing.uri == str(folder) and check_artifact(existing) is None:
-        return existing  # another writer published this key first (staged_dir(replace=False) kept it)
+    same_folder = existing is not None and Path(existing.uri).resolve() == Path(folder).resolve()
+    if same_folder and check_artifact(existing) is None:  # another writer published this key first
+        return existing
     files = folder_files(folder)
     manifest = Manifest(
         stage=stage, uri=str(folder), digest=content_digest(folder), meta={**meta, "files": files}

@@ -515,6 +515,7 @@ def test_processes_of_a_killed_run_are_stopped_and_a_live_runs_are_not(tmp_path)
             child.wait()
 
 
+@pytest.mark.slow  # two fresh interpreters importing MLflow
 def test_runs_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     """Found while testing two runs at once: both ran the new database's migrations and one
     failed (alembic); the first touch of a SQLite store is now serialised."""
@@ -526,7 +527,7 @@ def test_runs_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code, uri], env=env, stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
+        for _ in range(2)
     ]
     errors = [p.communicate()[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for e in errors]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for e in errors]
