@@ -92,14 +92,17 @@ def _keyed(params: Params, stage: str, inputs: tuple[Manifest, ...], compute: Ca
     with stage_lock(lock_path(out), timeout=params.integrity.lock_timeout_s, what=what):
         problem = None
         if out.exists():
-            published = read_manifest(out)
+            try:
+                published = read_manifest(out)
+            except (ValueError, TypeError):  # a damaged manifest.json: the folder cannot be trusted
+                published = None
             if published is not None and Path(published.uri).resolve() == out.resolve():
                 published = replace(published, uri=str(out))  # same folder, maybe spelled differently
                 problem = check_cached(params, published)
                 if problem is None:
                     return StageResult(published, "reused")
             else:
-                problem = "no manifest (its writer stopped before publishing it)"
+                problem = "no readable manifest (damaged, or its writer stopped before publishing it)"
             kept = quarantine(out)
             log.warning(
                 "%s failed verification: %s; recomputing exactly this stage (damaged copy kept at %s)",

@@ -531,3 +531,22 @@ def test_runs_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     ]
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for e in errors]
+
+
+def test_a_damaged_manifest_is_recomputed_not_a_crash(tmp_path):
+    from tasks import prefect_tasks, stages
+
+    params = Params().with_overrides({"tracking.artifact_root": str(tmp_path)})
+    model = Manifest("model", "m", "d" * 64)
+
+    def compute(out: Path) -> Manifest:
+        with staged_dir(out, replace=False) as tmp:
+            (tmp / "rank_plan.json").write_text('{"units": {}}')
+        return stages._finish("plan", out, {})
+
+    first = prefect_tasks._keyed(params, "plan", (model,), compute).manifest
+    manifest_file = Path(first.uri) / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text()[:-5])  # truncated: not JSON any more
+    again = prefect_tasks._keyed(params, "plan", (model,), compute)
+    assert again.outcome == "repaired" and "no readable manifest" in again.problem
+    assert again.manifest.digest == first.digest
