@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 include slimdiff.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' slimdiff.env)
 
-.PHONY: run test test-fast lint format install train-toy bench clean
+.PHONY: run repro test test-fast lint format install train-toy bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 # Prefect's local server, MLflow on ./mlflow.db, DVC's local cache.
 run: $(STAMP)
 	$(BIN)/slimdiff run --params params.yaml
+
+# The same stages with DVC (dvc.yaml calls .venv/bin/python, so nothing needs activating).
+repro: $(STAMP)
+	$(BIN)/dvc repro
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

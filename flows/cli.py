@@ -5,7 +5,12 @@ Exit codes scripts can trust:
   1  unexpected error (a bug: the traceback is printed)
   2  bad params / usage (the key is named)
   3  bad input: missing or unsupported model, infeasible budget, SlimSet overlapping evaluation prompts
-  4  an artifact is missing or does not match its recorded digest (integrity)
+  4  an artifact is missing or does not match its recorded digest (integrity; the message says what
+     `slimdiff repair` recomputes)
+  5  the tracking server cannot be reached (nothing was run or registered)
+  6  another run is writing the same stage output and did not finish within integrity.lock_timeout_s
+  130 / 143  stopped by SIGINT / SIGTERM (the temporary server is stopped, the MLflow run KILLED)
+Known errors print one line; ``--verbose`` adds the traceback.
 The stage subcommands are what ``dvc.yaml`` runs: fixed paths in, fixed paths out, no Prefect server.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +37,8 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_INPUT, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+EXIT_UNAVAILABLE, EXIT_BUSY = 5, 6
+_VERBOSE = {"on": False}  # set by the --verbose callback
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML, grouped by stage)")]
 SetOpt = Annotated[
@@ -47,13 +55,18 @@ def _exit_code(err: BaseException) -> int:
     from slimdiff.adapter import UnsupportedModelError
     from slimdiff.config import ConfigError
     from slimdiff.models import ModelLoadError
-    from tasks.artifacts import ArtifactError
+    from tasks.artifacts import ArtifactError, StageBusyError
     from tasks.stages import StageInputError
+    from tasks.tracking import TrackingUnavailableError
 
     if isinstance(err, ConfigError):
         return EXIT_CONFIG
     if isinstance(err, ArtifactError):
         return EXIT_INTEGRITY
+    if isinstance(err, TrackingUnavailableError):
+        return EXIT_UNAVAILABLE
+    if isinstance(err, StageBusyError):
+        return EXIT_BUSY
     if isinstance(
         err, ModelLoadError | StageInputError | UnsupportedModelError | FileNotFoundError | LookupError
     ):
@@ -72,17 +85,29 @@ def _exit_code(err: BaseException) -> int:
     return EXIT_BUG
 
 
+def _repair_hint(err: BaseException, ref: str | None = None) -> str:
+    """What `slimdiff repair` would recompute for an integrity error, as the end of its message."""
+    what = getattr(err, "repair", None)
+    if not what:
+        return ""
+    return f"; `slimdiff repair{' ' + ref if ref else ''}` recomputes exactly {what}"
+
+
 def _guard(fn):
-    """Run a command body; map known errors to one clear line and an exit code."""
+    """Run a command body; map known errors to one clear line and an exit code (the traceback
+    only for bugs, or with --verbose)."""
     try:
         return fn()
     except typer.Exit:
         raise
     except Exception as err:  # classified below; unknown errors keep their traceback
         code = _exit_code(err)
-        if code == EXIT_BUG:
-            logging.getLogger("slimdiff").exception("unexpected error")
-        _err(str(err).splitlines()[0] if code != EXIT_CONFIG else str(err))
+        if code == EXIT_BUG or _VERBOSE["on"]:
+            logging.getLogger("slimdiff").error(
+                "%s error", "unexpected" if code == EXIT_BUG else "known", exc_info=err
+            )
+        msg = str(err).splitlines()[0] if code != EXIT_CONFIG else str(err)
+        _err(msg + (_repair_hint(err) if code == EXIT_INTEGRITY else ""))
         raise typer.Exit(code) from None
 
 
@@ -110,6 +135,9 @@ def load_cli_params(params_path: Path, overrides: list[str] | None):
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     apply_env_defaults()
+    _VERBOSE["on"] = verbose
+    # MLflow's own INFO lines (database creation, ...) only with --verbose; read when mlflow is imported
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     # our own progress at INFO; third-party libraries (open_clip logs on the root logger) at WARNING
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -119,66 +147,178 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
 
 
 # -- whole flow --------------------------------------------------------------------------------
+DaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="run calibration shards on Dask: a scheduler address, or 'local:N' for N local workers"
+    ),
+]
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the flow result as JSON")] = False,
-    dask: Annotated[
-        str | None,
-        typer.Option(
-            help="run calibration shards on Dask: a scheduler address, or 'local:N' for N local workers"
-        ),
-    ] = None,
+    dask: DaskOpt = None,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (cached stages are skipped) and record it in MLflow."""
+    """Run the whole pipeline as a Prefect flow (cached stages are skipped, after verification) and
+    record it in MLflow. Runs of the committed params file (no --set) may move the alias."""
 
     def body():
         cfg = load_cli_params(params, set_)
-        server_ready = _start_prefect_server_early()
-        from flows.pipeline import slimdiff_flow, with_dask
-
-        server_ready()
-
-        flow_fn = slimdiff_flow
-        if dask:
-            local = dask.startswith("local")
-            n = int(dask.partition(":")[2] or 2) if local else 0
-            flow_fn = with_dask(None if local else dask, n_workers=n or 2)
-        result = flow_fn(params=cfg.model_dump(mode="json"))
-        if as_json:
-            typer.echo(json.dumps(result, indent=2))
-        else:
-            _print_flow_result(result)
+        _show_result(_run_flow(cfg, run_trigger(params, set_), dask), as_json)
 
     _guard(body)
 
 
-def _start_prefect_server_early():
-    """Without PREFECT_API_URL a flow starts Prefect's temporary API server when it first needs
-    the API, after this process has imported torch, diffusers and MLflow. Start that same server
-    (Prefect's own singleton) now, on a thread, so that its boot runs on another core while the
-    imports happen; returns a callable that waits for it. If the early start fails, the flow's
-    own start runs as usual and reports the error."""
-    import threading
+@app.command()
+def repair(
+    ref: Annotated[
+        str | None,
+        typer.Argument(help="a registered version (NAME/VERSION, NAME@ALIAS): repair what it was built from"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the flow result as JSON")] = False,
+) -> None:
+    """Check every artifact of a run byte for byte and recompute exactly what fails (for the
+    covariance store: only its damaged shards). Without REF: the artifacts of the params file
+    (and --set); with REF: those of the run that registered that version (its exact params).
+    Moves no alias; an existing registered version keeps its number."""
 
-    from prefect.settings import PREFECT_API_URL
+    def body():
+        cfg = load_cli_params(params, set_)
+        if ref is not None:
+            cfg = _registered_params(ref, cfg)
+        result = _run_flow(cfg.with_overrides({"integrity.verify_large": "full"}), "repair", None)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        repaired = result.get("repaired") or {}
+        for stage, problem in repaired.items():
+            typer.echo(f"repaired {stage}: {problem}")
+        if not repaired:
+            typer.echo("nothing to repair: every artifact matches its recorded digest")
+        _print_flow_result(result)
 
-    if PREFECT_API_URL.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
+    _guard(body)
 
-    server = SubprocessASGIServer()
 
-    def start() -> None:
+def _registered_params(ref: str, cfg):
+    """The exact params of the run that registered ``ref`` (its logged params.json)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from slimdiff.config import Params
+    from tasks.tracking import resolve_version, setup_tracking
+
+    setup_tracking(cfg)
+    version = resolve_version(MlflowClient(), ref)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="params.json")
+    except Exception as err:  # noqa: BLE001 - an older run without params.json: say what to do
+        raise LookupError(
+            f"{ref}: its run {version.run_id} has no params.json (older run); repair with -p/--set instead"
+        ) from err
+    return Params.from_dict(json.loads(Path(local).read_text()), source=f"{ref} params.json")
+
+
+def run_trigger(params_path: Path, overrides: list[str] | None) -> str:
+    """ "committed" when the run uses the params file exactly as committed in git (no --set, same
+    params as HEAD's version of the file), else "experiment" (tracking.alias_policy)."""
+    import subprocess
+
+    import yaml
+
+    from slimdiff.config import ConfigError, Params, load_params
+
+    if overrides:
+        return "experiment"
+    path = Path(params_path).resolve()
+    out = subprocess.run(
+        ["git", "-C", str(path.parent), "show", f"HEAD:./{path.name}"], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        return "experiment"  # not in a git checkout, or not committed
+    try:
+        committed = Params.from_dict(yaml.safe_load(out.stdout) or {}, source="committed params")
+    except (ConfigError, yaml.YAMLError):
+        return "experiment"
+    return "committed" if committed.digest() == load_params(path).digest() else "experiment"
+
+
+def _run_flow(cfg, trigger: str, dask: str | None) -> dict:
+    """The flow in a supervised process: orphans of killed runs stopped, the params that need no
+    model checked, Prefect's temporary server owned (stopped on exit, on errors, SIGINT, SIGTERM)."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.runtime import Terminated, supervised
+    from tasks.preflight import check_params
+    from tasks.tracking import end_orphaned_runs, setup_tracking
+
+    try:
+        with supervised(cfg.tracking.artifact_root) as supervisor:  # stops orphans of killed runs first
+            setup_tracking(cfg)
+            end_orphaned_runs(cfg)  # MLflow runs a killed process left RUNNING: KILLED
+            check_params(cfg)  # one clear line before anything starts: no server, no stage
+            server_ready = supervisor.start_prefect_server()
+            from flows.pipeline import slimdiff_flow, with_dask
+
+            server_ready()
+            _quiet_expected_tracebacks()
+            flow_fn = slimdiff_flow
+            if dask:
+                local = dask.startswith("local")
+                n = int(dask.partition(":")[2] or 2) if local else 0
+                flow_fn = with_dask(None if local else dask, n_workers=n or 2)
+            return flow_fn(params=cfg.model_dump(mode="json"), trigger=trigger)
+    except (Terminated, TerminationSignal, KeyboardInterrupt) as stop:
+        signum = getattr(
+            stop, "signum", getattr(stop, "signal", 2 if isinstance(stop, KeyboardInterrupt) else 15)
+        )
+        _err(f"stopped by signal {signum}: Prefect's temporary server stopped, the MLflow run marked KILLED")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(128 + int(signum))  # do not wait for a worker thread still finishing its task
+
+
+class _OneLineKnownErrors(logging.Formatter):
+    """Wraps Prefect's console formatter: a failed task or flow whose error this CLI reports in
+    one line (bad input, integrity, busy, unreachable tracking) is logged without its traceback,
+    unless --verbose. The record itself is left intact for every other handler."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if _VERBOSE["on"] or not isinstance(exc, Exception) or _exit_code(exc) == EXIT_BUG:
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
         try:
-            server.start()
-        except Exception as err:  # noqa: BLE001 - the flow's own start raises it again, with context
-            logging.getLogger(__name__).debug("early Prefect server start failed: %s", err)
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
 
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread.join
+
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs every failed task and flow with its traceback; keep one line for known errors."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
+            handler.formatter, _OneLineKnownErrors
+        ):
+            handler.setFormatter(_OneLineKnownErrors(handler.formatter or logging.Formatter()))
+
+
+def _show_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_flow_result(result)
 
 
 def _short(v) -> str:
@@ -213,9 +353,13 @@ def _print_flow_result(result: dict) -> None:
             )
         for reason in summary.get("gate_reasons", []):
             typer.echo(f"  gate: {reason}")
+    for stage, problem in (result.get("repaired") or {}).items():
+        typer.echo(f"  repaired {stage}: {problem}")
     reg = result.get("registered", {})
     if reg:
-        alias = f" (alias {reg['alias']})" if reg.get("alias") else " (no alias: quality gate failed)"
+        gate = (result.get("summary") or {}).get("gate_passed")
+        why = "quality gate failed" if gate is False else "alias policy (tracking.alias_policy)"
+        alias = f" (alias {reg['alias']})" if reg.get("alias") else f" (no alias: {why})"
         typer.echo(f"registered: {reg['name']} version {reg['version']}{alias}")
     if result.get("report"):
         typer.echo(f"report: {result['report']}")
@@ -223,6 +367,13 @@ def _print_flow_result(result: dict) -> None:
 
 
 # -- single stages (what dvc.yaml runs) ----------------------------------------------------------
+def _output_lock(cfg, out: Path):
+    """One writer at a time for a fixed output folder (dvc repro itself also holds a repo lock)."""
+    from tasks.artifacts import lock_path, stage_lock
+
+    return stage_lock(lock_path(out), timeout=cfg.integrity.lock_timeout_s, what=str(out))
+
+
 def _input_manifest(stage: str, path: Path):
     from tasks.artifacts import ArtifactError, Manifest, read_manifest
     from tasks.store import CovarianceStore
@@ -250,7 +401,8 @@ def slimset(
     def body():
         cfg = load_cli_params(params, set_)
         model = stages.model_manifest(cfg) if cfg.slimset.embedder.kind == "pipeline" else None
-        m = stages.run_slimset(cfg, out, model=model)
+        with _output_lock(cfg, out):
+            m = stages.run_slimset(cfg, out, model=model)
         typer.echo(f"slimset: {m.meta['n']} prompts -> {out} ({m.short})")
 
     _guard(body)
@@ -290,7 +442,10 @@ def influence(
 
     def body():
         cfg = load_cli_params(params, set_)
-        m = stages.run_influence(cfg, stages.model_manifest(cfg), _input_manifest("calibrate", stats), out)
+        with _output_lock(cfg, out):
+            m = stages.run_influence(
+                cfg, stages.model_manifest(cfg), _input_manifest("calibrate", stats), out
+            )
         typer.echo(f"influence: {cfg.influence.weighting} weighting -> {out} ({m.short})")
 
     _guard(body)
@@ -310,7 +465,10 @@ def plan(
 
     def body():
         cfg = load_cli_params(params, set_)
-        m = stages.run_plan(cfg, stages.model_manifest(cfg), _input_manifest("influence", influence_dir), out)
+        with _output_lock(cfg, out):
+            m = stages.run_plan(
+                cfg, stages.model_manifest(cfg), _input_manifest("influence", influence_dir), out
+            )
         typer.echo(
             f"plan: {m.meta['params_before']:,} -> {m.meta['params_after']:,} compressible params -> {out}"
         )
@@ -332,14 +490,15 @@ def compress(
 
     def body():
         cfg = load_cli_params(params, set_)
-        m = stages.run_compress(
-            cfg,
-            stages.model_manifest(cfg),
-            _input_manifest("calibrate", stats),
-            _input_manifest("influence", influence_dir),
-            _input_manifest("plan", plan_dir),
-            out,
-        )
+        with _output_lock(cfg, out):
+            m = stages.run_compress(
+                cfg,
+                stages.model_manifest(cfg),
+                _input_manifest("calibrate", stats),
+                _input_manifest("influence", influence_dir),
+                _input_manifest("plan", plan_dir),
+                out,
+            )
         typer.echo(
             f"compress: UNet {m.meta['unet_params_before']:,} -> {m.meta['unet_params_after']:,} params -> {out}"
         )
@@ -359,7 +518,10 @@ def evaluate(
 
     def body():
         cfg = load_cli_params(params, set_)
-        m = stages.run_evaluate(cfg, stages.model_manifest(cfg), _input_manifest("compress", compressed), out)
+        with _output_lock(cfg, out):
+            m = stages.run_evaluate(
+                cfg, stages.model_manifest(cfg), _input_manifest("compress", compressed), out
+            )
         typer.echo(json.dumps(m.meta.get("metrics", {}), indent=2))
 
     _guard(body)
@@ -388,7 +550,11 @@ def lineage(
         typer.echo(json.dumps(chain.to_dict(), indent=2) if as_json else format_lineage(chain))
         broken = chain.first_broken
         if broken is not None:
-            _err(f"lineage broken at {broken.name}: {broken.problem}")
+            hint = ""
+            if broken.repair:
+                ref_v = f"{chain.model}/{chain.version}"
+                hint = f"; `slimdiff repair {ref_v}` recomputes exactly {broken.repair}"
+            _err(f"lineage broken at {broken.name}: {broken.problem}{hint}")
             raise typer.Exit(EXIT_INTEGRITY)
 
     _guard(body)
@@ -431,7 +597,9 @@ def check_releases_cmd(
     def body():
         cfg = load_cli_params(params, set_)
         from flows.deployments import check_releases
+        from tasks.tracking import setup_tracking
 
+        setup_tracking(cfg)  # an unreachable tracking server stops the check here (exit 5)
         report = check_releases(releases, params=cfg.model_dump(mode="json"), kind=kind)
         typer.echo(json.dumps(report, indent=2))
 

@@ -10,7 +10,10 @@ Release sources:
   operator's own process (this project never downloads weights at run time).
 
 A release whose digest is already registered (tag ``source_digest`` on any version of the target
-registered model) is skipped, so a check that finds nothing new does nothing.
+registered model) is skipped, so a check that finds nothing new does nothing. A registry that
+cannot be read (an unreachable tracking server, after MLflow's own retries) stops the check with a
+:class:`~tasks.tracking.TrackingUnavailableError` before anything runs: it is never read as
+"nothing registered", which would recompress every release.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from prefect import flow, get_run_logger
 from flows.pipeline import slimdiff_flow
 from slimdiff.config import Params
 from slimdiff.models import resolve_release
-from tasks.tracking import registered_model_name, setup_tracking
+from tasks.tracking import registered_model_name, setup_tracking, tracking_call
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,17 @@ def list_folder_releases(releases: str, cache_dir: Path) -> list[Path]:
 
 
 def registered_source_digests(client: MlflowClient, name: str) -> set[str]:
+    """Source digests already compressed into ``name``. A model not registered yet has none; a
+    registry that cannot be read raises (TrackingUnavailableError when unreachable)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except Exception:  # noqa: BLE001 - a registry without this model yet: nothing registered
-        return set()
+        with tracking_call(client.tracking_uri, f"reading the versions of {name!r}"):
+            versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")):
+            return set()
+        raise
     return {v.tags.get("source_digest") for v in versions if v.tags.get("source_digest")}
 
 
@@ -72,7 +82,7 @@ def check_releases(
         raise ValueError(f"kind must be 'folder' or 'hub', got {kind!r}")
     logger = get_run_logger()
     base = Params.from_dict(params or {}, source="deployment parameters")
-    setup_tracking(base)
+    setup_tracking(base)  # TrackingUnavailableError (one line) when the server cannot be reached
     client = MlflowClient()
     cache_dir = Path(base.tracking.artifact_root) / "releases-cache"
     if kind == "hub":
@@ -93,7 +103,7 @@ def check_releases(
             overrides["model.revision"] = release.revision
         cfg = base.with_overrides(overrides)
         logger.info("new release %s (%s): running the pipeline", source, release.digest[:12])
-        result = slimdiff_flow(params=cfg.model_dump(mode="json"))
+        result = slimdiff_flow(params=cfg.model_dump(mode="json"), trigger="scheduled")
         report["ran"].append(
             {"source": source, "registered": result["registered"], "summary": result["summary"]}
         )

@@ -3,6 +3,10 @@
 Each stage is a cached Prefect task (see :mod:`tasks.prefect_tasks`); a rerun recomputes only what
 is downstream of what changed. One MLflow run records the flow run: flattened params, which stages
 ran and which were cached, the metrics, every stage's plots and files, and the registered model.
+
+Before any stage runs, the params that need no model are checked (:mod:`tasks.preflight`) and runs
+left RUNNING by killed processes are marked KILLED. A cache hit is used only after it passes
+verification; one that fails is reported, recomputed and shown as ``repaired``.
 """
 
 from __future__ import annotations
@@ -20,24 +24,45 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from slimdiff.config import Params
 from tasks import stages
-from tasks.artifacts import Manifest
+from tasks.artifacts import ARTIFACT_NAMES, Manifest, stage_lock
 from tasks.prefect_tasks import (
     STAGE_TASKS,
+    StageResult,
     calibrate_finalize_task,
     calibrate_prepare_task,
     calibrate_shard_task,
+    check_cached,
 )
-from tasks.tracking import git_commit, register_compressed, setup_tracking
+from tasks.tracking import (
+    TRIGGERS,
+    end_orphaned_runs,
+    git_commit,
+    process_tags,
+    register_compressed,
+    setup_tracking,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("slimset", "calibrate", "influence", "plan", "compress", "evaluate", "register")
 
+# registry tags that describe each stage's output: refreshed on an existing version when this run
+# recomputed that output after it failed verification
+STAGE_TAGS = {
+    "slimset": ("slimset_digest", "slimset_uri"),
+    "calibrate": ("stats_digest", "stats_uri"),
+    "influence": ("influence_digest", "influence_uri"),
+    "plan": ("plan_digest", "plan_uri"),
+    "compress": ("compressed_digest", "compressed_uri"),
+    "evaluate": ("eval_digest", "eval_uri", "gate_passed", "gate_reasons"),
+}
+
 
 @dataclass
 class FlowResult:
     manifests: dict[str, Manifest] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "cached"
+    status: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "cached" | "repaired"
+    repaired: dict[str, str] = field(default_factory=dict)  # stage -> what failed verification
     seconds: dict[str, float] = field(default_factory=dict)
     registered: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +72,7 @@ class FlowResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            "repaired": self.repaired,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
             "registered": self.registered,
             "summary": self.metrics.get("summary", {}),
@@ -56,29 +82,33 @@ class FlowResult:
         }
 
 
-def _artifact_exists(manifest: Manifest) -> bool:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(manifest.uri)
-    return fs.exists(path)
-
-
 def _run_stage(result: FlowResult, stage: str, params: Params, *inputs: Manifest) -> Manifest:
     logger = get_run_logger()
     task = STAGE_TASKS[stage]
     t0 = time.perf_counter()
     state = task(params, *inputs, return_state=True)
-    manifest = state.result()  # raises the stage's own error: the flow stops at this stage
-    cached = state.name == "Cached"
-    if cached and not _artifact_exists(manifest):
-        # the cache record outlived its artifact (deleted by hand): recompute instead of pointing at nothing
-        logger.warning("%s: cached output %s is gone; recomputing", stage, manifest.uri)
-        state = task.with_options(refresh_cache=True)(params, *inputs, return_state=True)
-        manifest, cached = state.result(), False
+    outcome: StageResult = state.result()  # raises the stage's own error: the flow stops at this stage
+    if state.name == "Cached":
+        # verified before use: small outputs by digest, large ones per integrity.verify_large
+        problem = check_cached(params, outcome.manifest)
+        if problem is None:
+            outcome = StageResult(outcome.manifest, "reused")
+        else:  # the task body re-checks under the stage lock, quarantines the damaged copy, recomputes
+            state = task.with_options(refresh_cache=True)(params, *inputs, return_state=True)
+            outcome = state.result()
+    manifest = outcome.manifest
     result.manifests[stage] = manifest
-    result.status[stage] = "cached" if cached else "ran"
+    result.status[stage] = {"ran": "ran", "reused": "cached", "repaired": "repaired"}[outcome.outcome]
+    if outcome.problem:
+        result.repaired[stage] = outcome.problem
+        logger.warning(
+            "%s (stage %s) failed verification (%s): recomputed",
+            ARTIFACT_NAMES[stage],
+            stage,
+            outcome.problem,
+        )
     result.seconds[stage] = time.perf_counter() - t0
-    logger.info("%-9s %-6s %5.1fs  %s", stage, result.status[stage], result.seconds[stage], manifest.uri)
+    logger.info("%-9s %-8s %5.1fs  %s", stage, result.status[stage], result.seconds[stage], manifest.uri)
     return manifest
 
 
@@ -86,16 +116,29 @@ def _calibrate(result: FlowResult, params: Params, model: Manifest, slimset: Man
     """Calibration as one task per prompt shard: sequential here, spread over workers with Dask."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    job = calibrate_prepare_task(params, model, slimset)
-    if job.missing:
-        logger.info("calibrate: %d of %d shards to collect", len(job.missing), job.n_shards)
-        futures = calibrate_shard_task.map(
-            unmapped(params), unmapped(model), unmapped(slimset), unmapped(job.store_uri), list(job.missing)
-        )
-        futures.result()  # raises the first shard's error; completed shards stay marked for a rerun
-    manifest = calibrate_finalize_task(job, time.perf_counter() - t0 if job.missing else None)
+    store_uri = stages.store_uri_for(params, stages.stage_key("calibrate", params, model, slimset))
+    # one writer per store: a second run waits here, then finds the store complete (and verified)
+    with stage_lock(
+        stages.store_lock_path(params, store_uri),
+        timeout=params.integrity.lock_timeout_s,
+        what=f"covariance_store (stage calibrate) {store_uri}",
+    ):
+        job = calibrate_prepare_task(params, model, slimset)
+        if job.missing:
+            logger.info("calibrate: %d of %d shards to collect", len(job.missing), job.n_shards)
+            futures = calibrate_shard_task.map(
+                unmapped(params),
+                unmapped(model),
+                unmapped(slimset),
+                unmapped(job.store_uri),
+                list(job.missing),
+            )
+            futures.result()  # raises the first shard's error; completed shards stay marked for a rerun
+        manifest = calibrate_finalize_task(job, time.perf_counter() - t0 if job.missing else None)
     result.manifests["calibrate"] = manifest
-    result.status["calibrate"] = "ran" if job.missing else "cached"
+    result.status["calibrate"] = "repaired" if job.repaired else ("ran" if job.missing else "cached")
+    if job.repaired:
+        result.repaired["calibrate"] = "; ".join(f"shard {i}: {p}" for i, p in job.repaired)
     result.seconds["calibrate"] = time.perf_counter() - t0
     logger.info(
         "%-9s %-6s %5.1fs  %s",
@@ -118,84 +161,113 @@ def _log_folder(folder: str, artifact_path: str) -> None:
 # One worker by default: calibration shards share one in-process model and its hooks. For scale-out
 # use with_dask(): shards then run in separate worker processes (one per GPU in production).
 @flow(name="slimdiff", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def slimdiff_flow(params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every stage on ``params`` (a params.yaml mapping; defaults when None)."""
+def slimdiff_flow(params: dict[str, Any] | None = None, trigger: str = "experiment") -> dict[str, Any]:
+    """Run every stage on ``params`` (a params.yaml mapping; defaults when None).
+
+    ``trigger`` says what started the run and so which alias a passing model may move
+    (``tracking.alias_policy``): "committed" (the committed params, no overrides), "scheduled"
+    (the release check), "experiment" (anything else) or "repair" (moves no alias)."""
+    from tasks.preflight import check_params
+
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
     cfg = Params.from_dict(params or {}, source="flow parameters")
+    check_params(cfg)  # before any stage: nothing has to run to know these params cannot work
     logger = get_run_logger()
     result = FlowResult()
     tracking_uri = setup_tracking(cfg)
+    end_orphaned_runs(cfg)
     model = stages.model_manifest(cfg)
     commit = git_commit()
     logger.info("source model %s (revision %s)", model.meta["source"], model.meta["revision"][:12])
     with mlflow.start_run(run_name=f"slimdiff-{model.meta['kind']}-{model.short}") as run:
-        result.mlflow_run_id = run.info.run_id
-        mlflow.log_params(cfg.flat())
-        mlflow.set_tags(
-            {
-                "source_model": model.meta["source"],
-                "source_revision": model.meta["revision"],
-                "git_commit": commit,
-                "params_digest": cfg.digest(),
-            }
-        )
         try:
-            slimset = _run_stage(result, "slimset", cfg, model)
-            stats = _calibrate(result, cfg, model, slimset)
-            influence = _run_stage(result, "influence", cfg, model, stats)
-            plan = _run_stage(result, "plan", cfg, model, influence)
-            compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
-            evaluation = _run_stage(result, "evaluate", cfg, model, compressed)
-        finally:
-            mlflow.set_tags({f"stage.{k}": v for k, v in result.status.items()})
-        metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
-        result.metrics = metrics
-        _log_metrics(metrics)
-        from tasks.store import CovarianceStore
+            return _run_all(cfg, model, commit, trigger, result, run, tracking_uri)
+        except BaseException as err:
+            if not isinstance(err, Exception):  # SIGINT, SIGTERM (Terminated, Prefect's TerminationSignal)
+                mlflow.end_run("KILLED")
+            raise
 
-        calibration_s = CovarianceStore.open(stats.uri).attrs.get("calibration_seconds")
-        if calibration_s is not None:  # wall time of the run that collected the statistics
-            mlflow.log_metric("calibration_seconds", float(calibration_s))
-        for stage, manifest in result.manifests.items():
-            if stage != "calibrate":
-                _log_folder(manifest.uri, f"stages/{stage}")
-        t0 = time.perf_counter()
-        lineage = {
+
+def _run_all(
+    cfg: Params, model: Manifest, commit: str, trigger: str, result: FlowResult, run, tracking_uri: str
+) -> dict[str, Any]:
+    """The stages, the registration and the report, inside the MLflow run ``slimdiff_flow`` opened."""
+    logger = get_run_logger()
+    result.mlflow_run_id = run.info.run_id
+    mlflow.log_params(cfg.flat())
+    mlflow.log_dict(cfg.model_dump(mode="json"), "params.json")  # exact params, for `slimdiff repair`
+    mlflow.set_tags(
+        {
             "source_model": model.meta["source"],
             "source_revision": model.meta["revision"],
-            "source_digest": model.digest,
-            "slimset_digest": slimset.digest,
-            "slimset_uri": slimset.uri,
-            "stats_digest": stats.digest,
-            "stats_uri": stats.uri,
-            "influence_digest": influence.digest,
-            "influence_uri": influence.uri,
-            "plan_digest": plan.digest,
-            "plan_uri": plan.uri,
-            "compressed_digest": compressed.digest,
-            "compressed_uri": compressed.uri,
-            "eval_digest": evaluation.digest,
-            "eval_uri": evaluation.uri,
-            "params_digest": cfg.digest(),
             "git_commit": commit,
+            "params_digest": cfg.digest(),
+            "trigger": trigger,
+            **process_tags(),
         }
-        mlflow.set_tags(lineage)
-        summary = metrics.get("summary", {})
-        from slimdiff.models import ModelRelease
+    )
+    try:
+        slimset = _run_stage(result, "slimset", cfg, model)
+        stats = _calibrate(result, cfg, model, slimset)
+        influence = _run_stage(result, "influence", cfg, model, stats)
+        plan = _run_stage(result, "plan", cfg, model, influence)
+        compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
+        evaluation = _run_stage(result, "evaluate", cfg, model, compressed)
+    finally:
+        mlflow.set_tags({f"stage.{k}": v for k, v in result.status.items()})
+        mlflow.set_tags({f"repaired.{k}": v[:500] for k, v in result.repaired.items()})
+    metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
+    result.metrics = metrics
+    _log_metrics(metrics)
+    from tasks.store import CovarianceStore
 
-        result.registered = register_compressed(
-            cfg,
-            source_short_name=ModelRelease(**model.meta).short_name,  # already resolved: no re-hashing
-            pipeline_dir=Path(compressed.uri) / "pipeline",
-            lineage=lineage,
-            gate_passed=bool(summary.get("gate_passed", False)),
-            gate_reasons=list(summary.get("gate_reasons", [])),
-        )
-        result.status["register"] = "ran" if result.registered["new_version"] else "cached"
-        result.seconds["register"] = time.perf_counter() - t0
-        mlflow.set_tag("stage.register", result.status["register"])
-        result.report = _write_report(cfg, result, run.info.run_id)
-        mlflow.log_artifacts(str(Path(result.report).parent), artifact_path="report")
-        mlflow.log_dict(result.to_dict(), "flow_result.json")
+    calibration_s = CovarianceStore.open(stats.uri).attrs.get("calibration_seconds")
+    if calibration_s is not None:  # wall time of the run that collected the statistics
+        mlflow.log_metric("calibration_seconds", float(calibration_s))
+    for stage, manifest in result.manifests.items():
+        if stage != "calibrate":
+            _log_folder(manifest.uri, f"stages/{stage}")
+    t0 = time.perf_counter()
+    lineage = {
+        "source_model": model.meta["source"],
+        "source_revision": model.meta["revision"],
+        "source_digest": model.digest,
+        "slimset_digest": slimset.digest,
+        "slimset_uri": slimset.uri,
+        "stats_digest": stats.digest,
+        "stats_uri": stats.uri,
+        "influence_digest": influence.digest,
+        "influence_uri": influence.uri,
+        "plan_digest": plan.digest,
+        "plan_uri": plan.uri,
+        "compressed_digest": compressed.digest,
+        "compressed_uri": compressed.uri,
+        "eval_digest": evaluation.digest,
+        "eval_uri": evaluation.uri,
+        "params_digest": cfg.digest(),
+        "git_commit": commit,
+    }
+    mlflow.set_tags(lineage)
+    summary = metrics.get("summary", {})
+    from slimdiff.models import ModelRelease
+
+    result.registered = register_compressed(
+        cfg,
+        source_short_name=ModelRelease(**model.meta).short_name,  # already resolved: no re-hashing
+        pipeline_dir=Path(compressed.uri) / "pipeline",
+        lineage=lineage,
+        gate_passed=bool(summary.get("gate_passed", False)),
+        gate_reasons=list(summary.get("gate_reasons", [])),
+        trigger=trigger,
+        refresh_tags=[tag for stage in result.repaired for tag in STAGE_TAGS.get(stage, ())],
+    )
+    result.status["register"] = "ran" if result.registered["new_version"] else "cached"
+    result.seconds["register"] = time.perf_counter() - t0
+    mlflow.set_tag("stage.register", result.status["register"])
+    result.report = _write_report(cfg, result, run.info.run_id)
+    mlflow.log_artifacts(str(Path(result.report).parent), artifact_path="report")
+    mlflow.log_dict(result.to_dict(), "flow_result.json")
     logger.info("tracking: %s  run %s", tracking_uri, result.mlflow_run_id)
     return result.to_dict()
 

@@ -642,6 +642,28 @@ def feasible_range(units: Mapping[str, UnitInfo], r_min: int = 8, multiple: int 
     return lo, sum(u.full_params for u in units.values())
 
 
+def check_feasible(
+    units: Mapping[str, UnitInfo],
+    budget: Budget,
+    r_min: int = 8,
+    multiple: int = 8,
+    model_params: int | None = None,
+) -> int:
+    """The kept compressible parameters ``budget`` asks for; raises InfeasibleBudgetError (with the
+    feasible range in the budget's own terms) when no plan on the rank grid can meet it. Needs only
+    the units' shapes: callers check it before any model runs."""
+    compressible = sum(u.full_params for u in units.values())
+    target = budget.kept(compressible, model_params)
+    lo, hi = feasible_range(units, r_min, multiple)
+    if not lo <= target <= hi:
+        raise InfeasibleBudgetError(
+            f"budget {budget.to_dict()} asks to keep {target} of {compressible} compressible parameters; "
+            f"feasible with r_min={r_min}, multiple={multiple}: kept_params in [{lo}, {hi}] "
+            f"({budget.describe_range(lo, hi, compressible, model_params)})"
+        )
+    return target
+
+
 def plan_ranks(
     influence: Mapping[str, float] | None,
     units: Mapping[str, UnitInfo],
@@ -686,14 +708,7 @@ def plan_ranks(
             )
 
     compressible = sum(u.full_params for u in units.values())
-    target = budget.kept(compressible, model_params)
-    lo, hi = feasible_range(units, r_min, multiple)
-    if not lo <= target <= hi:
-        raise InfeasibleBudgetError(
-            f"budget {budget.to_dict()} asks to keep {target} of {compressible} compressible parameters; "
-            f"feasible with r_min={r_min}, multiple={multiple}: kept_params in [{lo}, {hi}] "
-            f"({budget.describe_range(lo, hi, compressible, model_params)})"
-        )
+    target = check_feasible(units, budget, r_min, multiple, model_params)
 
     raw = (
         {n: float(influence[n]) for n in units} if influence and all(n in influence for n in units) else None

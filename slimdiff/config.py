@@ -191,11 +191,36 @@ class TrackingParams(_Group):
     experiment: str = "slimdiff"
     # None = derived from the source model ("slimdiff-toy", "slimdiff-<repo-name>")
     registered_model: str | None = None
+    # the alias production reads; which runs may move it is alias_policy
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # committed: scheduled runs and runs of the committed params file (no --set) move `alias`;
+    # scheduled: only scheduled release checks; any: every run that passes the gate; never: manual only.
+    # Any other run that passes the gate moves `candidate_alias` instead (repairs move neither).
+    alias_policy: Literal["committed", "scheduled", "any", "never"] = "committed"
+    candidate_alias: str | None = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     # where stage outputs (SlimSet, plans, compressed models, reports) are written: a local folder
     artifact_root: str = "artifacts"
     # where covariance stores are written: any fsspec URL (s3://bucket/stores, ...); None = artifact_root
     store_root: str | None = None
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> TrackingParams:
+        if self.candidate_alias == self.alias:
+            raise ValueError(f"candidate_alias must differ from alias ({self.alias!r}), or be null")
+        return self
+
+
+class IntegrityParams(_Group):
+    """How cached stage results are checked before use and how concurrent runs share a workspace."""
+
+    # Small artifacts (SlimSet, influence, rank plan, metrics) are always checked by content digest
+    # on every cache hit. The large ones (covariance store, compressed weights): size = the recorded
+    # file list and sizes (catches missing and truncated files, not flipped bits); full = every
+    # byte against its digest; auto = full below 256 MiB, size above.
+    verify_large: Literal["auto", "size", "full"] = "auto"
+    # Seconds to wait for another run writing the same stage key before refusing (0 = refuse at
+    # once, null = wait as long as it takes).
+    lock_timeout_s: float | None = Field(3600.0, ge=0.0)
 
 
 class Params(_Group):
@@ -208,6 +233,7 @@ class Params(_Group):
     compression: CompressionParams = CompressionParams()
     evaluation: EvaluationParams = EvaluationParams()
     tracking: TrackingParams = TrackingParams()
+    integrity: IntegrityParams = IntegrityParams()
 
     @field_validator("version")
     @classmethod

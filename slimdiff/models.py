@@ -56,6 +56,11 @@ def toy_pipeline_dir() -> Path:
     return _toy_pipeline_dir()
 
 
+def toy_source_dir(source: str) -> Path | None:
+    """The committed pipeline folder of a toy source name ("toy"), or None for other sources."""
+    return toy_pipeline_dir() if source == TOY_SOURCE else None
+
+
 def folder_digest(
     folder: Path, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin", ".txt", ".model")
 ) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from tasks.artifacts import ArtifactError, content_digest
+from tasks.artifacts import ARTIFACT_NAMES, ArtifactError, content_digest
 
 # link name -> (uri tag, digest tag, DVC output path of the same stage in dvc.yaml)
 CHAIN = (
@@ -37,6 +37,7 @@ class Link:
     details: dict[str, Any] = field(default_factory=dict)
     verified: bool | None = None  # None = not checked
     problem: str | None = None
+    repair: str | None = None  # what `slimdiff repair` recomputes for a broken link
 
 
 @dataclass
@@ -125,9 +126,14 @@ def _recompute(link: Link) -> str:
     return content_digest(link.uri)
 
 
+_STAGE_OF = {artifact: stage for stage, artifact in ARTIFACT_NAMES.items()}
+
+
 def verify_lineage(lineage: Lineage) -> Lineage:
-    """Recompute every reachable digest in chain order; mark each link verified or broken."""
+    """Recompute every reachable digest in chain order; mark each link verified or broken (and,
+    for a stage output, what `slimdiff repair` recomputes: the stage, or only the damaged shards)."""
     for link in lineage.links:
+        stage = _STAGE_OF.get(link.name)
         if link.uri is None or link.digest is None:
             link.verified, link.problem = False, "not recorded in the registry tags"
             continue
@@ -135,10 +141,14 @@ def verify_lineage(lineage: Lineage) -> Lineage:
             actual = _recompute(link)
         except (ArtifactError, OSError, ValueError) as err:
             link.verified, link.problem = False, f"unreadable or missing: {str(err).splitlines()[0]}"
+            if stage:
+                link.repair = getattr(err, "repair", None) or f"the {stage} stage"
             continue
         link.verified = actual == link.digest
         if not link.verified:
             link.problem = f"changed after registration (digest {actual[:12]} != recorded {link.digest[:12]})"
+            if stage:
+                link.repair = f"the {stage} stage"
     return lineage
 
 

@@ -4,7 +4,9 @@ These are what both entry points run: the Prefect tasks in :mod:`tasks.prefect_t
 addressed outputs under ``tracking.artifact_root``, cached by key) and the ``slimdiff <stage>``
 commands that ``dvc.yaml`` calls (fixed output paths, DVC decides what is stale). Each stage reads
 only its own params group(s) (``slimdiff.config.STAGE_PARAMS``), writes into a temporary folder
-that replaces its output only on success, and returns a small manifest.
+that replaces its output only on success (``replace=False``: content-addressed outputs are
+published once and never replaced), and returns a small manifest that also records the file sizes
+a cache hit is checked against.
 """
 
 from __future__ import annotations
@@ -23,7 +25,22 @@ import torch
 import slimdiff
 from slimdiff.config import Params
 from slimdiff.evaluation import jsonable
-from tasks.artifacts import Manifest, content_digest, sha256_json, staged_dir, verify, write_manifest
+from tasks.artifacts import (
+    ArtifactError,
+    Manifest,
+    canonicalise_safetensors_header,
+    check_artifact,
+    content_digest,
+    file_digest,
+    folder_files,
+    lock_path,
+    read_manifest,
+    sha256_json,
+    stage_lock,
+    staged_dir,
+    verify,
+    write_manifest,
+)
 from tasks.store import CovarianceStore
 
 log = logging.getLogger(__name__)
@@ -55,10 +72,30 @@ def code_version(stage: str) -> str:
     return f"slimdiff-{slimdiff.__version__}/stage-{STAGE_VERSIONS[stage]}"
 
 
+# Above this size the covariance store and the compressed weights are checked by recorded file
+# sizes on a cache hit under integrity.verify_large "auto"; below it, by every byte.
+FULL_VERIFY_MAX_BYTES = 256 << 20
+
+
 def _finish(stage: str, folder: Path, meta: dict[str, Any]) -> Manifest:
-    manifest = Manifest(stage=stage, uri=str(folder), digest=content_digest(folder), meta=meta)
+    existing = read_manifest(folder)
+    same_folder = existing is not None and Path(existing.uri).resolve() == Path(folder).resolve()
+    if same_folder and check_artifact(existing) is None:  # another writer published this key first
+        return existing
+    files = folder_files(folder)
+    manifest = Manifest(
+        stage=stage, uri=str(folder), digest=content_digest(folder), meta={**meta, "files": files}
+    )
     write_manifest(manifest, folder)
     return manifest
+
+
+def full_verification(params: Params, size_bytes: int | None) -> bool:
+    """Whether a cache hit of a large artifact (store, compressed weights) is checked byte for byte."""
+    mode = params.integrity.verify_large
+    if mode == "auto":
+        return size_bytes is None or size_bytes <= FULL_VERIFY_MAX_BYTES
+    return mode == "full"
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -138,7 +175,9 @@ def _embedder(params: Params, model: Manifest | None):
 
 
 # -- stages ----------------------------------------------------------------------------------
-def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Manifest:
+def run_slimset(
+    params: Params, out: Path, model: Manifest | None = None, *, replace: bool = True
+) -> Manifest:
     """SlimSet: the calibration prompts (file + card + projection plot)."""
     from slimdiff.slimset import select_slimset, slimset_card
 
@@ -148,7 +187,7 @@ def run_slimset(params: Params, out: Path, model: Manifest | None = None) -> Man
     specs = dict.fromkeys([*cfg.exclude, params.evaluation.prompts])
     exclude = [p for spec in specs for p in read_prompt_source(spec)]
     embedder = _embedder(params, model)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=replace) as tmp:
         selection = select_slimset(
             pool,
             embedder,
@@ -219,10 +258,37 @@ class CalibrationJob:
     n_shards: int
     missing: tuple[int, ...]
     n_prompts: int
+    # completed shards that failed verification and are collected again: (index, what was wrong)
+    repaired: tuple[tuple[int, str], ...] = ()
+
+
+def store_uri_for(params: Params, key: str) -> str:
+    """Where the flow keeps the covariance store of a calibrate stage key."""
+    root = (params.tracking.store_root or params.tracking.artifact_root).rstrip("/")
+    return f"{root}/calibrate/{key[:16]}.zarr"
+
+
+def store_lock_path(params: Params, store_uri: str) -> Path:
+    """The lock serialising writers of a covariance store: next to a local store; for object
+    storage under the local artifact_root (it serialises the runs of this workspace only)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(store_uri)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return lock_path(path)
+    return Path(params.tracking.artifact_root) / ".locks" / f"calibrate-{sha256_json(store_uri)[:16]}.lock"
+
+
+def _damaged_shards(params: Params, store: CovarianceStore) -> dict[int, str]:
+    return store.shard_problems(full=full_verification(params, store.recorded_bytes))
 
 
 def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_uri: str) -> CalibrationJob:
-    """Open (resume) or create the store; say which shards are still missing."""
+    """Open (resume) or create the store; say which shards are still missing.
+
+    The completed shards of an existing store are verified first (sizes, or every byte; see
+    integrity.verify_large): a damaged shard is reported, loses its mark and is collected again,
+    so exactly the damaged shards are recomputed."""
     from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.calibration import stat_shapes
 
@@ -232,8 +298,20 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     n_shards = max(1, -(-len(prompts) // cfg.shard_size))
     identity = calibration_identity(params, model, slimset)
     existing = CovarianceStore.open_if_identical(out_uri, identity)
-    if existing is not None and existing.complete:  # nothing to do: no need to load the model
-        return CalibrationJob(out_uri, n_shards, (), len(prompts))
+    repaired: dict[int, str] = {}
+    if existing is not None:
+        repaired = _damaged_shards(params, existing)
+        if repaired:
+            log.warning(
+                "covariance_store (stage calibrate) at %s failed verification: %s; recomputing exactly "
+                "shards %s",
+                out_uri,
+                "; ".join(f"shard {i}: {p}" for i, p in sorted(repaired.items())),
+                sorted(repaired),
+            )
+            CovarianceStore.open(out_uri, writable=True).unmark_shards(sorted(repaired))
+        elif existing.complete:  # nothing to do: no need to load the model
+            return CalibrationJob(out_uri, n_shards, (), len(prompts))
     pipe = _cached_pipe(params, model)
     compression_units(denoiser_of(pipe))  # unsupported architectures fail here, before any forward pass
     store = CovarianceStore.open_or_create(
@@ -244,7 +322,9 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
         shapes=stat_shapes(denoiser_of(pipe)),
         attrs={"model_release": model.meta, "slimset_uri": slimset.uri},
     )
-    return CalibrationJob(out_uri, n_shards, tuple(store.missing_shards()), len(prompts))
+    return CalibrationJob(
+        out_uri, n_shards, tuple(store.missing_shards()), len(prompts), tuple(sorted(repaired.items()))
+    )
 
 
 def collect_shard(
@@ -291,6 +371,7 @@ def finalize_calibration(job: CalibrationJob, seconds: float | None = None) -> M
             "n_prompts": job.n_prompts,
             "resumed_shards": job.n_shards - len(job.missing),
             "collected_shards": len(job.missing),
+            "repaired_shards": [i for i, _ in job.repaired],
         },
     )
 
@@ -299,26 +380,36 @@ def run_calibrate(
     params: Params, model: Manifest, slimset: Manifest, out_uri: str, *, progress: bool = True
 ) -> Manifest:
     """Activation statistics into a resumable Zarr store, one prompt shard after the other, here.
-    A rerun after a crash collects only the shards without a completion mark."""
-    job = prepare_calibration(params, model, slimset, out_uri)
-    t0 = time.perf_counter()
-    if job.missing:
-        log.info("calibrating %d of %d shards (%d prompts)", len(job.missing), job.n_shards, job.n_prompts)
-    for i in job.missing:
-        collect_shard(params, model, slimset, out_uri, i, progress=progress)
-    return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
+    A rerun after a crash collects only the shards without a completion mark (or with a damaged
+    one). One writer per store at a time (a file lock; see :func:`store_lock_path`)."""
+    lock = store_lock_path(params, out_uri)
+    with stage_lock(lock, timeout=params.integrity.lock_timeout_s, what=f"covariance store {out_uri}"):
+        job = prepare_calibration(params, model, slimset, out_uri)
+        t0 = time.perf_counter()
+        if job.missing:
+            log.info(
+                "calibrating %d of %d shards (%d prompts)", len(job.missing), job.n_shards, job.n_prompts
+            )
+        for i in job.missing:
+            collect_shard(params, model, slimset, out_uri, i, progress=progress)
+        return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
 
 
 def read_stats(stats: Manifest):
     store = CovarianceStore.open(stats.uri)
     if store.digest != stats.digest:
-        from tasks.artifacts import ArtifactError
-
-        raise ArtifactError(f"{stats.uri}: store digest {store.digest[:12]} != manifest {stats.digest[:12]}")
+        raise ArtifactError(
+            f"{stats.uri}: store digest {store.digest[:12]} != manifest {stats.digest[:12]}",
+            stage="calibrate",
+            artifact="covariance_store",
+            repair="the covariance store's changed shards",
+        )
     return store.read(verify=True)
 
 
-def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -> Manifest:
+def run_influence(
+    params: Params, model: Manifest, stats: Manifest, out: Path, *, replace: bool = True
+) -> Manifest:
     """Spectral influence per unit and timestep weights (+ heatmap); no forward passes."""
     from slimdiff.adapter import denoiser_of
     from slimdiff.influence import compute_influence, plot_influence_heatmap
@@ -326,7 +417,7 @@ def run_influence(params: Params, model: Manifest, stats: Manifest, out: Path) -
 
     activation_stats = read_stats(stats)
     pipe = _cached_pipe(params, model)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=replace) as tmp:
         influence = compute_influence(
             activation_stats, denoiser_of(pipe), weighting=params.influence.weighting
         )
@@ -368,7 +459,9 @@ def budget_from_params(params: Params):
     return Budget(**{b.kind: int(b.value)})
 
 
-def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) -> Manifest:
+def run_plan(
+    params: Params, model: Manifest, influence: Manifest, out: Path, *, replace: bool = True
+) -> Manifest:
     """Rank plan under the global budget (+ bar chart)."""
     from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
@@ -380,7 +473,7 @@ def run_plan(params: Params, model: Manifest, influence: Manifest, out: Path) ->
     pipe = _cached_pipe(params, model)
     denoiser = denoiser_of(pipe)
     units = planned_units(compression_units(denoiser), cfg.modules, params.compression.qk_norm)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=replace) as tmp:
         try:
             plan = plan_ranks(
                 scores,
@@ -418,7 +511,14 @@ def planned_units(units: dict, modules, qk_norm: str) -> dict:
 
 
 def run_compress(
-    params: Params, model: Manifest, stats: Manifest, influence: Manifest, plan: Manifest, out: Path
+    params: Params,
+    model: Manifest,
+    stats: Manifest,
+    influence: Manifest,
+    plan: Manifest,
+    out: Path,
+    *,
+    replace: bool = True,
 ) -> Manifest:
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
     from slimdiff.adapter import denoiser_of
@@ -453,15 +553,37 @@ def run_compress(
         "plan_digest": plan.digest,
         "influence_digest": influence.digest,
     }
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=replace) as tmp:
         save_compressed(pipe, tmp / "pipeline", extra={"lineage": lineage})
+        canonical_weight_headers(tmp / "pipeline")
         (tmp / "compression_report.json").write_text(
             json.dumps(jsonable(report.to_dict()), indent=2, sort_keys=True)  # stable bytes, stable digest
         )
     return _finish("compress", out, {"unet_params_before": before, "unet_params_after": after})
 
 
-def run_evaluate(params: Params, model: Manifest, compressed: Manifest, out: Path) -> Manifest:
+def canonical_weight_headers(folder: Path) -> None:
+    """Make every ``*.safetensors`` header under ``folder`` byte-stable, and keep the sidecars that
+    record a weights file's sha256 (``slimdiff.json``) pointing at the new bytes.
+
+    Why: safetensors serialises a file's ``__metadata__`` map in Rust HashMap order, which is
+    randomised per process. ``slimdiff.io`` writes two metadata entries into the compressed UNet's
+    weights, so two processes compressing the same inputs wrote the same tensors under headers in
+    a different order about half of the time: a different digest for the same model. This sorts
+    the entries (same length, data untouched). Interim: belongs in ``slimdiff.io._save_unet``."""
+    for weights in sorted(folder.rglob("*.safetensors")):
+        old, new = canonicalise_safetensors_header(weights)
+        if old == new:
+            continue
+        for sidecar in weights.parent.glob("*.json"):
+            text = sidecar.read_text()
+            if old in text:
+                sidecar.write_text(text.replace(old, new))
+
+
+def run_evaluate(
+    params: Params, model: Manifest, compressed: Manifest, out: Path, *, replace: bool = True
+) -> Manifest:
     """Quality, size and speed of the compressed pipeline against the original, same seeds.
 
     The original model's samples and quality numbers depend only on the model and the evaluation
@@ -479,7 +601,7 @@ def run_evaluate(params: Params, model: Manifest, compressed: Manifest, out: Pat
     evaluator = PairEvaluator(list(prompts), params.evaluation)
     original_measured = _original_measurement(params, model, evaluator, original)
     compressed_measured = evaluator.measure(slim)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=replace) as tmp:
         metrics = jsonable(evaluator.compare(original, slim, original_measured, compressed_measured, tmp))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     s = metrics["summary"]
@@ -500,33 +622,42 @@ def _original_measurement(params: Params, model: Manifest, evaluator, pipe):
     )
     folder = Path(params.tracking.artifact_root) / "evaluate-original"
     arrays, facts = folder / f"{key[:16]}.npz", folder / f"{key[:16]}.json"
-    if arrays.exists() and facts.exists():
-        data = np.load(arrays)
-        meta = json.loads(facts.read_text())
-        feats = torch.from_numpy(data["fid_features"]) if meta["has_fid_features"] else None
-        return Measured(
-            images=data["images"],
-            quality=meta["quality"],
-            fid_features=feats,
-            sample_time_s=meta["sample_time_s"],
+    # shared by every compressed variant of the model: one writer at a time, checked before use
+    with stage_lock(
+        lock_path(arrays), timeout=params.integrity.lock_timeout_s, what=f"original measurement {arrays}"
+    ):
+        if arrays.exists() and facts.exists():
+            meta = json.loads(facts.read_text())
+            if meta.get("arrays_sha256") == file_digest(arrays):
+                data = np.load(arrays)
+                feats = torch.from_numpy(data["fid_features"]) if meta["has_fid_features"] else None
+                return Measured(
+                    images=data["images"],
+                    quality=meta["quality"],
+                    fid_features=feats,
+                    sample_time_s=meta["sample_time_s"],
+                )
+            log.warning("%s does not match its recorded digest: measuring the original model again", arrays)
+        measured = evaluator.measure(pipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_arrays = folder / f".tmp-{key[:16]}.npz"
+        feats = measured.fid_features
+        np.savez(
+            tmp_arrays,
+            images=measured.images,
+            fid_features=feats.numpy() if feats is not None else np.zeros(0),
         )
-    measured = evaluator.measure(pipe)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp_arrays = folder / f".tmp-{key[:16]}.npz"
-    feats = measured.fid_features
-    np.savez(
-        tmp_arrays, images=measured.images, fid_features=feats.numpy() if feats is not None else np.zeros(0)
-    )
-    facts.write_text(
-        json.dumps(
-            {
-                "quality": jsonable(measured.quality),
-                "sample_time_s": measured.sample_time_s,
-                "has_fid_features": feats is not None,
-            }
+        facts.write_text(
+            json.dumps(
+                {
+                    "quality": jsonable(measured.quality),
+                    "sample_time_s": measured.sample_time_s,
+                    "has_fid_features": feats is not None,
+                    "arrays_sha256": file_digest(tmp_arrays),
+                }
+            )
         )
-    )
-    os.replace(tmp_arrays, arrays)  # the arrays file appears last: a crash leaves no half cache entry
+        os.replace(tmp_arrays, arrays)  # the arrays file appears last: a crash leaves no half cache entry
     return measured
 
 

@@ -8,7 +8,8 @@ Layout (any fsspec URL: a local folder, ``s3://bucket/stats.zarr``, ...)::
       moments/<stat key>              float64 (n_shards, n_buckets, *mat), chunks (1, 1, *mat)
       tokens/<stat key>               int64   (n_shards, n_buckets),       chunks (1, n_buckets)
 
-      done/<i>                        empty group; attrs {"digest": shard digest}: the completion mark
+      done/<i>                        empty group; attrs {"digest": shard digest, "files": {chunk
+                                      file: size in bytes}}: the completion mark
 
 One chunk per (shard, timestep bucket, statistic): a whole matrix, zstd-compressed, so object
 stores and DVC see few, large files. A shard counts only once its ``done/<i>`` mark exists, which
@@ -16,6 +17,10 @@ is written after its data: a crash mid-shard leaves it unmarked, and a rerun rew
 unmarked shards (resume). Each shard has its own mark, so workers on different machines (Dask)
 can write and mark their shards concurrently without a shared file to race on. Reads recompute every
 shard digest, so a corrupted chunk is reported, never silently merged.
+
+A cache hit on a finished store is checked per shard (:meth:`CovarianceStore.shard_problems`):
+against the chunk sizes recorded in its mark, or fully against its digest; a damaged shard loses its
+mark (:meth:`CovarianceStore.unmark_shards`), so the next collection recomputes exactly that shard.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import zarr
@@ -51,9 +57,10 @@ def shard_digest(stats: ActivationStats) -> str:
 class CovarianceStore:
     """A Zarr group of per-shard, per-bucket activation statistics (see module docstring)."""
 
-    def __init__(self, group: zarr.Group, uri: str):
+    def __init__(self, group: zarr.Group, uri: str, storage_options: dict | None = None):
         self.group = group
         self.uri = uri
+        self._storage_options = dict(storage_options or {})
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -85,10 +92,21 @@ class CovarianceStore:
                     f"(identity {str(found)[:12]} != {identity_digest[:12]}); remove it or choose another path"
                 )
             group = zarr.open_group(store=uri, mode="r+", **kw)
-            store = cls(group, uri)
+            store = cls(group, uri, storage_options)
             log.info("resuming %s: %d/%d shards complete", uri, len(store.completed_shards()), n_shards)
             return store
-        group = zarr.open_group(store=uri, mode="w", **kw)
+        try:  # "w-": never clear a store another writer created meanwhile; resume it instead
+            group = zarr.open_group(store=uri, mode="w-", **kw)
+        except FileExistsError:
+            return cls.open_or_create(
+                uri,
+                identity=identity,
+                n_shards=n_shards,
+                n_buckets=n_buckets,
+                shapes=shapes,
+                storage_options=storage_options,
+                attrs=attrs,
+            )
         group.create_group("done")
         moments = group.create_group("moments")
         tokens = group.create_group("tokens")
@@ -120,7 +138,7 @@ class CovarianceStore:
                 **dict(attrs or {}),  # provenance that is not identity (e.g. where the model came from)
             }
         )
-        return cls(group, uri)
+        return cls(group, uri, storage_options)
 
     @classmethod
     def open_if_identical(cls, uri: str, identity: Mapping[str, Any], storage_options: dict | None = None):
@@ -132,7 +150,7 @@ class CovarianceStore:
             return None
         if group.attrs.get("identity_digest") != sha256_json(dict(identity)):
             return None
-        return cls(group, uri)
+        return cls(group, uri, storage_options)
 
     @classmethod
     def open(cls, uri: str, storage_options: dict | None = None, writable: bool = False) -> CovarianceStore:
@@ -143,7 +161,7 @@ class CovarianceStore:
             raise ArtifactError(f"{uri}: covariance store not found") from err
         if group.attrs.get("format_version") != STORE_FORMAT_VERSION:
             raise ArtifactError(f"{uri}: not a slimdiff covariance store (format_version missing or unknown)")
-        return cls(group, uri)
+        return cls(group, uri, storage_options)
 
     # -- facts --------------------------------------------------------------------------------
     @property
@@ -196,8 +214,76 @@ class CovarianceStore:
         return shard_digest(stats)
 
     def mark_shard(self, index: int, digest: str) -> None:
-        """Record shard ``index`` as complete (after its data is written)."""
-        self.group["done"].create_group(str(index), overwrite=True, attributes={"digest": digest})
+        """Record shard ``index`` as complete (after its data is written), with the size of every
+        chunk file it wrote (None: an all-zero chunk that zarr does not store)."""
+        files = {rel: self._file_size(rel) for rel in self._shard_chunk_files(index)}
+        self.group["done"].create_group(
+            str(index), overwrite=True, attributes={"digest": digest, "files": files}
+        )
+
+    def unmark_shards(self, indices: Sequence[int]) -> None:
+        """Drop the completion marks of ``indices`` (damaged shards): the next collection of this
+        store recomputes exactly those shards; the others stay as they are."""
+        for i in indices:
+            del self.group["done"][str(i)]
+        self.group.attrs["complete"] = False
+
+    # -- integrity ----------------------------------------------------------------------------
+    def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = fsspec.core.url_to_fs(self.uri, **self._storage_options)
+        return fs, root.rstrip("/")
+
+    def _shard_chunk_files(self, index: int) -> list[str]:
+        """Store-relative paths of the chunk files holding shard ``index`` (zarr's own key encoding)."""
+        out = []
+        for key in self.keys:
+            moments = self.group["moments"][key]
+            enc = moments.metadata.chunk_key_encoding
+            for b in range(self.n_buckets):
+                coords = (index, b) + (0,) * (moments.ndim - 2)
+                out.append(f"moments/{key}/{enc.encode_chunk_key(coords)}")
+            tokens = self.group["tokens"][key]
+            out.append(f"tokens/{key}/{tokens.metadata.chunk_key_encoding.encode_chunk_key((index, 0))}")
+        return out
+
+    def _file_size(self, rel: str) -> int | None:
+        fs, root = self._fs_root()
+        try:
+            return int(fs.size(f"{root}/{rel}"))
+        except FileNotFoundError:
+            return None
+
+    @property
+    def recorded_bytes(self) -> int | None:
+        """Total size of the chunk files recorded in the completion marks (None: marks predate it)."""
+        total = 0
+        for _, g in self.group["done"].groups():
+            files = g.attrs.get("files")
+            if files is None:
+                return None
+            total += sum(v or 0 for v in files.values())
+        return total
+
+    def shard_problems(self, full: bool = False) -> dict[int, str]:
+        """{shard: what is wrong} for every completed shard that no longer matches its mark.
+
+        Always: every chunk file the mark records exists with its recorded size. ``full`` (or a
+        mark without recorded sizes): the shard's bytes are read back and digested."""
+        problems: dict[int, str] = {}
+        for name, g in sorted(self.group["done"].groups(), key=lambda kv: int(kv[0])):
+            i, files = int(name), g.attrs.get("files")
+            for rel, size in (files or {}).items():
+                actual = self._file_size(rel)
+                if actual != size:
+                    got = "missing" if actual is None else f"{actual} bytes"
+                    problems[i] = f"chunk {rel} is {got}, recorded {size if size is not None else 'absent'}"
+                    break
+            if i not in problems and (full or files is None):
+                try:
+                    self.read_shard(i, verify=True)
+                except ArtifactError as err:
+                    problems[i] = str(err).removeprefix(f"{self.uri}: ")
+        return problems
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> str:
         missing = self.missing_shards()
@@ -216,7 +302,9 @@ class CovarianceStore:
                 moments[key] = torch.from_numpy(np.asarray(self.group["moments"][key][index]))
                 tokens[key] = torch.from_numpy(np.asarray(self.group["tokens"][key][index]))
             except Exception as err:  # a codec error on a damaged chunk: report which one
-                raise ArtifactError(f"{self.uri}: shard {index} of {key} is unreadable ({err})") from err
+                raise ArtifactError(
+                    f"{self.uri}: shard {index} of {key} is unreadable ({err})", **_damaged(index)
+                ) from err
         stats = ActivationStats(
             self.n_buckets, moments, tokens, meta=dict(self.group.attrs.get("stats_meta", {}))
         )
@@ -227,7 +315,8 @@ class CovarianceStore:
             actual = shard_digest(stats)
             if actual != recorded:
                 raise ArtifactError(
-                    f"{self.uri}: shard {index} is corrupted (digest {actual[:12]} != recorded {recorded[:12]})"
+                    f"{self.uri}: shard {index} is corrupted (digest {actual[:12]} != recorded {recorded[:12]})",
+                    **_damaged(index),
                 )
         return stats
 
@@ -238,3 +327,11 @@ class CovarianceStore:
         stats = merge(self.read_shard(i, verify=verify) for i in range(self.n_shards))
         stats.meta = dict(self.group.attrs.get("stats_meta", {}))
         return stats
+
+
+def _damaged(index: int) -> dict[str, str]:
+    return {
+        "stage": "calibrate",
+        "artifact": "covariance_store",
+        "repair": f"shard {index} of the covariance store",
+    }

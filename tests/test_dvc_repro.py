@@ -1,5 +1,6 @@
 """`dvc repro` runs the same stages from dvc.yaml with the same incremental behaviour as the flow:
-changing only the allocation temperature reruns plan, compress and evaluate, nothing upstream."""
+changing only the allocation temperature reruns plan, compress and evaluate, nothing upstream. It
+runs as from a fresh clone after `make install`: nothing activated, the venv not on PATH."""
 
 from __future__ import annotations
 
@@ -51,9 +52,17 @@ def test_dvc_repro_is_incremental(tmp_path):
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
-    dvc = shutil.which("dvc", path=bindir)
+    # what `make install` leaves in a fresh clone: .venv; nothing of it on PATH (issue 13: the
+    # stages called a console script only an activated venv has, and failed with exit 127)
+    venv = Path(sys.prefix).resolve()
+    (work / ".venv").symlink_to(venv, target_is_directory=True)
+    path = [
+        p for p in os.environ["PATH"].split(os.pathsep) if p and not Path(p).resolve().is_relative_to(venv)
+    ]
+    env = {**os.environ, "PATH": os.pathsep.join(path), "DVC_NO_ANALYTICS": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    assert shutil.which("slimdiff", path=env["PATH"]) is None
+    dvc = str(venv / "bin" / "dvc")
 
     def run(*args: str) -> str:
         out = subprocess.run([dvc, *args], cwd=work, env=env, capture_output=True, text=True)

@@ -5,6 +5,7 @@ registry entry with lineage, the lineage audit catching tampering, and clean fai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -66,10 +67,10 @@ def flow_env(tmp_path_factory):
         yield root, params
 
 
-def _run(params: Params) -> dict:
+def _run(params: Params, trigger: str = "experiment") -> dict:
     from flows.pipeline import slimdiff_flow
 
-    return slimdiff_flow(params=params.model_dump(mode="json"))
+    return slimdiff_flow(params=params.model_dump(mode="json"), trigger=trigger)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def test_first_run_runs_every_stage_and_registers_with_lineage(flow_env, first_r
     ]
     reg = first_run["registered"]
     assert reg["name"] == "slimdiff-toy" and reg["version"] == "1" and reg["new_version"]
+    assert reg["alias"] == "candidate"  # an experiment (not the committed params): not champion
 
     from mlflow import MlflowClient
 
@@ -163,15 +165,16 @@ def test_changing_the_timestep_weighting_needs_no_forward_passes(flow_env, first
     assert [s[k] for k in ("influence", "plan", "compress", "evaluate")] == ["ran"] * 4, s
 
 
-def test_infeasible_budget_stops_at_plan_and_keeps_earlier_artifacts(flow_env, first_run):
+def test_infeasible_budget_stops_before_any_stage_and_keeps_earlier_artifacts(flow_env, first_run):
     from tasks.stages import StageInputError
 
     root, params = flow_env
-    slimset_dir = Path(first_run["manifests"]["slimset"]["uri"])
-    before = sorted(p.name for p in slimset_dir.iterdir())
-    with pytest.raises(StageInputError, match="allocation.budget"):
+    artifacts = Path(params.tracking.artifact_root)
+    before = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*"))
+    # r_min 64 changes the plan key: were any stage to run, new folders would appear
+    with pytest.raises(StageInputError, match="^allocation.budget: .*feasible with r_min=64"):
         _run(params.with_overrides({"allocation.budget.value": 0.999, "allocation.r_min": 64}))
-    assert sorted(p.name for p in slimset_dir.iterdir()) == before
+    assert sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")) == before
 
 
 def test_lineage_verify_catches_tampering(flow_env, first_run):
@@ -278,3 +281,225 @@ def test_compare_command_prints_two_registered_models(flow_env, first_run):
     assert out.exit_code == 0, out.output
     assert "slimdiff-toy/1" in out.stdout and "slimdiff-toy/2" in out.stdout
     assert "exact match" in out.stdout
+
+
+# -- issue 13: integrity under concurrency and faults ----------------------------------------------
+def _flip_bit(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_compressed_weights_are_byte_stable(flow_env, first_run):
+    """The cause of two concurrent runs registering different bytes for one model: the weights
+    header order; the published weights carry the canonical (sorted) header and the sidecar
+    records the sha256 of exactly these bytes."""
+    import struct
+
+    from tasks.artifacts import canonicalise_safetensors_header, file_digest
+
+    unet = Path(first_run["manifests"]["compress"]["uri"]) / "pipeline" / "unet"
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    raw = weights.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    assert list(meta) == sorted(meta) and len(meta) >= 2
+    assert json.loads((unet / "slimdiff.json").read_text())["weights_sha256"] == file_digest(weights)
+    assert canonicalise_safetensors_header(weights) == (file_digest(weights), file_digest(weights))
+
+
+def test_only_committed_or_scheduled_runs_move_the_champion_alias(flow_env, first_run):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import setup_tracking
+
+    root, params = flow_env
+    setup_tracking(params)
+    client = MlflowClient()
+    with pytest.raises(MlflowException):  # experiments (the first run) never made a champion
+        client.get_model_version_by_alias("slimdiff-toy", "champion")
+    committed = _run(params, trigger="committed")
+    assert committed["registered"] == {**first_run["registered"], "new_version": False, "alias": "champion"}
+    assert str(client.get_model_version_by_alias("slimdiff-toy", "champion").version) == "1"
+    again = _run(params)  # an experiment of the same model moves the candidate alias only
+    assert again["registered"]["alias"] == "candidate"
+    assert str(client.get_model_version_by_alias("slimdiff-toy", "champion").version) == "1"
+
+
+def test_every_kind_of_cached_artifact_is_verified_and_recomputed_when_damaged(flow_env, first_run):
+    """One flipped bit in each kind of artifact (SlimSet, a Zarr chunk, influence, rank plan,
+    compressed weights, metrics): the rerun names each damaged artifact, recomputes exactly those
+    stages (the store: one shard) and restores the recorded digests; nothing is reused silently."""
+    from mlflow import MlflowClient
+
+    from tasks.lineage import get_lineage, verify_lineage
+    from tasks.store import CovarianceStore
+    from tasks.tracking import setup_tracking
+
+    root, params = flow_env
+    m = {k: Path(v["uri"]) for k, v in first_run["manifests"].items()}
+    before = {k: v["digest"] for k, v in first_run["manifests"].items()}
+    store = CovarianceStore.open(str(m["calibrate"]))
+    chunk = store._shard_chunk_files(1)[0]
+    _flip_bit(m["slimset"] / "slimset.json")
+    _flip_bit(m["calibrate"] / chunk)
+    _flip_bit(m["influence"] / "influence.json")
+    _flip_bit(m["plan"] / "rank_plan.json")
+    _flip_bit(m["compress"] / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors", offset=-1)
+    _flip_bit(m["evaluate"] / "metrics.json")
+
+    result = _run(params)
+    s = result["status"]
+    assert [s[k] for k in ("slimset", "calibrate", "influence", "plan", "compress", "evaluate")] == [
+        "repaired"
+    ] * 6, s
+    assert set(result["repaired"]) == {"slimset", "calibrate", "influence", "plan", "compress", "evaluate"}
+    assert result["repaired"]["calibrate"].startswith("shard 1:"), result["repaired"]["calibrate"]
+    assert "digest" in result["repaired"]["compress"]
+    after = {k: v["digest"] for k, v in result["manifests"].items()}
+    for stage in ("slimset", "calibrate", "influence", "plan", "compress"):  # deterministic stages
+        assert after[stage] == before[stage], stage
+    # metrics hold fresh latency measurements: new bytes, and the registry's link follows them
+    assert result["registered"] == {**first_run["registered"], "new_version": False}
+    for stage in ("slimset", "influence", "plan", "compress", "evaluate"):
+        assert len(list((m[stage].parent / ".quarantine").iterdir())) == 1, stage
+    setup_tracking(params)
+    assert len(MlflowClient().search_model_versions("name='slimdiff-toy'")) == len(
+        {v.tags["compressed_digest"] for v in MlflowClient().search_model_versions("name='slimdiff-toy'")}
+    )
+    chain = verify_lineage(get_lineage("slimdiff-toy/1"))
+    assert chain.first_broken is None, [(link.name, link.problem) for link in chain.links]
+    assert set(_run(params)["status"].values()) == {"cached"}
+
+
+def test_a_damaged_shard_found_by_a_stage_names_the_repair_and_repair_recomputes_only_it(flow_env, first_run):
+    """With size-only checks a flipped bit in the store passes the cache check; the stage that
+    reads it fails (exit 4) saying what `slimdiff repair` recomputes, and repair does exactly that."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.store import CovarianceStore
+
+    root, params = flow_env
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    store_uri = first_run["manifests"]["calibrate"]["uri"]
+    digest = first_run["manifests"]["calibrate"]["digest"]
+    _flip_bit(Path(store_uri) / CovarianceStore.open(store_uri)._shard_chunk_files(0)[1])
+
+    runner = CliRunner()
+    failed = runner.invoke(
+        app,
+        [
+            "run",
+            "-p",
+            str(params_file),
+            "--set",
+            "integrity.verify_large=size",
+            "--set",
+            "compression.damping=0.02",
+        ],
+    )
+    assert failed.exit_code == 4, failed.output
+    assert re.search(r"shard 0 (is corrupted|of \S+ is unreadable)", failed.output), failed.output
+    assert "`slimdiff repair` recomputes exactly shard 0 of the covariance store" in failed.output
+
+    repaired = runner.invoke(app, ["repair", "-p", str(params_file), "--json"])
+    assert repaired.exit_code == 0, repaired.output
+    result = json.loads(repaired.stdout)
+    assert list(result["repaired"]) == ["calibrate"] and result["repaired"]["calibrate"].startswith(
+        "shard 0:"
+    )
+    assert result["status"]["calibrate"] == "repaired"
+    assert {result["status"][k] for k in ("slimset", "influence", "plan", "compress", "evaluate")} == {
+        "cached"
+    }
+    assert result["manifests"]["calibrate"]["digest"] == digest
+    assert CovarianceStore.open(store_uri).shard_problems(full=True) == {}
+
+
+def test_unreachable_tracking_server_stops_the_scheduled_check(flow_env, tmp_path, monkeypatch):
+    from flows.deployments import check_releases
+    from tasks.tracking import TrackingUnavailableError
+
+    root, params = flow_env
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    releases = tmp_path / "releases"
+    shutil.copytree(toy_pipeline_dir(), releases / "v1")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = params.with_overrides(
+        {"tracking.tracking_uri": f"http://127.0.0.1:{port}", "tracking.artifact_root": str(tmp_path / "a")}
+    )
+    with pytest.raises(TrackingUnavailableError, match="unreachable"):
+        check_releases(str(releases), params=cfg.model_dump(mode="json"))
+    assert not (tmp_path / "a").exists()  # nothing ran
+
+
+def test_two_runs_at_once_register_one_version_with_intact_lineage(flow_env, tmp_path):
+    """Two `slimdiff run` of the same params started together in one workspace: each stage is
+    computed by exactly one of them (the other waits for its lock and reuses the result), one
+    version is registered, and the lineage of every registered version verifies."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.artifacts import content_digest
+    from tasks.lineage import get_lineage, verify_lineage
+    from tasks.tracking import setup_tracking
+
+    root, params = flow_env
+    work = tmp_path / "workspace"
+    work.mkdir()
+    tiny = params.with_overrides(
+        {
+            "slimset.n": 8,
+            "calibration.num_inference_steps": 4,
+            "calibration.n_buckets": 2,
+            "calibration.shard_size": 4,
+            "evaluation.max_prompts": 8,
+            "evaluation.num_inference_steps": 4,
+            "evaluation.latency_repeats": 1,
+            "allocation.tau": 0.1,
+            "tracking.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            "tracking.artifact_root": str(work / "artifacts"),
+        }
+    )
+    params_file = work / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny.model_dump(mode="json")))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-p", str(params_file), "--json"]
+    procs = [
+        subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    results = [json.loads(out[out.index('{\n  "status"') :]) for out, _ in outs]
+
+    for stage in ("slimset", "calibrate", "influence", "plan", "compress", "evaluate", "register"):
+        assert sorted(r["status"][stage] for r in results) == ["cached", "ran"], (stage, results[0]["status"])
+    setup_tracking(tiny)
+    client = MlflowClient()
+    versions = client.search_model_versions("name='slimdiff-toy'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert {r["registered"]["version"] for r in results} == {"1"}
+    compressed = results[0]["manifests"]["compress"]
+    assert results[1]["manifests"]["compress"] == compressed
+    assert versions[0].tags["compressed_digest"] == compressed["digest"] == content_digest(compressed["uri"])
+    for v in versions:
+        chain = verify_lineage(get_lineage(f"slimdiff-toy/{v.version}"))
+        assert chain.first_broken is None, [(link.name, link.problem) for link in chain.links]

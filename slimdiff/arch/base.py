@@ -386,6 +386,21 @@ def adapter_for_class(class_name: str) -> ModelAdapter:
     )
 
 
+def skeleton_from_config(folder) -> nn.Module | None:
+    """The denoiser whose ``config.json`` is in ``folder``, built on the meta device (no weights read,
+    nothing allocated), or None when no adapter knows its class. For checks that need only shapes."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    try:
+        cls = adapter_for_class(str(config.get("_class_name"))).denoiser_class()
+    except UnsupportedModelError:
+        return None
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(folder))
+
+
 def denoiser_of(pipe) -> nn.Module:
     """The denoiser of a diffusers pipeline (``pipe.unet`` or ``pipe.transformer``)."""
     for attr in dict.fromkeys(a.pipeline_attr for a in registered_adapters()):

@@ -1,0 +1,82 @@
+"""Checks of the params that need no model run, made before any stage starts.
+
+A budget that cannot be met used to surface in the plan stage, after SlimSet selection, calibration
+and influence had run (37 s on the toy model, hours on a real one). Whether it can be met depends
+only on the shapes of the compression units, which the denoiser's config gives: the skeleton is
+built on the meta device (no weights are read, nothing is allocated) by :func:`denoiser_units`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimdiff.config import Params
+from tasks.stages import StageInputError, budget_from_params, read_prompt_source
+
+
+def _denoiser_config_dir(params: Params) -> Path | None:
+    """The folder holding the denoiser's config.json (None: a source whose layout is not known
+    here, e.g. an already compressed slimdiff folder; its checks stay with the stages)."""
+    from slimdiff.arch.base import registered_adapters
+    from slimdiff.models import toy_source_dir
+
+    attrs = list(dict.fromkeys(a.pipeline_attr for a in registered_adapters()))
+    source = params.model.source
+    folder = toy_source_dir(source)
+    if folder is None and Path(source).expanduser().exists():
+        folder = Path(source).expanduser()
+    if folder is None:  # a hub id: its snapshot in the local cache (resolve_release reports a missing one)
+        from huggingface_hub import try_to_load_from_cache
+
+        for attr in attrs:
+            hit = try_to_load_from_cache(source, f"{attr}/config.json", revision=params.model.revision)
+            if isinstance(hit, str):
+                return Path(hit).parent
+        return None
+    if (folder / "slimdiff.json").is_file():
+        return None
+    for attr in attrs:
+        if (folder / attr / "config.json").is_file():
+            return folder / attr
+    return folder if (folder / "config.json").is_file() else None
+
+
+def denoiser_units(params: Params):
+    """(compression units the plan stage would allocate, whole-denoiser parameter count) of the
+    source model, from its config alone (``slimdiff.arch.base.skeleton_from_config``); None when
+    the layout is not known here."""
+    from slimdiff.adapter import compression_units
+    from slimdiff.arch.base import skeleton_from_config
+    from tasks.stages import planned_units
+
+    config_dir = _denoiser_config_dir(params)
+    if config_dir is None:
+        return None
+    skeleton = skeleton_from_config(config_dir)
+    if skeleton is None:
+        return None
+    units = planned_units(compression_units(skeleton), params.allocation.modules, params.compression.qk_norm)
+    return units, sum(p.numel() for p in skeleton.parameters())
+
+
+def check_budget(params: Params) -> None:
+    """Raise StageInputError (one line, the key named) when allocation.budget cannot be met."""
+    from slimdiff.allocation import InfeasibleBudgetError, check_feasible
+
+    found = denoiser_units(params)
+    if found is None:
+        return
+    units, model_params = found
+    cfg = params.allocation
+    try:
+        check_feasible(units, budget_from_params(params), cfg.r_min, cfg.multiple, model_params)
+    except InfeasibleBudgetError as err:
+        raise StageInputError(f"allocation.budget: {err}") from None
+
+
+def check_params(params: Params) -> None:
+    """Everything about ``params`` that can be known without running the model: the prompt
+    sources exist and the budget is feasible. Raises StageInputError with one clear line."""
+    for spec in dict.fromkeys([params.slimset.pool, *params.slimset.exclude, params.evaluation.prompts]):
+        read_prompt_source(spec)
+    check_budget(params)
