@@ -79,7 +79,9 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | N
     unet.save_config(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     weights = directory / WEIGHTS_NAME
-    save_file(state, str(weights), metadata={"format": "pt", "slimdiff_plan_digest": plan.digest})
+    # one metadata entry only: safetensors writes its metadata map in a per-process random order,
+    # so two entries gave the same tensors two different byte sequences (and digests) across runs
+    save_file(state, str(weights), metadata={"format": "pt"})
     sidecar = {
         "format_version": SIDECAR_FORMAT_VERSION,
         "model_class": type(unet).__name__,

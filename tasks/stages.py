@@ -28,7 +28,6 @@ from slimdiff.evaluation import jsonable
 from tasks.artifacts import (
     ArtifactError,
     Manifest,
-    canonicalise_safetensors_header,
     check_artifact,
     content_digest,
     file_digest,
@@ -555,30 +554,10 @@ def run_compress(
     }
     with staged_dir(out, replace=replace) as tmp:
         save_compressed(pipe, tmp / "pipeline", extra={"lineage": lineage})
-        canonical_weight_headers(tmp / "pipeline")
         (tmp / "compression_report.json").write_text(
             json.dumps(jsonable(report.to_dict()), indent=2, sort_keys=True)  # stable bytes, stable digest
         )
     return _finish("compress", out, {"unet_params_before": before, "unet_params_after": after})
-
-
-def canonical_weight_headers(folder: Path) -> None:
-    """Make every ``*.safetensors`` header under ``folder`` byte-stable, and keep the sidecars that
-    record a weights file's sha256 (``slimdiff.json``) pointing at the new bytes.
-
-    Why: safetensors serialises a file's ``__metadata__`` map in Rust HashMap order, which is
-    randomised per process. ``slimdiff.io`` writes two metadata entries into the compressed UNet's
-    weights, so two processes compressing the same inputs wrote the same tensors under headers in
-    a different order about half of the time: a different digest for the same model. This sorts
-    the entries (same length, data untouched). Interim: belongs in ``slimdiff.io._save_unet``."""
-    for weights in sorted(folder.rglob("*.safetensors")):
-        old, new = canonicalise_safetensors_header(weights)
-        if old == new:
-            continue
-        for sidecar in weights.parent.glob("*.json"):
-            text = sidecar.read_text()
-            if old in text:
-                sidecar.write_text(text.replace(old, new))
 
 
 def run_evaluate(
