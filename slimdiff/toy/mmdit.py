@@ -272,6 +272,7 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
     pipe = StableDiffusion3Pipeline.from_pretrained(
         Path(folder), dtype=dtype, text_encoder_3=None, tokenizer_3=None, local_files_only=True
     )
-    pipe.to(dtype)
+    if any(getattr(c, "dtype", dtype) != dtype for c in pipe.components.values()):
+        pipe.to(dtype)  # diffusers that ignore `dtype` load the stored fp16 as is
     pipe.set_progress_bar_config(disable=True)
     return pipe
