@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from slimdiff.toy import load_toy_mmdit_pipeline, toy_data_dir, toy_mmdit_data_dir, toy_mmdit_pipeline_dir
+from slimdiff.toy.data import caption_slot_labels
 from slimdiff.toy.evaluate import attribute_accuracy
 
 # Same captions, seed and weights as the card's `test_subset`: only float noise differs between machines
@@ -275,6 +276,34 @@ def test_model_sources_resolve_and_load_toy_mmdit():
     assert isinstance(load_pipeline(str(toy_mmdit_pipeline_dir())), StableDiffusion3Pipeline)
 
 
+# the fast check: the 9 single-object and the first 3 two-object test-subset captions
+FAST_PREFIX = 12
+FAST_ALLOWED_FLIPS = 1
+
+
+def test_sampled_prefix_matches_card_per_image(pipe, metrics):
+    """A prefix of the card's test subset gets the same initial noise (one generator, drawn in caption
+    order), so each image's exact match must repeat the card's; float noise may flip one."""
+    from slimdiff.toy.classifier import load_toy_classifier
+    from slimdiff.toy.evaluate import sample_images, score_slots
+    from slimdiff.toy.train import TEST_SUBSET_SEED, test_subset_captions
+
+    gen = metrics["generation"]
+    caps = test_subset_captions()[:FAST_PREFIX]
+    images = sample_images(
+        pipe,
+        caps,
+        seed=TEST_SUBSET_SEED,
+        num_inference_steps=gen["num_inference_steps"],
+        guidance_scale=gen["guidance_scale"],
+    )
+    expected = np.stack([caption_slot_labels(c) for c in caps])
+    exact = score_slots(load_toy_classifier().predict(images), expected)["exact"]
+    reference = np.asarray(metrics["test_subset_exact"][:FAST_PREFIX])
+    assert int((exact != reference).sum()) <= FAST_ALLOWED_FLIPS, (exact.tolist(), reference.tolist())
+
+
+@pytest.mark.slow
 def test_sampled_heldout_accuracy_matches_card(pipe, metrics):
     from slimdiff.toy.classifier import load_toy_classifier
     from slimdiff.toy.evaluate import sample_images

@@ -197,7 +197,8 @@ A sample of training captions, one image each:
 
 {_table(gen["train_sample"])}
 
-- Test reference (`tests/test_toy_mmdit.py`: 9 single + 24 two-object held-out captions, seed 1234):
+- Test reference (`tests/test_toy_mmdit.py`: 9 single + 24 two-object held-out captions, seed 1234; the fast
+  test re-samples the first 12 and compares each image's exact match, `test_subset_exact` in `metrics.json`):
   single exact {100 * metrics["test_subset"]["single"]["exact"]:.1f}%, two-object exact {100 * metrics["test_subset"]["two"]["exact"]:.1f}%.
 - Sampling the 64-image grid took {t["grid_64_s"]:.1f} s.
 

@@ -254,13 +254,36 @@ def model_summary(pipe) -> dict:
     }
 
 
+def evaluate_test_subset(pipe, classifier, cfg: MMDiTTrainConfig) -> dict:
+    """The UNet world's test reference (:func:`slimdiff.toy.train.test_subset_captions`, seed
+    ``TEST_SUBSET_SEED``) plus each image's exact match, so a test can re-sample a prefix of it (the
+    pipeline draws the initial noise of a batch in caption order: a prefix gets the same noise)."""
+    from slimdiff.toy.evaluate import attribute_accuracy, sample_images, score_slots
+    from slimdiff.toy.train import TEST_SUBSET_SEED, test_subset_captions
+
+    caps = test_subset_captions()
+    images = sample_images(
+        pipe,
+        caps,
+        seed=TEST_SUBSET_SEED,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+    )
+    expected = np.stack([toy_data.caption_slot_labels(c) for c in caps])
+    exact = score_slots(classifier.predict(images), expected)["exact"]
+    return {
+        "test_subset": attribute_accuracy(images, caps, classifier),
+        "test_subset_exact": [int(e) for e in exact],
+    }
+
+
 def evaluate_and_write_card(cfg: MMDiTTrainConfig, out: Path, timings: dict[str, float], t0: float) -> dict:
     """Evaluate the pipeline saved in ``out`` (fp16-rounded, what users load) with the UNet world's
     rules; write ``metrics.json``, ``grid.png`` and the card."""
     from slimdiff.toy import load_toy_mmdit_pipeline
     from slimdiff.toy.classifier import load_toy_classifier
     from slimdiff.toy.evaluate import sample_grid
-    from slimdiff.toy.train import evaluate_pipeline, evaluate_test_subset, grid_captions
+    from slimdiff.toy.train import evaluate_pipeline, grid_captions
 
     torch.set_num_threads(cfg.threads)
     pipe = load_toy_mmdit_pipeline(path=out / "pipeline")
@@ -268,7 +291,7 @@ def evaluate_and_write_card(cfg: MMDiTTrainConfig, out: Path, timings: dict[str,
     t_eval = time.time()
     metrics = {
         "generation": evaluate_pipeline(pipe, classifier, cfg),
-        "test_subset": evaluate_test_subset(pipe, classifier, cfg),
+        **evaluate_test_subset(pipe, classifier, cfg),
         **model_summary(pipe),
     }
     t_grid = time.time()
