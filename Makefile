@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 include slimdiff.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' slimdiff.env)
 
-.PHONY: run repro test test-fast lint format install train-toy bench clean
+.PHONY: run repro test test-fast lint format install train-toy train-toy-mmdit bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ format: $(STAMP)
 # Retrain the toy world from scratch (deterministic; about 45 minutes on 2 CPU cores).
 train-toy: $(STAMP)
 	$(BIN)/python -m slimdiff.toy.train --out data/toy
+
+# Retrain the toy MMDiT world (SD3-architecture) on the same data, VAE and judges (needs data/toy).
+train-toy-mmdit: $(STAMP)
+	$(BIN)/python -m slimdiff.toy.train_mmdit --out data/toy-mmdit
 
 # Benchmarks print ratios against a baseline measured in the same run (tens of minutes on 2 cores).
 bench: $(STAMP)

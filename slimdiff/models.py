@@ -3,6 +3,7 @@
 A model source is one of:
 
 * ``"toy"``: the committed toy world pipeline (``data/toy/pipeline``), the embedded default;
+* ``"toy-mmdit"``: the committed toy MMDiT world pipeline (``data/toy-mmdit/pipeline``, SD3 family);
 * a local folder holding a diffusers text-to-image pipeline (a compressed slimdiff folder too);
 * a Hugging Face repo id, loaded from the local HF cache only (``local_files_only``): nothing is
   downloaded at run time; a missing snapshot is an error that says how to provide it.
@@ -24,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TOY_SOURCE = "toy"
+TOY_MMDIT_SOURCE = "toy-mmdit"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -33,7 +35,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelRelease:
-    source: str  # "toy", a folder path, or a hub repo id
+    source: str  # "toy", "toy-mmdit", a folder path, or a hub repo id
     revision: str  # hub commit hash, or the content digest of a local folder
     digest: str  # content digest of the weights (equals revision for local folders)
     kind: str  # "toy" | "folder" | "hub"
@@ -43,9 +45,9 @@ class ModelRelease:
 
     @property
     def short_name(self) -> str:
-        """A registry-friendly name of the source: "toy", "stable-diffusion-v1-5", ..."""
+        """A registry-friendly name of the source: "toy", "toy-mmdit", "stable-diffusion-v1-5", ..."""
         if self.kind == "toy":
-            return "toy"
+            return self.source
         return Path(self.source.rstrip("/")).name.replace("_", "-").lower()
 
 
@@ -56,9 +58,25 @@ def toy_pipeline_dir() -> Path:
     return _toy_pipeline_dir()
 
 
+def toy_mmdit_pipeline_dir() -> Path:
+    """The committed toy MMDiT pipeline folder (``data/toy-mmdit/pipeline``, or under
+    ``$SLIMDIFF_TOY_MMDIT_DIR``)."""
+    from slimdiff.toy import toy_mmdit_pipeline_dir as _toy_mmdit_pipeline_dir
+
+    return _toy_mmdit_pipeline_dir()
+
+
+# committed toy sources -> (their pipeline folder, the command that retrains them)
+_TOY_SOURCES = {
+    TOY_SOURCE: (toy_pipeline_dir, "make train-toy"),
+    TOY_MMDIT_SOURCE: (toy_mmdit_pipeline_dir, "make train-toy-mmdit"),
+}
+
+
 def toy_source_dir(source: str) -> Path | None:
-    """The committed pipeline folder of a toy source name ("toy"), or None for other sources."""
-    return toy_pipeline_dir() if source == TOY_SOURCE else None
+    """The committed pipeline folder of a toy source name ("toy", "toy-mmdit"), or None."""
+    entry = _TOY_SOURCES.get(source)
+    return entry[0]() if entry else None
 
 
 def folder_digest(
@@ -87,15 +105,16 @@ def _looks_like_hub_id(source: str) -> bool:
 
 def resolve_release(source: str, revision: str | None = None) -> ModelRelease:
     """Identify a source model without loading it."""
-    if source == TOY_SOURCE:
-        folder = toy_pipeline_dir()
+    if source in _TOY_SOURCES:
+        pipeline_dir, retrain = _TOY_SOURCES[source]
+        folder = pipeline_dir()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
-                f"the toy pipeline is missing at {folder}; it is committed with the repository "
-                "(retrain it with `make train-toy`)"
+                f"the {source} pipeline is missing at {folder}; it is committed with the repository "
+                f"(retrain it with `{retrain}`)"
             )
         d = folder_digest(folder)
-        return ModelRelease(TOY_SOURCE, d, d, "toy")
+        return ModelRelease(source, d, d, "toy")
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
@@ -117,7 +136,8 @@ def resolve_release(source: str, revision: str | None = None) -> ModelRelease:
         commit = snap.name
         return ModelRelease(source, commit, folder_digest(snap), "hub")
     raise ModelLoadError(
-        f"model source {source!r} is neither 'toy', an existing folder, nor a Hugging Face repo id (owner/name)"
+        f"model source {source!r} is neither {' nor '.join(map(repr, _TOY_SOURCES))}, an existing folder, nor "
+        "a Hugging Face repo id (owner/name)"
     )
 
 
@@ -130,8 +150,8 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
-    if source == TOY_SOURCE:
-        folder = toy_pipeline_dir()
+    if source in _TOY_SOURCES:
+        folder = _TOY_SOURCES[source][0]()
         resolve_release(source)  # clear error when missing
     else:
         folder = Path(source).expanduser()
@@ -142,7 +162,9 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
             pipe = load_compressed(folder, device=device, torch_dtype=torch_dtype)
             pipe.set_progress_bar_config(disable=True)
             return pipe
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True, **null_components(folder)
+        )
     else:
         resolve_release(source, revision)  # raises a helpful error when not cached
         pipe = DiffusionPipeline.from_pretrained(
@@ -153,6 +175,17 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def null_components(folder: Path) -> dict[str, None]:
+    """Components a saved pipeline records as absent (``[null, null]`` in ``model_index.json``, e.g.
+    SD3 without T5: ``text_encoder_3``, ``tokenizer_3``), to pass as ``None`` to ``from_pretrained``
+    (diffusers only fills in its optional components by itself)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _quiet_loading() -> None:

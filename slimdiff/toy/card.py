@@ -120,3 +120,98 @@ Held-out captions, row-major, 8 per row:
     path = out / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def write_mmdit_model_card(out: Path, metrics: dict, grid_captions: list[str]) -> Path:
+    """The toy MMDiT card (``data/toy-mmdit/MODEL_CARD.md``): same data rules and evaluation as the
+    UNet card, the MMDiT architecture and its flow-matching training."""
+    cfg = metrics["config"]
+    gen = metrics["generation"]
+    t = metrics["timings"]
+    model = cfg["model"]
+    held_single, held_two = toy_data.heldout_captions("single"), toy_data.heldout_captions("two")
+    grid_list = "\n".join(f"{i:2d}. {c}" for i, c in enumerate(grid_captions))
+    inner = model["num_heads"] * model["head_dim"]
+    n_layers = model["num_layers"]
+    note = "\n" + metrics["timing_note"] if metrics.get("timing_note") else ""
+    trained = metrics["trained"]
+    text = f"""# Toy MMDiT model (slimdiff toy world, SD3 / SD3.5 architecture)
+
+A tiny text-to-image model with the exact Stable Diffusion 3 code path (diffusers
+`StableDiffusion3Pipeline`: `SD3Transformer2DModel`, two `CLIPTextModelWithProjection` text encoders,
+no T5 (`text_encoder_3=None`), the UNet toy world's `AutoencoderKL` and word-level tokenizer,
+`FlowMatchEulerDiscreteScheduler`), trained from scratch on CPU on the toy world's procedural data
+set, with the UNet toy world's caption split and judged by its classifier (see `data/toy/MODEL_CARD.md`
+for the data rules). Weights are stored fp16 (safetensors) and run fp32.
+
+Retrain it (deterministic, seed {cfg["seed"]}, {cfg["threads"]} CPU threads; needs the committed `data/toy`):
+
+    python -m slimdiff.toy.train_mmdit --out data/toy-mmdit --threads {cfg["threads"]}
+
+This run took {t["total_s"] / 60:.1f} min (data set + latents {t["data_s"]:.0f} s, transformer + text encoders
+{t["transformer_s"]:.0f} s, evaluation {t["eval_s"]:.0f} s). Step scale: {cfg["steps_scale"]}.{note}
+
+## Models
+
+| component | what | parameters |
+|---|---|---|
+| transformer | SD3Transformer2DModel: {n_layers} joint blocks, width {inner} ({model["num_heads"]} heads x {model["head_dim"]}), patch {model["patch_size"]} on 8x8x4 latents, `qk_norm: rms_norm`, dual attention (SD3.5 `attn2`) in blocks {metrics["dual_attention_blocks"]}, block {metrics["context_pre_only_blocks"]} `context_pre_only`, GELU(tanh) FFNs (`ff`, `ff_context`), joint_attention_dim {model["joint_attention_dim"]}, pooled_projection_dim {sum(model["text_hidden"])} | {metrics["transformer_parameters"]:,} |
+| text_encoder | CLIPTextModelWithProjection, hidden {model["text_hidden"][0]}, {model["text_layers"]} layers, {model["text_heads"][0]} heads, max length {model["max_length"]} | {metrics["text_encoder_parameters"]:,} |
+| text_encoder_2 | CLIPTextModelWithProjection, hidden {model["text_hidden"][1]}, {model["text_layers"]} layers, {model["text_heads"][1]} heads, max length {model["max_length"]} | {metrics["text_encoder_2_parameters"]:,} |
+| tokenizer, tokenizer_2 | the UNet toy world's word-level tokenizer (both) | - |
+| VAE | the committed UNet toy world VAE, weights unchanged; `shift_factor` {metrics["latent_shift_factor"]:.4f} (latent mean), `scaling_factor` {metrics["latent_scaling_factor"]:.4f} (1 / latent std) | {metrics["vae_parameters"]:,} |
+| scheduler | FlowMatchEulerDiscreteScheduler, shift {model["scheduler_shift"]} | - |
+
+The joint blocks' attention and FFNs (`attn`, `attn2`, `ff`, `ff_context`) hold
+{100 * metrics["transformer_share"]:.1f}% of the transformer's parameters (the rest: adaLN modulations,
+embedders, output layer).
+
+Text input, as the pipeline builds it without T5: both CLIPs' penultimate hidden states ({model["max_length"]} tokens)
+concatenated ({sum(model["text_hidden"])} wide), zero-padded to {model["joint_attention_dim"]}, then {model["t5_tokens"]} all-zero "T5" tokens
+(the pipeline's default `max_sequence_length`); pooled: the two projected EOS states concatenated.
+
+## Training
+
+- Data: the UNet toy world's fixed training set ({trained["dataset_images"]} images, {100 * cfg["two_object_fraction"]:.0f}% two-object,
+  held-out captions excluded), encoded once by the VAE (latents sampled from the posterior each step).
+- Transformer + both text encoders jointly: {trained["transformer_steps"]} steps x {cfg["batch"]}, AdamW lr {cfg["lr"]:g}
+  (text {cfg["text_lr"]:g}, weight decay {cfg["weight_decay"]:g}), {cfg["warmup_steps"]} warmup steps then cosine to {cfg["min_lr_ratio"]:g}x,
+  rectified flow (`x_t = (1 - s) x0 + s noise`, velocity target `noise - x0`, timestep `1000 s`),
+  {cfg["timestep_sampling"].replace("_", "-")} `s` (mean {cfg["logit_mean"]:g}, std {cfg["logit_std"]:g}), {100 * cfg["caption_dropout"]:.0f}% caption dropout (`""` for both encoders:
+  classifier-free guidance), adaLN-Zero initialisation, gradient clipping 1.0, EMA {cfg["ema_decay"]}; the EMA weights are shipped.
+- The {model["t5_tokens"]} zero T5 tokens are identical at every layer, so training uses one zero token with attention
+  logit `+log({model["t5_tokens"]})` (`slimdiff.toy.mmdit.RepeatedTokenJointAttnProcessor`: the same function, checked in
+  `tests/test_toy_mmdit.py`); sampling uses the stock pipeline.
+- Loss log: `train_log.csv` (stage, step, loss, lr, elapsed_s).
+
+## Metrics
+
+Sampler: flow-matching Euler, {gen["num_inference_steps"]} steps, guidance scale **{gen["guidance_scale"]}** (fixed). Graded by the
+UNet toy world's attribute classifier (`data/toy/classifier`, GenEval-style, `slimdiff.toy.evaluate.attribute_accuracy`).
+
+Held-out captions (never trained on: {len(held_single)} single, {len(held_two)} two-object), {gen["samples_per_heldout_caption"]} samples each:
+
+{_table(gen["heldout"])}
+
+A sample of training captions, one image each:
+
+{_table(gen["train_sample"])}
+
+- Test reference (`tests/test_toy_mmdit.py`: 9 single + 24 two-object held-out captions, seed 1234; the fast
+  test re-samples the first 12 and compares each image's exact match, `test_subset_exact` in `metrics.json`):
+  single exact {100 * metrics["test_subset"]["single"]["exact"]:.1f}%, two-object exact {100 * metrics["test_subset"]["two"]["exact"]:.1f}%.
+- Sampling the 64-image grid took {t["grid_64_s"]:.1f} s.
+
+## Grid
+
+![grid](grid.png)
+
+Held-out captions, row-major, 8 per row:
+
+```
+{grid_list}
+```
+"""
+    path = out / "MODEL_CARD.md"
+    path.write_text(text)
+    return path

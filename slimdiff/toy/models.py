@@ -214,7 +214,10 @@ def save_pipeline_fp16(pipe, out_dir: str | Path) -> Path:
 
 def transformer_share(model) -> float:
     """Fraction of the denoiser's parameters inside the modules SlimDiff compresses (every unit's
-    attention and feed-forward module, norms and biases included)."""
+    attention and feed-forward module, norms and biases included). An MMDiT is counted directly over
+    its joint blocks (:func:`joint_block_share`)."""
+    if _joint_blocks(model):
+        return joint_block_share(model)
     from slimdiff.adapter import compression_units, count_parameters
 
     modules = {}
@@ -222,3 +225,31 @@ def transformer_share(model) -> float:
         path = u.layout.module if u.kind != "ffn" else u.layout.proj_in.rsplit(".net.", 1)[0]
         modules[path] = model.get_submodule(path)
     return sum(count_parameters(m) for m in modules.values()) / count_parameters(model)
+
+
+# a JointTransformerBlock's compressible modules (attn2: dual-attention blocks only; ff_context: all
+# but the context_pre_only last block)
+JOINT_BLOCK_UNITS = ("attn", "attn2", "ff", "ff_context")
+
+
+def _joint_blocks(model) -> list:
+    from diffusers.models.attention import JointTransformerBlock
+
+    return [m for m in model.modules() if isinstance(m, JointTransformerBlock)]
+
+
+def joint_block_share(model) -> float:
+    """Fraction of an MMDiT's parameters in its ``JointTransformerBlock`` s' joint attention ``attn``,
+    dual attention ``attn2`` and the two streams' FFNs ``ff`` / ``ff_context`` (q/k RMSNorms and biases
+    included; the adaLN modulations, embedders and output layers are the rest)."""
+    blocks = _joint_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no JointTransformerBlock")
+    inside = sum(
+        p.numel()
+        for b in blocks
+        for name in JOINT_BLOCK_UNITS
+        if getattr(b, name, None) is not None
+        for p in getattr(b, name).parameters()
+    )
+    return inside / sum(p.numel() for p in model.parameters())
