@@ -585,6 +585,38 @@ ReleasesArg = Annotated[
 KindOpt = Annotated[str, typer.Option("--kind", help="folder | hub")]
 
 
+@app.command()
+def push(
+    ref: Annotated[str, typer.Argument(help="registered model: NAME@ALIAS or NAME/VERSION")],
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="Hub model repo id (owner/name) to upload to")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="create the repo private")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Assemble the publishable folder of a registered model (pipeline, model card README.md with
+    the Hub's front matter, grid, metrics, the run's params) and, with --repo, upload it to the Hub.
+    Without --repo it prints the folder (nothing leaves the machine)."""
+
+    def body():
+        cfg = load_cli_params(params, None)
+        from tasks.publish import publish_folder
+        from tasks.publish import push as push_folder
+        from tasks.tracking import setup_tracking
+
+        setup_tracking(cfg)
+        try:
+            run_params = _registered_params(ref, cfg)
+        except LookupError:
+            run_params = None
+        folder = publish_folder(ref, cfg, run_params)
+        typer.echo(f"publishable folder: {folder}")
+        if repo:
+            typer.echo(f"uploaded: {push_folder(folder, repo, private=private)}")
+
+    _guard(body)
+
+
 @app.command("check-releases")
 def check_releases_cmd(
     releases: ReleasesArg,

@@ -503,3 +503,58 @@ def test_two_runs_at_once_register_one_version_with_intact_lineage(flow_env, tmp
     for v in versions:
         chain = verify_lineage(get_lineage(f"slimdiff-toy/{v.version}"))
         assert chain.first_broken is None, [(link.name, link.problem) for link in chain.links]
+
+
+def test_publishable_folder_has_a_hub_card_loads_plainly_and_pushes_up_to_the_upload(
+    flow_env, first_run, monkeypatch
+):
+    """`slimdiff push`: the registered model as a folder with a model card (Hub front matter,
+    lineage digests, plan summary, evaluation, grid, reproduce command); the upload itself is
+    replaced by a recorder (no network here)."""
+    import huggingface_hub
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    from tasks.publish import PARAMS_FILE, publish_folder, push
+    from tasks.tracking import setup_tracking
+
+    root, params = flow_env
+    setup_tracking(params)
+    folder = publish_folder("slimdiff-toy/1", params, params)
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    assert "slimdiff" in meta["tags"] and "license" not in meta  # the toy source declares none
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version("slimdiff-toy", "1").tags
+    for key in ("slimset_digest", "stats_digest", "compressed_digest", "plan_digest", "source_revision"):
+        assert tags[key] in card, key
+    assert "| ffn |" in card and "exact-match accuracy" in card and "![original" in card
+    assert f"slimdiff run --params {PARAMS_FILE}" in card and (folder / PARAMS_FILE).is_file()
+    assert (folder / "grid.png").stat().st_size > 1000
+    pipe = DiffusionPipeline.from_pretrained(folder)  # the published folder loads plainly
+    assert type(pipe.unet).__name__ == "SlimUNet2DConditionModel"
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/0"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    url = push(folder, "me/toy-slim", private=True)
+    assert url.endswith("me/toy-slim/commit/0")
+    assert calls[1] == (
+        "create_repo",
+        "me/toy-slim",
+        {"repo_type": "model", "private": True, "exist_ok": True},
+    )
+    assert calls[2][1]["folder_path"] == str(folder) and calls[2][1]["repo_id"] == "me/toy-slim"
