@@ -244,8 +244,11 @@ def load_compressed(
 
         top = read_sidecar(directory) if (directory / SIDECAR_NAME).is_file() else {}
         sub = top.get("unet_subfolder", "unet")
+        from slimdiff.models import null_components
+
         cls = pipeline_class or DiffusionPipeline
-        kwargs = dict(pipeline_kwargs)
+        # components saved as absent (SD3 without T5): diffusers fills in only its optional ones
+        kwargs = {**null_components(directory), **pipeline_kwargs}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
         if _is_slim_folder(directory / sub):
