@@ -292,7 +292,8 @@ def _flip_bit(path: Path, offset: int | None = None) -> None:
 
 def test_compressed_weights_are_byte_stable(flow_env, first_run):
     """The cause of two concurrent runs registering different bytes for one model: the weights
-    header order; the published weights carry the canonical (sorted) header and the sidecar
+    header order of a multi-entry safetensors metadata map (random per process). The published
+    weights carry one metadata entry (nothing to order), the header is canonical, and the sidecar
     records the sha256 of exactly these bytes."""
     import struct
 
@@ -303,7 +304,7 @@ def test_compressed_weights_are_byte_stable(flow_env, first_run):
     raw = weights.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     meta = json.loads(raw[8 : 8 + n])["__metadata__"]
-    assert list(meta) == sorted(meta) and len(meta) >= 2
+    assert meta == {"format": "pt"}
     assert json.loads((unet / "slimdiff.json").read_text())["weights_sha256"] == file_digest(weights)
     assert canonicalise_safetensors_header(weights) == (file_digest(weights), file_digest(weights))
 
