@@ -30,6 +30,7 @@ class CardInfo:
     slimset_digest: str
     stats_digest: str
     compressed_digest: str
+    plan_artifact_digest: str | None = None  # the registry's plan_digest: the plan stage folder's content
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluate stage: original / compressed / summary
     command: str = "slimdiff run --params params.yaml"
     grid: str | None = None  # relative path of the comparison grid inside the folder
@@ -132,9 +133,11 @@ def model_card(info: CardInfo) -> str:
         f"- source: `{info.source}` @ `{info.source_revision}`",
         f"- SlimSet digest: `{info.slimset_digest}`",
         f"- statistics (covariance store) digest: `{info.stats_digest}`",
-        f"- rank plan digest: `{plan.digest}`",
+        f"- rank plan digest (plan JSON): `{plan.digest}`",
         f"- compressed weights digest: `{info.compressed_digest}`",
     ]
+    if info.plan_artifact_digest:
+        lines.append(f"- rank plan stage artifact digest (registry tag `plan_digest`): `{info.plan_artifact_digest}`")
     if info.git_commit:
         lines.append(f"- slimdiff commit: `{info.git_commit}`")
     lines += ["", "## Reproduce", "", "```bash", info.command, "```", ""]

@@ -83,6 +83,7 @@ def publish_folder(ref: str, params: Params, run_params: Params | None = None) -
         slimset_digest=tags.get("slimset_digest", "?"),
         stats_digest=tags.get("stats_digest", "?"),
         compressed_digest=tags["compressed_digest"],
+        plan_artifact_digest=tags.get("plan_digest"),
         metrics=metrics,
         command=command,
         grid="grid.png" if grids else None,
