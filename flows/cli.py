@@ -9,6 +9,7 @@ Exit codes scripts can trust:
      `slimdiff repair` recomputes)
   5  the tracking server cannot be reached (nothing was run or registered)
   6  another run is writing the same stage output and did not finish within integrity.lock_timeout_s
+  7  a budget search found no budget that passes the quality gate (nothing registered; best point named)
   130 / 143  stopped by SIGINT / SIGTERM (the temporary server is stopped, the MLflow run KILLED)
 Known errors print one line; ``--verbose`` adds the traceback.
 The stage subcommands are what ``dvc.yaml`` runs: fixed paths in, fixed paths out, no Prefect server.
@@ -37,7 +38,7 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_INPUT, EXIT_INTEGRITY = 0, 1, 2, 3, 4
-EXIT_UNAVAILABLE, EXIT_BUSY = 5, 6
+EXIT_UNAVAILABLE, EXIT_BUSY, EXIT_GATE = 5, 6, 7
 _VERBOSE = {"on": False}  # set by the --verbose callback
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML, grouped by stage)")]
@@ -56,11 +57,13 @@ def _exit_code(err: BaseException) -> int:
     from slimdiff.config import ConfigError
     from slimdiff.models import ModelLoadError
     from tasks.artifacts import ArtifactError, StageBusyError
-    from tasks.stages import StageInputError
+    from tasks.stages import NoBudgetPassesError, StageInputError
     from tasks.tracking import TrackingUnavailableError
 
     if isinstance(err, ConfigError):
         return EXIT_CONFIG
+    if isinstance(err, NoBudgetPassesError):
+        return EXIT_GATE
     if isinstance(err, ArtifactError):
         return EXIT_INTEGRITY
     if isinstance(err, TrackingUnavailableError):

@@ -68,9 +68,11 @@ class FlowResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     report: str | None = None
+    points: list[dict[str, Any]] = field(default_factory=list)  # budget search: one per budget value
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "points": self.points,
             "status": self.status,
             "repaired": self.repaired,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
@@ -211,9 +213,13 @@ def _run_all(
         slimset = _run_stage(result, "slimset", cfg, model)
         stats = _calibrate(result, cfg, model, slimset)
         influence = _run_stage(result, "influence", cfg, model, stats)
-        plan = _run_stage(result, "plan", cfg, model, influence)
-        compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
-        evaluation = _run_stage(result, "evaluate", cfg, model, compressed)
+        if cfg.search.values:  # one point per budget; the pick rule chooses what is registered
+            cfg, plan, compressed, evaluation = _search(cfg, model, slimset, stats, influence, result)
+            result.manifests.update(plan=plan, compress=compressed, evaluate=evaluation)
+        else:
+            plan = _run_stage(result, "plan", cfg, model, influence)
+            compressed = _run_stage(result, "compress", cfg, model, stats, influence, plan)
+            evaluation = _run_stage(result, "evaluate", cfg, model, compressed)
     finally:
         mlflow.set_tags({f"stage.{k}": v for k, v in result.status.items()})
         mlflow.set_tags({f"repaired.{k}": v[:500] for k, v in result.repaired.items()})
@@ -272,13 +278,143 @@ def _run_all(
     return result.to_dict()
 
 
+def _point_record(
+    value: float, plan: Manifest, compressed: Manifest, evaluation: Manifest, sub: FlowResult
+) -> dict:
+    metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
+    o, c, s = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("summary", {})
+    exact = ((c.get("accuracy") or {}).get("all") or {}).get("exact")
+    return {
+        "value": value,
+        "status": "ok",
+        "stages": dict(sub.status),
+        "seconds": {k: round(v, 2) for k, v in sub.seconds.items()},
+        "params_kept": c.get("unet_params"),
+        "params_removed": s.get("params_removed"),
+        "flops": c.get("unet_flops"),
+        "flops_ratio": s.get("flops_ratio"),
+        "latency_ms": c.get("unet_latency_ms"),
+        "latency_ratio": s.get("latency_ratio"),
+        "exact_match": exact,
+        "exact_match_drop": s.get("exact_match_drop"),
+        "psnr_db": (s.get("fidelity") or {}).get("psnr_db_mean"),
+        "fd": c.get("fid"),
+        "gate_passed": bool(s.get("gate_passed")),
+        "gate_reasons": list(s.get("gate_reasons") or []),
+        "plan_digest": plan.digest,
+        "compressed_digest": compressed.digest,
+        "eval_uri": evaluation.uri,
+        "original_params": o.get("unet_params"),
+    }
+
+
+#: pick rule -> (key of the point to optimise, larger is better)
+PICK_RULES = {
+    "removed": ("params_removed", True),
+    "flops": ("flops", False),
+    "latency": ("latency_ms", False),
+}
+
+
+def _search(
+    cfg: Params, model: Manifest, slimset: Manifest, stats: Manifest, influence: Manifest, result: FlowResult
+) -> tuple[Params, Manifest, Manifest, Manifest]:
+    """Plan, compress and evaluate every budget of ``search.values`` in this process (the model,
+    statistics, influence and the original's evaluation samples are shared; each point's stages are
+    cached under their own keys, so a value added later runs only its point). Every point is an
+    MLflow child run; returns the chosen point's (params, plan, compressed, evaluation)."""
+    from slimdiff.allocation import InfeasibleBudgetError
+    from tasks.preflight import check_budget
+
+    logger = get_run_logger()
+    chosen_parts: dict[float, tuple] = {}
+    for value in cfg.search.values:
+        pcfg = cfg.with_overrides({"allocation.budget.value": value})
+        try:
+            check_budget(pcfg)
+        except (stages.StageInputError, InfeasibleBudgetError) as err:
+            result.points.append({"value": value, "status": "infeasible", "message": str(err)})
+            logger.info("search %g: infeasible (%s)", value, err)
+            continue
+        sub = FlowResult()
+        plan = _run_stage(sub, "plan", pcfg, model, influence)
+        compressed = _run_stage(sub, "compress", pcfg, model, stats, influence, plan)
+        evaluation = _run_stage(sub, "evaluate", pcfg, model, compressed)
+        point = _point_record(value, plan, compressed, evaluation, sub)
+        result.points.append(point)
+        chosen_parts[value] = (pcfg, plan, compressed, evaluation)
+        for stage, status in sub.status.items():  # a stage "ran" if it ran for any point
+            if result.status.get(stage) != "ran":
+                result.status[stage] = status
+            result.seconds[stage] = result.seconds.get(stage, 0.0) + sub.seconds[stage]
+        result.repaired.update(sub.repaired)
+        with mlflow.start_run(run_name=f"budget-{value:g}", nested=True):
+            mlflow.log_params(
+                {"allocation.budget.kind": cfg.allocation.budget.kind, "allocation.budget.value": value}
+            )
+            mlflow.set_tags(
+                {
+                    "search_point": "true",
+                    "source_model": model.meta["source"],
+                    "source_revision": model.meta["revision"],
+                    "slimset_digest": slimset.digest,
+                    "plan_digest": plan.digest,
+                    "compressed_digest": compressed.digest,
+                    "gate_passed": str(point["gate_passed"]).lower(),
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    k: float(v)
+                    for k, v in point.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
+        logger.info(
+            "search %g: %s, gate %s (%s)",
+            value,
+            ", ".join(f"{k} {v}" for k, v in sub.status.items()),
+            "passed" if point["gate_passed"] else "FAILED",
+            "; ".join(point["gate_reasons"]) or "-",
+        )
+    ok = [p for p in result.points if p["status"] == "ok"]
+    passing = [p for p in ok if p["gate_passed"]]
+    mlflow.log_dict({"points": result.points}, "search/points.json")
+    if not passing:
+        from slimdiff.report import plot_pareto
+
+        out = Path(cfg.tracking.artifact_root) / "reports" / mlflow.active_run().info.run_id
+        mlflow.log_artifact(str(plot_pareto(result.points, out / "pareto.png")), artifact_path="search")
+        if not ok:
+            raise stages.NoBudgetPassesError(
+                f"search.values {list(cfg.search.values)}: no budget is feasible"
+            )
+        best = max(ok, key=lambda p: (p.get("exact_match") or 0.0, p.get("psnr_db") or 0.0))
+        raise stages.NoBudgetPassesError(
+            f"no budget of search.values {list(cfg.search.values)} passes the quality gate; best point: "
+            f"{best['value']:g} ({', '.join(best['gate_reasons']) or 'gate failed'}; exact match "
+            f"{best.get('exact_match')}, PSNR {best.get('psnr_db')} dB, params kept {best.get('params_kept')}). "
+            "Nothing was registered; lower the budget or relax evaluation.gate"
+        )
+    key, larger = PICK_RULES[cfg.search.pick]
+    if any(p.get(key) is None for p in passing):
+        raise stages.NoBudgetPassesError(
+            f"search.pick {cfg.search.pick!r}: {key} was not measured for every point"
+        )
+    pick = max(passing, key=lambda p: (p[key] if larger else -p[key], p["value"]))
+    pick["chosen"] = True
+    logger.info("search: picked budget %g (%s = %s)", pick["value"], key, pick[key])
+    return chosen_parts[pick["value"]]
+
+
 def _write_report(params: Params, result: FlowResult, run_id: str) -> str:
     """One report per flow run (outside the content-addressed stage folders, which stay immutable)."""
-    from slimdiff.report import write_report
+    from slimdiff.report import plot_pareto, search_table, write_report
 
     m = result.manifests
     out = Path(params.tracking.artifact_root) / "reports" / run_id
     out.mkdir(parents=True, exist_ok=True)
+    pareto = plot_pareto(result.points, out / "pareto.png") if result.points else None
     evaluation = Path(m["evaluate"].uri)
     profiles = Path(m["plan"].uri) / "error_profiles.png"
     path = write_report(
@@ -289,6 +425,8 @@ def _write_report(params: Params, result: FlowResult, run_id: str) -> str:
         error_profiles=profiles if profiles.is_file() else None,  # drawn only by allocation mode "error"
         grids=sorted(str(p) for p in evaluation.glob("grid_*.png")),
         title=f"SlimDiff report: {params.model.source} ({run_id[:8]})",
+        pareto=pareto,
+        search_table=search_table(result.points) if result.points else None,
     )
     return str(path)
 

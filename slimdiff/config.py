@@ -223,6 +223,25 @@ class IntegrityParams(_Group):
     lock_timeout_s: float | None = Field(3600.0, ge=0.0)
 
 
+class SearchParams(_Group):
+    """A budget sweep in one run: calibrate and compute influence once, then plan, compress and
+    evaluate every budget in the same process (each point a cached stage result of its own) and
+    register the point the pick rule chooses among those that pass the quality gate."""
+
+    # budget values in allocation.budget.kind's units (e.g. removed fractions 0.2 .. 0.8); empty =
+    # no sweep, one run at allocation.budget.value
+    values: tuple[float, ...] = ()
+    # among gate-passing points: most parameters removed, fewest FLOPs, or lowest measured latency
+    pick: Literal["removed", "flops", "latency"] = "removed"
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat a budget value")
+        return tuple(sorted(v))
+
+
 class Params(_Group):
     version: int = CONFIG_VERSION
     model: ModelParams = ModelParams()
@@ -234,6 +253,7 @@ class Params(_Group):
     evaluation: EvaluationParams = EvaluationParams()
     tracking: TrackingParams = TrackingParams()
     integrity: IntegrityParams = IntegrityParams()
+    search: SearchParams = SearchParams()
 
     @field_validator("version")
     @classmethod

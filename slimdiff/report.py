@@ -298,6 +298,8 @@ def write_report(
     curves=None,
     baselines: Mapping[str, Mapping] | None = None,
     title: str = "SlimDiff evaluation report",
+    pareto=None,
+    search_table: str | None = None,
 ) -> Path:
     """Write ``REPORT.md`` into ``out_dir`` and return its path.
 
@@ -322,6 +324,8 @@ def write_report(
                     f"> baseline `{name}` was measured under a different protocol ({', '.join(diff)})."
                 )
         parts.append("")
+    if search_table:
+        parts += ["## Budget search", "", search_table, ""]
     checks = metrics.get("summary", {}).get("gate_checks", [])
     if checks:
         parts += ["### Quality gate", ""]
@@ -333,6 +337,7 @@ def write_report(
             name = _copy_into(f, out_dir)
             parts += [f"![{Path(name).stem}]({name})", ""]
     for heading, img in (
+        ("Budget search: the trade-off curve", pareto),
         ("Rank plan", plan_plot),
         ("Truncation error per unit (what the error-driven allocation trades)", error_profiles),
         ("Spectral influence", heatmap),
@@ -412,3 +417,81 @@ def compare_table(metrics_a: Mapping, metrics_b: Mapping, names: tuple[str, str]
     if diff:
         lines += ["", f"Note: the protocols differ in {', '.join(diff)}; quality numbers are not comparable."]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Budget search
+# --------------------------------------------------------------------------------------------
+#: (point key, axis label) of the Pareto plot: size / cost axes against quality axes
+PARETO_X = (
+    ("params_kept", "denoiser parameters"),
+    ("flops", "FLOPs per step"),
+    ("latency_ms", "latency (ms)"),
+)
+PARETO_Y = (("exact_match", "exact match"), ("psnr_db", "PSNR to original (dB)"), ("fd", "feature FD"))
+
+
+def search_table(points: Sequence[Mapping]) -> str:
+    """Markdown table of a budget search's points (dicts with value, status, gate, metrics)."""
+    lines = [
+        "| budget | status | params kept | FLOPs ratio | latency ratio | exact match | PSNR (dB) | feature FD | gate | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for p in points:
+
+        def f(key, fmt, p=p):
+            v = p.get(key)
+            return "-" if v is None else format(v, fmt)
+
+        lines.append(
+            f"| {p['value']:g} | {p['status']} | {f('params_kept', ',')} | {f('flops_ratio', '.3f')} | "
+            f"{f('latency_ratio', '.3f')} | {f('exact_match', '.3f')} | {f('psnr_db', '.1f')} | {f('fd', '.4g')} | "
+            f"{'pass' if p.get('gate_passed') else ('-' if p['status'] != 'ok' else 'FAIL')} | "
+            f"{'**yes**' if p.get('chosen') else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_pareto(points: Sequence[Mapping], path) -> Path:
+    """Size and cost (parameters, FLOPs, latency) against quality (exact match, PSNR to the
+    original, feature FD) for every evaluated point; gate-passing points filled, the chosen one
+    ringed. Axes without data are left empty."""
+    from matplotlib.figure import Figure
+
+    ok = [p for p in points if p.get("status") == "ok"]
+    fig = Figure(figsize=(11, 8))
+    axes = fig.subplots(len(PARETO_Y), len(PARETO_X))
+    for i, (ykey, ylabel) in enumerate(PARETO_Y):
+        for j, (xkey, xlabel) in enumerate(PARETO_X):
+            ax = axes[i][j]
+            pts = [p for p in ok if p.get(xkey) is not None and p.get(ykey) is not None]
+            for p in pts:
+                passed = bool(p.get("gate_passed"))
+                ax.plot(
+                    p[xkey],
+                    p[ykey],
+                    "o",
+                    color="tab:green" if passed else "tab:red",
+                    mfc=None if passed else "none",
+                )
+                ax.annotate(
+                    f"{p['value']:g}",
+                    (p[xkey], p[ykey]),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+                if p.get("chosen"):
+                    ax.plot(p[xkey], p[ykey], "o", ms=12, mfc="none", color="black")
+            if i == len(PARETO_Y) - 1:
+                ax.set_xlabel(xlabel, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    fig.suptitle("Budget search (green: passes the gate, ringed: chosen)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

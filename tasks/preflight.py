@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimdiff.config import Params
+from slimdiff.config import ConfigError, Params
 from tasks.stages import StageInputError, budget_from_params, read_prompt_source
 
 
@@ -79,4 +79,17 @@ def check_params(params: Params) -> None:
     sources exist and the budget is feasible. Raises StageInputError with one clear line."""
     for spec in dict.fromkeys([params.slimset.pool, *params.slimset.exclude, params.evaluation.prompts]):
         read_prompt_source(spec)
-    check_budget(params)
+    if not params.search.values:
+        check_budget(params)
+        return
+    # a budget search: infeasible points are recorded and skipped, but a sweep with none left is refused
+    problems = []
+    for value in params.search.values:
+        try:
+            check_budget(params.with_overrides({"allocation.budget.value": value}))
+        except StageInputError as err:
+            problems.append(f"{value:g}: {err}")
+        except ConfigError as err:  # the value is out of range for allocation.budget.kind
+            raise ConfigError(f"search.values: {value:g} is not a valid budget ({err})") from None
+    if len(problems) == len(params.search.values):
+        raise StageInputError("search.values: no budget is feasible; " + " | ".join(problems))

@@ -67,6 +67,11 @@ class StageInputError(ValueError):
     """Bad input for a stage (budget out of range, SlimSet overlapping evaluation prompts, ...)."""
 
 
+class NoBudgetPassesError(StageInputError):
+    """A budget search (``search.values``) found no point that passes the quality gate; nothing was
+    registered and no alias moved. The message names the best point and its metrics."""
+
+
 def code_version(stage: str) -> str:
     return f"slimdiff-{slimdiff.__version__}/stage-{STAGE_VERSIONS[stage]}"
 
