@@ -14,6 +14,15 @@ speed depends on the shapes a plan leaves, and those come from the same code as 
 but from different activations, so the plan shapes are representative, not the ones a real
 checkpoint would get. The toy model is calibrated exactly as ``slimdiff run`` does.
 
+Memory: the compressed copy shares every tensor it does not rewrite with the original (CPU
+float32), so one model is resident plus the new, smaller layers. The float64 statistics are the
+other large item: SDXL's 60 FFN second moments of 5120 x 5120 are 13 GB, held twice while the
+snapshot and the aggregated covariances are made. ``--statistics auto`` (default) collects them
+only when twice their size fits in the available memory; otherwise (SDXL on a 24 GB host) it runs
+without statistics: only the ``uniform`` plans (the others need error profiles or influence), with
+the compressed layers built by the weight-only methods (magnitude FFN selection, weight SVD for
+QK/VO) at the plan's ranks: the same layer shapes as the SlimDiff rewrite, hence the same speed.
+
 Protocol: torch threads pinned (``--threads``, interop 1), one warm-up forward per model, then
 ``--reps`` interleaved pairs (original, compressed, compressed, original, ... so drift cancels),
 wall clock. Reported: median latency of each and the speedup as the ratio of the medians, with the
@@ -25,6 +34,8 @@ of the compressed model ran, next to the original's.
     python benchmarks/bench_speed.py --model sd15 --write
     python benchmarks/bench_speed.py --model toy --reps 30 --write
     python benchmarks/bench_speed.py --model sd15 --device cuda --dtype float16 --reps 20 --write
+    python benchmarks/bench_speed.py --model sdxl --write            # 512 px, batch 1
+    python benchmarks/bench_speed.py --model pixart-sigma --write    # 512 px, batch 2, 300 T5 tokens
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,6 +61,7 @@ from denoisers import SPECS, Inputs  # benchmarks/ is on sys.path when run as a 
 from slimdiff.adapter import compression_units, count_parameters
 from slimdiff.allocation import Budget, plan_ranks
 from slimdiff.attention import sdpa_backends
+from slimdiff.calibration import stat_shapes
 from slimdiff.compress import compress_
 from slimdiff.config import load_params
 from slimdiff.flops import format_breakdown, forward_flops
@@ -139,6 +152,40 @@ def interleaved(models: dict, x: Inputs, device, reps: int, warmup: int, split: 
     return out
 
 
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s module tree that holds ``model``'s own parameter and buffer tensors (no
+    new memory). ``compress_`` swaps the layers it rewrites for new modules and never writes into
+    the old tensors, so the original stays intact while the copy is compressed."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def statistics_fit(model: torch.nn.Module, compressible: int) -> tuple[bool, str]:
+    """Whether the float64 statistics (one bucket) fit twice (the collector's sums and the snapshot,
+    then the snapshot and the covariances), plus the compressed copy's new layers (at most the
+    compressible parameters, float32), in the memory available now; and a sentence saying so."""
+    stats = 8 * sum(math.prod(shape) for shape in stat_shapes(model).values())
+    need = 2 * stats + 4 * compressible
+    avail = available_bytes()
+    fits = avail is None or need <= 0.9 * avail
+    where = "unknown" if avail is None else f"{avail / 1e9:.1f} GB"
+    return fits, (
+        f"statistics {stats / 1e9:.1f} GB (float64), needs about {need / 1e9:.1f} GB with the compressed copy; "
+        f"available {where}"
+    )
+
+
 def median_split(splits: list[dict]) -> dict:
     return {c: statistics.median(s.get(c, 0.0) for s in splits) for c in ("conv", "attention", "ffn")}
 
@@ -195,6 +242,13 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=None, help="untimed forwards per model (cpu 1, cuda 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ap.add_argument(
+        "--statistics",
+        default="auto",
+        choices=["auto", "full", "none"],
+        help="collect activation statistics (full), or not (none: uniform plans, weight-only rewrite); "
+        "auto: full when they fit in the available memory",
+    )
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/speed_<model>_<device>.md")
     args = ap.parse_args(argv)
     on_cpu = torch.device(args.device).type == "cpu"
@@ -229,15 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    fits, memory_note = statistics_fit(base, compressible)
+    with_stats = args.statistics == "full" or (args.statistics == "auto" and fits)
+    plan_kinds = list(args.plans) if with_stats else [k for k in args.plans if k == "uniform"]
+    skipped = [k for k in args.plans if k not in plan_kinds]
     t0 = time.perf_counter()
-    stats = spec.calibrate(base, resolution)
-    weighting = "spectral" if stats.n_buckets > 1 else "uniform"
-    influence = compute_influence(stats, base, weighting=weighting)
-    covariances = influence.aggregate(stats)
-    needs_profiles = any(k.startswith("error") for k in args.plans)
-    profiles = error_profiles(base, covariances, damping=damping) if needs_profiles else None
-    t_stats = time.perf_counter() - t0
-    print(f"statistics, influence and error profiles: {t_stats:.0f} s", flush=True)
+    if with_stats:
+        method = "slimdiff"
+        stats = spec.calibrate(base, resolution)
+        weighting = "spectral" if stats.n_buckets > 1 else "uniform"
+        influence = compute_influence(stats, base, weighting=weighting)
+        covariances = influence.aggregate(stats)
+        del stats  # only the covariances are needed from here on
+        scores = influence.score_of()
+        needs_profiles = any(k.startswith("error") for k in plan_kinds)
+        profiles = error_profiles(base, covariances, damping=damping) if needs_profiles else None
+        t_stats = time.perf_counter() - t0
+        print(f"statistics, influence and error profiles: {t_stats:.0f} s ({memory_note})", flush=True)
+    else:
+        method, covariances, profiles, scores, t_stats = "baseline", None, None, None, 0.0
+        print(
+            f"no statistics ({memory_note}): uniform plans only, compressed by the weight-only methods at the "
+            f"plan's ranks (same shapes){'; skipped plans: ' + ', '.join(skipped) if skipped else ''}",
+            flush=True,
+        )
 
     base = base.to(device=device, dtype=dtype)
     x = x_cpu.to(device, dtype)
@@ -247,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows = []
-    for kind in args.plans:
-        plans = make_plans(kind, units, args.fractions, profiles, influence.score_of(), alloc, total_before)
+    # on the CPU in float32 the compressed copy shares the original's tensors (one model resident)
+    shared = device.type == "cpu" and dtype == torch.float32
+    for kind in plan_kinds:
+        plans = make_plans(kind, units, args.fractions, profiles, scores, alloc, total_before)
         for frac, plan in plans.items():
-            slim = copy.deepcopy(base).to("cpu", torch.float32)
-            compress_(slim, plan, covariances, damping=damping)
+            slim = sharing_copy(base) if shared else copy.deepcopy(base).to("cpu", torch.float32)
+            compress_(slim, plan, covariances, method=method, damping=damping)
             slim = slim.to(device=device, dtype=dtype)
             flops_after = forward_flops(
                 slim, x_cpu.meta().args, x_cpu.meta().kwargs, batch=batch, device=args.device
@@ -273,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = statistics.median(t_o) / statistics.median(t_s)
             row = {
                 "plan": kind,
+                "method": method,
                 "fraction": frac,
                 "removed": plan.removed_params,
                 "params_after": count_parameters(slim),
@@ -321,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         backends_before,
         t_stats,
         time.perf_counter() - t_start,
+        None if with_stats else (memory_note, skipped),
     )
     print(report)
     if args.write:
@@ -328,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(report + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
         print(f"wrote {out}")
-    return 0 if all(r["passes"] for r in rows if r["plan"] == "error") else 1
+    if skipped:
+        print(f"skipped plans {skipped}: they need statistics, which do not fit here ({memory_note})")
+    return 0 if not skipped and all(r["passes"] for r in rows if r["plan"] == "error") else 1
 
 
 def render(
@@ -344,6 +419,7 @@ def render(
     backends_before,
     t_stats,
     t_total,
+    no_stats: tuple[str, list[str]] | None = None,
 ) -> str:
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
@@ -356,7 +432,12 @@ def render(
         f"target: measured >= {TARGET_EFFICIENCY:.0%} of the bound and >= 1.0x. Plans: `error` = the committed "
         "params.yaml allocation; statistics "
         + (
-            "from the toy pipeline's own sampler (as `slimdiff run`)."
+            f"not collected ({no_stats[0]}): uniform plans only"
+            + (f" (skipped: {', '.join(no_stats[1])})" if no_stats[1] else "")
+            + ", compressed layers built by the weight-only methods (magnitude FFN selection, weight SVD for "
+            "QK/VO) at the plan's ranks: the same shapes, hence the same speed, as the SlimDiff rewrite."
+            if no_stats is not None
+            else "from the toy pipeline's own sampler (as `slimdiff run`)."
             if spec.name == "toy"
             else "collected on this random-weight model with random inputs at t = 999, 500, 100 (no real weights "
             "here: representative plan shapes, not a real checkpoint's)."

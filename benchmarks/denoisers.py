@@ -1,16 +1,25 @@
 """Denoisers at the shapes people run, built from their published configs with random weights.
 
 Speed and memory do not depend on weight values, and nothing is downloaded. Each spec builds the
-model, makes forward inputs at a resolution, and collects activation statistics for the plans
+model, makes forward inputs at a resolution (every family through its adapter's
+``example_inputs``: the same argument layout the pipelines pass, e.g. SDXL's added time / text
+embeddings, PixArt's T5 attention mask), and collects activation statistics for the plans
 (``calibrate``): on the real-shaped random-weight model with random inputs at a few timesteps,
 except for the committed toy model, which is calibrated exactly as ``slimdiff run`` does (its own
 sampler over SlimSet-sized training captions).
+
+Batches: SD v1.5 and PixArt-Sigma at batch 2 (one prompt, both classifier-free-guidance
+branches), SDXL at batch 1 (issue 14: a 512 px SDXL forward already takes minutes on 2 CPU
+cores). Text lengths: 77 CLIP tokens (SD, SDXL), 300 T5 tokens (PixArt-Sigma's
+``max_sequence_length``; all of them unmasked here, the cost of the padded prompts the pipeline
+runs).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +38,51 @@ SD15_UNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the published values; diffusers
+#: defaults for the keys not listed: act_fn silu, flip_sin_to_cos, freq_shift 0, norm_eps 1e-5, ...)
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # heads per level (head width 64), as in SD 1.x configs
+    cross_attention_dim=2048,  # CLIP ViT-L (768) + OpenCLIP ViT-bigG (1280) hidden states
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + 1280 pooled text
+    norm_num_groups=32,
+    norm_eps=1e-5,
+)
+
+#: PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json (as diffusers'
+#: scripts/convert_pixart_sigma_to_diffusers.py writes it for 1024 px)
+PIXART_SIGMA_CONFIG = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,  # width 1152
+    in_channels=4,
+    out_channels=8,  # learned sigma
+    num_layers=28,
+    cross_attention_dim=1152,
+    attention_bias=True,
+    sample_size=128,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=2,
+    use_additional_conditions=False,
+    caption_channels=4096,  # T5-XXL (v1.1) hidden states
+)
+
 #: timesteps of the random-input calibration forwards (noisy, middle, clean)
 CALIBRATION_TIMESTEPS = (999, 500, 100)
 
@@ -41,21 +95,37 @@ class Inputs:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Inputs:
         def move(t):
-            if not torch.is_tensor(t):
-                return t
             return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
-        return Inputs(
-            tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, self.batch
-        )
+        return self._map(move)
 
     def meta(self) -> Inputs:
-        def empty(t):
-            return torch.empty(t.shape, dtype=t.dtype, device="meta") if torch.is_tensor(t) else t
+        return self._map(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
-        return Inputs(
-            tuple(empty(a) for a in self.args), {k: empty(v) for k, v in self.kwargs.items()}, self.batch
-        )
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+        """The same inputs with ``fn`` applied to every tensor, also inside nested dicts (SDXL's and
+        PixArt's ``added_cond_kwargs``), lists and tuples."""
+
+        def walk(v):
+            if torch.is_tensor(v):
+                return fn(v)
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return type(v)(walk(x) for x in v)
+            return v
+
+        return Inputs(walk(self.args), walk(self.kwargs), self.batch)
+
+    def at_timestep(self, model: torch.nn.Module, t: int) -> Inputs:
+        """The same inputs with every sample at timestep ``t`` (the ``timestep`` argument bound by
+        name, positional or keyword, as the adapters pass it)."""
+        ts = torch.full((self.batch,), t, dtype=torch.long)
+        if "timestep" in self.kwargs:
+            return Inputs(self.args, {**self.kwargs, "timestep": ts}, self.batch)
+        params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        i = params.index("timestep")
+        return Inputs((*self.args[:i], ts, *self.args[i + 1 :]), self.kwargs, self.batch)
 
 
 @dataclass(frozen=True)
@@ -69,16 +139,30 @@ class DenoiserSpec:
     calibrate: Callable[[torch.nn.Module, int], object] | None = None  # (model, resolution) -> stats
 
 
-# -- UNet (SD 1.x / 2.x / XL) ----------------------------------------------------------------------
-def unet_inputs(
+# -- inputs and statistics, any family ---------------------------------------------------------------
+def adapter_inputs(
     model, batch: int, resolution: int, seed: int = 0, text_len: int = 77, vae_scale: int = 8
 ) -> Inputs:
-    cfg = model.config
+    """One forward's inputs at ``resolution`` px (latents 1/``vae_scale`` of it), built by the
+    family adapter: random latents and text states from a CPU generator seeded ``seed``, timestep
+    500 (for a UNet the same tensors, in the same order, as the hand-written inputs of before)."""
+    from slimdiff.arch import adapter_for
+
     latent = resolution // vae_scale
     g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, cfg.in_channels, latent, latent, generator=g)
-    text = torch.randn(batch, text_len, cfg.cross_attention_dim, generator=g)
-    return Inputs((sample, torch.full((batch,), 500), text), {}, batch)
+    args, kwargs = adapter_for(model).example_inputs(
+        model, batch, (latent, latent), text_len, device="cpu", generator=g
+    )
+    return Inputs(tuple(args), kwargs, batch)
+
+
+def text_inputs(text_len: int) -> Callable[..., Inputs]:
+    """``adapter_inputs`` at a fixed text length, in the spec's (model, batch, resolution, seed) form."""
+
+    def inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
+        return adapter_inputs(model, batch, resolution, seed, text_len)
+
+    return inputs
 
 
 def random_input_stats(model, inputs_at: Callable[[int, int], Inputs], timesteps=CALIBRATION_TIMESTEPS):
@@ -95,19 +179,40 @@ def random_input_stats(model, inputs_at: Callable[[int, int], Inputs], timesteps
     return collector.stats({"source": "random weights, random inputs", "timesteps": list(timesteps)})
 
 
-def _unet_stats(model, resolution: int):
-    def at(i: int, t: int) -> Inputs:
-        x = unet_inputs(model, 2, resolution, seed=100 + i)
-        return Inputs((x.args[0], torch.full((2,), t), x.args[2]), {}, 2)
+def random_stats(text_len: int, batch: int = 2) -> Callable:
+    """``calibrate`` for random-weight specs: ``random_input_stats`` on adapter inputs of ``batch``
+    samples (2: one prompt with both guidance branches) at ``text_len`` tokens, seeds 100, 101, ..."""
 
-    return random_input_stats(model, at)
+    def calibrate(model, resolution: int):
+        def at(i: int, t: int) -> Inputs:
+            return adapter_inputs(model, batch, resolution, 100 + i, text_len).at_timestep(model, t)
+
+        return random_input_stats(model, at)
+
+    return calibrate
 
 
+# -- UNet (SD 1.x / 2.x / XL) ----------------------------------------------------------------------
 def build_sd15() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+
+
+def build_sdxl() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
+
+
+# -- PixArt-Sigma ------------------------------------------------------------------------------------
+def build_pixart_sigma() -> torch.nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(**PIXART_SIGMA_CONFIG).eval()
 
 
 # -- the committed toy model -------------------------------------------------------------------------
@@ -124,7 +229,9 @@ def build_toy() -> torch.nn.Module:
 
 def toy_inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
     pipe = _toy_pipe()
-    return unet_inputs(model, batch, resolution, seed, pipe.tokenizer.model_max_length, pipe.vae_scale_factor)
+    return adapter_inputs(
+        model, batch, resolution, seed, pipe.tokenizer.model_max_length, pipe.vae_scale_factor
+    )
 
 
 def toy_stats(model, resolution: int):
@@ -162,10 +269,28 @@ SPECS: dict[str, DenoiserSpec] = {
         "sd15",
         "SD v1.5 UNet (860 M), random weights",
         build_sd15,
-        unet_inputs,
+        text_inputs(77),
         512,
         2,
-        _unet_stats,
+        random_stats(77),
+    ),
+    "sdxl": DenoiserSpec(
+        "sdxl",
+        "SDXL-base UNet (2.6 B), random weights",
+        build_sdxl,
+        text_inputs(77),
+        512,  # 64x64 latents on the CPU (1024 px where a GPU is lent: --resolution 1024 --batch 2)
+        1,
+        random_stats(77),
+    ),
+    "pixart-sigma": DenoiserSpec(
+        "pixart-sigma",
+        "PixArt-Sigma-XL-2 transformer (611 M), random weights",
+        build_pixart_sigma,
+        text_inputs(300),
+        512,  # 1024 image tokens on the CPU (4096 at --resolution 1024 where a GPU is lent)
+        2,
+        random_stats(300),
     ),
     "toy": DenoiserSpec(
         "toy",

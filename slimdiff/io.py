@@ -181,7 +181,12 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
         )
 
     config = model_cls.load_config(directory)
-    with torch.device("meta"):
+    # parameters on the meta device (no memory, no random init), buffers computed as the model's
+    # __init__ computes them: non-persistent buffers (PixArt's sin-cos position table) are not in
+    # the weights file, so a skeleton built wholly on meta would keep them empty
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
         unet = model_cls.from_config(config)
     try:
         apply_plan_shapes_(unet, plan, **dict(sidecar.get("compression") or {}))

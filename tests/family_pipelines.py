@@ -1,0 +1,218 @@
+"""Tiny pipelines of the non-SD-1.x families, built from config (nothing downloaded), fixed seeds.
+
+* ``tiny_sdxl_pipeline``: a real ``StableDiffusionXLPipeline``. Its UNet is SDXL-shaped
+  (``addition_embed_type="text_time"``: pooled text embeddings + six time ids, two transformer
+  layers per block, ``use_linear_projection``, a DownBlock2D first as in SDXL), its context width
+  is the sum of the two text encoders' hidden sizes (16 + 32 = 48; SDXL: 768 + 1280 = 2048) and
+  ``projection_class_embeddings_input_dim`` = 6 x addition_time_embed_dim + text_encoder_2's
+  projection_dim (6 x 8 + 16 = 64; SDXL: 6 x 256 + 1280 = 2816), which the pipeline checks.
+  One-level VAE (scale factor 1): 8x8 latents = 8x8 px images.
+* ``tiny_pixart_pipeline``: a real ``PixArtSigmaPipeline``: a two-layer PixArtTransformer2DModel
+  (adaLN-single, GELU-tanh FFN, learned sigma) and a one-layer T5 encoder. The pipeline pads every
+  prompt to ``max_sequence_length`` (default 300, the tokenizer's model_max_length here) T5
+  tokens and marks the padding in the attention mask. Resolution binning
+  (``use_resolution_binning=True``, the default) only knows transformer sample sizes 32 / 64 / 128
+  / 256: sample_size 32 with a four-level VAE (scale factor 8) makes the default 256 px, which
+  the 256-px bin table maps to itself: 32x32 latents, 16x16 = 256 image tokens in 2x2 patches.
+  ``clean_caption=True`` (the default) needs bs4 and ftfy; without them the pipeline warns and
+  lower-cases the prompt instead, so callers may leave it (``collect_stats`` does).
+
+Both tokenizers are word-level ``PreTrainedTokenizerFast`` objects saved to ``tmp`` and reloaded
+(as ``make_tiny_pipeline`` in test_calib_collector.py does), so the pipelines save and load with
+``save_pretrained`` / ``from_pretrained`` like real ones. Every pipeline runs with
+``output_type="latent"`` and ``"np"`` on the CPU in well under a second per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = [
+    *("a", "an", "the", "photo", "of", "cat", "dog", "on", "red", "blue", "green", "table"),
+    *("bench", "street", "car", "tree", "man", "woman", "with", "and", "in"),
+]
+PROMPTS = [
+    "a photo of a cat",
+    "red car on the street",
+    "a dog on a bench",
+    "man with a tree",
+    "blue table",
+    "woman",
+]
+
+
+def word_tokenizer(
+    path: Path, max_len: int, specials: list[str], *, bos: str | None, eos: str, pad: str, unk: str
+):
+    """A whitespace word-level fast tokenizer over ``specials + WORDS``, saved to ``path`` and
+    reloaded (ids: specials first, in order). ``bos`` None: only ``eos`` is appended (T5)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    used = [t for t in (bos, eos) if t]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in used]
+    )
+    kwargs = {"bos_token": bos} if bos else {}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_len, pad_token=pad, unk_token=unk, eos_token=eos, **kwargs
+    ).save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def tiny_vae(levels: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8,) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8 * 2 ** (levels - 1),
+    ).eval()
+
+
+# -- SDXL ------------------------------------------------------------------------------------------
+SDXL_TEXT_LEN = 12  # both CLIP tokenizers' model_max_length (77 in SDXL)
+
+
+def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 48, pooled_dim: int = 16):
+    """A 2-level SDXL-shaped UNet2DConditionModel: DownBlock2D then a cross-attention block, two
+    transformer layers per block (mid block included), text_time added conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2,
+        attention_head_dim=(2, 4),  # heads per level, as in SDXL's (5, 10, 20)
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + pooled_dim,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_sdxl_pipeline(tmp: Path, seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline`` (see the module docstring); ``tmp`` holds the tokenizers."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tmp = Path(tmp)
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    special_kw = dict(bos="<bos>", eos="<eos>", unk="<unk>")
+    tokenizer = word_tokenizer(tmp / "tokenizer", SDXL_TEXT_LEN, specials, pad="<pad>", **special_kw)
+    tokenizer_2 = word_tokenizer(tmp / "tokenizer_2", SDXL_TEXT_LEN, specials, pad="<pad>", **special_kw)
+    common = dict(
+        vocab_size=len(specials) + len(WORDS),
+        num_attention_heads=2,
+        max_position_embeddings=SDXL_TEXT_LEN,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **common)
+    ).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, projection_dim=16, **common)
+    ).eval()
+    unet = tiny_sdxl_unet(seed, cross_attention_dim=16 + 32, pooled_dim=16)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(1, seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+# -- PixArt-Sigma ----------------------------------------------------------------------------------
+PIXART_TEXT_LEN = 300  # the pipeline's max_sequence_length default: every prompt is padded to it
+PIXART_T5_DIM = 16
+
+
+def tiny_pixart_transformer(seed: int = 0, caption_channels: int = PIXART_T5_DIM):
+    """A 2-layer PixArt-Sigma-shaped PixArtTransformer2DModel at sample_size 32 (the smallest the
+    pipeline's resolution binning knows), 2 heads x 8."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,  # learned sigma: the pipeline keeps the first 4 channels
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=32,
+        patch_size=2,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+    ).eval()
+
+
+def tiny_pixart_pipeline(tmp: Path, seed: int = 0):
+    """A tiny ``PixArtSigmaPipeline`` (see the module docstring); ``tmp`` holds the tokenizer."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tmp = Path(tmp)
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, eos 1, unk 2
+    tokenizer = word_tokenizer(
+        tmp / "tokenizer", PIXART_TEXT_LEN, specials, bos=None, eos="</s>", pad="<pad>", unk="<unk>"
+    )
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(specials) + len(WORDS),
+            d_model=PIXART_T5_DIM,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1 / Flan-T5, as PixArt's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny_vae(4, seed),
+        transformer=tiny_pixart_transformer(seed),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
