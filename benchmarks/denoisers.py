@@ -215,47 +215,65 @@ def build_pixart_sigma() -> torch.nn.Module:
     return PixArtTransformer2DModel(**PIXART_SIGMA_CONFIG).eval()
 
 
-# -- the committed toy model -------------------------------------------------------------------------
+# -- the committed toy models ------------------------------------------------------------------------
 @functools.cache
-def _toy_pipe():
-    from slimdiff.toy import load_toy_pipeline
+def toy_pipe(source: str = "toy"):
+    """The committed toy pipeline of ``source`` ("toy": SD-architecture UNet, "toy-mmdit": SD3-class
+    MMDiT), loaded once per process."""
+    from slimdiff.models import load_pipeline
 
-    return load_toy_pipeline()
-
-
-def build_toy() -> torch.nn.Module:
-    return _toy_pipe().unet.eval()
+    return load_pipeline(source)
 
 
-def toy_inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
-    pipe = _toy_pipe()
-    return adapter_inputs(
-        model, batch, resolution, seed, pipe.tokenizer.model_max_length, pipe.vae_scale_factor
-    )
+def toy_build(source: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from slimdiff.arch.base import denoiser_of
+
+        return denoiser_of(toy_pipe(source)).eval()
+
+    return build
 
 
-def toy_stats(model, resolution: int):
-    """The default calibration of ``slimdiff run`` (params.yaml: SlimSet size, steps, guidance,
-    buckets) through the toy pipeline's own sampler, on its training captions (never the
-    held-out evaluation captions)."""
-    from slimdiff.calibration import collect_stats
-    from slimdiff.config import load_params
-    from slimdiff.toy.data import train_captions
+def toy_inputs_of(source: str) -> Callable[..., Inputs]:
+    def inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
+        from slimdiff.arch.base import adapter_for
 
-    params = load_params(_repo_root() / "params.yaml")
-    cal = params.calibration
-    pipe = copy.copy(_toy_pipe())  # same components, this model as the UNet
-    pipe.unet = model
-    return collect_stats(
-        pipe,
-        train_captions()[: params.slimset.n],
-        num_inference_steps=cal.num_inference_steps,
-        guidance_scale=cal.guidance_scale,
-        n_buckets=cal.n_buckets,
-        batch_size=cal.batch_size,
-        seed=cal.seed,
-        progress=False,
-    )
+        pipe = toy_pipe(source)
+        text_len = adapter_for(model).text_len(pipe)
+        return adapter_inputs(model, batch, resolution, seed, text_len, pipe.vae_scale_factor)
+
+    return inputs
+
+
+def toy_stats_of(source: str) -> Callable:
+    def calibrate(model, resolution: int):
+        """The default calibration of ``slimdiff run`` (params.yaml: SlimSet size, steps, guidance,
+        buckets) through the toy pipeline's own sampler, on its training captions (never the
+        held-out evaluation captions)."""
+        from slimdiff.ablation import with_unet
+        from slimdiff.calibration import collect_stats
+        from slimdiff.config import load_params
+        from slimdiff.toy.data import train_captions
+
+        params = load_params(_repo_root() / "params.yaml")
+        cal = params.calibration
+        pipe = with_unet(toy_pipe(source), model)  # same components, this model as the denoiser
+        return collect_stats(
+            pipe,
+            train_captions()[: params.slimset.n],
+            num_inference_steps=cal.num_inference_steps,
+            guidance_scale=cal.guidance_scale,
+            n_buckets=cal.n_buckets,
+            batch_size=cal.batch_size,
+            seed=cal.seed,
+            progress=False,
+        )
+
+    return calibrate
+
+
+# the names of before (the toy UNet)
+build_toy, toy_inputs, toy_stats = toy_build("toy"), toy_inputs_of("toy"), toy_stats_of("toy")
 
 
 def _repo_root():
@@ -300,5 +318,14 @@ SPECS: dict[str, DenoiserSpec] = {
         32,
         64,  # what the evaluation sampler runs: 32 captions x 2 CFG branches
         toy_stats,
+    ),
+    "toy-mmdit": DenoiserSpec(
+        "toy-mmdit",
+        "the committed toy MMDiT (SD3-class), trained weights, calibrated as `slimdiff run` does",
+        toy_build("toy-mmdit"),
+        toy_inputs_of("toy-mmdit"),
+        32,
+        64,
+        toy_stats_of("toy-mmdit"),
     ),
 }

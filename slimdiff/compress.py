@@ -555,6 +555,22 @@ class CompressionReport:
 # --------------------------------------------------------------------------------------------
 # The verb
 # --------------------------------------------------------------------------------------------
+def _refuse_quantized(model: nn.Module) -> None:
+    """Compression needs the float weights: refuse a quantized denoiser (torch.ao quantized modules,
+    or nn.Linear layers whose weight is a quantized tensor subclass, as torchao makes them)."""
+    for name, mod in model.named_modules():
+        quantized = "quantized" in type(mod).__module__
+        if not quantized and isinstance(mod, nn.Linear):
+            w = mod.weight
+            quantized = not w.dtype.is_floating_point or type(w.data) not in (torch.Tensor, nn.Parameter)
+        if quantized:
+            raise CompressionError(
+                f"{name or 'the model'} is quantized ({type(mod).__module__}.{type(mod).__name__}): compress "
+                "the float model first, then quantize "
+                "the compressed one (the closed-form rewrite needs the float weights)"
+            )
+
+
 def compress_(
     unet: nn.Module,
     plan: RankPlan,
@@ -588,6 +604,7 @@ def compress_(
         raise CompressionError(
             "this UNet is already compressed (it carries a slimdiff_plan); compress the original model instead"
         )
+    _refuse_quantized(unet)
     if ffn_selection not in ("shared", "separate"):
         raise ValueError(f"ffn_selection must be 'shared' or 'separate', got {ffn_selection!r}")
     if damping < 0:

@@ -203,6 +203,22 @@ def test_bad_calls_rejected():
     name = next(iter(units))
     with pytest.raises(PlanValidationError, match=name):
         compress_(make_tiny_unet(block_out_channels=(16, 32)), plan, covs)
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        quantized = quantize_dynamic(copy.deepcopy(unet), {torch.nn.Linear}, dtype=torch.qint8)
+    # quantize-then-compress: refused, naming the first quantized layer and the order that works
+    with pytest.raises(CompressionError, match=r"^time_embedding\.linear_1 is quantized .*compress the float model first"):
+        compress_(quantized, plan, covs)
+    w8 = copy.deepcopy(unet)
+    layer = w8.time_embedding.linear_1
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(CompressionError, match="is quantized"):  # integer weights in a plain nn.Linear
+        compress_(w8, plan, covs)
     compress_(unet, plan, covs)
     with pytest.raises(CompressionError, match="already compressed"):
         compress_(unet, plan, covs)
