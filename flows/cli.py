@@ -515,6 +515,13 @@ def evaluate(
     set_: SetOpt = None,
     compressed: Annotated[Path, typer.Option(help="compressed folder")] = Path("artifacts/dvc/compressed"),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("artifacts/dvc/eval"),
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            help="also write the headline metrics (flat JSON) and the first image grid next to it, "
+            "for DVC's metrics / plots (dvc exp show)"
+        ),
+    ] = None,
 ) -> None:
     """Stage 6: quality, size and speed of the compressed model against the original."""
     from tasks import stages
@@ -525,6 +532,18 @@ def evaluate(
             m = stages.run_evaluate(
                 cfg, stages.model_manifest(cfg), _input_manifest("compress", compressed), out
             )
+        if summary is not None:
+            import shutil
+
+            metrics = json.loads((out / stages.METRICS_FILE).read_text())
+            head = stages.headline_metrics(metrics)
+            head["gate_passed"] = int(head["gate_passed"])  # DVC compares numbers
+            head["gate_reasons"] = "; ".join(head["gate_reasons"])
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text(json.dumps(head, indent=2, sort_keys=True) + "\n")
+            grids = sorted(out.glob("grid_*.png"))
+            if grids:
+                shutil.copy2(grids[0], summary.with_name("grid.png"))
         typer.echo(json.dumps(m.meta.get("metrics", {}), indent=2))
 
     _guard(body)

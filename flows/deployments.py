@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger
 from flows.pipeline import slimdiff_flow
 from slimdiff.config import Params
 from slimdiff.models import resolve_release
+from tasks.stages import NoBudgetPassesError
 from tasks.tracking import registered_model_name, setup_tracking, tracking_call
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def check_releases(
         candidates = _hub_release(releases)
     else:
         candidates = [(str(p), None) for p in list_folder_releases(releases, cache_dir)]
-    report: dict[str, Any] = {"checked": [], "ran": [], "skipped": []}
+    report: dict[str, Any] = {"checked": [], "ran": [], "skipped": [], "no_passing_budget": []}
     for source, revision in candidates:
         release = resolve_release(source, revision)
         name = registered_model_name(base, release.short_name if release.kind == "hub" else _family(releases))
@@ -103,7 +104,12 @@ def check_releases(
             overrides["model.revision"] = release.revision
         cfg = base.with_overrides(overrides)
         logger.info("new release %s (%s): running the pipeline", source, release.digest[:12])
-        result = slimdiff_flow(params=cfg.model_dump(mode="json"), trigger="scheduled")
+        try:
+            result = slimdiff_flow(params=cfg.model_dump(mode="json"), trigger="scheduled")
+        except NoBudgetPassesError as err:  # a budget search with no passing point: nothing registered
+            logger.warning("release %s: %s", source, err)
+            report["no_passing_budget"].append({"source": source, "message": str(err)})
+            continue
         report["ran"].append(
             {"source": source, "registered": result["registered"], "summary": result["summary"]}
         )

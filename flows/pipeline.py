@@ -282,29 +282,15 @@ def _point_record(
     value: float, plan: Manifest, compressed: Manifest, evaluation: Manifest, sub: FlowResult
 ) -> dict:
     metrics = json.loads((Path(evaluation.uri) / stages.METRICS_FILE).read_text())
-    o, c, s = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("summary", {})
-    exact = ((c.get("accuracy") or {}).get("all") or {}).get("exact")
     return {
         "value": value,
         "status": "ok",
         "stages": dict(sub.status),
         "seconds": {k: round(v, 2) for k, v in sub.seconds.items()},
-        "params_kept": c.get("unet_params"),
-        "params_removed": s.get("params_removed"),
-        "flops": c.get("unet_flops"),
-        "flops_ratio": s.get("flops_ratio"),
-        "latency_ms": c.get("unet_latency_ms"),
-        "latency_ratio": s.get("latency_ratio"),
-        "exact_match": exact,
-        "exact_match_drop": s.get("exact_match_drop"),
-        "psnr_db": (s.get("fidelity") or {}).get("psnr_db_mean"),
-        "fd": c.get("fid"),
-        "gate_passed": bool(s.get("gate_passed")),
-        "gate_reasons": list(s.get("gate_reasons") or []),
+        **stages.headline_metrics(metrics),
         "plan_digest": plan.digest,
         "compressed_digest": compressed.digest,
         "eval_uri": evaluation.uri,
-        "original_params": o.get("unet_params"),
     }
 
 

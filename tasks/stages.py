@@ -72,6 +72,28 @@ class NoBudgetPassesError(StageInputError):
     registered and no alias moved. The message names the best point and its metrics."""
 
 
+def headline_metrics(metrics: dict) -> dict:
+    """The few numbers a budget point is judged by, from an evaluate stage's metrics.json: sizes,
+    FLOPs and latency (and their ratios to the original), exact match (toy path), PSNR to the
+    original, feature FD and the gate. Used by the budget search and by DVC's metrics file."""
+    o, c, s = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("summary", {})
+    return {
+        "params_kept": c.get("unet_params"),
+        "params_removed": s.get("params_removed"),
+        "original_params": o.get("unet_params"),
+        "flops": c.get("unet_flops"),
+        "flops_ratio": s.get("flops_ratio"),
+        "latency_ms": c.get("unet_latency_ms"),
+        "latency_ratio": s.get("latency_ratio"),
+        "exact_match": ((c.get("accuracy") or {}).get("all") or {}).get("exact"),
+        "exact_match_drop": s.get("exact_match_drop"),
+        "psnr_db": (s.get("fidelity") or {}).get("psnr_db_mean"),
+        "fd": c.get("fid"),
+        "gate_passed": bool(s.get("gate_passed")),
+        "gate_reasons": list(s.get("gate_reasons") or []),
+    }
+
+
 def code_version(stage: str) -> str:
     return f"slimdiff-{slimdiff.__version__}/stage-{STAGE_VERSIONS[stage]}"
 

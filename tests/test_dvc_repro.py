@@ -41,7 +41,9 @@ def _ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def test_dvc_repro_is_incremental(tmp_path):
+def _project(tmp_path):
+    """A project folder with what dvc.yaml needs, a venv link like a fresh clone's, and an env
+    without the venv on PATH; returns (work, params, env, dvc)."""
     work = tmp_path / "proj"
     work.mkdir()
     # the files dvc.yaml depends on (the library itself is the installed package)
@@ -62,13 +64,21 @@ def test_dvc_repro_is_incremental(tmp_path):
     env = {**os.environ, "PATH": os.pathsep.join(path), "DVC_NO_ANALYTICS": "1"}
     env.pop("VIRTUAL_ENV", None)
     assert shutil.which("slimdiff", path=env["PATH"]) is None
-    dvc = str(venv / "bin" / "dvc")
+    return work, params, env, str(venv / "bin" / "dvc")
 
+
+def _runner(work, env, dvc):
     def run(*args: str) -> str:
         out = subprocess.run([dvc, *args], cwd=work, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return out.stdout
 
+    return run
+
+
+def test_dvc_repro_is_incremental(tmp_path):
+    work, params, env, dvc = _project(tmp_path)
+    run = _runner(work, env, dvc)
     run("init", "--no-scm", "-q")
     run("config", "core.analytics", "false")
     first = _ran_stages(run("repro"))
@@ -80,3 +90,41 @@ def test_dvc_repro_is_incremental(tmp_path):
     params["allocation"]["tau"] = 0.5
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran_stages(run("repro")) == {"plan", "compress", "evaluate"}
+
+
+def test_dvc_exp_sweeps_budgets_and_shows_their_metrics(tmp_path):
+    """The DVC way of a budget sweep: `dvc exp run -S allocation.budget.value=...` on dvc.yaml; the
+    evaluate stage's metrics file (declared in dvc.yaml) holds the headline numbers of that run's
+    metrics.json, and `dvc exp show` lists every experiment with its budget and metrics."""
+    import json
+
+    from tasks.stages import headline_metrics
+
+    work, params, env, dvc = _project(tmp_path)
+    run = _runner(work, env, dvc)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(work)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (work / ".gitignore").write_text("/artifacts\n/.venv\n/mlflow.db\n/mlartifacts\n")
+    run("init", "-q")
+    run("config", "core.analytics", "false")
+    run("repro")
+    summary = json.loads((work / "metrics" / "evaluate.json").read_text())
+    full = headline_metrics(json.loads((work / "artifacts" / "dvc" / "eval" / "metrics.json").read_text()))
+    assert summary["params_kept"] == full["params_kept"] and summary["psnr_db"] == full["psnr_db"]
+    assert summary["gate_passed"] == int(full["gate_passed"]) and (work / "metrics" / "grid.png").is_file()
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], check=True)
+
+    run("exp", "run", "-S", "allocation.budget.value=0.6", "-n", "budget-0.6")
+    shown = json.loads(run("exp", "show", "--json"))
+    rows = {}
+    for entry in shown:  # the baseline commit, then its experiments
+        for item in [entry, *(e for x in entry.get("experiments") or [] for e in x.get("revs", []))]:
+            data = item.get("data") or {}
+            value = (
+                data.get("params", {}).get("params.yaml", {}).get("data", {})["allocation"]["budget"]["value"]
+            )
+            kept = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {}).get("params_kept")
+            rows[value] = kept
+    assert set(rows) == {0.4, 0.6}, rows
+    assert rows[0.6] < rows[0.4] == summary["params_kept"]  # more removed at the larger budget
