@@ -229,15 +229,21 @@ class TrajectoryRunner:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy", choices=sorted(SPECS))
-    ap.add_argument("--fraction", type=float, default=None, help="removed share (default: params.yaml budget)")
+    ap.add_argument(
+        "--fraction", type=float, default=None, help="removed share (default: params.yaml budget)"
+    )
     ap.add_argument("--prompts", type=int, default=88, help="held-out captions for quality (toy models)")
     ap.add_argument("--speed-prompts", type=int, default=8, help="captions per timed pipeline call (toy)")
-    ap.add_argument("--steps", type=int, default=20, help="denoising steps of the timed trajectory (real shapes)")
+    ap.add_argument(
+        "--steps", type=int, default=20, help="denoising steps of the timed trajectory (real shapes)"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-interval", type=int, default=3, help="DeepCache: one full step every N")
     ap.add_argument("--fbc-threshold", type=float, default=0.1, help="First Block Cache threshold")
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/stack_<model>_cpu.md/.json")
+    ap.add_argument(
+        "--write", action="store_true", help="write benchmarks/results/stack_<model>_cpu.md/.json"
+    )
     args = ap.parse_args(argv)
     args.threads = args.threads or os.cpu_count()
     return args
@@ -252,9 +258,9 @@ def build_slim(spec, base, fraction: float | None):
     covariances = influence.aggregate(stats)
     units = compression_units(base)
     profiles = error_profiles(base, covariances, damping=damping)
-    plan = make_plans("error", units, [fraction], profiles, influence.score_of(), alloc, count_parameters(base))[
-        fraction
-    ]
+    plan = make_plans(
+        "error", units, [fraction], profiles, influence.score_of(), alloc, count_parameters(base)
+    )[fraction]
     slim = sharing_copy(base)
     report = compress_(slim, plan, covariances, damping=damping, qk_norm=params.compression.qk_norm)
     return slim.eval(), plan, covariances, report, fraction
@@ -284,7 +290,11 @@ def main(argv=None) -> int:
     cache = cache_method(base, args)
     params = load_params(ROOT / "params.yaml")
     ev = params.evaluation
-    args.num_inference_steps, args.guidance_scale, args.batch_size = ev.num_inference_steps, ev.guidance_scale, 32
+    args.num_inference_steps, args.guidance_scale, args.batch_size = (
+        ev.num_inference_steps,
+        ev.guidance_scale,
+        32,
+    )
 
     denoisers = {}
     for b, q, _ in COMBOS:
@@ -346,7 +356,10 @@ def main(argv=None) -> int:
     for rep in range(args.reps):
         for name in names if rep % 2 == 0 else reversed(names):
             seconds[name].append(runners[name].timed(speed_prompts))
-        print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names), flush=True)
+        print(
+            f"round {rep + 1}/{args.reps}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names),
+            flush=True,
+        )
     base_name = names[0]
     rows = []
     for name in names:
@@ -361,7 +374,9 @@ def main(argv=None) -> int:
                 **quality.get(name, {}),
             }
         )
-    text = render(args, spec, plan, fraction, cache, rows, refusal, toy, time.perf_counter() - t_start, report)
+    text = render(
+        args, spec, plan, fraction, cache, rows, refusal, toy, time.perf_counter() - t_start, report
+    )
     print(text)
     if args.write:
         out = ROOT / "benchmarks" / "results" / f"stack_{args.model}_cpu.md"

@@ -17,7 +17,6 @@ runs).
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections.abc import Callable

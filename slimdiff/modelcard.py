@@ -137,7 +137,9 @@ def model_card(info: CardInfo) -> str:
         f"- compressed weights digest: `{info.compressed_digest}`",
     ]
     if info.plan_artifact_digest:
-        lines.append(f"- rank plan stage artifact digest (registry tag `plan_digest`): `{info.plan_artifact_digest}`")
+        lines.append(
+            f"- rank plan stage artifact digest (registry tag `plan_digest`): `{info.plan_artifact_digest}`"
+        )
     if info.git_commit:
         lines.append(f"- slimdiff commit: `{info.git_commit}`")
     lines += ["", "## Reproduce", "", "```bash", info.command, "```", ""]

@@ -212,7 +212,9 @@ def test_bad_calls_rejected():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice
         quantized = quantize_dynamic(copy.deepcopy(unet), {torch.nn.Linear}, dtype=torch.qint8)
     # quantize-then-compress: refused, naming the first quantized layer and the order that works
-    with pytest.raises(CompressionError, match=r"^time_embedding\.linear_1 is quantized .*compress the float model first"):
+    with pytest.raises(
+        CompressionError, match=r"^time_embedding\.linear_1 is quantized .*compress the float model first"
+    ):
         compress_(quantized, plan, covs)
     w8 = copy.deepcopy(unet)
     layer = w8.time_embedding.linear_1
