@@ -193,7 +193,9 @@ class LoraMaps:
         tensors, index = {}, {}
         for path, lm in self.layers.items():
             for name, t in lm.tensors.items():
-                tensors[f"{path}::{name}"] = t.detach().to("cpu").contiguous()
+                # a copy each: an ungated FFN's row and column maps share one index tensor, and
+                # safetensors refuses tensors that share memory
+                tensors[f"{path}::{name}"] = t.detach().to("cpu").contiguous().clone()
             index[path] = {
                 "unit": lm.unit,
                 "kind": lm.kind,
@@ -284,19 +286,19 @@ def maps_from_rewrites(model: nn.Module, units: Mapping, rewrites: Mapping, plan
             o_out, o_in = shape(lay.proj_in)
             maps.layers[lay.proj_in] = LayerMap(
                 lay.proj_in, name, "rows_index", (o_out, o_in), (rows.numel(), o_in),
-                {"index": rows.to(torch.int64).contiguous()},
+                {"index": rows.to(torch.int64).clone()},
             )
             o_out, o_in = shape(lay.proj_out)
             k = rw.keep_value.numel()
             if rw.refit_rest is not None:
                 maps.layers[lay.proj_out] = LayerMap(
                     lay.proj_out, name, "cols_nystrom", (o_out, o_in), (o_out, k),
-                    {"index": rw.keep_value.to(torch.int64).contiguous(), "rest": f32(rw.refit_rest)},
+                    {"index": rw.keep_value.to(torch.int64).clone(), "rest": f32(rw.refit_rest)},
                 )
             elif torch.equal(rw.out_weight.to(F64), linear(model, lay.proj_out).weight.detach().to("cpu", F64)[:, rw.keep_value]):
                 maps.layers[lay.proj_out] = LayerMap(
                     lay.proj_out, name, "cols_index", (o_out, o_in), (o_out, k),
-                    {"index": rw.keep_value.to(torch.int64).contiguous()},
+                    {"index": rw.keep_value.to(torch.int64).clone()},
                 )
             else:
                 maps.unmappable[lay.proj_out] = (
