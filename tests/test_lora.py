@@ -49,7 +49,7 @@ TARGETS = [
 ROW_LAYERS = ("to_q", "to_k", "to_v", "ff.net.0.proj")
 
 
-def make_lora(model, targets=TARGETS, rank=4, seed=0, rel=0.3, alpha=None):
+def make_lora(model, targets=TARGETS, rank=4, seed=0, rel=0.3, alpha=None, prefix="unet"):
     """A PEFT-format LoRA (``unet.<path>.lora_A.weight`` / ``lora_B``) whose delta B A has about
     ``rel`` times the Frobenius norm of each target's weight."""
     g = torch.Generator().manual_seed(seed)
@@ -60,27 +60,27 @@ def make_lora(model, targets=TARGETS, rank=4, seed=0, rel=0.3, alpha=None):
         a = torch.randn(rank, in_f, generator=g) / in_f**0.5
         b = torch.randn(out_f, rank, generator=g)
         b *= rel * float(w.norm()) / float((b @ a).norm())
-        state[f"unet.{path}.lora_A.weight"] = a
-        state[f"unet.{path}.lora_B.weight"] = b
+        state[f"{prefix}.{path}.lora_A.weight"] = a
+        state[f"{prefix}.{path}.lora_B.weight"] = b
         if alpha is not None:
-            state[f"unet.{path}.alpha"] = torch.tensor(float(alpha))
+            state[f"{prefix}.{path}.alpha"] = torch.tensor(float(alpha))
     return state
 
 
-def delta(state, path, scale=1.0):
-    a, b = state[f"unet.{path}.lora_A.weight"], state[f"unet.{path}.lora_B.weight"]
+def delta(state, path, scale=1.0, prefix="unet"):
+    a, b = state[f"{prefix}.{path}.lora_A.weight"], state[f"{prefix}.{path}.lora_B.weight"]
     return scale * (b.to(F64) @ a.to(F64))
 
 
-def fused_reference(unet, state, scale=1.0):
+def fused_reference(unet, state, scale=1.0, prefix="unet"):
     """original + LoRA, fused independently of slimdiff.lora: W + scale B A in float64."""
     ref = copy.deepcopy(unet)
     with torch.no_grad():
         for key in state:
             if key.endswith(".lora_A.weight"):
-                path = key[len("unet.") : -len(".lora_A.weight")]
+                path = key[len(prefix) + 1 : -len(".lora_A.weight")]
                 layer = ref.get_submodule(path)
-                layer.weight.copy_(layer.weight.to(F64) + delta(state, path, scale))
+                layer.weight.copy_(layer.weight.to(F64) + delta(state, path, scale, prefix))
     return ref
 
 
@@ -376,3 +376,53 @@ def test_unmappable_targets_are_warned(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean LoRA warns nothing
         project_lora(model, make_lora(unet))
+
+
+# --------------------------------------------------------------------------------------------
+# two token streams (SD3 MMDiT): one per-head map for several linears, ungated FFNs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_full_rank_projection_on_joint_attention(qk_norm, tmp_path):
+    """SD3-shaped tiny transformer (3 joint blocks, 2 heads of 8): the QK map of a joint attention
+    covers to_q and add_q_proj (and the keys), the VO map to_v / add_v_proj and to_out.0 /
+    to_add_out; the FFNs are GELU (rows J of one half). With RMSNorms on q/k the QK map is the
+    coordinate selection (one-hot T). Same tolerance and reason as the UNet test (1e-5)."""
+    from test_mmdit import inputs, tiny_sd3
+
+    from slimdiff.calibration import ActivationCollector
+
+    model = tiny_sd3(qk_norm=qk_norm)
+    x = inputs(model)
+    collector = ActivationCollector(model, 1)
+    with collector, torch.no_grad():
+        model(*x[0], **x[1])
+    covs = collector.stats().aggregate([1.0])
+
+    def fwd(m):
+        with torch.no_grad():
+            return m(*x[0], **x[1]).sample
+
+    attn = "transformer_blocks.0.attn"
+    targets = [
+        *(f"{attn}.{n}" for n in ("to_q", "add_q_proj", "to_k", "add_k_proj", "to_v", "add_v_proj")),
+        f"{attn}.to_out.0",
+        f"{attn}.to_add_out",
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.1.ff_context.net.2",
+        "transformer_blocks.2.attn.add_q_proj",  # queries the last block discards: still mapped
+    ]
+    lora = make_lora(model, targets, prefix="transformer")
+    ref = fwd(fused_reference(model, lora, prefix="transformer"))
+    slim = copy.deepcopy(model)
+    compress_(slim, RankPlan.from_ranks(compression_units(model), {}), covs, rewrite_full_rank=True)
+    mapped, report = project_lora(slim, lora)
+    assert set(report.layers) == set(targets)
+    assert "identity" not in report.layers.values()
+    assert all(k.startswith("transformer.") for k in mapped)
+    # the maps survive a save (an ungated FFN's row and column maps share one index)
+    again, _ = project_lora(slim, lora, maps=save_compressed(slim, tmp_path / "m"))
+    assert all(torch.equal(again[k], mapped[k]) for k in mapped)
+    load_lora_into(slim, lora, method="fuse")
+    assert relmax(fwd(slim), ref) < 1e-5
+    assert relmax(fwd(model), ref) > 1e-2  # the LoRA really changes the output
