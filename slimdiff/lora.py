@@ -263,7 +263,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def maps_from_rewrites(model: nn.Module, units: Mapping, rewrites: Mapping, plan_digest: str | None) -> LoraMaps:
+def maps_from_rewrites(
+    model: nn.Module, units: Mapping, rewrites: Mapping, plan_digest: str | None
+) -> LoraMaps:
     """The LoraMaps of ``compress_``'s rewrites, read off the ORIGINAL layers of ``model`` (call
     before any layer is swapped). Stored in float32 (index tensors int64)."""
     from slimdiff.arch.base import linear
@@ -285,19 +287,34 @@ def maps_from_rewrites(model: nn.Module, units: Mapping, rewrites: Mapping, plan
             rows = torch.cat([rw.keep_value, inner + rw.keep_gate]) if lay.gated else rw.keep_value
             o_out, o_in = shape(lay.proj_in)
             maps.layers[lay.proj_in] = LayerMap(
-                lay.proj_in, name, "rows_index", (o_out, o_in), (rows.numel(), o_in),
+                lay.proj_in,
+                name,
+                "rows_index",
+                (o_out, o_in),
+                (rows.numel(), o_in),
                 {"index": rows.to(torch.int64).clone()},
             )
             o_out, o_in = shape(lay.proj_out)
             k = rw.keep_value.numel()
             if rw.refit_rest is not None:
                 maps.layers[lay.proj_out] = LayerMap(
-                    lay.proj_out, name, "cols_nystrom", (o_out, o_in), (o_out, k),
+                    lay.proj_out,
+                    name,
+                    "cols_nystrom",
+                    (o_out, o_in),
+                    (o_out, k),
                     {"index": rw.keep_value.to(torch.int64).clone(), "rest": f32(rw.refit_rest)},
                 )
-            elif torch.equal(rw.out_weight.to(F64), linear(model, lay.proj_out).weight.detach().to("cpu", F64)[:, rw.keep_value]):
+            elif torch.equal(
+                rw.out_weight.to(F64),
+                linear(model, lay.proj_out).weight.detach().to("cpu", F64)[:, rw.keep_value],
+            ):
                 maps.layers[lay.proj_out] = LayerMap(
-                    lay.proj_out, name, "cols_index", (o_out, o_in), (o_out, k),
+                    lay.proj_out,
+                    name,
+                    "cols_index",
+                    (o_out, o_in),
+                    (o_out, k),
                     {"index": rw.keep_value.to(torch.int64).clone()},
                 )
             else:
@@ -514,7 +531,7 @@ def _parse(
             if mod.startswith(p):
                 name = underscored.get(mod[len(p) :])
                 if name is None:
-                    problems.append(f"{key}: no layer {mod[len(p):]!r} (kohya name) in the model")
+                    problems.append(f"{key}: no layer {mod[len(p) :]!r} (kohya name) in the model")
                 return name
         if mod not in modules:
             problems.append(f"{key}: the model has no layer {mod!r} (a LoRA for another model?)")
@@ -613,7 +630,9 @@ def project_lora(
             if t.down is None and t.up is None:  # an alpha alone
                 problems.append(f"{path}: alpha without lora_A / lora_B weights")
             else:
-                problems.append(f"{path}: has {'lora_A (down)' if t.up is None else 'lora_B (up)'} but not the other")
+                problems.append(
+                    f"{path}: has {'lora_A (down)' if t.up is None else 'lora_B (up)'} but not the other"
+                )
             continue
         a, b = t.down, t.up
         rank = a.shape[0]
@@ -631,11 +650,15 @@ def project_lora(
         else:
             original = _module_shape(modules[path])
             if original is None:
-                problems.append(f"{path}: a {type(modules[path]).__name__}, not a linear or conv layer LoRA can target")
+                problems.append(
+                    f"{path}: a {type(modules[path]).__name__}, not a linear or conv layer LoRA can target"
+                )
                 continue
         got = (b.shape[0], a.shape[1], *a.shape[2:])
         if len(original) == 2 and (a.dim() != 2 or b.dim() != 2):
-            problems.append(f"{path}: a linear layer {list(original)}, the LoRA has conv-shaped weights {list(a.shape)}, {list(b.shape)}")
+            problems.append(
+                f"{path}: a linear layer {list(original)}, the LoRA has conv-shaped weights {list(a.shape)}, {list(b.shape)}"
+            )
             continue
         if tuple(got) != tuple(original):
             problems.append(
@@ -732,6 +755,17 @@ def _peft_available() -> bool:
     return True
 
 
+def _submodule(owner: nn.Module, path: str) -> nn.Module | None:
+    """``owner``'s module at ``path``; CLIP text-encoder keys name ``text_model.`` where newer
+    transformers have no such level, so that prefix may be left out."""
+    for p in (path, path.removeprefix("text_model.")):
+        try:
+            return owner.get_submodule(p)
+        except AttributeError:
+            continue
+    return None
+
+
 def _fuse(owner_modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor], scale: float) -> dict:
     """``W += scale * B A`` for every lora_A / lora_B pair of ``state`` (keys ``<component>.<path>
     .lora_A.weight``); returns {id: (module, original weight copy)}."""
@@ -746,12 +780,16 @@ def _fuse(owner_modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tens
             comp, _, path = mod.partition(".")
             if comp not in owner_modules:
                 raise LoraError(f"{mod}: no component {comp!r} to fuse into")
-            layer = owner_modules[comp].get_submodule(path)
+            layer = _submodule(owner_modules[comp], path)
+            if layer is None or not isinstance(layer, nn.Linear | nn.Conv2d):
+                raise LoraError(f"{mod}: no linear or conv layer {path!r} in {comp} to fuse into")
             a, b = ab["A"].to(F64), ab["B"].to(F64)
             delta = b.flatten(1) @ a.flatten(1)
             delta = delta.view(layer.weight.shape) if layer.weight.dim() == 4 else delta
             if delta.shape != layer.weight.shape:
-                raise LoraError(f"{path}: delta {list(delta.shape)} does not fit weight {list(layer.weight.shape)}")
+                raise LoraError(
+                    f"{path}: delta {list(delta.shape)} does not fit weight {list(layer.weight.shape)}"
+                )
             saved[id(layer)] = (layer, layer.weight.detach().clone())
             new = layer.weight.detach().to(F64) + scale * delta.to(layer.weight.device)
             layer.weight.copy_(new.to(layer.weight.dtype))
@@ -814,6 +852,8 @@ def load_lora_into(
                 owners[comp] = mod
     missing = sorted({k.split(".", 1)[0] for k in report.passthrough} - set(owners))
     if missing:
-        raise LoraError(f"the LoRA has keys for {missing}, which the target does not have (pass the pipeline)")
+        raise LoraError(
+            f"the LoRA has keys for {missing}, which the target does not have (pass the pipeline)"
+        )
     saved = _fuse(owners, state, scale)
     return LoadedLora(adapter_name, "fuse", report, state, saved)
