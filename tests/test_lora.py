@@ -123,7 +123,12 @@ def test_full_rank_projection_reproduces_original_plus_lora(tiny, tmp_path):
     assert relmax(lora_ref, base_ref) > 1e-2  # the LoRA really changes the output
 
     mapped, report = project_lora(model, lora)
-    assert {report.layers[t] for t in TARGETS[:-1]} <= {"rows_heads", "cols_heads", "rows_index", "cols_nystrom"}
+    assert {report.layers[t] for t in TARGETS[:-1]} <= {
+        "rows_heads",
+        "cols_heads",
+        "rows_index",
+        "cols_nystrom",
+    }
     assert report.layers["time_embedding.linear_1"] == "identity"
     handle = load_lora_into(model, lora, method="fuse")
     err = relmax(run(model, x), lora_ref)
@@ -220,7 +225,9 @@ def test_reduced_rank_delta_is_exact_projection(tiny):
         got = mapped[f"unet.{path}.lora_B.weight"].to(F64) @ mapped[f"unet.{path}.lora_A.weight"].to(F64)
         assert relmax(got, delta(lora, path) @ m) < 1e-5, path
         # and the map is the one compression applied to the weight itself
-        assert relmax(c1.get_submodule(path).weight.to(F64), unet.get_submodule(path).weight.to(F64) @ m) < 1e-5
+        assert (
+            relmax(c1.get_submodule(path).weight.to(F64), unet.get_submodule(path).weight.to(F64) @ m) < 1e-5
+        )
 
 
 def test_alpha_scale_is_folded_into_lora_b(tiny):
@@ -250,7 +257,10 @@ def test_other_key_formats_give_the_same_projection(tiny):
     for fmt in (
         {f"{path}.lora.down.weight": a, f"{path}.lora.up.weight": b},
         {f"{kohya}.lora_down.weight": a, f"{kohya}.lora_up.weight": b, f"{kohya}.alpha": torch.tensor(4.0)},
-        {f"unet.{attn}.processor.{lin}_lora.down.weight": a, f"unet.{attn}.processor.{lin}_lora.up.weight": b},
+        {
+            f"unet.{attn}.processor.{lin}_lora.down.weight": a,
+            f"unet.{attn}.processor.{lin}_lora.up.weight": b,
+        },
     ):
         got, _ = project_lora(model, fmt)
         for ab in ("lora_A", "lora_B"):
@@ -295,7 +305,9 @@ def test_bad_lora_files_raise_one_error_naming_the_layer(tiny):
 
     wrong = dict(good)
     wrong[f"unet.{path}.lora_A.weight"] = torch.randn(4, 7)  # to_q takes 32 inputs
-    with pytest.raises(LoraError, match=rf"{path}: the LoRA's delta is \[32, 7\].*original layer is \[32, 32\]"):
+    with pytest.raises(
+        LoraError, match=rf"{path}: the LoRA's delta is \[32, 7\].*original layer is \[32, 32\]"
+    ):
         project_lora(model, wrong)
 
     wrong = dict(good)
@@ -338,7 +350,9 @@ def test_folder_without_maps_gives_a_clear_error(tiny, tmp_path):
         project_lora(loaded, make_lora(unet))
 
     # compressed in memory without maps
-    bare = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()}, lora_maps=False)
+    bare = _compressed(
+        tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()}, lora_maps=False
+    )
     with pytest.raises(LoraMapsMissingError, match="carries no LoRA maps"):
         project_lora(bare, make_lora(unet))
 
@@ -426,3 +440,78 @@ def test_full_rank_projection_on_joint_attention(qk_norm, tmp_path):
     load_lora_into(slim, lora, method="fuse")
     assert relmax(fwd(slim), ref) < 1e-5
     assert relmax(fwd(model), ref) > 1e-2  # the LoRA really changes the output
+
+
+# --------------------------------------------------------------------------------------------
+# pipelines: maps found from the folder diffusers loaded; text-encoder keys pass through
+# --------------------------------------------------------------------------------------------
+def _tiny_sd_pipeline(unet, tmp_path):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "a": 4, "c": 5, "t": 6}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_pipeline_loaded_by_diffusers_finds_its_maps(tiny, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    import slimdiff  # noqa: F401  (what a loading process needs for the Slim* classes)
+
+    unet, _ = tiny
+    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    expected, _ = project_lora(model, make_lora(unet))
+    save_compressed(_tiny_sd_pipeline(model, tmp_path), tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    lora = {
+        **make_lora(unet),
+        f"{te}.lora_A.weight": torch.randn(2, 24),
+        f"{te}.lora_B.weight": torch.randn(24, 2),
+    }
+    mapped, report = project_lora(pipe, lora)
+    assert report.passthrough == [f"{te}.lora_A.weight", f"{te}.lora_B.weight"]
+    for k in expected:  # the maps read from the folder are the ones compress_ recorded
+        assert torch.equal(mapped[k], expected[k]), k
+    q = pipe.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")  # no text_model level here
+    before = q.weight.detach().clone()
+    handle = load_lora_into(pipe, lora, method="fuse")
+    want = before.to(F64) + lora[f"{te}.lora_B.weight"].to(F64) @ lora[f"{te}.lora_A.weight"].to(F64)
+    assert torch.allclose(q.weight.to(F64), want, atol=1e-6)
+    handle.unfuse()
+    assert torch.equal(q.weight, before)
