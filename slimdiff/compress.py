@@ -79,6 +79,10 @@ class FFNRewrite:
     error: float | None = None
     energy: float | None = None
     diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+    # out_weight = W_2 M with M (inner, k): rows keep_value of M are the identity, these are the
+    # others (ascending neuron order), (inner - k, k). None: no refit (out_weight = W_2[:, keep]).
+    # Recorded for slimdiff.lora (a delta of ff.net.2 maps to delta @ M).
+    refit_rest: torch.Tensor | None = None
 
 
 @dataclass
@@ -99,6 +103,10 @@ class VORewrite:
     error: float | None = None
     energy: float | None = None
     diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
+    # (H, d_h, r): out_blocks[h] = s_out[h]^T W_o,h, i.e. the out linears' new column block h is
+    # W_o[:, head h] @ s_out[h]. None when a method does not provide it: LoRA deltas of the out
+    # linears then cannot be mapped (slimdiff.lora warns).
+    s_out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class UnitContext:
     damping: float
     ffn_selection: str
     qk_norm: str = "select"  # how a QK under per-head RMSNorms is compressed (compress_)
+    lora_maps: bool = False  # also compute the maps slimdiff.lora needs (FFN refit map: extra solve)
 
     @property
     def layout(self) -> FFNLayout | AttentionLayout:
@@ -223,8 +232,12 @@ def _ffn_nystrom(ctx: UnitContext) -> FFNRewrite:
     _check_selection(ctx)
     inner = ctx.unit.full_rank
     cov = ctx.covariance(ctx.layout.hidden_key, (inner, inner))
-    res = linalg.nystrom_ffn(cov, ctx.weight(ctx.layout.proj_out), ctx.rank, ctx.damping)
-    return FFNRewrite(res.keep, res.keep, res.out_weight, res.error, res.energy, [res.diagnostics])
+    res = linalg.nystrom_ffn(
+        cov, ctx.weight(ctx.layout.proj_out), ctx.rank, ctx.damping, with_map=ctx.lora_maps
+    )
+    return FFNRewrite(
+        res.keep, res.keep, res.out_weight, res.error, res.energy, [res.diagnostics], res.refit_rest
+    )
 
 
 @register_method("ffn", "magnitude")
@@ -269,6 +282,7 @@ def _vo_rewrite(results: list[linalg.VOResult]) -> VORewrite:
         sum(r.error for r in results),
         sum(r.energy for r in results),
         [r.diagnostics for r in results],
+        None if any(r.s_out is None for r in results) else torch.stack([r.s_out for r in results]),
     )
 
 
@@ -584,6 +598,7 @@ def compress_(
     qk_method: str | None = None,
     vo_method: str | None = None,
     qk_norm: str = "select",
+    lora_maps: bool = True,
 ) -> CompressionReport:
     """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
 
@@ -599,7 +614,12 @@ def compress_(
     those units at full rank) or "project" (left whole in the plan; when the attention's VO is cut
     to r, q and k are projected to r AFTER their norms, so the logits and the fused kernel run at
     width r while to_q / to_k keep their size and the projections add 2 H d_h r parameters).
-    The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.io.save_compressed``."""
+    The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.io.save_compressed``.
+    ``lora_maps`` (default on) also records, on ``unet.slimdiff_lora_maps``, the linear map every
+    rewritten layer applied to the original weights (``slimdiff.lora.LoraMaps``: per-head T of
+    q/k/v, per-head S of the out linears, the FFN's kept rows J and refit map M), so that a LoRA
+    made for the original model can be projected onto this one; ``save_compressed`` writes them.
+    Their size is small for attention (H d_h r per linear) but (inner - k) k floats per FFN."""
     if getattr(unet, PLAN_ATTRIBUTE, None) is not None:
         raise CompressionError(
             "this UNet is already compressed (it carries a slimdiff_plan); compress the original model instead"
@@ -653,9 +673,14 @@ def compress_(
             damping=damping,
             ffn_selection=ffn_selection,
             qk_norm=qk_norm,
+            lora_maps=lora_maps,
         )
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
     post = _post_norm_projections(unet, units, plan, covariances, damping) if qk_norm == "project" else {}
+    if lora_maps:  # from the ORIGINAL layers (shapes, weights), before anything is swapped
+        from slimdiff.lora import maps_from_rewrites
+
+        maps = maps_from_rewrites(unet, units, rewrites, plan.digest)
 
     attentions: dict[str, AttentionLayout] = {}
     reports = {}
@@ -701,6 +726,10 @@ def compress_(
 
     setattr(unet, PLAN_ATTRIBUTE, plan)
     setattr(unet, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})
+    if lora_maps:
+        from slimdiff.lora import LORA_MAPS_ATTRIBUTE
+
+        setattr(unet, LORA_MAPS_ATTRIBUTE, maps)
     params_after = count_parameters(unet)
     report = CompressionReport(
         units=reports,

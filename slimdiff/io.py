@@ -9,7 +9,10 @@ rank plan, so the skeleton is built at the compressed shapes before the weights 
                                                   options; _class_name Slim<StockClass>
     <dir>/diffusion_pytorch_model.safetensors     the compressed weights (stock module names)
     <dir>/slimdiff.json                           sidecar: format version, per-tensor shape and
-                                                  dtype, sha256 of the weights file, plan digest
+                                                  dtype, sha256 of the weights file, plan digest,
+                                                  and "lora_maps": index + sha256 of the file below
+    <dir>/slimdiff_lora_maps.safetensors          the linear maps of the rewritten layers, for
+                                                  projecting LoRAs of the original (slimdiff.lora)
 
 For a pipeline, ``<dir>`` is a normal ``save_pretrained`` folder whose denoiser subfolder
 (``unet/`` or ``transformer/``) has the layout above and whose ``model_index.json`` names the
@@ -37,6 +40,8 @@ from torch import nn
 from slimdiff.allocation import PlanValidationError, RankPlan
 from slimdiff.arch.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
 from slimdiff.compress import COMPRESSION_ATTRIBUTE, PLAN_ATTRIBUTE, apply_plan_shapes_
+from slimdiff.lora import FOLDER_ATTRIBUTE, LORA_MAPS_NAME
+from slimdiff.lora import SIDECAR_KEY as LORA_SIDECAR_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,25 @@ def _is_pipeline(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
+def _lora_maps_for_save(unet: nn.Module):
+    """The LoraMaps to write with ``unet``: those compress_ recorded, else those of the folder it
+    was loaded from; None (folder saved without maps) when there are none."""
+    from slimdiff.lora import FOLDER_ATTRIBUTE, LORA_MAPS_ATTRIBUTE, LoraMapsMissingError, read_lora_maps
+
+    maps = getattr(unet, LORA_MAPS_ATTRIBUTE, None)
+    if maps is None and getattr(unet, FOLDER_ATTRIBUTE, None):
+        try:
+            maps = read_lora_maps(getattr(unet, FOLDER_ATTRIBUTE))
+        except LoraMapsMissingError:
+            maps = None
+    if maps is None:
+        logger.warning(
+            "saving a compressed model without LoRA maps (compressed with lora_maps=False or loaded from a "
+            "folder without them): LoRAs of the original model cannot be projected onto the saved folder"
+        )
+    return maps
+
+
 def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | None) -> Path:
     from safetensors.torch import save_file
 
@@ -82,6 +106,12 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | N
     # one metadata entry only: safetensors writes its metadata map in a per-process random order,
     # so two entries gave the same tensors two different byte sequences (and digests) across runs
     save_file(state, str(weights), metadata={"format": "pt"})
+    maps = _lora_maps_for_save(unet)
+    if maps is not None and maps.plan_digest not in (None, plan.digest):
+        raise CompressedModelError(
+            f"the model's LoRA maps belong to plan {maps.plan_digest[:12]}, the folder is saved with plan "
+            f"{plan.digest[:12]}"
+        )
     sidecar = {
         "format_version": SIDECAR_FORMAT_VERSION,
         "model_class": type(unet).__name__,
@@ -94,6 +124,11 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | N
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in state.items()},
         "extra": dict(extra or {}),
     }
+    stale = directory / LORA_MAPS_NAME
+    if stale.exists():
+        stale.unlink()
+    if maps is not None:
+        sidecar[LORA_SIDECAR_KEY] = maps.save(directory)
     (directory / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n")
     logger.info("saved compressed %s (%d tensors) to %s", type(unet).__name__, len(state), directory)
     return directory
@@ -179,6 +214,7 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
             f"{weights}: sha256 {digest[:12]}... does not match the sidecar's {str(sidecar.get('weights_sha256'))[:12]}...: "
             "the weights were changed or truncated after saving"
         )
+    verify_lora_maps(directory, sidecar)
 
     config = model_cls.load_config(directory)
     # parameters on the meta device (no memory, no random init), buffers computed as the model's
@@ -212,7 +248,24 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
     if torch_dtype is not None:
         unet.to(dtype=torch_dtype)
     unet.to(device)
+    setattr(unet, FOLDER_ATTRIBUTE, str(directory))  # slimdiff.lora reads (and verifies) maps from here
     return unet
+
+
+def verify_lora_maps(directory: Path, sidecar: dict) -> None:
+    """When the sidecar records LoRA maps: the file is there and matches its sha256."""
+    entry = sidecar.get(LORA_SIDECAR_KEY)
+    if not entry:
+        return
+    maps = directory / str(entry.get("file", LORA_MAPS_NAME))
+    if not maps.is_file():
+        raise CompressedModelError(f"{maps} not found (named by {directory / SIDECAR_NAME})")
+    digest = _sha256(maps)
+    if digest != entry.get("sha256"):
+        raise CompressedModelError(
+            f"{maps}: sha256 {digest[:12]}... does not match the sidecar's {str(entry.get('sha256'))[:12]}...: "
+            "the LoRA maps were changed or truncated after saving"
+        )
 
 
 def _compare_shapes(expected: dict, got: dict, what_expected: str, what_got: str, directory: Path) -> None:

@@ -184,6 +184,10 @@ class NystromResult:
     error: float  # E||h B - h_J B'||^2 under C~ (per token)
     energy: float  # E||h B||^2 under C~: error / energy is the relative error
     diagnostics: FactorDiagnostics
+    # rows of the refit map M = C~_:J C~_JJ^-1 (out_weight = W_2 M) for the neurons NOT kept, in
+    # ascending neuron order, (inner - k, k); rows J of M are the identity. Only with ``with_map``
+    # (what slimdiff.lora needs to carry a weight delta of ff.net.2 into the compressed layer).
+    refit_rest: torch.Tensor | None = None
 
 
 def nystrom_refit(
@@ -209,8 +213,27 @@ def nystrom_refit(
     return b_new.T.contiguous(), max(error, 0.0), energy
 
 
+def nystrom_refit_rest(matrix: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows of the refit map ``M = C_:J C_JJ^-1`` (n, k) for the neurons outside ``keep``:
+    ``C_(J^c) J C_JJ^-1``, (n - k, k). The refit output weight is ``W_2 M`` (``nystrom_refit``);
+    rows ``J`` of ``M`` are the identity, so only these rows carry information."""
+    c = matrix.to(F64)
+    n = c.shape[-1]
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[keep] = False
+    chol, info = torch.linalg.cholesky_ex(c[keep][:, keep])
+    if int(info) != 0:
+        raise ValueError("the selected principal block of the damped correlation is not positive definite")
+    return torch.cholesky_solve(c[keep][:, rest], chol).T.contiguous()  # (n - k, k)
+
+
 def nystrom_ffn(
-    correlation: torch.Tensor, out_weight: torch.Tensor, rank: int, damping: float = 1e-2
+    correlation: torch.Tensor,
+    out_weight: torch.Tensor,
+    rank: int,
+    damping: float = 1e-2,
+    *,
+    with_map: bool = False,
 ) -> NystromResult:
     """Type I: keep ``rank`` neurons chosen by CPQR of a square root of the damped correlation
     ``K = E[h^T h]`` (inner, inner) and refit ``out_weight`` (ff.net.2 weight, (d, inner)).
@@ -228,7 +251,8 @@ def nystrom_ffn(
     order = cpqr_order(factor)
     keep = order[:rank].sort().values
     w, error, energy = nystrom_refit(factor.matrix, out_weight, keep)
-    return NystromResult(keep, w, error, energy, factor.diagnostics)
+    rest = nystrom_refit_rest(factor.matrix, keep) if with_map else None
+    return NystromResult(keep, w, error, energy, factor.diagnostics, rest)
 
 
 def magnitude_neuron_scores(in_weight_rows: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
@@ -308,6 +332,9 @@ class VOResult:
     error: float  # sum of discarded S_i^2 = E||a_h W_o,h - a_h T out_block||^2
     energy: float
     diagnostics: FactorDiagnostics
+    # (d_h, r) input map of the head's out block: out_block = s_out^T w_o (= U_r^T R_a W_o,h), so
+    # the new out linear's column block is W_o[:, head] @ s_out (slimdiff.lora maps deltas with it)
+    s_out: torch.Tensor | None = None
 
 
 def vo_whitened_svd(cov_a: torch.Tensor, w_o: torch.Tensor, rank: int, damping: float = 1e-2) -> VOResult:
@@ -325,8 +352,9 @@ def vo_whitened_svd(cov_a: torch.Tensor, w_o: torch.Tensor, rank: int, damping: 
     u, s, vh = torch.linalg.svd(fa.upper @ w_o.to(F64), full_matrices=False)  # (d, d), (d,), (d, d_out)
     t_v = _solve_upper(fa.upper, u[:, :rank])  # (d, r)
     out_block = s[:rank, None] * vh[:rank]  # (r, d_out)
+    s_out = fa.upper.T @ u[:, :rank]  # (d, r): U_r^T R_a W_o = s_out^T W_o
     sq = s.square()
-    return VOResult(t_v, out_block, s, float(sq[rank:].sum()), float(sq.sum()), fa.diagnostics)
+    return VOResult(t_v, out_block, s, float(sq[rank:].sum()), float(sq.sum()), fa.diagnostics, s_out)
 
 
 def vo_weight_svd(w_v: torch.Tensor, w_o: torch.Tensor, rank: int, damping: float = 1e-8) -> VOResult:

@@ -72,6 +72,10 @@ def slim_class(base: type) -> type:
             if folder.is_dir():  # a local folder: verify before loading (hub repos: after download)
                 verify_folder(folder)
             model = super(cls, cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if folder.is_dir():  # where slimdiff.lora finds this model's LoRA maps
+                from slimdiff.lora import FOLDER_ATTRIBUTE
+
+                setattr(model, FOLDER_ATTRIBUTE, str(folder))
             return model
 
         cls = type(
@@ -102,7 +106,14 @@ def verify_folder(folder: Path) -> None:
 
     from slimdiff.allocation import PlanValidationError, RankPlan
     from slimdiff.compress import apply_plan_shapes_
-    from slimdiff.io import SIDECAR_NAME, CompressedModelError, _compare_shapes, _sha256, read_sidecar
+    from slimdiff.io import (
+        SIDECAR_NAME,
+        CompressedModelError,
+        _compare_shapes,
+        _sha256,
+        read_sidecar,
+        verify_lora_maps,
+    )
 
     if not (folder / SIDECAR_NAME).is_file():
         raise CompressedModelError(
@@ -139,6 +150,7 @@ def verify_folder(folder: Path) -> None:
             f"{weights}: sha256 {digest[:12]}... does not match the sidecar's "
             f"{str(sidecar.get('weights_sha256'))[:12]}...: the weights were changed or truncated after saving"
         )
+    verify_lora_maps(folder, sidecar)
     name = str(config.get("_class_name"))
     try:
         base = slim_class_named(name).__mro__[1]
