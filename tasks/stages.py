@@ -51,7 +51,7 @@ STAGE_VERSIONS = {
     "calibrate": "1",
     "influence": "3",  # 2: also writes error_profiles.json; 3: profiles are undamped errors
     "plan": "3",  # 2: mode "error"; plans record profiles_digest and predicted_error; 3: exact DP
-    "compress": "2",  # 2: fused-kernel processor; report errors under the undamped covariance
+    "compress": "3",  # 2: fused-kernel processor, undamped report errors; 3: LoRA maps saved
     "evaluate": "1",
     "register": "1",
 }
