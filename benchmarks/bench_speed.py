@@ -228,6 +228,47 @@ def untied_share(model) -> float:
     return sum(a.to_q.out_features != a.to_v.out_features for a in attns) / max(1, len(attns))
 
 
+def compiled_row(row: dict, base, slim, x: Inputs, device, args, compiled: dict) -> dict:
+    """The same pair under ``torch.compile`` (inductor, default mode): compilation and ``warmup``
+    forwards untimed, then ``reps`` interleaved pairs, as for the eager row."""
+    if "original" not in compiled:
+        compiled["original"] = torch.compile(base)
+    t0 = time.perf_counter()
+    slim_c = torch.compile(slim)
+    with torch.inference_mode():
+        for m in (compiled["original"], slim_c):
+            m(*x.args, **x.kwargs)  # compiles (the original only the first time)
+    compile_s = time.perf_counter() - t0
+    timing = interleaved(
+        {"original": compiled["original"], "compressed": slim_c}, x, device, args.reps, args.warmup, False
+    )
+    t_o, t_s = timing["original"]["seconds"], timing["compressed"]["seconds"]
+    pair = [a / b for a, b in zip(t_o, t_s, strict=True)]
+    measured = statistics.median(t_o) / statistics.median(t_s)
+    out = {
+        **row,
+        "plan": f"{row['plan']} (compiled)",
+        "orig_ms": 1e3 * statistics.median(t_o),
+        "slim_ms": 1e3 * statistics.median(t_s),
+        "measured": measured,
+        "pair_min": min(pair),
+        "pair_max": max(pair),
+        "efficiency": measured / row["bound"],
+        "split_orig": None,
+        "split_slim": None,
+        "timings_orig": t_o,
+        "timings_slim": t_s,
+        "compile_s": compile_s,
+    }
+    out["passes"] = out["efficiency"] >= TARGET_EFFICIENCY and measured >= 1.0
+    print(
+        f"{out['plan']:>10} {row['fraction']:.0%}: {out['orig_ms']:.0f} -> {out['slim_ms']:.0f} ms, measured "
+        f"{measured:.3f}x [{out['pair_min']:.3f}, {out['pair_max']:.3f}] (compiling took {compile_s:.0f} s)",
+        flush=True,
+    )
+    return out
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sd15", choices=sorted(SPECS))
@@ -248,6 +289,11 @@ def parse_args(argv):
         choices=["auto", "full", "none"],
         help="collect activation statistics (full), or not (none: uniform plans, weight-only rewrite); "
         "auto: full when they fit in the available memory",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time original and compressed under torch.compile (for the first plan kind's budgets)",
     )
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/speed_<model>_<device>.md")
     args = ap.parse_args(argv)
@@ -316,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows = []
+    compiled: dict = {}  # the compiled original, made once and timed against every compiled plan
     # on the CPU in float32 the compressed copy shares the original's tensors (one model resident)
     shared = device.type == "cpu" and dtype == torch.float32
     for kind in plan_kinds:
@@ -377,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['efficiency']:.0%} of bound, backends {backends}, untied {row['untied_share']:.0%}",
                 flush=True,
             )
+            if args.compile and kind == plan_kinds[0]:
+                rows.append(compiled_row(row, base, slim, x, device, args, compiled))
             del slim
             gc.collect()
 
@@ -466,6 +515,8 @@ def render(
             "|---|---|---:|---:|---:|---:|",
         ]
         for r in rows:
+            if not r["split_orig"]:  # compiled rows: hooks would break the graph, so no split
+                continue
             so, ss = r["split_orig"], r["split_slim"]
             rest_o = r["orig_ms"] / 1e3 - sum(so.values())
             rest_s = r["slim_ms"] / 1e3 - sum(ss.values())

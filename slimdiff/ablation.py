@@ -68,6 +68,9 @@ class Variant:
     methods: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METHODS))
     modules: tuple[str, ...] = ("ffn", "qk", "vo")
     budgets: tuple[float, ...] | None = None  # None: every budget of the config
+    # QK under per-head RMSNorms (MMDiT): "select" (RMSNorm-aware coordinate selection), "project"
+    # (a projection after the norms at the VO rank) or "keep" (left whole); see compress_
+    qk_norm: Literal["select", "project", "keep"] = "select"
 
     def __post_init__(self) -> None:
         if self.mode not in (None, "error", "influence", "uniform"):
@@ -155,6 +158,29 @@ def default_variants(
         ),
         Variant("slimset-16", "slimset", "FPS SlimSet of 16 prompts", "fps-16", budgets=(slimset_budget,)),
         Variant("slimset-256", "slimset", "FPS SlimSet of 256 prompts", "fps-256", budgets=(slimset_budget,)),
+    )
+
+
+def mmdit_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
+    """The MMDiT rows (issue 15): the default (RMSNorm-aware QK selection), the two other QK
+    options (projection after the norms; QK left whole), uniform allocation, and weight-only SVD
+    (VO; weight-only SVD of W_q W_k^T does not commute with the q/k norms, so QK is left whole)."""
+    base = f"fps-{base_n}"
+    return (
+        Variant("slimdiff", "method", "SlimDiff default: error-driven, QK by RMSNorm-aware selection", base),
+        Variant(
+            "qk-project", "method", "QK projected after the norms at the VO rank", base, qk_norm="project"
+        ),
+        Variant("qk-keep", "method", "QK under norms left whole (only VO and FFN)", base, qk_norm="keep"),
+        Variant("uniform-allocation", "method", "same keep ratio for every unit", base, mode="uniform"),
+        Variant(
+            "weight-svd-vo",
+            "method",
+            "VO by plain SVD of the weights, QK left whole (no activations for VO)",
+            base,
+            methods={**DEFAULT_METHODS, "vo": "weight_svd"},
+            qk_norm="keep",
+        ),
     )
 
 
@@ -322,7 +348,7 @@ def run_ablation(
     ``pool`` is the calibration prompt pool (the evaluation prompts are excluded from it),
     ``embedder`` the SlimSet embedder, ``judges`` the toy judges (None: the committed ones).
     ``keep_images`` lists (variant, budget) pairs whose samples are kept in ``result.images``."""
-    from slimdiff.adapter import compression_units, count_parameters, denoiser_of
+    from slimdiff.adapter import compression_units, count_parameters, denoiser_of, planned_units
     from slimdiff.allocation import Budget, InfeasibleBudgetError, plan_ranks
     from slimdiff.calibration import collect_stats
     from slimdiff.compress import compress_
@@ -426,8 +452,9 @@ def run_ablation(
                 "tau": cfg.tau if v.tau is None else v.tau,
                 "methods": dict(v.methods),
                 "modules": list(v.modules),
+                "qk_norm": v.qk_norm,
             }
-            units = {n: u for n, u in units_all.items() if u.kind in v.modules}
+            units = planned_units(units_all, v.modules, v.qk_norm)
             removed = int(round(budget * compressible))
             try:
                 plan = plan_ranks(
@@ -457,6 +484,7 @@ def run_ablation(
                 method=dict(v.methods),
                 damping=cfg.damping,
                 ffn_selection=cfg.ffn_selection,
+                qk_norm=v.qk_norm,
             )
             t_compress = time.perf_counter() - t0
             slim = with_unet(pipe, unet)
@@ -721,23 +749,28 @@ def readme_summary(
     result: AblationResult,
     table_path: str = "benchmarks/results/ablation.md",
     curves_path: str = "benchmarks/results/ablation_curves.png",
+    *,
+    names: Sequence[str] | None = None,
+    what: str = "the toy UNet",
+    command: str = "python benchmarks/ablation.py --write",
 ) -> str:
-    """A short, data-driven paragraph for the README: every sentence is computed from the rows."""
+    """A short, data-driven paragraph for the README: every sentence is computed from the rows.
+    ``names``: the variant columns, the SlimDiff default first (default: the UNet rows)."""
     p, orig = result.protocol, result.original
     o_exact = (orig.get("accuracy") or {}).get("all", {}).get("exact")
     lines = [
-        "### Ablation on the toy model (equal parameter budgets)",
+        f"### Ablation on {what} (equal parameter budgets)",
         "",
-        f"`python benchmarks/ablation.py --write` compresses the toy UNet ({result.config['unet_params']:,} parameters, "
+        f"`{command}` compresses {what} ({result.config['unet_params']:,} parameters, "
         f"{result.config['compressible_params']:,} in the compressible set) at "
         + ", ".join(f"{100 * b:.0f}%" for b in result.config["budgets"])
         + " of the compressible parameters removed and evaluates every variant against the original on the "
         f"{p.get('n_prompts')} held-out captions ({p.get('images_per_prompt')} images each, seeds {p.get('seed')}+k, "
-        f"{p.get('num_inference_steps')} DDIM steps, guidance {p.get('guidance_scale')}). "
+        f"{p.get('num_inference_steps')} steps {p.get('sampler', '')}, guidance {p.get('guidance_scale')}). "
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",
         "",
     ]
-    names = METHOD_VARIANTS
+    names = list(names) if names is not None else METHOD_VARIANTS
     lines += [
         "Each cell: exact match % / FID vs real renders / PSNR to the original's images (dB), same seeds.",
         "",

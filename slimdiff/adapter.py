@@ -52,6 +52,16 @@ def compression_units(model: nn.Module) -> dict[str, UnitInfo]:
     return adapter_for(model).units(model)
 
 
+def planned_units(units: dict[str, UnitInfo], modules, qk_norm: str = "select") -> dict[str, UnitInfo]:
+    """The units a plan allocates: the kinds in ``modules``, without QK units under per-head
+    RMSNorms unless ``qk_norm`` is "select" (keep / project leave them whole)."""
+    return {
+        n: u
+        for n, u in units.items()
+        if u.kind in modules and not (u.kind == "qk" and u.layout.qk_norm and qk_norm != "select")
+    }
+
+
 def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -> int:
     """Parameters of the compressible set counted on the live layers of ``model`` (compressed or
     not; ``units`` are those of the original architecture): the rank-dependent tensors of each

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import slimdiff
+from slimdiff.adapter import planned_units  # noqa: F401  (re-exported: the plan stage and preflight use it)
 from slimdiff.config import Params
 from slimdiff.evaluation import jsonable
 from tasks.artifacts import (
@@ -524,16 +525,6 @@ def run_plan(
         out,
         {"plan_digest": plan.digest, "params_before": plan.params_before, "params_after": plan.params_after},
     )
-
-
-def planned_units(units: dict, modules, qk_norm: str) -> dict:
-    """The units a plan allocates: the kinds in ``allocation.modules``, without QK units under
-    per-head RMSNorms unless ``compression.qk_norm`` is "select" (keep / project leave them whole)."""
-    return {
-        n: u
-        for n, u in units.items()
-        if u.kind in modules and not (u.kind == "qk" and u.layout.qk_norm and qk_norm != "select")
-    }
 
 
 def run_compress(
