@@ -232,6 +232,12 @@ def parse_args(argv):
     ap.add_argument(
         "--fraction", type=float, default=None, help="removed share (default: params.yaml budget)"
     )
+    ap.add_argument(
+        "--plan",
+        default="error",
+        choices=["error", "uniform"],
+        help="error: the committed allocation (statistics needed); uniform: no statistics, weight-only rewrite",
+    )
     ap.add_argument("--prompts", type=int, default=88, help="held-out captions for quality (toy models)")
     ap.add_argument("--speed-prompts", type=int, default=8, help="captions per timed pipeline call (toy)")
     ap.add_argument(
@@ -249,10 +255,21 @@ def parse_args(argv):
     return args
 
 
-def build_slim(spec, base, fraction: float | None):
+def build_slim(spec, base, fraction: float | None, plan_kind: str = "error"):
+    """The compressed denoiser: the committed params.yaml plan (``error``: statistics, error
+    profiles, SlimDiff rewrite), or ``uniform`` without statistics (one keep ratio everywhere, the
+    weight-only rewrite at those ranks: the same layer shapes, hence the same speed, as SlimDiff's
+    rewrite of a uniform plan; for real shapes where the statistics would take longer than the
+    timing)."""
     params = load_params(ROOT / "params.yaml")
     alloc, damping = params.allocation, params.compression.damping
     fraction = params.allocation.budget.value if fraction is None else fraction
+    if plan_kind == "uniform":
+        units = compression_units(base)
+        plan = make_plans("uniform", units, [fraction], None, None, alloc, count_parameters(base))[fraction]
+        slim = sharing_copy(base)
+        report = compress_(slim, plan, None, method="baseline")
+        return slim.eval(), plan, None, report, fraction
     stats = spec.calibrate(base, spec.default_resolution)
     influence = compute_influence(stats, base, weighting="spectral" if stats.n_buckets > 1 else "uniform")
     covariances = influence.aggregate(stats)
@@ -284,7 +301,7 @@ def main(argv=None) -> int:
     toy = args.model.startswith("toy")
     t_start = time.perf_counter()
     base = spec.build()
-    slim, plan, covariances, report, fraction = build_slim(spec, base, args.fraction)
+    slim, plan, covariances, report, fraction = build_slim(spec, base, args.fraction, args.plan)
     refusal = refused_quantize_first(base, plan, covariances)
     print(f"quantize-then-compress refused: {refusal}", flush=True)
     cache = cache_method(base, args)
@@ -401,7 +418,13 @@ def render(args, spec, plan, fraction, cache, rows, refusal, toy, total_s, repor
         f"(torch {torch.__version__}, {platform.processor() or 'cpu'}, {args.threads} threads, float32 + int8 "
         f"dynamic; {total_s / 60:.1f} min).",
         "",
-        f"Compressed: the committed params.yaml plan at {fraction:.0%} of the compressible parameters removed "
+        (
+            "Compressed: the committed params.yaml plan"
+            if args.plan == "error"
+            else "Compressed: a uniform plan (one keep ratio; no statistics here: the weight-only rewrite at its "
+            "ranks, the same layer shapes as SlimDiff's)"
+        )
+        + f" at {fraction:.0%} of the compressible parameters removed "
         f"({plan.params_before:,} -> {plan.params_after:,} compressible parameters). int8: dynamic int8 of every "
         f"nn.Linear (torch.ao.quantization.quantize_dynamic). cache: {cache.describe()}.",
         "",

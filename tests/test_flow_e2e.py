@@ -610,3 +610,30 @@ def test_budget_search_with_no_passing_point_registers_nothing(flow_env, first_r
         _run(params.with_overrides({"search.values": [0.95]}))
     assert "Nothing was registered" in str(err.value) and _exit_code(err.value) == EXIT_GATE == 7
     assert len(MlflowClient().search_model_versions("name='slimdiff-toy'")) == before
+
+
+def test_the_toy_mmdit_runs_the_whole_flow_with_lineage_and_gate(flow_env, first_run):
+    """`slimdiff run --set model.source=toy-mmdit`: every stage on the SD3-class toy (joint
+    attention, q/k RMSNorm under the default RMSNorm-aware selection, dual attention), registered
+    under its own name with lineage; the compressed folder loads plainly and is smaller."""
+    from diffusers import DiffusionPipeline
+    from mlflow import MlflowClient
+
+    from tasks.tracking import setup_tracking
+
+    root, params = flow_env
+    result = _run(params.with_overrides({"model.source": "toy-mmdit"}))
+    assert set(result["status"].values()) == {"ran"}, result["status"]
+    reg = result["registered"]
+    assert reg["name"] == "slimdiff-toy-mmdit" and reg["new_version"]
+    setup_tracking(params)
+    tags = MlflowClient().get_model_version(reg["name"], reg["version"]).tags
+    assert tags["compressed_digest"] == result["manifests"]["compress"]["digest"]
+    plan = json.loads((Path(result["manifests"]["plan"]["uri"]) / "rank_plan.json").read_text())
+    kinds = {u["kind"] for u in plan["units"].values()}
+    assert kinds == {"ffn", "qk", "vo"} and any(".attn2." in n for n in plan["units"])  # dual attention
+    metrics = json.loads((Path(result["manifests"]["evaluate"]["uri"]) / "metrics.json").read_text())
+    assert metrics["compressed"]["unet_params"] < metrics["original"]["unet_params"]
+    assert "exact_match_drop" in metrics["summary"]  # the toy judges grade the MMDiT's images too
+    pipe = DiffusionPipeline.from_pretrained(Path(result["manifests"]["compress"]["uri"]) / "pipeline")
+    assert type(pipe.transformer).__name__ == "SlimSD3Transformer2DModel"
