@@ -56,8 +56,8 @@ class MMDiTTrainConfig:
     dataset_seed_offset: int = 10
     two_object_fraction: float = 0.75
     # transformer + both text encoders
-    transformer_steps: int = 10000
-    batch: int = 64
+    transformer_steps: int = 4000
+    batch: int = 32
     lr: float = 5e-4
     text_lr: float = 5e-4
     weight_decay: float = 0.01
