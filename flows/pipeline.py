@@ -72,7 +72,6 @@ class FlowResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "points": self.points,
             "status": self.status,
             "repaired": self.repaired,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
@@ -81,6 +80,7 @@ class FlowResult:
             "mlflow_run_id": self.mlflow_run_id,
             "report": self.report,
             "manifests": {k: {"uri": m.uri, "digest": m.digest} for k, m in self.manifests.items()},
+            "points": self.points,  # last: CLI readers find the document by its leading "status"
         }
 
 
