@@ -27,7 +27,6 @@ sidecar as before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -40,6 +39,7 @@ from torch import nn
 from slimdiff.allocation import PlanValidationError, RankPlan
 from slimdiff.arch.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
 from slimdiff.compress import COMPRESSION_ATTRIBUTE, PLAN_ATTRIBUTE, apply_plan_shapes_
+from slimdiff.embedders import file_sha256
 from slimdiff.lora import FOLDER_ATTRIBUTE, LORA_MAPS_NAME
 from slimdiff.lora import SIDECAR_KEY as LORA_SIDECAR_KEY
 
@@ -53,14 +53,6 @@ READABLE_SIDECAR_VERSIONS = (1, 2)
 
 class CompressedModelError(ValueError):
     """A compressed-model folder is inconsistent (sidecar, plan, config and weights disagree)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -116,7 +108,7 @@ def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | N
         "format_version": SIDECAR_FORMAT_VERSION,
         "model_class": type(unet).__name__,
         "weights_file": WEIGHTS_NAME,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "plan_digest": plan.digest,
         "plan": plan.to_dict(),
         # layout options beyond the ranks (e.g. how a QK under RMSNorms was rebuilt)
@@ -208,7 +200,7 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
     weights = directory / sidecar.get("weights_file", WEIGHTS_NAME)
     if not weights.is_file():
         raise CompressedModelError(f"{weights} not found")
-    digest = _sha256(weights)
+    digest = file_sha256(weights)
     if digest != sidecar.get("weights_sha256"):
         raise CompressedModelError(
             f"{weights}: sha256 {digest[:12]}... does not match the sidecar's {str(sidecar.get('weights_sha256'))[:12]}...: "
@@ -260,7 +252,7 @@ def verify_lora_maps(directory: Path, sidecar: dict) -> None:
     maps = directory / str(entry.get("file", LORA_MAPS_NAME))
     if not maps.is_file():
         raise CompressedModelError(f"{maps} not found (named by {directory / SIDECAR_NAME})")
-    digest = _sha256(maps)
+    digest = file_sha256(maps)
     if digest != entry.get("sha256"):
         raise CompressedModelError(
             f"{maps}: sha256 {digest[:12]}... does not match the sidecar's {str(entry.get('sha256'))[:12]}...: "

@@ -106,11 +106,11 @@ def verify_folder(folder: Path) -> None:
 
     from slimdiff.allocation import PlanValidationError, RankPlan
     from slimdiff.compress import apply_plan_shapes_
+    from slimdiff.embedders import file_sha256
     from slimdiff.io import (
         SIDECAR_NAME,
         CompressedModelError,
         _compare_shapes,
-        _sha256,
         read_sidecar,
         verify_lora_maps,
     )
@@ -144,7 +144,7 @@ def verify_folder(folder: Path) -> None:
     weights = folder / sidecar.get("weights_file", "diffusion_pytorch_model.safetensors")
     if not weights.is_file():
         raise CompressedModelError(f"{weights} not found (named by {folder / SIDECAR_NAME})")
-    digest = _sha256(weights)
+    digest = file_sha256(weights)
     if digest != sidecar.get("weights_sha256"):
         raise CompressedModelError(
             f"{weights}: sha256 {digest[:12]}... does not match the sidecar's "

@@ -38,7 +38,6 @@ convention). No prefect / mlflow / dvc imports: this is a library module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,6 +50,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from slimdiff.embedders import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class LoraMaps:
         return {
             "format_version": LORA_MAPS_FORMAT_VERSION,
             "file": LORA_MAPS_NAME,
-            "sha256": _sha256(file),
+            "sha256": file_sha256(file),
             "plan_digest": self.plan_digest,
             "layers": index,
             "unmappable": dict(self.unmappable),
@@ -230,7 +231,7 @@ class LoraMaps:
         file = directory / str(entry.get("file", LORA_MAPS_NAME))
         if not file.is_file():
             raise LoraError(f"{file} not found (named by {directory}/slimdiff.json)")
-        digest = _sha256(file)
+        digest = file_sha256(file)
         if digest != entry.get("sha256"):
             raise LoraError(
                 f"{file}: sha256 {digest[:12]}... does not match the sidecar's {str(entry.get('sha256'))[:12]}...: "
@@ -253,14 +254,6 @@ class LoraMaps:
                     {n: f.get_tensor(f"{path}::{n}") for n in names},
                 )
         return cls(layers, dict(entry.get("unmappable") or {}), entry.get("plan_digest"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def maps_from_rewrites(
