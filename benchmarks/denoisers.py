@@ -9,10 +9,10 @@ except for the committed toy model, which is calibrated exactly as ``slimdiff ru
 sampler over SlimSet-sized training captions).
 
 Batches: SD v1.5 and PixArt-Sigma at batch 2 (one prompt, both classifier-free-guidance
-branches), SDXL at batch 1 (issue 14: a 512 px SDXL forward already takes minutes on 2 CPU
-cores). Text lengths: 77 CLIP tokens (SD, SDXL), 300 T5 tokens (PixArt-Sigma's
-``max_sequence_length``; all of them unmasked here, the cost of the padded prompts the pipeline
-runs).
+branches), SDXL and SD3.5-medium at batch 1 (2.6 B and 2.5 B parameters: two fp32 copies already
+take ~20 GB of the 24 GB host). Text lengths: 77 CLIP tokens (SD, SDXL), 333 joint tokens (SD3.5:
+77 CLIP + 256 T5), 300 T5 tokens (PixArt-Sigma's ``max_sequence_length``; all of them unmasked
+here, the cost of the padded prompts the pipeline runs).
 """
 
 from __future__ import annotations
@@ -80,6 +80,25 @@ PIXART_SIGMA_CONFIG = dict(
     interpolation_scale=2,
     use_additional_conditions=False,
     caption_channels=4096,  # T5-XXL (v1.1) hidden states
+)
+
+#: stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: 24 joint blocks, width
+#: 1536 = 24 heads x 64, per-head RMSNorm on q and k, a second image-only self-attention in the
+#: first 13 blocks, the last block context_pre_only)
+SD35_MEDIUM_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # T5-XXL hidden states (CLIP-L + CLIP-G states zero-padded to it)
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,  # CLIP-L (768) + CLIP-G (1280) pooled
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
 )
 
 #: timesteps of the random-input calibration forwards (noisy, middle, clean)
@@ -214,6 +233,14 @@ def build_pixart_sigma() -> torch.nn.Module:
     return PixArtTransformer2DModel(**PIXART_SIGMA_CONFIG).eval()
 
 
+# -- SD3.5-medium (MMDiT) ----------------------------------------------------------------------------
+def build_sd35_medium() -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**SD35_MEDIUM_CONFIG).eval()
+
+
 # -- the committed toy models ------------------------------------------------------------------------
 @functools.cache
 def toy_pipe(source: str = "toy"):
@@ -308,6 +335,15 @@ SPECS: dict[str, DenoiserSpec] = {
         512,  # 1024 image tokens on the CPU (4096 at --resolution 1024 where a GPU is lent)
         2,
         random_stats(300),
+    ),
+    "sd35-medium": DenoiserSpec(
+        "sd35-medium",
+        "SD3.5-medium MMDiT transformer (2.5 B), random weights",
+        build_sd35_medium,
+        text_inputs(333),  # 77 CLIP + 256 T5 tokens, what StableDiffusion3Pipeline concatenates
+        512,  # 1024 image tokens on the CPU (4096 at --resolution 1024 where a GPU is lent)
+        1,
+        random_stats(333),
     ),
     "toy": DenoiserSpec(
         "toy",

@@ -293,6 +293,15 @@ def _qk_rms_select(ctx: UnitContext) -> QKRewrite:
     lay, shape = ctx.layout, ctx.head_shape()
     cq, ck = ctx.covariance(lay.query_key, shape), ctx.covariance(lay.key_key, shape)
     cqn, ckn = ctx.covariance(lay.query_normed_key, shape), ctx.covariance(lay.key_normed_key, shape)
+    return _rms_select(ctx, cq, ck, cqn, ckn)
+
+
+def _rms_select(
+    ctx: UnitContext, cq: torch.Tensor, ck: torch.Tensor, cqn: torch.Tensor, ckn: torch.Tensor
+) -> QKRewrite:
+    """The coordinate-selection rewrite from per-head second moments (H, d, d) of the raw (``cq``,
+    ``ck``: the norm corrections) and normalised (``cqn``, ``ckn``: the selection) queries and keys."""
+    lay = ctx.layout
     heads, d, r = lay.heads, lay.head_dim, ctx.rank
     t = torch.zeros(heads, d, r, dtype=F64)
     c_q, c_k = torch.zeros(heads, dtype=F64), torch.zeros(heads, dtype=F64)
@@ -331,16 +340,41 @@ def _qk_whitened(ctx: UnitContext) -> QKRewrite:
     )
 
 
+def _normed_gram(ctx: UnitContext, paths: tuple[str, ...], norms: tuple[str, ...]) -> torch.Tensor:
+    """(H, d_h, d_h): sum over the streams of diag(g) W_h W_h^T diag(g), each stream's Gram scaled
+    by its own norm's gains g (the weight-only stand-in for the normalised second moments; norms
+    are aligned with the streams, as the statistics sites pair them)."""
+    total = 0
+    for path, norm in zip(paths, norms, strict=False):
+        w = _heads(ctx.weight(path), ctx.layout.heads)
+        gram = w @ w.transpose(1, 2)
+        gain = ctx.model.get_submodule(norm).weight
+        if gain is not None:
+            g = gain.detach().to("cpu", F64)
+            gram = gram * g[:, None] * g[None, :]
+        total = total + gram
+    return total
+
+
 @register_method("qk", "weight_svd")
 def _qk_weight_svd(ctx: UnitContext) -> QKRewrite:
     """Baseline: truncated SVD of the head's bilinear form W_q,h^T W_k,h (isotropic inputs; with
-    several token streams, their query / key weights' Grams summed)."""
-    if ctx.layout.qk_norm:
-        raise CompressionError(
-            f"{ctx.unit.name}: weight-only SVD of W_q W_k^T does not commute with the per-head q/k "
-            "RMSNorms; use qk_method 'slimdiff' (with qk_norm 'select') or leave QK uncompressed"
-        )
+    several token streams, their query / key weights' Grams summed).
+
+    An SVD basis does not commute with per-head q/k RMSNorms (MMDiT), so there the weight-only
+    baseline is the coordinate selection of ``qk_norm`` "select" with isotropic inputs: the Grams
+    W_h W_h^T stand for the raw second moments and, scaled by the norm's learned gains, for the
+    normalised ones (the norm's 1/rms is a common factor per token, irrelevant to the ranking)."""
     gq, gk = ctx.head_gram(ctx.layout.query), ctx.head_gram(ctx.layout.key)
+    if ctx.layout.qk_norm:
+        if ctx.qk_norm != "select":
+            raise CompressionError(
+                f"{ctx.unit.name}: a QK under per-head RMSNorms is compressed only by coordinate "
+                f"selection (qk_norm 'select'), got qk_norm {ctx.qk_norm!r}"
+            )
+        lay = ctx.layout
+        qn, kn = _normed_gram(ctx, lay.query, lay.norms_q), _normed_gram(ctx, lay.key, lay.norms_k)
+        return _rms_select(ctx, gq, gk, qn, kn)
     return _qk_rewrite(
         [linalg.qk_whitened_svd(gq[h], gk[h], ctx.rank, 1e-8) for h in range(ctx.layout.heads)]
     )

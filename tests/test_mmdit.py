@@ -204,15 +204,47 @@ def test_select_profile_predicts_the_rewrite(calibrated):
     assert report.units[name].relative_error == pytest.approx(profiles[name][4], rel=1e-12)
 
 
-def test_qk_weight_svd_is_refused_under_rms_norm(calibrated):
-    from slimdiff.compress import CompressionError
-
-    model, covs, _ = calibrated
+def test_weight_only_qk_under_rms_norm_is_coordinate_selection_on_the_weight_grams():
+    """The weight-only baseline under q/k RMSNorms (no statistics): per head, the coordinates of
+    ``linalg.rms_coordinate_selection`` on the gain-scaled Grams sum_s diag(g_s) W_s W_s^T diag(g_s)
+    (isotropic inputs), each kept row copied, each norm's gains g[keep] / sqrt(c) with c from the
+    raw Grams. Exact at full rank (fp32 forward: 1e-5)."""
+    model = tiny_sd3()
     units = compression_units(model)
-    with pytest.raises(CompressionError, match="does not commute"):
-        compress_(
-            copy.deepcopy(model),
-            RankPlan.from_ranks(units, {"transformer_blocks.0.attn.qk": 4}),
-            covs,
-            qk_method="weight_svd",
+    name, rank = "transformer_blocks.0.attn.qk", 3
+    slim = copy.deepcopy(model)
+    compress_(slim, RankPlan.from_ranks(units, {name: rank}), None, method="baseline")
+    attn, new = model.transformer_blocks[0].attn, slim.transformer_blocks[0].attn
+    heads, d = attn.heads, 8
+
+    def head_rows(w, width=d):
+        return w.detach().double().reshape(heads, width, -1)
+
+    def gram(layers, norms=None):
+        total = 0
+        for i, layer in enumerate(layers):
+            w = head_rows(layer.weight)
+            g = w @ w.transpose(1, 2)
+            if norms is not None:
+                gain = norms[i].weight.detach().double()
+                g = g * gain[:, None] * gain[None, :]
+            total = total + g
+        return total
+
+    q_layers, k_layers = (attn.to_q, attn.add_q_proj), (attn.to_k, attn.add_k_proj)
+    q_norms, k_norms = (attn.norm_q, attn.norm_added_q), (attn.norm_k, attn.norm_added_k)
+    gqn, gkn = gram(q_layers, q_norms), gram(k_layers, k_norms)
+    gq = gram(q_layers)
+    for h in range(heads):
+        keep = linalg.rms_coordinate_selection(gqn[h], gkn[h], rank).keep
+        for old, cut in ((attn.to_q, new.to_q), (attn.add_k_proj, new.add_k_proj)):
+            assert torch.equal(head_rows(cut.weight, rank)[h].float(), head_rows(old.weight)[h][keep].float())
+        c = linalg.rms_norm_correction(gq[h], keep)
+        expected = attn.norm_q.weight.detach().double()[keep] / c**0.5
+        torch.testing.assert_close(
+            new.norm_q.weight.detach().double().reshape(heads, rank)[h], expected, rtol=1e-6, atol=0
         )
+    full = copy.deepcopy(model)
+    compress_(full, RankPlan.from_ranks(units, {}), None, method="baseline", rewrite_full_rank=True)
+    x = inputs(model)
+    assert rel(run(full, x), run(model, x)) < 1e-5
