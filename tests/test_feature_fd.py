@@ -1,6 +1,6 @@
 """The classifier-feature Frechet distance (``fd_cls``): the toy attribute classifier's penultimate
 features, the FD on them against closed forms, its real-vs-real noise floor, and its keys in the
-evaluation result and the report."""
+evaluation result, the ablation table and the report."""
 
 from __future__ import annotations
 
@@ -167,6 +167,53 @@ def test_a_classifier_without_features_leaves_fd_cls_unmeasured(pipe):
 
 
 # -- tables and reports ---------------------------------------------------------------------------
+def _ablation_result(fd_cls: bool):
+    from slimdiff.ablation import AblationResult
+
+    acc = {split: {m: 0.9 for m in ("exact", "object", "color", "shape", "position")} for split in ("all",)}
+    original = {"unet_params": 1000, "accuracy": acc, "fid": 0.01, "clip_score": 25.0}
+    row = {
+        "variant": "slimdiff",
+        "group": "method",
+        "budget": 0.4,
+        "calibration": "fps-6",
+        "status": "ok",
+        "removed_fraction": 0.4,
+        "unet_params": 800,
+        "exact_all": 0.9,
+        "fid": 0.02,
+        "clip_score": 25.0,
+        "psnr_db": 30.0,
+        "ssim": 0.9,
+        "flops_ratio": 0.8,
+        "latency_ratio": 0.9,
+        "gate_passed": True,
+    }
+    protocol = {"n_images": 6, "fid_real_vs_real": 0.005}
+    if fd_cls:
+        original["fd_cls"], row["fd_cls"] = 500.0, 650.0
+        protocol["fd_cls_real_vs_real"] = 520.0
+    config = {"budgets": [0.4], "slimset_budget": 0.4, "calibration_sets": [{"name": "fps-6"}]}
+    return AblationResult([row], original, {}, protocol, config, {"total": 1.0})
+
+
+def test_ablation_table_gains_the_fd_cls_column_and_stays_as_before_without_it():
+    from slimdiff.ablation import TABLE_COLUMNS, ablation_table
+
+    old = ablation_table(_ablation_result(fd_cls=False))
+    assert "| " + " | ".join(TABLE_COLUMNS) + " |" in old and "FD cls" not in old
+    new = ablation_table(_ablation_result(fd_cls=True))
+    header = next(line for line in new.splitlines() if line.startswith("| variant"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[cols.index("FID") + 1] == "FD cls" and len(cols) == len(TABLE_COLUMNS) + 1
+    assert "| **original** | 0% | 1,000 |" in new and "| 0.0100 | 500.0 | 25.00 |" in new
+    assert "| 0.0200 | 650.0 | 25.00 |" in new
+    assert (
+        "noise floor: two independent render sets of the evaluated captions (6 images each) are 520.0" in new
+    )
+    assert "the original model's images are 500.0 from the renders" in new
+
+
 def test_report_rows_and_headline_carry_fd_cls():
     from slimdiff.report import headline, metrics_table
 
