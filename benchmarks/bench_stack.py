@@ -18,7 +18,8 @@ builds the original and the SlimDiff-compressed denoiser (the committed params.y
 
 Quality (toy models only, where the judges exist): held-out captions, one image each, same seeds
 for every combination; exact-match attribute accuracy (toy classifier), PSNR to the original's
-images, feature FD (toy CLIP features) against toy renders. Speed: wall clock of the whole
+images, feature FD (toy CLIP features) and classifier-feature FD (the toy attribute classifier's
+penultimate features, with its real-vs-real noise floor) against toy renders. Speed: wall clock of the whole
 pipeline call (toy models: ``--speed-prompts`` captions, 20 steps) or of a ``--steps``-step
 denoising trajectory with classifier-free guidance (random-weight models at real shapes, where no
 text encoder / VAE exists here), after one warm-up per combination, ``--reps`` rounds in
@@ -348,6 +349,7 @@ def main(argv=None) -> int:
             images = runner.sample(evaluator.image_prompts, evaluator.seeds)
             q = evaluator.score(images)
             q.pop("_fid_features")
+            q.pop("_cls_features")
             if reference is None:
                 reference = images
                 psnr = None
@@ -357,13 +359,16 @@ def main(argv=None) -> int:
             quality[name] = {
                 "exact": q["accuracy"]["all"]["exact"],
                 "fd": q["fid"],
+                "fd_cls": q["fd_cls"],
                 "psnr_db": psnr,
                 "sample_s": time.perf_counter() - t0,
             }
             print(f"{name}: {quality[name]}", flush=True)
         speed_prompts = list(prompts[: args.speed_prompts])
+        args.fd_cls_floor = evaluator.fd_cls_real_vs_real  # recorded with the args in the JSON
     else:
         speed_prompts = None
+        args.fd_cls_floor = None
 
     # speed: warm-up, then alternating rounds
     names = list(runners)
@@ -442,8 +447,8 @@ def render(args, spec, plan, fraction, cache, rows, refusal, toy, total_s, repor
     head = "| combination | median s | speedup vs original | range |"
     sep = "|---|---:|---:|---|"
     if toy:
-        head += " exact match | PSNR to original (dB) | feature FD |"
-        sep += "---:|---:|---:|"
+        head += " exact match | PSNR to original (dB) | feature FD | classifier FD |"
+        sep += "---:|---:|---:|---:|"
     lines += [head, sep]
     for r in rows:
         line = (
@@ -452,8 +457,17 @@ def render(args, spec, plan, fraction, cache, rows, refusal, toy, total_s, repor
         )
         if toy:
             psnr = "-" if r.get("psnr_db") is None else f"{r['psnr_db']:.1f}"
-            line += f" {100 * r['exact']:.1f}% | {psnr} | {r['fd']:.4f} |"
+            fd_cls = "-" if r.get("fd_cls") is None else f"{r['fd_cls']:.1f}"
+            line += f" {100 * r['exact']:.1f}% | {psnr} | {r['fd']:.4f} | {fd_cls} |"
         lines.append(line)
+    floor = getattr(args, "fd_cls_floor", None)
+    if toy and floor is not None:
+        lines += [
+            "",
+            "feature FD: toy-CLIP features; classifier FD: the toy attribute classifier's penultimate features "
+            f"(both vs toy renders of the same captions). Classifier FD noise floor (two independent render sets, "
+            f"as many images): {floor:.1f}; differences below it are not findings.",
+        ]
     lines += ["", "## Does it multiply?", ""]
     for extra in ("int8", "cache", "int8 + cache"):
         alone = by[f"original + {extra}"]["speedup"]

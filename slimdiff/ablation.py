@@ -311,12 +311,15 @@ def _row_metrics(result: dict) -> dict:
         "flops_ratio": s.get("flops_ratio"),
         "latency_ratio": s.get("latency_ratio"),
         "fid": c.get("fid"),
+        "fd_cls": c.get("fd_cls"),
         "clip_score": c.get("clip_score"),
         "psnr_db": s["fidelity"]["psnr_db_mean"],
         "ssim": s["fidelity"]["ssim_mean"],
         "fid_to_original": s["fidelity"]["fid_to_original"],
+        "fd_cls_to_original": s["fidelity"].get("fd_cls_to_original"),
         "exact_match_drop": s.get("exact_match_drop"),
         "fid_increase": s.get("fid_increase"),
+        "fd_cls_increase": s.get("fd_cls_increase"),
         "gate_passed": s["gate_passed"],
         "gate_reasons": s["gate_reasons"],
     }
@@ -559,10 +562,37 @@ TABLE_COLUMNS = (
 )
 
 
-def _table_row(r: dict) -> list[str]:
+#: the classifier-feature FD column, right after "FID"; only in tables of results that measured it,
+#: so a result without it (an older ablation.json, the real path) renders as before
+FD_CLS_COLUMN = "FD cls"
+
+
+def has_fd_cls(result: AblationResult) -> bool:
+    """Whether the original or any row carries the classifier-feature FD."""
+    return result.original.get("fd_cls") is not None or any(
+        r.get("fd_cls") is not None for r in result.rows if r["status"] == "ok"
+    )
+
+
+def table_columns(fd_cls: bool = False) -> tuple[str, ...]:
+    """``TABLE_COLUMNS``, with ``FD_CLS_COLUMN`` after "FID" when ``fd_cls``."""
+    if not fd_cls:
+        return TABLE_COLUMNS
+    i = TABLE_COLUMNS.index("FID") + 1
+    return (*TABLE_COLUMNS[:i], FD_CLS_COLUMN, *TABLE_COLUMNS[i:])
+
+
+def _with_fd_cls(cells: list[str], value: str, fd_cls: bool) -> list[str]:
+    if fd_cls:
+        cells.insert(TABLE_COLUMNS.index("FID") + 1, value)
+    return cells
+
+
+def _table_row(r: dict, fd_cls: bool = False) -> list[str]:
     if r["status"] != "ok":
-        return [r["variant"], f"{100 * r['budget']:.0f}%", "infeasible", *["-"] * (len(TABLE_COLUMNS) - 3)]
-    return [
+        n = len(table_columns(fd_cls))
+        return [r["variant"], f"{100 * r['budget']:.0f}%", "infeasible", *["-"] * (n - 3)]
+    cells = [
         r["variant"],
         f"{100 * r['removed_fraction']:.1f}%",
         f"{r['unet_params']:,}",
@@ -579,12 +609,13 @@ def _table_row(r: dict) -> list[str]:
         _num(r.get("latency_ratio"), 2),
         "pass" if r["gate_passed"] else "fail",
     ]
+    return _with_fd_cls(cells, _num(r.get("fd_cls"), 1), fd_cls)
 
 
-def _original_row(original: dict) -> list[str]:
+def _original_row(original: dict, fd_cls: bool = False) -> list[str]:
     acc = original.get("accuracy") or {}
     get = lambda split, m: acc.get(split, {}).get(m)  # noqa: E731
-    return [
+    cells = [
         "**original**",
         "0%",
         f"{original['unet_params']:,}",
@@ -601,12 +632,16 @@ def _original_row(original: dict) -> list[str]:
         "1.00",
         "",
     ]
+    return _with_fd_cls(cells, _num(original.get("fd_cls"), 1), fd_cls)
 
 
 def ablation_table(result: AblationResult) -> str:
-    """Markdown: one table per budget (original first), then the SlimSet and module sections."""
-    head = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS)
-    orig = "| " + " | ".join(_original_row(result.original)) + " |"
+    """Markdown: one table per budget (original first), then the SlimSet and module sections.
+    The "FD cls" column (classifier-feature FD) appears when the result measured it."""
+    fd_cls = has_fd_cls(result)
+    columns = table_columns(fd_cls)
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    orig = "| " + " | ".join(_original_row(result.original, fd_cls)) + " |"
     out: list[str] = []
     sections: list[tuple[str, Callable[[dict], bool]]] = []
     budgets = result.config["budgets"]
@@ -638,7 +673,7 @@ def ablation_table(result: AblationResult) -> str:
         rows.sort(key=lambda r: (r["budget"], r["group"] != "method" or r["variant"] != "slimdiff"))
         lines = [orig]
         for r in rows:
-            cells = _table_row(r)
+            cells = _table_row(r, fd_cls)
             if r["group"] == "slimset" or (
                 title.startswith("### Calibration") and r["variant"] == "slimdiff"
             ):
@@ -663,6 +698,17 @@ def ablation_table(result: AblationResult) -> str:
             "(the FID of a perfect generator); FID differences smaller than that are not findings.",
             "",
         ]
+    cls_floor = result.protocol.get("fd_cls_real_vs_real")
+    if cls_floor is not None:
+        o_cls = result.original.get("fd_cls")
+        out += [
+            f"FD cls (Frechet distance on the toy attribute classifier's penultimate features, vs the same "
+            f"renders) noise floor: two independent render sets of the evaluated captions ({n} images each) are "
+            f"{cls_floor:.1f} apart"
+            + (f"; the original model's images are {o_cls:.1f} from the renders" if o_cls is not None else "")
+            + ". Differences between rows smaller than the floor are not findings.",
+            "",
+        ]
     infeasible = [r for r in result.rows if r["status"] != "ok"]
     if infeasible:
         out += ["Infeasible (the budget cannot be reached by these units at r_min / multiple):", ""]
@@ -684,7 +730,8 @@ CURVE_VARIANTS = (*METHOD_VARIANTS, "ffn-only")
 
 
 def plot_curves(result: AblationResult, path: str | Path) -> Path:
-    """Quality vs UNet parameters: exact match, FID and PSNR to the original, one line per variant."""
+    """Quality vs UNet parameters: exact match, FID, classifier-feature FD (when measured) and PSNR
+    to the original, one line per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -694,6 +741,7 @@ def plot_curves(result: AblationResult, path: str | Path) -> Path:
     panels = (
         ("exact_all", "exact match (%)", 100.0),
         ("fid", "FID vs real renders (lower is better)", 1.0),
+        ("fd_cls", "classifier-feature FD vs real renders (lower is better)", 1.0),
         ("psnr_db", "PSNR to original (dB)", 1.0),
     )
     panels = tuple(
@@ -704,6 +752,7 @@ def plot_curves(result: AblationResult, path: str | Path) -> Path:
     orig_values = {
         "exact_all": (orig.get("accuracy") or {}).get("all", {}).get("exact"),
         "fid": orig.get("fid"),
+        "fd_cls": orig.get("fd_cls"),
         "psnr_db": None,
     }
     for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
@@ -794,10 +843,21 @@ def readme_summary(
     floor = p.get("fid_real_vs_real")
     if floor is not None:
         lines += ["", f"FID noise floor (two independent render sets of the same captions): {floor:.4f}."]
+    cls_floor = p.get("fd_cls_real_vs_real")
+    if cls_floor is not None:
+        o_cls = orig.get("fd_cls")
+        lines += [
+            "",
+            "Classifier-feature FD (toy attribute classifier's penultimate features, vs real renders): noise floor "
+            f"{cls_floor:.1f}"
+            + (f", original {o_cls:.1f}" if o_cls is not None else "")
+            + "; per variant in the full table (FD cls).",
+        ]
     wins = []
     criteria = (
         ("exact_all", "higher exact match", 1),
         ("fid", "lower FID", -1),
+        ("fd_cls", "lower classifier-feature FD", -1),
         ("psnr_db", "higher PSNR to the original", 1),
     )
     for other in names[1:]:

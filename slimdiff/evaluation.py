@@ -11,7 +11,13 @@ Two quality paths, chosen from the prompts:
 * **toy** (every prompt is a toy-world caption, ``slimdiff.toy.data.parse_caption``): attribute
   accuracy (object / color / shape / position / exact, split by one- and two-object prompts) from
   the toy attribute classifier; FID on toy-CLIP image embeddings against real renders of the same
-  captions; CLIP score with the toy CLIP.
+  captions; ``fd_cls``, the Frechet distance on the attribute classifier's penultimate features
+  against the same renders (a feature space trained on this world, as FD-DINOv2 is for real images:
+  exact match saturates on the toy world and toy-CLIP FID sits below its own noise floor, so this is
+  the distribution-level number that can still tell variants apart); CLIP score with the toy CLIP.
+  Both FDs come with their real-vs-real noise floor (``protocol.fid_real_vs_real``,
+  ``protocol.fd_cls_real_vs_real``: two independent render sets of the evaluated captions, as many
+  images as the generated set).
 * **real** (anything else): CLIP score with a named open_clip model whose weights are local; FID on
   that CLIP's image embeddings (default) or on Inception-v3 pool features (only with a local
   weights file); FID against a folder of reference images when one is given. Missing weights are
@@ -19,11 +25,11 @@ Two quality paths, chosen from the prompts:
   substituted.
 
 Always: fidelity to the original on the same seeds (PSNR / SSIM per image, mean; FID between the
-two image sets), UNet and compressible-set parameter counts, analytic FLOPs (``slimdiff.flops``),
+two image sets; on the toy path also ``fd_cls_to_original``), UNet and compressible-set parameter counts, analytic FLOPs (``slimdiff.flops``),
 the UNet latency ratio measured in the same run (interleaved repeats, median), peak memory of one
 UNet forward, and the calibration time when given. The quality gate
 (``cfg.gate.max_exact_match_drop`` / ``cfg.gate.max_fid_increase``) gives ``gate_passed`` and the
-reasons it failed.
+reasons it failed; ``fd_cls`` is reported only, never gated.
 """
 
 from __future__ import annotations
@@ -78,8 +84,10 @@ class MissingWeightsError(FileNotFoundError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ToyJudges:
-    """The toy world's graders: attribute classifier (``predict(uint8 (N,32,32,3)) -> (N, 5)``) and
-    the toy CLIP (open_clip model + tokenizer). Tests pass randomly initialised ones."""
+    """The toy world's graders: attribute classifier (``predict(uint8 (N,32,32,3)) -> (N, 5)``;
+    its ``penultimate_features`` are the ``fd_cls`` feature space, and a stand-in classifier
+    without that method leaves ``fd_cls`` unmeasured) and the toy CLIP (open_clip model +
+    tokenizer). Tests pass randomly initialised ones."""
 
     classifier: Any
     clip_model: nn.Module
@@ -536,6 +544,8 @@ class Measured:
     quality: dict
     fid_features: torch.Tensor | None
     sample_time_s: float
+    # toy path: classifier penultimate features (None: recomputed from ``images`` when needed)
+    cls_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -573,6 +583,8 @@ class PairEvaluator:
         self._reference: M.FeatureMoments | None = None
         self._reference_desc: str | None = None
         self._fid_floor: float | None = None
+        self._cls_reference: M.FeatureMoments | None = None
+        self._fd_cls_floor: float | None = None
         self._text_embeds: torch.Tensor | None = None
         self._resolution: tuple[int, int] | None = None
         if self.path == "toy" and self.judges is None:
@@ -597,6 +609,36 @@ class PairEvaluator:
         if self.real.fid_feature == "inception":
             return self._inception(images)
         return self._clip.image_embeds(images).double()
+
+    def classifier_features(self, images: np.ndarray) -> torch.Tensor | None:
+        """float64 (N, hidden) penultimate features of the toy attribute classifier (the ``fd_cls``
+        feature space); None off the toy path or for a classifier without ``penultimate_features``."""
+        if self.path != "toy":
+            return None
+        features = getattr(self.judges.classifier, "penultimate_features", None)
+        return None if features is None else features(images).double()
+
+    def fd_cls_feature_name(self) -> str | None:
+        if self.path != "toy" or not hasattr(self.judges.classifier, "penultimate_features"):
+            return None
+        hidden = getattr(getattr(self.judges.classifier, "config", None), "hidden", None)
+        width = f"{hidden}-d " if hidden is not None else ""
+        return (
+            f"{self.judges.classifier_id} penultimate activations ({width}GELU output read by the last Linear; "
+            "ToyAttributeClassifier.penultimate_features), against the FID reference renders"
+        )
+
+    @property
+    def fid_real_vs_real(self) -> float | None:
+        """Toy-CLIP FID between two independent render sets of the evaluated captions (after the
+        first ``score``): the FID noise floor."""
+        return self._fid_floor
+
+    @property
+    def fd_cls_real_vs_real(self) -> float | None:
+        """``fd_cls`` between two independent render sets of the evaluated captions, as many images
+        as the generated set (after the first ``score``): its noise floor."""
+        return self._fd_cls_floor
 
     def fid_feature_name(self) -> str:
         if self.path == "toy":
@@ -635,6 +677,11 @@ class PairEvaluator:
             rng = np.random.default_rng(int(self.cfg.seed) + 1)
             again = np.stack([render(p, rng) for p in self.image_prompts])
             self._fid_floor = M.frechet_distance(self.fid_features(again), self._reference)
+            # the same two render sets in the classifier's feature space: fd_cls and its floor
+            cls_real = self.classifier_features(real)
+            if cls_real is not None:
+                self._cls_reference = M.feature_moments(cls_real)
+                self._fd_cls_floor = M.frechet_distance(self.classifier_features(again), self._cls_reference)
         return self._reference
 
     # -- per pipeline --------------------------------------------------------------------------
@@ -662,14 +709,27 @@ class PairEvaluator:
         )
         sample_time = time.perf_counter() - start
         quality = self.score(images)
-        return Measured(images, quality, quality.pop("_fid_features"), sample_time)
+        return Measured(
+            images,
+            quality,
+            quality.pop("_fid_features"),
+            sample_time,
+            cls_features=quality.pop("_cls_features"),
+        )
 
     def score(self, images: np.ndarray) -> dict:
-        """Per-pipeline quality of ``images`` (one per ``image_prompts`` entry)."""
+        """Per-pipeline quality of ``images`` (one per ``image_prompts`` entry). The feature sets
+        ride along under ``_fid_features`` / ``_cls_features`` (``measure`` pops them)."""
         quality: dict = {}
         features = self.fid_features(images)
         reference = self.reference_moments(images.shape[1], images.shape[2])
         quality["fid"] = None if reference is None else M.frechet_distance(features, reference)
+        cls_features = self.classifier_features(images)
+        quality["fd_cls"] = (
+            None
+            if cls_features is None or self._cls_reference is None
+            else M.frechet_distance(cls_features, self._cls_reference)
+        )
         if self.path == "toy":
             from slimdiff.toy.clip import encode_images, encode_texts
             from slimdiff.toy.evaluate import attribute_accuracy
@@ -693,6 +753,7 @@ class PairEvaluator:
         else:
             quality["clip_score"] = None
         quality["_fid_features"] = features
+        quality["_cls_features"] = cls_features
         return quality
 
     # -- the pair ------------------------------------------------------------------------------
@@ -767,6 +828,7 @@ class PairEvaluator:
             "ssim_mean": None if ssim_values is None else float(ssim_values.mean()),
             "identical_images": int(torch.isinf(psnr_values).sum()),
             "fid_to_original": M.frechet_distance(compressed.fid_features, original.fid_features),
+            "fd_cls_to_original": self._fd_cls_to_original(original, compressed),
             "n_images": len(original.images),
         }
 
@@ -778,6 +840,17 @@ class PairEvaluator:
         if out_dir is not None:
             result["grids"] = write_grids(original.images, compressed.images, Path(out_dir))
         return result
+
+    def _fd_cls_to_original(self, original: Measured, compressed: Measured) -> float | None:
+        """``fd_cls`` between the two pipelines' images (same seeds); features recomputed from the
+        images when a Measured does not carry them (a cached original measurement)."""
+        feats = []
+        for m in (original, compressed):
+            f = m.cls_features if m.cls_features is not None else self.classifier_features(m.images)
+            if f is None:
+                return None
+            feats.append(f)
+        return M.frechet_distance(feats[1], feats[0])
 
     def protocol(self, pipe, latency_info: dict, text_len: int) -> dict:
         cfg = self.cfg
@@ -806,6 +879,8 @@ class PairEvaluator:
             "fid_feature": self.fid_feature_name(),
             "fid_reference": self._reference_desc,
             "fid_real_vs_real": self._fid_floor,
+            "fd_cls_feature": self.fd_cls_feature_name(),
+            "fd_cls_real_vs_real": self._fd_cls_floor,
             "fid_implementation": "slimdiff.metrics.frechet_distance: float64, unbiased covariances (n-1), "
             "tr sqrt via symmetric eigh (equals torchmetrics FrechetInceptionDistance with feature=<module>)",
             "psnr": f"per image on uint8 RGB scaled to [0,1], capped at {PSNR_CAP_DB:g} dB before the mean",
@@ -866,6 +941,8 @@ def summarize(original: dict, compressed: dict, fidelity: dict, cfg: Any, path: 
     if original.get("fid") is not None and compressed.get("fid") is not None:
         fid_increase = compressed["fid"] - original["fid"]
         summary["fid_increase"] = fid_increase
+    if original.get("fd_cls") is not None and compressed.get("fd_cls") is not None:
+        summary["fd_cls_increase"] = compressed["fd_cls"] - original["fd_cls"]  # reported, not gated
     if original.get("clip_score") is not None and compressed.get("clip_score") is not None:
         summary["clip_score_delta"] = compressed["clip_score"] - original["clip_score"]
     passed, reasons, checks = M.quality_gate(

@@ -167,10 +167,12 @@ ROWS: tuple[Row, ...] = (
     Row("shape", "accuracy.all.shape", _pct, _pts, "higher"),
     Row("position", "accuracy.all.position", _pct, _pts, "higher"),
     Row("FID vs real", "fid", _f(4), _signed(4), "lower"),
+    Row("classifier-feature FD vs real", "fd_cls", _f(1), _signed(1), "lower"),
     Row("CLIP score", "clip_score", _f(3), _signed(3), "higher"),
     Row("PSNR to original (dB)", "summary:fidelity.psnr_db_mean", _f(2), None, "higher"),
     Row("SSIM to original", "summary:fidelity.ssim_mean", _f(4), None, "higher"),
     Row("FID to original", "summary:fidelity.fid_to_original", _f(4), None, "lower"),
+    Row("classifier-feature FD to original", "summary:fidelity.fd_cls_to_original", _f(1), None, "lower"),
     Row("sampling time (s)", "sample_time_s", _f(1), _signed(1), "lower"),
     Row("calibration time (s)", "summary:calibration_time_s", _f(1), None, "lower"),
 )
@@ -234,6 +236,13 @@ def headline(metrics: Mapping) -> str:
         floor = _get(metrics.get("protocol"), "fid_real_vs_real")
         noise = f"; two real render sets differ by {floor:.4f}" if floor is not None else ""
         parts.append(f"FID {o['fid']:.4f} -> {c['fid']:.4f} ({s['fid_increase']:+.4f}{noise}).")
+    if s.get("fd_cls_increase") is not None:
+        floor = _get(metrics.get("protocol"), "fd_cls_real_vs_real")
+        noise = f"; two real render sets differ by {floor:.1f}" if floor is not None else ""
+        parts.append(
+            f"Classifier-feature FD {o['fd_cls']:.1f} -> {c['fd_cls']:.1f} "
+            f"({s['fd_cls_increase']:+.1f}{noise}; reported, not gated)."
+        )
     return " ".join(parts)
 
 
@@ -272,6 +281,9 @@ def _protocol_lines(protocol: Mapping) -> list[str]:
         "resize",
         "fid_feature",
         "fid_reference",
+        "fid_real_vs_real",
+        "fd_cls_feature",
+        "fd_cls_real_vs_real",
         "fid_implementation",
         "clip_score",
         "accuracy",
@@ -409,6 +421,7 @@ def compare_table(metrics_a: Mapping, metrics_b: Mapping, names: tuple[str, str]
         ("latency ratio", "latency_ratio", _f(3)),
         ("exact-match drop (pts)", "exact_match_drop", _f(2)),
         ("FID increase", "fid_increase", _f(4)),
+        ("classifier-feature FD increase", "fd_cls_increase", _f(1)),
     ):
         add(label, _get(metrics_a.get("summary"), key), _get(metrics_b.get("summary"), key), fmt, _signed(4))
     gate = lambda m: {True: "passed", False: "FAILED", None: "-"}[_get(m.get("summary"), "gate_passed")]  # noqa: E731

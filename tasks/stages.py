@@ -53,7 +53,7 @@ STAGE_VERSIONS = {
     "influence": "3",  # 2: also writes error_profiles.json; 3: profiles are undamped errors
     "plan": "3",  # 2: mode "error"; plans record profiles_digest and predicted_error; 3: exact DP
     "compress": "3",  # 2: fused-kernel processor, undamped report errors; 3: LoRA maps saved
-    "evaluate": "1",
+    "evaluate": "2",  # 2: metrics gain fd_cls (classifier-feature FD), its floor and fd_cls_to_original
     "register": "1",
 }
 
@@ -76,7 +76,7 @@ class NoBudgetPassesError(StageInputError):
 def headline_metrics(metrics: dict) -> dict:
     """The few numbers a budget point is judged by, from an evaluate stage's metrics.json: sizes,
     FLOPs and latency (and their ratios to the original), exact match (toy path), PSNR to the
-    original, feature FD and the gate. Used by the budget search and by DVC's metrics file."""
+    original, feature FD (toy CLIP), classifier-feature FD (toy path) and the gate. Used by the budget search and by DVC's metrics file."""
     o, c, s = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("summary", {})
     return {
         "params_kept": c.get("unet_params"),
@@ -90,6 +90,7 @@ def headline_metrics(metrics: dict) -> dict:
         "exact_match_drop": s.get("exact_match_drop"),
         "psnr_db": (s.get("fidelity") or {}).get("psnr_db_mean"),
         "fd": c.get("fid"),
+        "fd_cls": c.get("fd_cls"),
         "gate_passed": bool(s.get("gate_passed")),
         "gate_reasons": list(s.get("gate_reasons") or []),
     }

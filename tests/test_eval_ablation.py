@@ -85,6 +85,7 @@ def test_equal_budgets_and_one_calibration_per_set(result_and_calls):
         assert r["removed_fraction"] - r["budget"] < 0.05, r
         assert r["unet_params"] == result.config["unet_params"] - round(r["removed_fraction"] * compressible)
         assert 0.0 <= r["exact_all"] <= 1.0 and r["fid"] >= 0.0 and math.isfinite(r["psnr_db"])
+        assert r["fd_cls"] >= 0.0 and r["fd_cls_to_original"] >= 0.0  # classifier-feature FD, reported
     assert result.images["original"].shape == result.images["slimdiff@0.4"].shape == (4, 32, 32, 3)
 
 
@@ -104,11 +105,14 @@ def test_rendering(result_and_calls, tmp_path):
     assert "| **original** | 0% |" in table and "random-6 (random-6)" in table and "slimdiff (fps-6)" in table
     assert "vo-only @ 20%: budget" in table
     assert "standard error of an exact-match rate" in table
+    assert "| FID | FD cls | CLIP |" in table and "FD cls (Frechet distance on the toy attribute" in table
     path = plot_curves(result, tmp_path / "curves.png")
     assert path.stat().st_size > 1000
     text = readme_summary(result)
     assert "| 40% | " in text and "| removed | slimdiff | influence-allocation | uniform-allocation |" in text
     assert "FID noise floor" in text and "vs uniform-allocation: higher exact match at" in text
+    assert "Classifier-feature FD (toy attribute classifier's penultimate features" in text
+    assert "lower classifier-feature FD at" in text
     assert result.to_dict()["rows"] == result.rows and "images" not in result.to_dict()
 
 

@@ -49,6 +49,7 @@ def test_identical_copy_has_zero_deltas_and_passes_the_gate(pipe, tmp_path):
         "accuracy.all.exact",
         "accuracy.two.color",
         "fid",
+        "fd_cls",
         "clip_score",
         "unet_params",
         "compressible_params",
@@ -59,7 +60,8 @@ def test_identical_copy_has_zero_deltas_and_passes_the_gate(pipe, tmp_path):
     assert s["fidelity"]["psnr_db_mean"] == 100.0  # the cap: every image identical
     assert s["fidelity"]["ssim_mean"] == pytest.approx(1.0, abs=1e-12)
     assert s["fidelity"]["fid_to_original"] == pytest.approx(0.0, abs=1e-9)
-    assert s["exact_match_drop"] == 0.0 and s["fid_increase"] == 0.0
+    assert s["fidelity"]["fd_cls_to_original"] == pytest.approx(0.0, abs=1e-9)
+    assert s["exact_match_drop"] == 0.0 and s["fid_increase"] == 0.0 and s["fd_cls_increase"] == 0.0
     assert s["unet_params_ratio"] == 1.0 and s["flops_ratio"] == 1.0
     assert s["gate_passed"] and s["gate_reasons"] == []
     assert result["original"]["unet_latency_ms"] > 0 and len(result["original"]["unet_latency_ms_all"]) == 2
@@ -78,6 +80,8 @@ def test_identical_copy_has_zero_deltas_and_passes_the_gate(pipe, tmp_path):
     assert p["num_inference_steps"] == 2 and p["guidance_scale"] == 4.0 and p["seed"] == 7
     assert "toy-clip-tiny" in p["fid_feature"] and "renders" in p["fid_reference"]
     assert p["fid_real_vs_real"] > 0  # two independent render sets differ: the FID noise floor
+    assert p["fd_cls_real_vs_real"] > 0 and "penultimate" in p["fd_cls_feature"]  # the fd_cls floor
+    assert result["original"]["fd_cls"] >= 0.0
 
 
 def test_degraded_copy_fails_the_gate_with_a_reason(pipe, tmp_path):
@@ -142,6 +146,8 @@ def test_real_path_with_a_tiny_open_clip_model(pipe, tmp_path):
     assert "image embedding" in p["fid_feature"] and p["fid_reference"].startswith("none")
     assert -1.0 <= result["original"]["clip_score"] <= 1.0 and s["clip_score_delta"] == 0.0
     assert result["original"]["fid"] is None and "fid_increase" not in s  # no reference image folder given
+    assert result["original"]["fd_cls"] is None and "fd_cls_increase" not in s  # a toy-world judge only
+    assert p["fd_cls_real_vs_real"] is None and s["fidelity"]["fd_cls_to_original"] is None
     assert "exact_match_drop" not in s and s["gate_passed"]  # exact match is a toy-only check
     assert s["fidelity"]["fid_to_original"] == pytest.approx(0.0, abs=1e-9)
 

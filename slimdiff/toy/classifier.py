@@ -3,6 +3,10 @@
 It grades generated images against their captions (GenEval-style object / color / shape / position /
 exact-match accuracy), so it must itself be near perfect on real data-set images (>= 99% exact).
 Output: logits (N, 5 slots, 13 classes); class 0 = empty, else 1 + color_index * 3 + shape_index.
+
+Its penultimate activations (``penultimate_features``: the ``hidden``-d GELU output that the last
+Linear reads) are the feature space of the evaluation's classifier-feature Frechet distance
+(``fd_cls``): a feature model trained on this world, as FD-DINOv2 uses a model trained on real images.
 """
 
 from __future__ import annotations
@@ -63,6 +67,25 @@ class ToyAttributeClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.features(x))  # (N, slots * classes)
         return logits.view(-1, self.config.num_slots, self.config.num_classes)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations before the last Linear, float (N, hidden), of images in [-1, 1] (N, 3, 32, 32):
+        exactly the input ``forward`` feeds ``head[-1]`` (same modules, same order)."""
+        return self.head[:-1](self.features(x))
+
+    @torch.no_grad()
+    def penultimate_features(self, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+        """Penultimate features float32 (N, hidden) of uint8 (N, 32, 32, 3) images, taken as
+        ``predict`` takes them (``to_tensor_range``, eval mode). The feature space of ``fd_cls``.
+        (Not named ``features``: that is the conv trunk, whose name the saved weights carry.)"""
+        from slimdiff.toy.data import to_tensor_range
+
+        self.eval()
+        out = [
+            self.penultimate(to_tensor_range(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, self.config.hidden)
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
