@@ -71,8 +71,15 @@ class Variant:
     # QK under per-head RMSNorms (MMDiT): "select" (RMSNorm-aware coordinate selection), "project"
     # (a projection after the norms at the VO rank) or "keep" (left whole); see compress_
     qk_norm: Literal["select", "project", "keep"] = "select"
+    # "joint": one allocation over all units; "per-stream": image, text and joint units each remove
+    # the budget's fraction of their own parameters (slimdiff.streams.plan_per_group)
+    split: Literal["joint", "per-stream"] = "joint"
 
     def __post_init__(self) -> None:
+        if self.split not in ("joint", "per-stream"):
+            raise ValueError(
+                f"Variant {self.name}: split must be 'joint' or 'per-stream', got {self.split!r}"
+            )
         if self.mode not in (None, "error", "influence", "uniform"):
             raise ValueError(
                 f"Variant {self.name}: mode must be 'error', 'influence' or 'uniform', got {self.mode!r}"
@@ -162,9 +169,10 @@ def default_variants(
 
 
 def mmdit_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
-    """The MMDiT rows (issue 15): the default (RMSNorm-aware QK selection), the two other QK
-    options (projection after the norms; QK left whole), uniform allocation, and weight-only SVD
-    (VO; weight-only SVD of W_q W_k^T does not commute with the q/k norms, so QK is left whole)."""
+    """The MMDiT rows (issue 15): the default (RMSNorm-aware QK selection, one joint allocation),
+    the two other QK options (projection after the norms; QK left whole), uniform allocation, a
+    fixed per-stream budget split, and the weight-only baseline (VO by weight SVD; QK by the
+    weight-Gram coordinate selection, since an SVD basis does not commute with the q/k norms)."""
     base = f"fps-{base_n}"
     return (
         Variant("slimdiff", "method", "SlimDiff default: error-driven, QK by RMSNorm-aware selection", base),
@@ -174,12 +182,18 @@ def mmdit_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant,
         Variant("qk-keep", "method", "QK under norms left whole (only VO and FFN)", base, qk_norm="keep"),
         Variant("uniform-allocation", "method", "same keep ratio for every unit", base, mode="uniform"),
         Variant(
-            "weight-svd-vo",
+            "per-stream-split",
             "method",
-            "VO by plain SVD of the weights, QK left whole (no activations for VO)",
+            "fixed split: image, text and joint units each remove the budget's share of their own parameters",
             base,
-            methods={**DEFAULT_METHODS, "vo": "weight_svd"},
-            qk_norm="keep",
+            split="per-stream",
+        ),
+        Variant(
+            "weight-only-qk-vo",
+            "method",
+            "no activations for attention: VO by SVD of the weights, QK by coordinate selection on the weight Grams",
+            base,
+            methods={**DEFAULT_METHODS, "qk": "weight_svd", "vo": "weight_svd"},
         ),
     )
 
@@ -358,6 +372,7 @@ def run_ablation(
     from slimdiff.evaluation import PairEvaluator
     from slimdiff.influence import compute_influence
     from slimdiff.spectra import error_profiles
+    from slimdiff.streams import plan_per_group, stream_summary
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -459,18 +474,27 @@ def run_ablation(
             }
             units = planned_units(units_all, v.modules, v.qk_norm)
             removed = int(round(budget * compressible))
+            row["split"] = v.split
+            solver = dict(
+                tau=row["tau"],
+                r_min=cfg.r_min,
+                multiple=cfg.multiple,
+                mode=row["mode"],
+                model_params=model_params,
+                profiles=profiles[(v.calibration, v.weighting)],
+            )
+            scores = influence[(v.calibration, v.weighting)].score_of()
             try:
-                plan = plan_ranks(
-                    influence[(v.calibration, v.weighting)].score_of(),
-                    units,
-                    Budget(removed_params=removed),
-                    tau=row["tau"],
-                    r_min=cfg.r_min,
-                    multiple=cfg.multiple,
-                    mode=row["mode"],
-                    model_params=model_params,
-                    profiles=profiles[(v.calibration, v.weighting)],
-                )
+                if v.split == "per-stream":  # each group its share of the whole budget's removal
+                    plan = plan_per_group(
+                        denoiser,
+                        units,
+                        removed / sum(u.full_params for u in units.values()),
+                        influence=scores,
+                        **solver,
+                    )
+                else:
+                    plan = plan_ranks(scores, units, Budget(removed_params=removed), **solver)
             except InfeasibleBudgetError as err:
                 row.update(status="infeasible", message=str(err))
                 logger.info("%s @ %.0f%%: infeasible", v.name, 100 * budget)
@@ -478,6 +502,7 @@ def run_ablation(
                 if on_row:
                     on_row(row)
                 continue
+            row["streams"] = stream_summary(denoiser, units_all, plan)
             t0 = time.perf_counter()
             unet = copy.deepcopy(denoiser)
             compress_(
@@ -709,12 +734,41 @@ def ablation_table(result: AblationResult) -> str:
             + ". Differences between rows smaller than the floor are not findings.",
             "",
         ]
+    out += stream_table(result.rows)
     infeasible = [r for r in result.rows if r["status"] != "ok"]
     if infeasible:
         out += ["Infeasible (the budget cannot be reached by these units at r_min / multiple):", ""]
         out += [f"- {r['variant']} @ {100 * r['budget']:.0f}%: {r['message']}" for r in infeasible]
         out.append("")
     return "\n".join(out)
+
+
+def stream_table(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines: how each method row's plan splits the removed parameters between the image
+    and the text stream (``slimdiff.streams.stream_summary``); nothing for one-stream families."""
+    rows = [r for r in rows if r["status"] == "ok" and r["group"] == "method" and r.get("streams")]
+    if not rows or not any(r["streams"]["compressible"]["text"] for r in rows):
+        return []
+    c = rows[0]["streams"]["compressible"]
+    out = [
+        "### Budget across the token streams",
+        "",
+        f"Compressible parameters: image stream {c['image'] / 1e6:.3f} M, text stream {c['text'] / 1e6:.3f} M "
+        "(joint attention units count their image and text projections to their streams). "
+        "`per-stream-split` makes image-only, text-only and joint units each remove the budget's share of their "
+        "own parameters; the others allocate jointly.",
+        "",
+        "| variant | removed | image stream removed | text stream removed | text share of removed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["variant"] != "slimdiff", r["variant"])):
+        st = r["streams"]
+        out.append(
+            f"| {r['variant']} | {100 * r['budget']:.0f}% | {st['removed']['image'] / 1e6:.3f} M "
+            f"({100 * st['removed_fraction']['image']:.0f}%) | {st['removed']['text'] / 1e6:.3f} M "
+            f"({100 * st['removed_fraction']['text']:.0f}%) | {100 * st['text_share_of_removed']:.0f}% |"
+        )
+    return [*out, ""]
 
 
 #: the SlimDiff default and the method baselines it is compared against (README table)

@@ -248,3 +248,81 @@ def test_weight_only_qk_under_rms_norm_is_coordinate_selection_on_the_weight_gra
     compress_(full, RankPlan.from_ranks(units, {}), None, method="baseline", rewrite_full_rank=True)
     x = inputs(model)
     assert rel(run(full, x), run(model, x)) < 1e-5
+
+
+# -- the budget across token streams (slimdiff.streams) ----------------------------------------------
+def test_every_unit_cost_splits_exactly_into_its_linears_streams():
+    """Each unit's cost per rank is the sum over its linears (integers: exact); the image FFN and
+    the image-only attn2 are image units, the text FFN a text unit, joint attention both, and the
+    joint VO's text share is its add_v_proj row plus its to_add_out column."""
+    from slimdiff.streams import linear_costs, unit_stream
+
+    model = tiny_sd3()
+    units = compression_units(model)
+    for name, u in units.items():
+        assert sum(c for _, c in linear_costs(model, u).values()) == u.cost_per_rank, name
+    kinds = {n: unit_stream(model, u) for n, u in units.items()}
+    assert kinds["transformer_blocks.0.ff"] == "image"
+    assert kinds["transformer_blocks.0.ff_context"] == "text"
+    assert kinds["transformer_blocks.0.attn2.qk"] == kinds["transformer_blocks.0.attn2.vo"] == "image"
+    assert kinds["transformer_blocks.0.attn.qk"] == kinds["transformer_blocks.0.attn.vo"] == "joint"
+    assert kinds["transformer_blocks.2.attn.qk"] == "joint"  # context_pre_only: add_q_proj unused, still text
+    attn, heads = model.transformer_blocks[0].attn, 2
+    text = dict(linear_costs(model, units["transformer_blocks.0.attn.vo"]).items())
+    assert text["transformer_blocks.0.attn.add_v_proj"] == ("text", heads * (attn.add_v_proj.in_features + 1))
+    assert text["transformer_blocks.0.attn.to_add_out"] == ("text", heads * attn.to_add_out.out_features)
+
+
+def test_removed_by_stream_counts_what_the_plan_removes_from_each_streams_linears():
+    from slimdiff.streams import removed_by_stream, stream_summary
+
+    model = tiny_sd3()
+    units = compression_units(model)
+    ranks = {"transformer_blocks.0.ff_context": 16, "transformer_blocks.1.attn.vo": 4}
+    plan = RankPlan.from_ranks(units, ranks)
+    got = removed_by_stream(model, units, plan)
+    assert sum(got.values()) == plan.params_before - plan.params_after
+    attn = model.transformer_blocks[1].attn
+    ff = units["transformer_blocks.0.ff_context"]
+    text_vo = 2 * 4 * ((attn.add_v_proj.in_features + 1) + attn.to_add_out.out_features)
+    assert got["text"] == (ff.full_rank - 16) * ff.cost_per_rank + text_vo
+    image_vo = 2 * 4 * ((attn.to_v.in_features + 1) + attn.to_out[0].out_features)
+    assert got["image"] == image_vo
+    # the compressed model really loses those parameters from those linears
+    slim = copy.deepcopy(model)
+    apply_plan_shapes_(slim, plan)
+    text_names = ("add_", "to_add_out", "ff_context")
+    lost = {"image": 0, "text": 0}
+    for (name, a), (_, b) in zip(model.named_parameters(), slim.named_parameters(), strict=True):
+        stream = "text" if any(t in name for t in text_names) else "image"
+        lost[stream] += a.numel() - b.numel()
+    assert lost == got
+    summary = stream_summary(model, units, plan)
+    assert summary["text_share_of_removed"] == pytest.approx(got["text"] / sum(got.values()), rel=1e-12)
+
+
+def test_per_stream_split_removes_the_same_share_from_every_group(calibrated):
+    """plan_per_group: image, text and joint units each remove their share (within one rank quantum
+    of the group's largest unit cost, the solver's rounding); the merged plan removes their sum. The
+    joint allocation over all units (plan_ranks) reaches the same total."""
+    from slimdiff.streams import plan_per_group, unit_stream
+
+    model, _, _ = calibrated
+    units = compression_units(model)
+    fraction = 0.3  # mode "uniform": step-maximal rounding (error profiles of this 32-token
+    # calibration are flat at ~1e-16 beyond the data's rank, where the DP may remove more)
+    plan = plan_per_group(model, units, fraction, mode="uniform", r_min=1, multiple=1)
+    groups: dict[str, list[str]] = {}
+    for n, u in units.items():
+        groups.setdefault(unit_stream(model, u), []).append(n)
+    assert set(groups) == {"image", "text", "joint"}
+    for group, names in groups.items():
+        full = sum(units[n].full_params for n in names)
+        removed = sum(plan.units[n].params_before - plan.units[n].params_after for n in names)
+        quantum = max(units[n].cost_per_rank for n in names)
+        assert abs(removed - fraction * full) <= quantum, group
+        assert plan.solver["groups"][group]["units"] == len(names)
+    joint = plan_ranks(None, units, Budget(removed_fraction=fraction), mode="uniform", r_min=1, multiple=1)
+    total = sum(u.full_params for u in units.values())
+    assert abs(joint.removed_params - fraction * total) <= max(u.cost_per_rank for u in units.values())
+    assert plan.solver["split"] == "per-stream"

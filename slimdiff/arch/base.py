@@ -49,6 +49,8 @@ class FFNLayout:
     proj_out: str  # nn.Linear inner -> d
     gated: bool
     hidden_key: str  # statistic: second moment of proj_out's input (the intermediate h)
+    # the token stream the FFN acts on: "image" (the latent tokens) or "text" (MMDiT's ff_context)
+    stream: str = "image"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class AttentionLayout:
     # with the streams; empty when the attention has none
     norms_q: tuple[str, ...] = ()
     norms_k: tuple[str, ...] = ()
+    # linears of the text token stream (MMDiT's add_q/k/v_proj and to_add_out): their share of a
+    # unit's parameters is the text stream's (slimdiff.streams); the others act on image tokens
+    text_linears: tuple[str, ...] = ()
 
     @property
     def qk_norm(self) -> bool:

@@ -51,7 +51,10 @@ def _ffn(model: nn.Module, block: str, name: str) -> UnitInfo:
             f"{block}.{name}: expected a GELU feed-forward, got {type(ff.net[0]).__name__}"
         )
     key = ffn_key(block) if name == "ff" else f"{block}.{name}.hidden"
-    layout = FFNLayout(f"{block}.{name}.net.0.proj", f"{block}.{name}.net.{len(ff.net) - 1}", False, key)
+    stream = "image" if name == "ff" else "text"
+    layout = FFNLayout(
+        f"{block}.{name}.net.0.proj", f"{block}.{name}.net.{len(ff.net) - 1}", False, key, stream
+    )
     return ffn_unit(model, f"{block}.{name}", block, layout)
 
 
@@ -67,7 +70,10 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
     if attn.norm_q is not None:
         norms_q.append(f"{path}.norm_q")
         norms_k.append(f"{path}.norm_k")
+    text: list[str] = []  # the text stream's linears: the add_* projections and to_add_out
     if joint:
+        text += [f"{path}.add_q_proj", f"{path}.add_k_proj", f"{path}.add_v_proj"]
+        text += [] if attn.context_pre_only else [f"{path}.to_add_out"]
         key.append(f"{path}.add_k_proj")
         value.append(f"{path}.add_v_proj")
         if attn.context_pre_only:  # text queries' outputs are discarded: rewritten, not measured
@@ -100,6 +106,7 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
         unused_query=tuple(unused),
         norms_q=tuple(norms_q),
         norms_k=tuple(norms_k),
+        text_linears=tuple(text),
     )
     return attention_units(model, block, which, layout)
 
