@@ -19,6 +19,7 @@ compute) and one forward is traced with hooks for the given batch, latent size a
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -95,22 +96,33 @@ def _category(name: str) -> str:
 
 def meta_copy(unet: nn.Module) -> nn.Module:
     """A skeleton of ``unet`` on the meta device with the same Linear/Conv2d shapes and the same
-    attention processors (so compressed widths and SlimAttnProcessor are traced as they are)."""
+    attention processors (so compressed widths and SlimAttnProcessor are traced as they are); the
+    modules a compression replaced or added (per-head norms of RMSNorm-aware selection, the q/k
+    projections after the norms) are copied onto it too, on the meta device."""
     with torch.device("meta"):
         skel = type(unet).from_config(unet.config)
     skel.eval()
     for name, mod in unet.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not name:
             continue
-        ref = skel.get_submodule(name)
-        if (ref.in_features, ref.out_features) != (mod.in_features, mod.out_features):
-            parent_name, _, child = name.rpartition(".")
-            parent = skel.get_submodule(parent_name)
+        parent_name, _, child = name.rpartition(".")
+        try:
+            ref = skel.get_submodule(name)
+        except AttributeError:
+            ref = None
+        if isinstance(mod, nn.Linear):
+            if ref is not None and (ref.in_features, ref.out_features) == (mod.in_features, mod.out_features):
+                continue
             new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-            if isinstance(parent, nn.ModuleList | nn.Sequential):
-                parent[int(child)] = new
-            else:
-                setattr(parent, child, new)
+        elif ref is None or type(ref) is not type(mod):
+            new = copy.deepcopy(mod).to("meta")  # small leaf modules: norms, post-norm projections
+        else:
+            continue
+        parent = skel.get_submodule(parent_name)
+        if isinstance(parent, nn.ModuleList | nn.Sequential):
+            parent[int(child)] = new
+        else:
+            setattr(parent, child, new)
     if hasattr(unet, "attn_processors"):
         skel.set_attn_processor(dict(unet.attn_processors))
     return skel
@@ -180,9 +192,16 @@ def forward_flops(
         heads = mod.heads
         r_qk = mod.to_q.out_features // heads
         r_vo = mod.to_v.out_features // heads
+        which = "attn2" if name.endswith("attn2") else "attn1"  # MMDiT: joint "attn" counts as attn1
+        post = getattr(mod, "slim_qk_post", None)
+        if post is not None:  # qk_norm "project": q and k (width d_h) projected to r after the norms
+            d_h, r = post.t_q.shape[1], post.t_q.shape[2]
+            rows.append(
+                FlopsRow(f"{name}.slim_qk_post", f"{which}_proj", 2 * b * heads * (n_q + n_k) * d_h * r, n_q)
+            )
+            r_qk = r
         if isinstance(mod.processor, SlimAttnProcessor | SlimJointAttnProcessor):  # pads to one width
             r_qk = r_vo = common_head_width(r_qk, r_vo, torch.device(device))
-        which = "attn2" if name.endswith("attn2") else "attn1"  # MMDiT: joint "attn" counts as attn1
         rows.append(FlopsRow(name, f"{which}_matmul", 2 * b * heads * n_q * n_k * (r_qk + r_vo), n_q))
 
     for name, mod in skel.named_modules():

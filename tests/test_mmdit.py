@@ -326,3 +326,32 @@ def test_per_stream_split_removes_the_same_share_from_every_group(calibrated):
     total = sum(u.full_params for u in units.values())
     assert abs(joint.removed_params - fraction * total) <= max(u.cost_per_rank for u in units.values())
     assert plan.solver["split"] == "per-stream"
+
+
+@pytest.mark.parametrize("mode", ["select", "project"])
+def test_flops_of_a_compressed_mmdit_count_the_widths_that_run(calibrated, mode):
+    """The FLOP counter traces a skeleton with the compression's new modules (per-head norms,
+    post-norm projections). Known answers for block 0's joint attention (2 heads, d_h 8, VO at
+    rank 4; tokens N = 16 image + 5 text): "project" logits at width 4 plus the projections
+    2 B H (N_q + N_k) d_h r; "select" QK at rank 4 (CPU: padded to one width, 4 here)."""
+    from slimdiff.flops import denoiser_flops
+
+    model, covs, _ = calibrated
+    units = planned_units(compression_units(model), ("ffn", "qk", "vo"), mode)
+    ranks = {"transformer_blocks.0.attn.vo": 4}
+    if mode == "select":
+        ranks["transformer_blocks.0.attn.qk"] = 4
+    slim = copy.deepcopy(model)
+    compress_(slim, RankPlan.from_ranks(units, ranks), covs, qk_norm=mode)
+    report = denoiser_flops(slim, batch=1, latent_hw=(8, 8), text_len=5)
+    rows = {r.module: r for r in report.rows}
+    b, heads, n, d, r = 1, 2, 16 + 5, 8, 4
+    assert rows["transformer_blocks.0.attn"].flops == 2 * b * heads * n * n * (r + r)
+    if mode == "project":
+        post = rows["transformer_blocks.0.attn.slim_qk_post"]
+        assert post.flops == 2 * b * heads * (n + n) * d * r
+        assert post.category == "attn1_proj"
+    else:
+        assert "transformer_blocks.0.attn.slim_qk_post" not in rows
+    # every other attention runs at its full width
+    assert rows["transformer_blocks.1.attn"].flops == 2 * b * heads * n * n * (d + d)
