@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only rewrite lora_toy.md (and the LoRA card) from --out/lora_toy.json; no model runs",
     )
     args = ap.parse_args(argv)
+    default_out = ap.get_default("out"), ap.get_default("lora_dir")
+    if args.quick and args.write and (args.out, args.lora_dir) == default_out:
+        ap.error("--quick --write would replace the committed results and LoRA: give --out and --lora-dir")
     if args.quick:
         args.steps, args.dataset, args.budgets = 60, 512, [0.4]
         args.new_prompts, args.images_per_prompt, args.old_prompts = 8, 1, 16
