@@ -221,12 +221,20 @@ def _coverage(shape: str, cx: float, cy: float, size: float) -> np.ndarray:
     return inside.reshape(n, k, n, k).mean(axis=(1, 3))
 
 
-def render_scene(scene: tuple[SceneObject, ...], rng: np.random.Generator) -> np.ndarray:
-    """Render objects with per-object jitter in color, size and position: uint8 (32, 32, 3)."""
+def render_scene(
+    scene: tuple[SceneObject, ...],
+    rng: np.random.Generator,
+    palette: dict[str, tuple[int, int, int]] | None = None,
+) -> np.ndarray:
+    """Render objects with per-object jitter in color, size and position: uint8 (32, 32, 3).
+
+    ``palette`` (color name -> RGB) defaults to :data:`COLORS`; an extended palette renders colors
+    the data set does not have (``slimdiff.toy.newcolor``) with the same rules and random draws."""
+    palette = COLORS if palette is None else palette
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float64)
     image[:] = BACKGROUND
     for obj in scene:
-        base = np.asarray(COLORS[obj.color], dtype=np.float64)
+        base = np.asarray(palette[obj.color], dtype=np.float64)
         color = np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3), 0, 255)
         size = rng.uniform(*SIZE_RANGE)
         sx, sy = SLOTS[obj.slot]

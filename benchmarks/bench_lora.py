@@ -1,0 +1,814 @@
+"""A LoRA trained on the ORIGINAL toy UNet, projected onto compressed models (issue 18).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lora.py --write   # ~10 min on a shared 2-core CPU
+    python benchmarks/bench_lora.py --quick          # a smoke run: short training, one budget, few captions
+    python benchmarks/bench_lora.py --lora data/toy/lora/orange.safetensors   # skip training
+
+1. Teach the toy model a color it does not have. "orange" (``slimdiff.toy.newcolor``: RGB
+   (240, 145, 35), rendered by the toy world's own renderer with an extended palette) is not in
+   the four-color data set; the tokenizer reads it as ``<unk>``. A rank-``--rank`` LoRA on every
+   transformer block's attn1 / attn2 to_q, to_k, to_v, to_out.0 and ff.net.0.proj, ff.net.2 (every
+   kind of layer the projection maps) is trained with the UNet and the text encoder frozen, on a mix
+   of new-color captions (training split) and ordinary training captions (to keep old behaviour):
+   epsilon prediction with Min-SNR-5 weights, 10% caption dropout, as the base model was trained.
+   A hand-written low-rank hook trains it (no peft); it is written in diffusers/PEFT format
+   (``unet.<module>.lora_A.weight`` / ``lora_B``, scale 1), fp16 (``--write``: into
+   ``data/toy/lora/``, with a card).
+2. Measure the attribute on held-out new-color captions: the pixel rule of
+   ``slimdiff.toy.newcolor`` (the classifier knows four colors) for the color, the classifier with
+   the color marginalised out for the shape. The rule's accuracy on rendered orange images of the
+   same captions (must be 100%) and on red renders (must be 0%) is reported as its validity check.
+3. Compress the original at each budget exactly as the pipeline does (params.yaml: SlimSet,
+   calibration, influence, error profiles, ``plan_ranks`` at ``removed_fraction``, ``compress_``,
+   which records the LoRA maps) and load the LoRA with ``slimdiff.lora.load_lora_into`` (projected,
+   fused; peft is not needed). Every model samples the same captions with the same seeds.
+
+Reported per model: new-color accuracy (color / color+shape / exact), kept = that accuracy over
+original+LoRA's, exact match on the toy held-out captions (the old behaviour, the committed
+classifier) with and without the LoRA, PSNR of the images to original+LoRA's. ``--write`` writes
+``benchmarks/results/lora_toy.md``, ``lora_toy_grid.png`` and ``lora_toy.json`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench_lora")
+
+#: the layers of every transformer block the LoRA trains (every kind the projection maps)
+TARGET_SUFFIXES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+LORA_FILE = "orange.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--write", action="store_true", help="write the results (and the LoRA) into --out")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--lora-dir", type=Path, default=ROOT / "data" / "toy" / "lora")
+    ap.add_argument("--lora", type=Path, default=None, help="use this LoRA file instead of training one")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    # training
+    ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dataset", type=int, default=4096, help="rendered training images (half new-color)")
+    ap.add_argument("--new-share", type=float, default=0.5, help="share of new-color images in training")
+    # evaluation
+    ap.add_argument("--new-prompts", type=int, default=40, help="held-out new-color captions evaluated")
+    ap.add_argument("--images-per-prompt", type=int, default=2, help="images per new-color caption")
+    ap.add_argument("--old-prompts", type=int, default=None, help="toy held-out captions (default: all 88)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, one budget, 8 + 16 captions")
+    ap.add_argument(
+        "--rerender",
+        action="store_true",
+        help="only rewrite lora_toy.md (and the LoRA card) from --out/lora_toy.json; no model runs",
+    )
+    args = ap.parse_args(argv)
+    default_out = ap.get_default("out"), ap.get_default("lora_dir")
+    if args.quick and args.write and (args.out, args.lora_dir) == default_out:
+        ap.error("--quick --write would replace the committed results and LoRA: give --out and --lora-dir")
+    if args.quick:
+        args.steps, args.dataset, args.budgets = 60, 512, [0.4]
+        args.new_prompts, args.images_per_prompt, args.old_prompts = 8, 1, 16
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Training the LoRA (a forward hook per target linear: W x + B (A x))
+# --------------------------------------------------------------------------------------------
+def lora_targets(unet: nn.Module) -> list[str]:
+    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(TARGET_SUFFIXES)]
+
+
+class LoraHooks:
+    """Rank-``rank`` deltas on ``targets`` as forward hooks (scale 1). A: uniform in
+    +-1/sqrt(in) (PEFT's kaiming-uniform), B: zero, so training starts at the base model."""
+
+    def __init__(self, unet: nn.Module, targets: list[str], rank: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.a: dict[str, nn.Parameter] = {}
+        self.b: dict[str, nn.Parameter] = {}
+        self.handles = []
+        for path in targets:
+            lin = unet.get_submodule(path)
+            bound = 1.0 / math.sqrt(lin.in_features)
+            a = nn.Parameter((torch.rand(rank, lin.in_features, generator=g) * 2 - 1) * bound)
+            b = nn.Parameter(torch.zeros(lin.out_features, rank))
+            self.a[path], self.b[path] = a, b
+            self.handles.append(lin.register_forward_hook(self._hook(a, b)))
+
+    @staticmethod
+    def _hook(a, b):
+        def hook(_module, inputs, output):
+            return output + F.linear(F.linear(inputs[0], a), b)
+
+        return hook
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.a.values(), *self.b.values()]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        out = {}
+        for path in self.a:
+            out[f"unet.{path}.lora_A.weight"] = self.a[path].detach().to(dtype).contiguous()
+            out[f"unet.{path}.lora_B.weight"] = self.b[path].detach().to(dtype).contiguous()
+        return out
+
+
+def training_data(pipe, n: int, new_share: float, seed: int):
+    """Rendered images (new-color captions of the training split and ordinary training captions,
+    75% two-object as the base model's data), their VAE posteriors and caption indices."""
+    from slimdiff.toy import newcolor
+    from slimdiff.toy.data import to_tensor_range, train_captions
+
+    rng = np.random.default_rng(seed)
+    n_new = int(round(new_share * n))
+    new_single, new_two = newcolor.train_new_captions("single"), newcolor.train_new_captions("two")
+    old_single, old_two = train_captions("single"), train_captions("two")
+
+    def draw(single, two, k):
+        two_mask = rng.random(k) < 0.75
+        return [two[rng.integers(len(two))] if t else single[rng.integers(len(single))] for t in two_mask]
+
+    captions = draw(new_single, new_two, n_new) + draw(old_single, old_two, n - n_new)
+    images = np.stack([newcolor.render_new(c, rng) for c in captions])
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            dist = pipe.vae.encode(to_tensor_range(images[i : i + 256])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    return torch.cat(means), torch.cat(stds), torch.tensor([index[c] for c in captions]), unique, images
+
+
+@torch.no_grad()
+def text_states(pipe, captions: list[str]) -> torch.Tensor:
+    """The frozen text encoder's token states (N, L, d) as the pipeline computes them."""
+    tok = pipe.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return pipe.text_encoder(tok.input_ids)[0]
+
+
+def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the LoRA on the ORIGINAL UNet (left unchanged); returns (fp16 state dict, info)."""
+    from diffusers import DDPMScheduler
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    means, stds, cap_idx, unique, _ = training_data(pipe, args.dataset, args.new_share, args.seed)
+    contexts = text_states(pipe, unique)  # (U, L, d)
+    uncond = text_states(pipe, [""])  # (1, L, d)
+    t_data = time.perf_counter() - t0
+    unet = pipe.unet
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    targets = lora_targets(unet)
+    hooks = LoraHooks(unet, targets, args.rank, args.seed + 1)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    ac = sched.alphas_cumprod.float()
+    snr = ac / (1 - ac)
+    weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5, epsilon prediction
+    opt = torch.optim.AdamW(hooks.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 20)
+    rng = np.random.default_rng(args.seed + 2)
+    scaling = float(pipe.vae.config.scaling_factor)
+    losses: list[float] = []
+    t1 = time.perf_counter()
+    try:
+        for step in range(args.steps):
+            idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+            lat = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
+            ctx = contexts[cap_idx[idx]].clone()
+            ctx[torch.from_numpy(rng.random(args.batch) < 0.1)] = uncond[0]
+            noise = torch.randn_like(lat)
+            t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,))
+            pred = unet(sched.add_noise(lat, noise, t), t, ctx).sample
+            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
+            # linear warmup, cosine to 10%
+            frac = (step + 1) / warmup if step < warmup else None
+            if frac is None:
+                prog = (step - warmup) / max(1, args.steps - warmup)
+                frac = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
+            for g in opt.param_groups:
+                g["lr"] = args.lr * frac
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hooks.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 50 == 0 or step == args.steps - 1:
+                recent = losses[-50:]
+                log.info(
+                    "train step %d/%d loss %.4f (%.0f s)",
+                    step + 1,
+                    args.steps,
+                    sum(recent) / len(recent),
+                    time.perf_counter() - t1,
+                )
+    finally:
+        hooks.remove()
+    state = hooks.state_dict(torch.float16)
+    info = {
+        "rank": args.rank,
+        "targets": len(targets),
+        "target_kinds": list(TARGET_SUFFIXES),
+        "lora_params": sum(v.numel() for v in state.values()),
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "dataset": args.dataset,
+        "new_share": args.new_share,
+        "seed": args.seed,
+        "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
+        "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "data_seconds": t_data,
+        "train_seconds": time.perf_counter() - t1,
+        "threads": torch.get_num_threads(),
+    }
+    return state, info
+
+
+def save_lora(state: dict[str, torch.Tensor], info: dict, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LORA_FILE
+    # scale 1 (alpha = r): diffusers' convention without alphas; the metadata says so explicitly
+    meta = {
+        "unet.r": info["rank"],
+        "unet.lora_alpha": info["rank"],
+        "unet.target_modules": list(TARGET_SUFFIXES),
+    }
+    save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    write_card(info, folder)
+    return path
+
+
+def write_card(info: dict, folder: Path) -> Path:
+    """The LoRA's card (``README.md`` next to it) from the training info."""
+    kinds = ", ".join(f"`{k}`" for k in TARGET_SUFFIXES)
+    card = f"""# orange: a LoRA teaching the toy UNet a fifth color
+
+A diffusers/PEFT-format LoRA (`unet.<module>.lora_A.weight` / `lora_B.weight`, fp16, scale 1) for
+the committed toy UNet (`data/toy/pipeline`). It teaches the model to draw "orange" (RGB
+(240, 145, 35), `slimdiff.toy.newcolor`), a color the toy data set does not have; the toy tokenizer
+reads the word as `<unk>`, so the LoRA draws orange for `<unk>` in a color position. It is the LoRA
+of `benchmarks/bench_lora.py` (results: `benchmarks/results/lora_toy.md`) and of the known-answer
+tests in `tests/test_lora_toy.py`.
+
+- Targets: {info["targets"]} linears, every transformer block's {kinds}; rank {info["rank"]},
+  {info["lora_params"]:,} parameters.
+- Training: UNet and text encoder frozen; {info["dataset"]} rendered images (a share of
+  {info["new_share"]:g} new-color captions of the training split of `slimdiff.toy.newcolor`, the rest
+  ordinary toy training captions, 75% two-object), VAE posterior samples; {info["steps"]} steps x
+  {info["batch"]}, AdamW lr {info["lr"]:g} (5% warmup, cosine to 10%), epsilon prediction with
+  Min-SNR-5 weights, 10% caption dropout, seed {info["seed"]}, {info["threads"]} CPU thread(s),
+  {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f} (first 50 steps) ->
+  {info["loss_last_50"]:.4f} (last 50).
+- Reproduce: `python benchmarks/bench_lora.py --threads {info["threads"]} --write` (trains it again;
+  the thread count changes the order of floating-point reductions, so the weights are reproducible
+  only with the same thread count).
+"""
+    (folder / "README.md").write_text(card)
+    return folder / "README.md"
+
+
+# --------------------------------------------------------------------------------------------
+# Compression, as the pipeline does it
+# --------------------------------------------------------------------------------------------
+def calibrate(pipe, params):
+    """SlimSet (toy CLIP, evaluation prompts excluded), statistics, influence, covariances and
+    error profiles: the pipeline's slimset, calibrate and influence stages."""
+    from slimdiff.calibration import collect_stats
+    from slimdiff.embedders import OpenClipEmbedder
+    from slimdiff.influence import compute_influence
+    from slimdiff.slimset import build_slimset
+    from slimdiff.spectra import error_profiles
+    from slimdiff.toy.clip import CHECKPOINT_NAME, register_toy_clip_config, toy_clip_dir
+    from slimdiff.toy.data import heldout_captions, train_captions
+
+    sl, cal = params.slimset, params.calibration
+    if sl.pool != "toy" or params.evaluation.prompts != "toy-heldout" or sl.embedder.kind != "toy":
+        raise SystemExit(
+            "bench_lora.py runs the toy world: params.yaml must use the toy pool, embedder and prompts"
+        )
+    embedder = OpenClipEmbedder(register_toy_clip_config(), str(toy_clip_dir() / CHECKPOINT_NAME))
+    slimset = build_slimset(
+        train_captions(),
+        embedder,
+        n=sl.n,
+        exclude=heldout_captions(),
+        seed=sl.seed,
+        canonical_share=sl.canonical_share,
+        near_dup_threshold=sl.near_dup_threshold,
+    )
+    stats = collect_stats(
+        pipe,
+        slimset.prompts,
+        num_inference_steps=cal.num_inference_steps,
+        guidance_scale=cal.guidance_scale,
+        n_buckets=cal.n_buckets,
+        batch_size=cal.batch_size,
+        seed=cal.seed,
+        progress=False,
+    )
+    influence = compute_influence(stats, pipe.unet, weighting=params.influence.weighting)
+    covariances = influence.aggregate(stats)
+    profiles = error_profiles(pipe.unet, covariances, damping=params.compression.damping)
+    return len(slimset.prompts), influence, covariances, profiles
+
+
+def compressed_unet(unet, params, influence, covariances, profiles, fraction: float):
+    """The plan and compression stages at ``removed_fraction`` (the committed allocation)."""
+    from slimdiff.adapter import compression_units, planned_units
+    from slimdiff.allocation import Budget, plan_ranks
+    from slimdiff.compress import compress_
+
+    alloc, comp = params.allocation, params.compression
+    units = planned_units(compression_units(unet), alloc.modules, comp.qk_norm)
+    plan = plan_ranks(
+        influence.score_of(),
+        units,
+        Budget(removed_fraction=fraction),
+        tau=alloc.tau,
+        r_min=alloc.r_min,
+        multiple=alloc.multiple,
+        mode=alloc.mode,
+        model_params=sum(p.numel() for p in unet.parameters()),
+        profiles=profiles if alloc.mode == "error" else None,
+        tie_qk_vo=alloc.tie_qk_vo,
+    )
+    slim = copy.deepcopy(unet)
+    compress_(
+        slim,
+        plan,
+        covariances,
+        qk_method=comp.qk_method,
+        vo_method=comp.vo_method,
+        ffn_method=comp.ffn_method,
+        damping=comp.damping,
+        ffn_selection=comp.ffn_selection,
+        qk_norm=comp.qk_norm,
+    )  # lora_maps=True (the default): the maps load_lora_into projects with
+    return slim.eval(), plan
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+class Sampler:
+    """Samples every model on the same caption lists with the same seeds (sample_images: one
+    generator per list, fixed batches) and grades them."""
+
+    def __init__(self, new_captions: list[str], old_captions: list[str], ev, classifier):
+        self.new, self.old, self.ev, self.classifier = new_captions, old_captions, ev, classifier
+
+    def sample(self, pipe, captions: list[str]) -> np.ndarray:
+        from slimdiff.toy.evaluate import sample_images
+
+        return sample_images(
+            pipe,
+            captions,
+            seed=self.ev.seed,
+            num_inference_steps=self.ev.num_inference_steps,
+            guidance_scale=self.ev.guidance_scale,
+            batch_size=self.ev.batch_size,
+        )
+
+    def new_color(self, pipe) -> tuple[dict, np.ndarray]:
+        from slimdiff.toy.newcolor import new_color_accuracy
+
+        images = self.sample(pipe, self.new)
+        return new_color_accuracy(images, self.new, self.classifier), images
+
+    def held_out(self, pipe) -> tuple[dict, np.ndarray]:
+        from slimdiff.toy.evaluate import attribute_accuracy
+
+        images = self.sample(pipe, self.old)
+        return attribute_accuracy(images, self.old, self.classifier), images
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    from slimdiff.evaluation import PSNR_CAP_DB
+    from slimdiff.metrics import capped_mean_psnr, psnr, uint8_to_float
+
+    return capped_mean_psnr(psnr(uint8_to_float(a), uint8_to_float(b)), PSNR_CAP_DB)
+
+
+def labelled_grid(rows: list[tuple[str, np.ndarray]], captions: list[str], scale: int = 3, pad: int = 3):
+    """One row of tiles per (label, images), ``scale``x nearest; captions are listed in the md."""
+    from PIL import Image, ImageDraw
+
+    label_w = 190
+    n = len(rows[0][1])
+    h = rows[0][1].shape[1] * scale
+    grid = Image.new("RGB", (label_w + n * (h + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = pad + r * (h + pad)
+        draw.text((4, y + h // 2 - 5), label, fill=(0, 0, 0))
+        for c, im in enumerate(images):
+            tile = Image.fromarray(im).resize((h, h), Image.NEAREST)
+            grid.paste(tile, (label_w + pad + c * (h + pad), y))
+    return grid
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _db(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def render_md(res: dict) -> str:
+    p, tr, v = res["protocol"], res["training"], res["validity"]
+    rows = res["rows"]
+    lines = [
+        "# LoRA on compressed toy models",
+        "",
+        f"Generated by `python benchmarks/bench_lora.py --threads {p['threads']} --write`; do not edit by hand.",
+        "",
+        "A LoRA trained on the ORIGINAL toy UNet to draw a color the toy world does not have "
+        '("orange", RGB (240, 145, 35)), loaded into models compressed by the default pipeline '
+        "with `slimdiff.lora.load_lora_into` (the closed-form projection, fused).",
+        "",
+        "| model | removed | UNet params | orange % | orange + shape % | orange exact % | kept (orange) "
+        "| held-out exact %, no LoRA | held-out exact %, with LoRA | PSNR to orig+LoRA, orange dB "
+        "| PSNR to orig+LoRA, held-out dB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['removed']} | {r['unet_params']:,} | {_pct(r['new']['color'])} | "
+            f"{_pct(r['new']['color_shape'])} | {_pct(r['new']['exact'])} | "
+            f"{_pct(r.get('kept'))} | {_pct(r.get('old_exact_no_lora'))} | {_pct(r.get('old_exact_lora'))} | "
+            f"{_db(r.get('psnr_new'))} | {_db(r.get('psnr_old'))} |"
+        )
+    at40 = next((r for r in rows if r.get("fraction") == 0.4), None)
+    verdict = (
+        f"At 40% removed the compressed model keeps **{_pct(at40['kept'])}%** of original+LoRA's orange "
+        f"accuracy (target >= 90%: {'met' if at40['kept'] >= 0.9 else 'missed'})."
+        if at40 and at40.get("kept") is not None
+        else ""
+    )
+    lines += [
+        "",
+        verdict,
+        "",
+        "- **orange %**: share of images whose orange object(s) read orange in their slot by the pixel "
+        "rule of `slimdiff.toy.newcolor` (the core of the object pixels in the slot's window; the "
+        "palette color or orange nearest to their mean RGB, if within 45 of it, else another color); "
+        "**+ shape**: and the attribute classifier, with the color marginalised out, reads the "
+        "object's shape there; **exact**: every object of the caption has its color (rule) and shape "
+        "(classifier) in its slot and the other slots are empty. **kept** = orange % / "
+        f"original+LoRA's orange %. {v['n']} images per row: one image is "
+        f"{100 / v['n']:.2f} points.",
+        f"- **Validity of the rule** on rendered ground truth, {v['n']} renders of the same captions: "
+        f"orange renders read {_pct(v['new_color_renders']['color'])}% orange, "
+        f"{_pct(v['new_color_renders']['color_shape'])}% orange + shape, "
+        f"{_pct(v['new_color_renders']['exact'])}% exact; the same renders in red and in yellow (the two "
+        f"nearest palette colors) read {_pct(v['red_renders']['color'])}% and "
+        f"{_pct(v['yellow_renders']['color'])}% orange. **Ceiling** of any UNet through the committed "
+        f"VAE: the orange renders encoded and decoded read {_pct(v['vae_round_trip']['color'])}% orange, "
+        f"{_pct(v['vae_round_trip']['exact'])}% exact (the decoder was trained on four colors; a color "
+        "farther from them, such as purple, comes back as red or red-orange: 0% with the same rule, "
+        "`slimdiff.toy.newcolor`).",
+        f"- **held-out exact**: `slimdiff.toy.evaluate.attribute_accuracy` (committed classifier) on "
+        f"the {p['old_prompts']} toy held-out captions, {p['old_images_per_prompt']} image each: the old "
+        "behaviour, without and with the LoRA.",
+        f"- **PSNR**: per image to original+LoRA's image of the same caption and seed (uint8 in [0, 1], "
+        f"capped at {p['psnr_cap_db']:g} dB before the mean).",
+        "",
+        "## Protocol",
+        "",
+        f"- LoRA: rank {tr['rank']} on {tr['targets']} linears (every transformer block's "
+        f"{', '.join(tr['target_kinds'])}), {tr['lora_params']:,} parameters, stored fp16 "
+        f"(`{p['lora_file']}`) and used upcast to fp32. "
+        + (
+            f"Trained here: UNet and text encoder frozen, {tr['dataset']} renders ({tr['new_share']:g} "
+            f"orange captions of the training split, the rest ordinary training captions, 75% two-object), "
+            f"{tr['steps']} steps x {tr['batch']}, AdamW lr {tr['lr']:g}, Min-SNR-5, 10% caption dropout, "
+            f"seed {tr['seed']}; loss {tr['loss_first_50']:.4f} (first 50 steps) -> {tr['loss_last_50']:.4f} "
+            "(last 50)."
+            if tr.get("steps")
+            else "Loaded from the file (not retrained in this run)."
+        ),
+        '- "orange" is not a word of the toy tokenizer: it is read as `<unk>`, whose frozen text-encoder '
+        "state the LoRA learns to draw as orange.",
+        f"- New-color captions: {p['new_prompts']} held-out captions ({p['new_single']} single, "
+        f"{p['new_two']} two-object; the split of `slimdiff.toy.newcolor`, never trained on) x "
+        f"{p['new_images_per_prompt']} images.",
+        f"- Sampling: DDIM {p['num_inference_steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']} "
+        f"(one generator per caption list, batches of {p['batch_size']}): every model gets the same "
+        "initial noise for the same caption.",
+        f"- Compression: the pipeline's stages with params.yaml: SlimSet of {p['slimset_n']} toy training "
+        f"captions (held-out excluded), calibration {p['calibration']}, influence "
+        f"{p['influence_weighting']}, allocation {p['allocation']}, `Budget(removed_fraction=...)`, "
+        f"`compress_` ({p['compression']}), which records the LoRA maps; the LoRA is projected by those "
+        "maps and fused into the compressed weights (`load_lora_into`, method fuse: peft is not installed). "
+        "The projection maps "
+        + ", ".join(f"{k}: {n}" for k, n in res["projection_kinds"].items())
+        + " layers (at 40%); dropped: "
+        + (", ".join(res["projection_dropped"]) or "none")
+        + ".",
+        f"- Run: {res['seconds']['total'] / 60:.1f} min on {p['threads']} CPU thread(s) of {p['machine']} "
+        f"(nice 19, next to other jobs): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items() if k != "total")
+        + ".",
+        "",
+        "Rows: original, original + LoRA, then compressed + projected LoRA at "
+        + ", ".join(f"{100 * b:.0f}%" for b in p["budgets"])
+        + " removed; the first "
+        f"{res['grid_columns']} orange captions, first image each, same seeds:",
+        "",
+        "![grid](lora_toy_grid.png)",
+        "",
+        "Captions (left to right): "
+        + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(res["grid_captions"]))
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    if args.rerender:
+        result = json.loads((args.out / "lora_toy.json").read_text())
+        (args.out / "lora_toy.md").write_text(render_md(result))
+        if result["training"].get("steps") and (ROOT / result["protocol"]["lora_file"]).is_file():
+            write_card(result["training"], (ROOT / result["protocol"]["lora_file"]).parent)
+        log.info("rewrote %s from lora_toy.json", args.out / "lora_toy.md")
+        return 0
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    from slimdiff.config import load_params
+    from slimdiff.evaluation import PSNR_CAP_DB
+    from slimdiff.lora import load_lora_file, load_lora_into
+    from slimdiff.toy import load_toy_pipeline, newcolor
+    from slimdiff.toy.classifier import load_toy_classifier
+    from slimdiff.toy.data import caption_kind, heldout_captions
+
+    params = load_params(args.params)
+    ev = params.evaluation
+    pipe = load_toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_toy_classifier()
+    unet = pipe.unet
+
+    # captions: held-out new-color captions (all single ones, then seeded two-object ones)
+    rng = np.random.default_rng(args.seed + 100)
+    held_single, held_two = newcolor.heldout_new_captions("single"), newcolor.heldout_new_captions("two")
+    n_two = max(0, args.new_prompts - len(held_single))
+    picked = [
+        held_two[i] for i in sorted(rng.choice(len(held_two), size=min(n_two, len(held_two)), replace=False))
+    ]
+    new_prompts = (held_single + picked)[: args.new_prompts]
+    new_captions = [c for c in new_prompts for _ in range(args.images_per_prompt)]
+    old_captions = heldout_captions()[: args.old_prompts] if args.old_prompts else heldout_captions()
+    sampler = Sampler(new_captions, old_captions, ev, classifier)
+    validity = newcolor.measurement_validity(new_captions, seed=args.seed + 7, classifier=classifier)
+    validity["vae_round_trip"] = newcolor.new_color_accuracy(
+        newcolor.vae_round_trip(pipe.vae, newcolor.render_many(new_captions, args.seed + 7)),
+        new_captions,
+        classifier,
+    )
+    validity["n"] = len(new_captions)
+    log.info(
+        "rule on renders: orange %.3f (exact %.3f), red / yellow renders read orange %.3f / %.3f, "
+        "VAE round trip %.3f",
+        validity["new_color_renders"]["color"],
+        validity["new_color_renders"]["exact"],
+        validity["red_renders"]["color"],
+        validity["yellow_renders"]["color"],
+        validity["vae_round_trip"]["color"],
+    )
+
+    # 1. the LoRA
+    t0 = time.perf_counter()
+    if args.lora is not None:
+        state, _meta = load_lora_file(args.lora)
+        info = {"rank": int(next(v for k, v in state.items() if k.endswith("lora_A.weight")).shape[0])}
+        info.update(targets=len(state) // 2, target_kinds=list(TARGET_SUFFIXES))
+        info["lora_params"] = sum(v.numel() for v in state.values())
+        lora_file = args.lora
+    else:
+        state, info = train_lora(pipe, args)
+        lora_file = args.lora_dir / LORA_FILE
+        if args.write:
+            lora_file = save_lora(state, info, args.lora_dir)
+            log.info("wrote %s (%d bytes)", lora_file, lora_file.stat().st_size)
+    lora = {k: v.float() for k, v in state.items()}  # the fp16 values, computed in fp32
+    seconds["lora_training"] = time.perf_counter() - t0
+
+    # 2. the original, without and with the LoRA
+    rows: list[dict] = []
+    images: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    n_params = sum(p.numel() for p in unet.parameters())
+    new0, images["original"] = sampler.new_color(pipe)
+    old0, _ = sampler.held_out(pipe)
+    handle = load_lora_into(pipe, lora, method="fuse")
+    new1, images["original+lora"] = sampler.new_color(pipe)
+    old1, old_ref = sampler.held_out(pipe)
+    handle.unfuse()
+    ref_new = images["original+lora"]
+    rows.append(
+        {
+            "name": "original",
+            "removed": "0%",
+            "unet_params": n_params,
+            "new": new0,
+            "old_exact_no_lora": old0["all"]["exact"],
+            "old_exact_lora": None,
+            "old_no_lora": old0,
+        }
+    )
+    rows.append(
+        {
+            "name": "original + LoRA",
+            "removed": "0%",
+            "unet_params": n_params,
+            "new": new1,
+            "kept": 1.0 if new1["color"] > 0 else None,
+            "old_exact_no_lora": old0["all"]["exact"],
+            "old_exact_lora": old1["all"]["exact"],
+            "old_lora": old1,
+        }
+    )
+    log.info(
+        "original: orange %.3f, +LoRA orange %.3f (exact %.3f)", new0["color"], new1["color"], new1["exact"]
+    )
+    seconds["original_sampling"] = time.perf_counter() - t0
+
+    # 3. compressed models
+    t0 = time.perf_counter()
+    slimset_n, influence, covariances, profiles = calibrate(pipe, params)
+    seconds["calibration"] = time.perf_counter() - t0
+    from slimdiff.ablation import with_unet
+
+    projection_kinds: dict[str, int] = {}
+    dropped: list[str] = []
+    t0 = time.perf_counter()
+    for fraction in args.budgets:
+        slim, plan = compressed_unet(unet, params, influence, covariances, profiles, fraction)
+        slim_pipe = with_unet(pipe, slim)
+        old_c, _ = sampler.held_out(slim_pipe)
+        handle = load_lora_into(slim_pipe, lora, method="fuse")
+        new_c, images[f"{fraction:g}"] = sampler.new_color(slim_pipe)
+        old_cl, old_cl_images = sampler.held_out(slim_pipe)
+        if abs(fraction - 0.4) < 1e-9 or not projection_kinds:
+            projection_kinds = {}
+            for kind in handle.report.layers.values():
+                projection_kinds[kind] = projection_kinds.get(kind, 0) + 1
+            dropped = sorted(handle.report.dropped)
+        row = {
+            "name": f"compressed {100 * fraction:.0f}% + projected LoRA",
+            "fraction": fraction,
+            "removed": f"{100 * (1 - plan.params_after / plan.params_before):.1f}% of compressible",
+            "unet_params": sum(p.numel() for p in slim.parameters()),
+            "new": new_c,
+            "kept": new_c["color"] / new1["color"] if new1["color"] > 0 else None,
+            "old_exact_no_lora": old_c["all"]["exact"],
+            "old_exact_lora": old_cl["all"]["exact"],
+            "old_no_lora": old_c,
+            "old_lora": old_cl,
+            "psnr_new": psnr_db(images[f"{fraction:g}"], ref_new),
+            "psnr_old": psnr_db(old_cl_images, old_ref),
+        }
+        rows.append(row)
+        log.info(
+            "%.0f%% removed: orange %.3f (kept %.3f), exact %.3f, held-out exact %.3f / %.3f, PSNR %.1f dB",
+            100 * fraction,
+            new_c["color"],
+            row["kept"] or float("nan"),
+            new_c["exact"],
+            row["old_exact_no_lora"],
+            row["old_exact_lora"],
+            row["psnr_new"],
+        )
+        del slim_pipe, slim
+    seconds["compressed_models"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+
+    columns = min(12, len(new_prompts))
+    first = [new_prompts.index(c) * args.images_per_prompt for c in new_prompts[:columns]]
+    grid_rows = [("original", images["original"][first]), ("original + LoRA", images["original+lora"][first])]
+    grid_rows += [(f"{100 * b:.0f}% removed + proj. LoRA", images[f"{b:g}"][first]) for b in args.budgets]
+    result = {
+        "rows": rows,
+        "validity": validity,
+        "training": info,
+        "projection_kinds": projection_kinds,
+        "projection_dropped": dropped,
+        "seconds": seconds,
+        "grid_columns": columns,
+        "grid_captions": new_prompts[:columns],
+        "protocol": {
+            "lora_file": str(lora_file.relative_to(ROOT))
+            if lora_file.is_relative_to(ROOT)
+            else str(lora_file),
+            "new_prompts": len(new_prompts),
+            "new_single": sum(caption_kind_new(c) == "single" for c in new_prompts),
+            "new_two": sum(caption_kind_new(c) == "two" for c in new_prompts),
+            "new_images_per_prompt": args.images_per_prompt,
+            "new_captions": new_prompts,
+            "old_prompts": len(old_captions),
+            "old_single": sum(caption_kind(c) == "single" for c in old_captions),
+            "old_images_per_prompt": 1,
+            "num_inference_steps": ev.num_inference_steps,
+            "guidance_scale": ev.guidance_scale,
+            "seed": ev.seed,
+            "batch_size": ev.batch_size,
+            "psnr_cap_db": PSNR_CAP_DB,
+            "budgets": list(args.budgets),
+            "slimset_n": slimset_n,
+            "calibration": f"{params.calibration.num_inference_steps} steps, guidance "
+            f"{params.calibration.guidance_scale}, {params.calibration.n_buckets} buckets",
+            "influence_weighting": params.influence.weighting,
+            "allocation": f"{params.allocation.mode}, r_min {params.allocation.r_min}, multiple "
+            f"{params.allocation.multiple}, modules {list(params.allocation.modules)}",
+            "compression": f"qk {params.compression.qk_method}, vo {params.compression.vo_method}, ffn "
+            f"{params.compression.ffn_method}, damping {params.compression.damping}",
+            "threads": args.threads,
+            "machine": f"{platform.machine()} {os.cpu_count()}-core",
+            "quick": args.quick,
+        },
+    }
+    text = render_md(result)
+    print(text)
+    if not args.write:
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora_toy.md").write_text(text)
+    labelled_grid(grid_rows, new_prompts[:columns]).save(args.out / "lora_toy_grid.png")
+    from slimdiff.evaluation import jsonable
+
+    (args.out / "lora_toy.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
+    log.info(
+        "wrote %s",
+        ", ".join(str(args.out / n) for n in ("lora_toy.md", "lora_toy_grid.png", "lora_toy.json")),
+    )
+    return 0
+
+
+def caption_kind_new(caption: str) -> str:
+    from slimdiff.toy.newcolor import parse_new_caption
+
+    return "single" if len(parse_new_caption(caption)) == 1 else "two"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
