@@ -377,26 +377,13 @@ def compressed_unet(unet, params, influence, covariances, profiles, fraction: fl
         influence.score_of(),
         units,
         Budget(removed_fraction=fraction),
-        tau=alloc.tau,
-        r_min=alloc.r_min,
-        multiple=alloc.multiple,
-        mode=alloc.mode,
         model_params=sum(p.numel() for p in unet.parameters()),
         profiles=profiles if alloc.mode == "error" else None,
-        tie_qk_vo=alloc.tie_qk_vo,
+        **alloc.solver_options(),
     )
     slim = copy.deepcopy(unet)
-    compress_(
-        slim,
-        plan,
-        covariances,
-        qk_method=comp.qk_method,
-        vo_method=comp.vo_method,
-        ffn_method=comp.ffn_method,
-        damping=comp.damping,
-        ffn_selection=comp.ffn_selection,
-        qk_norm=comp.qk_norm,
-    )  # lora_maps=True (the default): the maps load_lora_into projects with
+    # lora_maps=True (the default): the maps load_lora_into projects with
+    compress_(slim, plan, covariances, **comp.compress_options())
     return slim.eval(), plan
 
 

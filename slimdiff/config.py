@@ -142,6 +142,16 @@ class AllocationParams(_Group):
             raise ValueError("must be a non-empty list of distinct module types from ffn, qk, vo")
         return v
 
+    def solver_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``slimdiff.allocation.plan_ranks`` these settings fix."""
+        return {
+            "tau": self.tau,
+            "r_min": self.r_min,
+            "multiple": self.multiple,
+            "mode": self.mode,
+            "tie_qk_vo": self.tie_qk_vo,
+        }
+
 
 class CompressionParams(_Group):
     qk_method: Literal["slimdiff", "weight_svd"] = "slimdiff"
@@ -156,6 +166,17 @@ class CompressionParams(_Group):
     # planned like any QK; keep = left whole; project = left whole in the plan, q/k projected to the
     # attention's VO rank after the norms (cheaper logits, to_q/to_k keep their size). docs/METHOD.md
     qk_norm: Literal["select", "keep", "project"] = "select"
+
+    def compress_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``slimdiff.compress.compress_`` these settings fix."""
+        return {
+            "qk_method": self.qk_method,
+            "vo_method": self.vo_method,
+            "ffn_method": self.ffn_method,
+            "damping": self.damping,
+            "ffn_selection": self.ffn_selection,
+            "qk_norm": self.qk_norm,
+        }
 
 
 class QualityGate(_Group):

@@ -507,13 +507,9 @@ def run_plan(
                 scores,
                 units,
                 budget_from_params(params),
-                tau=cfg.tau,
-                r_min=cfg.r_min,
-                multiple=cfg.multiple,
-                mode=cfg.mode,
                 model_params=sum(p.numel() for p in denoiser.parameters()),
                 profiles=profiles,
-                tie_qk_vo=cfg.tie_qk_vo,
+                **cfg.solver_options(),
             )
         except InfeasibleBudgetError as err:
             raise StageInputError(f"allocation.budget: {err}") from err
@@ -553,17 +549,7 @@ def run_compress(
     denoiser = denoiser_of(pipe)
     before = sum(p.numel() for p in denoiser.parameters())
     with _single_thread():  # many small per-head factorisations: threads only add overhead
-        report = compress_(
-            denoiser,
-            rank_plan,
-            covariances,
-            qk_method=cfg.qk_method,
-            vo_method=cfg.vo_method,
-            ffn_method=cfg.ffn_method,
-            damping=cfg.damping,
-            ffn_selection=cfg.ffn_selection,
-            qk_norm=cfg.qk_norm,
-        )
+        report = compress_(denoiser, rank_plan, covariances, **cfg.compress_options())
     after = sum(p.numel() for p in denoiser.parameters())
     lineage = {
         "model_release": model.meta,
