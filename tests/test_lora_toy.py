@@ -87,8 +87,8 @@ def toy():
 
     pipe = load_toy_pipeline()
     state, meta = load_lora_file(path)
-    # fp32 values of the fp16 file: project_lora keeps the file's dtype, so an fp16 LoRA would be
-    # projected in fp16 (1e-3 rounding); the known answers below are fp32 computations
+    # fp32 values of the fp16 file (project_lora would give fp32 factors for the fp32 model
+    # anyway; the independent references below then read the same values)
     lora = {k: v.float() for k, v in state.items()}
     return pipe, lora, meta
 
