@@ -716,8 +716,9 @@ def coverage_lines(cov: dict | None) -> list[str]:
     return [
         f"- What the projection can map, per linear layer of the transformer (the maps of the "
         f"{cov['removed']} model): {kinds}. Unmappable (no map recorded): {unmappable}. A LoRA on an "
-        "`identity` layer (adaLN modulations, embedders, the output layer: compression leaves them "
-        "unchanged) carries over as it is. Not LoRA targets at all: the per-head q/k RMSNorm gains "
+        "`identity` layer carries over as it is: layers of units this plan keeps whole (here the "
+        "attention linears listed under identity) and those compression never touches (adaLN "
+        "modulations, embedders, the output layer). Not LoRA targets at all: the per-head q/k RMSNorm gains "
         f"({cov['norms']} norms; the QK coordinate selection rewrites them), which are not linear layers.",
     ]
 
