@@ -27,6 +27,19 @@ Reported per model: new-color accuracy (color / color+shape / exact), kept = tha
 original+LoRA's, exact match on the toy held-out captions (the old behaviour, the committed
 classifier) with and without the LoRA, PSNR of the images to original+LoRA's. ``--write`` writes
 ``benchmarks/results/lora_toy.md``, ``lora_toy_grid.png`` and ``lora_toy.json`` (gitignored).
+
+``--source toy-mmdit``: the same measurement for the toy MMDiT (``data/toy-mmdit``, SD3 family).
+The LoRA goes on every joint block's joint attention (``attn.to_q/to_k/to_v/to_out.0`` and the text
+stream's ``add_q_proj/add_k_proj/add_v_proj/to_add_out``), the dual attention ``attn2`` where a
+block has one, and both FFNs (``ff`` and ``ff_context`` ``net.0.proj`` / ``net.2``): every linear of
+the blocks the compression rewrites. It is trained with the transformer and both text encoders
+frozen by the objective of ``slimdiff.toy.train_mmdit`` (rectified flow, velocity target,
+logit-normal noise levels, its helpers; the 256 zero T5 tokens as one weighted token, as there),
+same data mix, caption split, new color and rule; written as ``transformer.<module>.lora_A.weight``
+into ``data/toy-mmdit/lora/`` and the results into ``lora_toy_mmdit.md`` / ``_grid.png`` /
+``.json``. Sampling the MMDiT costs more than the UNet (272 text tokens: the 256 zero T5 tokens),
+so to stay near 10 minutes its defaults (``SOURCES``) grade 40 of the 88 toy held-out captions;
+the new-color captions (40 x 2 images) and the training (800 steps) are the UNet's.
 """
 
 from __future__ import annotations
@@ -66,16 +79,62 @@ TARGET_SUFFIXES = (
     "ff.net.0.proj",
     "ff.net.2",
 )
+#: the MMDiT's: every linear of a joint block that compression rewrites (what lora.py maps)
+MMDIT_TARGET_SUFFIXES = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 LORA_FILE = "orange.safetensors"
+
+#: per --source: LoRA prefix and targets, output names, and the defaults of the arguments left
+#: unset (the MMDiT samples slower than the UNet: fewer held-out images to stay near 10 minutes)
+SOURCES = {
+    "toy": {
+        "prefix": "unet",
+        "targets": TARGET_SUFFIXES,
+        "stem": "lora_toy",
+        "lora_dir": ROOT / "data" / "toy" / "lora",
+        "defaults": {"steps": 800, "new_prompts": 40, "images_per_prompt": 2, "old_prompts": None},
+    },
+    "toy-mmdit": {
+        "prefix": "transformer",
+        "targets": MMDIT_TARGET_SUFFIXES,
+        "stem": "lora_toy_mmdit",
+        "lora_dir": ROOT / "data" / "toy-mmdit" / "lora",
+        "defaults": {"steps": 800, "new_prompts": 40, "images_per_prompt": 2, "old_prompts": 40},
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument(
+        "--source",
+        default="toy",
+        choices=sorted(SOURCES),
+        help="toy world: the UNet (default) or the MMDiT (SD3 family)",
+    )
     ap.add_argument("--write", action="store_true", help="write the results (and the LoRA) into --out")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--lora-dir", type=Path, default=ROOT / "data" / "toy" / "lora")
+    ap.add_argument(
+        "--lora-dir", type=Path, default=None, help="default: data/toy/lora, data/toy-mmdit/lora (MMDiT)"
+    )
     ap.add_argument("--lora", type=Path, default=None, help="use this LoRA file instead of training one")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
@@ -83,24 +142,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     # training
     ap.add_argument("--rank", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=None, help="default: 800")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dataset", type=int, default=4096, help="rendered training images (half new-color)")
     ap.add_argument("--new-share", type=float, default=0.5, help="share of new-color images in training")
     # evaluation
-    ap.add_argument("--new-prompts", type=int, default=40, help="held-out new-color captions evaluated")
-    ap.add_argument("--images-per-prompt", type=int, default=2, help="images per new-color caption")
-    ap.add_argument("--old-prompts", type=int, default=None, help="toy held-out captions (default: all 88)")
+    ap.add_argument("--new-prompts", type=int, default=None, help="held-out new-color captions (default 40)")
+    ap.add_argument("--images-per-prompt", type=int, default=None, help="images per new-color caption (2)")
+    ap.add_argument(
+        "--old-prompts", type=int, default=None, help="toy held-out captions (default: all 88; MMDiT: 40)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, one budget, 8 + 16 captions")
     ap.add_argument(
         "--rerender",
         action="store_true",
-        help="only rewrite lora_toy.md (and the LoRA card) from --out/lora_toy.json; no model runs",
+        help="only rewrite lora_toy[_mmdit].md (and the LoRA card) from --out/lora_toy[_mmdit].json; "
+        "no model runs",
     )
     args = ap.parse_args(argv)
-    default_out = ap.get_default("out"), ap.get_default("lora_dir")
-    if args.quick and args.write and (args.out, args.lora_dir) == default_out:
+    src = SOURCES[args.source]
+    if args.lora_dir is None:
+        args.lora_dir = src["lora_dir"]
+    for name, value in src["defaults"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick and args.write and (args.out, args.lora_dir) == (ap.get_default("out"), src["lora_dir"]):
         ap.error("--quick --write would replace the committed results and LoRA: give --out and --lora-dir")
     if args.quick:
         args.steps, args.dataset, args.budgets = 60, 512, [0.4]
@@ -111,8 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 # Training the LoRA (a forward hook per target linear: W x + B (A x))
 # --------------------------------------------------------------------------------------------
-def lora_targets(unet: nn.Module) -> list[str]:
-    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(TARGET_SUFFIXES)]
+def lora_targets(unet: nn.Module, suffixes: tuple[str, ...] = TARGET_SUFFIXES) -> list[str]:
+    ends = tuple(f".{s}" for s in suffixes)
+    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(ends)]
 
 
 class LoraHooks:
@@ -147,11 +215,11 @@ class LoraHooks:
             h.remove()
         self.handles.clear()
 
-    def state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    def state_dict(self, dtype=torch.float16, prefix: str = "unet") -> dict[str, torch.Tensor]:
         out = {}
         for path in self.a:
-            out[f"unet.{path}.lora_A.weight"] = self.a[path].detach().to(dtype).contiguous()
-            out[f"unet.{path}.lora_B.weight"] = self.b[path].detach().to(dtype).contiguous()
+            out[f"{prefix}.{path}.lora_A.weight"] = self.a[path].detach().to(dtype).contiguous()
+            out[f"{prefix}.{path}.lora_B.weight"] = self.b[path].detach().to(dtype).contiguous()
         return out
 
 
@@ -196,41 +264,16 @@ def text_states(pipe, captions: list[str]) -> torch.Tensor:
     return pipe.text_encoder(tok.input_ids)[0]
 
 
-def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train the LoRA on the ORIGINAL UNet (left unchanged); returns (fp16 state dict, info)."""
-    from diffusers import DDPMScheduler
-
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    means, stds, cap_idx, unique, _ = training_data(pipe, args.dataset, args.new_share, args.seed)
-    contexts = text_states(pipe, unique)  # (U, L, d)
-    uncond = text_states(pipe, [""])  # (1, L, d)
-    t_data = time.perf_counter() - t0
-    unet = pipe.unet
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    targets = lora_targets(unet)
-    hooks = LoraHooks(unet, targets, args.rank, args.seed + 1)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    ac = sched.alphas_cumprod.float()
-    snr = ac / (1 - ac)
-    weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5, epsilon prediction
+def optimise(hooks: LoraHooks, args, batch_loss) -> tuple[list[float], float]:
+    """AdamW on the LoRA factors, linear warmup (5%) then cosine to 10%, gradient clipping 1.0;
+    ``batch_loss(step)`` draws a batch and returns its loss. Returns (losses, seconds)."""
     opt = torch.optim.AdamW(hooks.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
-    rng = np.random.default_rng(args.seed + 2)
-    scaling = float(pipe.vae.config.scaling_factor)
     losses: list[float] = []
     t1 = time.perf_counter()
     try:
         for step in range(args.steps):
-            idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
-            lat = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
-            ctx = contexts[cap_idx[idx]].clone()
-            ctx[torch.from_numpy(rng.random(args.batch) < 0.1)] = uncond[0]
-            noise = torch.randn_like(lat)
-            t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,))
-            pred = unet(sched.add_noise(lat, noise, t), t, ctx).sample
-            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
+            loss = batch_loss(step)
             # linear warmup, cosine to 10%
             frac = (step + 1) / warmup if step < warmup else None
             if frac is None:
@@ -254,11 +297,14 @@ def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
                 )
     finally:
         hooks.remove()
-    state = hooks.state_dict(torch.float16)
-    info = {
+    return losses, time.perf_counter() - t1
+
+
+def training_info(args, targets, state, losses, t_data, t_train, suffixes) -> dict:
+    return {
         "rank": args.rank,
         "targets": len(targets),
-        "target_kinds": list(TARGET_SUFFIXES),
+        "target_kinds": list(suffixes),
         "lora_params": sum(v.numel() for v in state.values()),
         "steps": args.steps,
         "batch": args.batch,
@@ -269,30 +315,151 @@ def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
         "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
         "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "data_seconds": t_data,
-        "train_seconds": time.perf_counter() - t1,
+        "train_seconds": t_train,
         "threads": torch.get_num_threads(),
+    }
+
+
+def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the LoRA on the ORIGINAL UNet (left unchanged); returns (fp16 state dict, info)."""
+    from diffusers import DDPMScheduler
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    means, stds, cap_idx, unique, _ = training_data(pipe, args.dataset, args.new_share, args.seed)
+    contexts = text_states(pipe, unique)  # (U, L, d)
+    uncond = text_states(pipe, [""])  # (1, L, d)
+    t_data = time.perf_counter() - t0
+    unet = pipe.unet
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    targets = lora_targets(unet)
+    hooks = LoraHooks(unet, targets, args.rank, args.seed + 1)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    ac = sched.alphas_cumprod.float()
+    snr = ac / (1 - ac)
+    weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5, epsilon prediction
+    rng = np.random.default_rng(args.seed + 2)
+    scaling = float(pipe.vae.config.scaling_factor)
+
+    def batch_loss(_step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+        lat = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scaling
+        ctx = contexts[cap_idx[idx]].clone()
+        ctx[torch.from_numpy(rng.random(args.batch) < 0.1)] = uncond[0]
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,))
+        pred = unet(sched.add_noise(lat, noise, t), t, ctx).sample
+        return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
+
+    losses, t_train = optimise(hooks, args, batch_loss)
+    state = hooks.state_dict(torch.float16)
+    return state, training_info(args, targets, state, losses, t_data, t_train, TARGET_SUFFIXES)
+
+
+def mmdit_train_config():
+    """The toy MMDiT's own training settings (``data/toy-mmdit/metrics.json``: noise-level
+    sampling, caption dropout, scheduler shift, T5 token count), defaults if it is missing."""
+    from slimdiff.models import toy_mmdit_pipeline_dir
+    from slimdiff.toy.train_mmdit import MMDiTTrainConfig
+
+    metrics = toy_mmdit_pipeline_dir().parent / "metrics.json"
+    config = json.loads(metrics.read_text()).get("config") if metrics.is_file() else None
+    return MMDiTTrainConfig(**config) if config else MMDiTTrainConfig()
+
+
+@torch.no_grad()
+def mmdit_text_states(pipe, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both frozen CLIPs' states as the pipeline builds them (zero-padded to joint_attention_dim;
+    the zero T5 tokens are not appended) and the pooled embeddings: ((N, L, D), (N, P))."""
+    from slimdiff.toy.mmdit import encode_prompt_ids
+
+    tok = pipe.tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    return encode_prompt_ids(
+        pipe.text_encoder, pipe.text_encoder_2, tok.input_ids, pipe.transformer.config.joint_attention_dim
+    )
+
+
+def train_lora_mmdit(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the LoRA on the ORIGINAL toy MMDiT transformer (left unchanged) with the objective of
+    ``slimdiff.toy.train_mmdit`` (rectified flow, velocity target, its noise-level sampling, its
+    caption dropout; the zero T5 tokens as one token of weight ``t5_tokens``, exact); the text
+    encoders are frozen, so their states are computed once. Returns (fp16 state dict, info)."""
+    from slimdiff.toy.mmdit import set_repeated_token_attention, with_t5_token
+    from slimdiff.toy.train_mmdit import flow_matching_pair, sample_sigmas
+
+    cfg = mmdit_train_config()
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    means, stds, cap_idx, unique, _ = training_data(pipe, args.dataset, args.new_share, args.seed)
+    states, pooled = mmdit_text_states(pipe, unique, cfg.model.max_length)  # (U, L, D), (U, P)
+    u_states, u_pooled = mmdit_text_states(pipe, [""], cfg.model.max_length)  # the default negative
+    t_data = time.perf_counter() - t0
+    transformer = pipe.transformer
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    targets = lora_targets(transformer, MMDIT_TARGET_SUFFIXES)
+    hooks = LoraHooks(transformer, targets, args.rank, args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    shift, scale = float(pipe.vae.config.shift_factor), float(pipe.vae.config.scaling_factor)
+    processors = transformer.attn_processors
+    set_repeated_token_attention(transformer, cfg.model.t5_tokens)
+
+    def batch_loss(_step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+        mean, std = means[idx], stds[idx]
+        x0 = (mean + std * torch.randn(mean.shape, generator=gen) - shift) * scale
+        st, po = states[cap_idx[idx]].clone(), pooled[cap_idx[idx]].clone()
+        drop = torch.from_numpy(rng.random(args.batch) < cfg.caption_dropout)
+        st[drop], po[drop] = u_states[0], u_pooled[0]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(cfg, args.batch, gen)
+        noisy, target = flow_matching_pair(x0, noise, sigma)
+        pred = transformer(noisy, with_t5_token(st), po, sigma * 1000).sample
+        return F.mse_loss(pred, target)
+
+    try:
+        losses, t_train = optimise(hooks, args, batch_loss)
+    finally:
+        transformer.set_attn_processor(processors)
+    state = hooks.state_dict(torch.float16, prefix="transformer")
+    info = training_info(args, targets, state, losses, t_data, t_train, MMDIT_TARGET_SUFFIXES)
+    info["objective"] = {
+        "timestep_sampling": cfg.timestep_sampling,
+        "logit_mean": cfg.logit_mean,
+        "logit_std": cfg.logit_std,
+        "scheduler_shift": cfg.model.scheduler_shift,
+        "caption_dropout": cfg.caption_dropout,
+        "t5_tokens": cfg.model.t5_tokens,
     }
     return state, info
 
 
-def save_lora(state: dict[str, torch.Tensor], info: dict, folder: Path) -> Path:
+def save_lora(state: dict[str, torch.Tensor], info: dict, folder: Path, source: str = "toy") -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LORA_FILE
+    src = SOURCES[source]
+    prefix = src["prefix"]
     # scale 1 (alpha = r): diffusers' convention without alphas; the metadata says so explicitly
     meta = {
-        "unet.r": info["rank"],
-        "unet.lora_alpha": info["rank"],
-        "unet.target_modules": list(TARGET_SUFFIXES),
+        f"{prefix}.r": info["rank"],
+        f"{prefix}.lora_alpha": info["rank"],
+        f"{prefix}.target_modules": list(src["targets"]),
     }
     save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
-    write_card(info, folder)
+    write_card(info, folder, source)
     return path
 
 
-def write_card(info: dict, folder: Path) -> Path:
+def write_card(info: dict, folder: Path, source: str = "toy") -> Path:
     """The LoRA's card (``README.md`` next to it) from the training info."""
+    if source == "toy-mmdit":
+        return write_card_mmdit(info, folder)
     kinds = ", ".join(f"`{k}`" for k in TARGET_SUFFIXES)
     card = f"""# orange: a LoRA teaching the toy UNet a fifth color
 
@@ -320,12 +487,49 @@ tests in `tests/test_lora_toy.py`.
     return folder / "README.md"
 
 
+def write_card_mmdit(info: dict, folder: Path) -> Path:
+    """The MMDiT LoRA's card."""
+    kinds = ", ".join(f"`{k}`" for k in MMDIT_TARGET_SUFFIXES)
+    obj = info.get("objective", {})
+    card = f"""# orange: a LoRA teaching the toy MMDiT a fifth color
+
+A diffusers/PEFT-format LoRA (`transformer.<module>.lora_A.weight` / `lora_B.weight`, fp16, scale 1)
+for the committed toy MMDiT (`data/toy-mmdit/pipeline`, SD3 family: `SD3Transformer2DModel` with
+q/k RMSNorms, dual attention in the first blocks, a `context_pre_only` last block). It teaches the
+model to draw "orange" (RGB (240, 145, 35), `slimdiff.toy.newcolor`), a color the toy data set does
+not have; the toy tokenizer reads the word as `<unk>`, so the LoRA draws orange for `<unk>` in a
+color position. It is the LoRA of `benchmarks/bench_lora.py --source toy-mmdit` (results:
+`benchmarks/results/lora_toy_mmdit.md`) and of the known-answer tests in `tests/test_lora_toy.py`.
+
+- Targets: {info["targets"]} linears of the joint blocks, each block's {kinds} where the block has
+  them (`attn2` in the dual-attention blocks; no `to_add_out` / `ff_context` in the last,
+  `context_pre_only` block); rank {info["rank"]}, {info["lora_params"]:,} parameters.
+- Training: transformer and both text encoders frozen; {info["dataset"]} rendered images (a share of
+  {info["new_share"]:g} new-color captions of the training split of `slimdiff.toy.newcolor`, the rest
+  ordinary toy training captions, 75% two-object), VAE posterior samples with SD3's latent
+  normalisation; {info["steps"]} steps x {info["batch"]}, AdamW lr {info["lr"]:g} (5% warmup, cosine
+  to 10%), the base model's objective (`slimdiff.toy.train_mmdit`: rectified flow
+  `x_t = (1 - s) x0 + s noise`, velocity target `noise - x0`, {obj.get("timestep_sampling", "?")}
+  `s` (mean {obj.get("logit_mean", "?")}, std {obj.get("logit_std", "?")}), shift
+  {obj.get("scheduler_shift", "?")}, {100 * obj.get("caption_dropout", 0):g}% caption dropout, the
+  {obj.get("t5_tokens", "?")} zero T5 tokens as one token of that weight), seed {info["seed"]},
+  {info["threads"]} CPU thread(s), {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f}
+  (first 50 steps) -> {info["loss_last_50"]:.4f} (last 50).
+- Reproduce: `python benchmarks/bench_lora.py --source toy-mmdit --threads {info["threads"]} --write`
+  (trains it again; the thread count changes the order of floating-point reductions, so the
+  weights are reproducible only with the same thread count).
+"""
+    (folder / "README.md").write_text(card)
+    return folder / "README.md"
+
+
 # --------------------------------------------------------------------------------------------
 # Compression, as the pipeline does it
 # --------------------------------------------------------------------------------------------
 def calibrate(pipe, params):
     """SlimSet (toy CLIP, evaluation prompts excluded), statistics, influence, covariances and
     error profiles: the pipeline's slimset, calibrate and influence stages."""
+    from slimdiff.arch.base import denoiser_of
     from slimdiff.calibration import collect_stats
     from slimdiff.embedders import OpenClipEmbedder
     from slimdiff.influence import compute_influence
@@ -359,9 +563,10 @@ def calibrate(pipe, params):
         seed=cal.seed,
         progress=False,
     )
-    influence = compute_influence(stats, pipe.unet, weighting=params.influence.weighting)
+    denoiser = denoiser_of(pipe)
+    influence = compute_influence(stats, denoiser, weighting=params.influence.weighting)
     covariances = influence.aggregate(stats)
-    profiles = error_profiles(pipe.unet, covariances, damping=params.compression.damping)
+    profiles = error_profiles(denoiser, covariances, damping=params.compression.damping)
     return len(slimset.prompts), influence, covariances, profiles
 
 
@@ -455,19 +660,93 @@ def _db(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _texts(source: str) -> dict[str, str]:
+    """The words of the report that differ between the toy UNet and the toy MMDiT."""
+    if source == "toy-mmdit":
+        return {
+            "title": "# LoRA on the compressed toy MMDiT",
+            "command": "python benchmarks/bench_lora.py --source toy-mmdit",
+            "model": "toy MMDiT (`data/toy-mmdit`, SD3 family: `SD3Transformer2DModel`, joint attention "
+            "with q/k RMSNorms, dual attention, a `context_pre_only` last block)",
+            "params": "transformer params",
+            "denoiser": "MMDiT transformer",
+            "blocks": "joint block's",
+            "frozen": "transformer and both text encoders frozen",
+            "objective": "the base model's objective (`slimdiff.toy.train_mmdit`: rectified flow, velocity "
+            "target, logit-normal noise levels, the 256 zero T5 tokens as one weighted token)",
+            "sampler": "flow-matching Euler",
+            "stem": "lora_toy_mmdit",
+        }
+    return {
+        "title": "# LoRA on compressed toy models",
+        "command": "python benchmarks/bench_lora.py",
+        "model": "toy UNet",
+        "params": "UNet params",
+        "denoiser": "UNet",
+        "blocks": "transformer block's",
+        "frozen": "UNet and text encoder frozen",
+        "objective": "Min-SNR-5",
+        "sampler": "DDIM",
+        "stem": "lora_toy",
+    }
+
+
+def coverage_lines(cov: dict | None) -> list[str]:
+    """The report's sentence on which layers of the denoiser the projection maps and how."""
+    if not cov:
+        return []
+    kinds = "; ".join(
+        f"{kind}: " + ", ".join(f"`{name}` x{n}" for name, n in sorted(names.items()))
+        for kind, names in cov["linears"].items()
+    )
+    unmappable = "; ".join(f"`{k}`: {r}" for k, r in cov["unmappable"].items()) or "none"
+    return [
+        f"- What the projection can map, per linear layer of the transformer (the maps of the "
+        f"{cov['removed']} model): {kinds}. Unmappable (no map recorded): {unmappable}. A LoRA on an "
+        "`identity` layer carries over as it is: layers of units this plan keeps whole (here the "
+        "attention linears listed under identity) and those compression never touches (adaLN "
+        "modulations, embedders, the output layer). Not LoRA targets at all: the per-head q/k RMSNorm gains "
+        f"({cov['norms']} norms; the QK coordinate selection rewrites them), which are not linear layers.",
+    ]
+
+
+def layer_coverage(model: nn.Module, label: str) -> dict:
+    """Per linear layer of a compressed ``model``: the kind of its recorded LoRA map (or
+    "identity"), grouped by the layer's name inside its block; unmappable layers with the reason."""
+    from slimdiff.lora import maps_of
+
+    maps = maps_of(model)
+    linears: dict[str, dict[str, int]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or name in maps.unmappable:
+            continue
+        kind = maps.layers[name].kind if name in maps.layers else "identity"
+        short = name.split(".", 2)[2] if name.startswith("transformer_blocks.") else name
+        linears.setdefault(kind, {})
+        linears[kind][short] = linears[kind].get(short, 0) + 1
+    norms = sum(
+        1
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k") and mod is not None
+    )
+    return {"removed": label, "linears": linears, "unmappable": dict(maps.unmappable), "norms": norms}
+
+
 def render_md(res: dict) -> str:
     p, tr, v = res["protocol"], res["training"], res["validity"]
     rows = res["rows"]
+    source = p.get("source", "toy")
+    w = _texts(source)
     lines = [
-        "# LoRA on compressed toy models",
+        w["title"],
         "",
-        f"Generated by `python benchmarks/bench_lora.py --threads {p['threads']} --write`; do not edit by hand.",
+        f"Generated by `{w['command']} --threads {p['threads']} --write`; do not edit by hand.",
         "",
-        "A LoRA trained on the ORIGINAL toy UNet to draw a color the toy world does not have "
+        f"A LoRA trained on the ORIGINAL {w['model']} to draw a color the toy world does not have "
         '("orange", RGB (240, 145, 35)), loaded into models compressed by the default pipeline '
         "with `slimdiff.lora.load_lora_into` (the closed-form projection, fused).",
         "",
-        "| model | removed | UNet params | orange % | orange + shape % | orange exact % | kept (orange) "
+        f"| model | removed | {w['params']} | orange % | orange + shape % | orange exact % | kept (orange) "
         "| held-out exact %, no LoRA | held-out exact %, with LoRA | PSNR to orig+LoRA, orange dB "
         "| PSNR to orig+LoRA, held-out dB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -503,7 +782,7 @@ def render_md(res: dict) -> str:
         f"{_pct(v['new_color_renders']['color_shape'])}% orange + shape, "
         f"{_pct(v['new_color_renders']['exact'])}% exact; the same renders in red and in yellow (the two "
         f"nearest palette colors) read {_pct(v['red_renders']['color'])}% and "
-        f"{_pct(v['yellow_renders']['color'])}% orange. **Ceiling** of any UNet through the committed "
+        f"{_pct(v['yellow_renders']['color'])}% orange. **Ceiling** of any {w['denoiser']} through the committed "
         f"VAE: the orange renders encoded and decoded read {_pct(v['vae_round_trip']['color'])}% orange, "
         f"{_pct(v['vae_round_trip']['exact'])}% exact (the decoder was trained on four colors; a color "
         "farther from them, such as purple, comes back as red or red-orange: 0% with the same rule, "
@@ -516,13 +795,13 @@ def render_md(res: dict) -> str:
         "",
         "## Protocol",
         "",
-        f"- LoRA: rank {tr['rank']} on {tr['targets']} linears (every transformer block's "
+        f"- LoRA: rank {tr['rank']} on {tr['targets']} linears (every {w['blocks']} "
         f"{', '.join(tr['target_kinds'])}), {tr['lora_params']:,} parameters, stored fp16 "
         f"(`{p['lora_file']}`) and used upcast to fp32. "
         + (
-            f"Trained here: UNet and text encoder frozen, {tr['dataset']} renders ({tr['new_share']:g} "
+            f"Trained here: {w['frozen']}, {tr['dataset']} renders ({tr['new_share']:g} "
             f"orange captions of the training split, the rest ordinary training captions, 75% two-object), "
-            f"{tr['steps']} steps x {tr['batch']}, AdamW lr {tr['lr']:g}, Min-SNR-5, 10% caption dropout, "
+            f"{tr['steps']} steps x {tr['batch']}, AdamW lr {tr['lr']:g}, {w['objective']}, 10% caption dropout, "
             f"seed {tr['seed']}; loss {tr['loss_first_50']:.4f} (first 50 steps) -> {tr['loss_last_50']:.4f} "
             "(last 50)."
             if tr.get("steps")
@@ -533,7 +812,7 @@ def render_md(res: dict) -> str:
         f"- New-color captions: {p['new_prompts']} held-out captions ({p['new_single']} single, "
         f"{p['new_two']} two-object; the split of `slimdiff.toy.newcolor`, never trained on) x "
         f"{p['new_images_per_prompt']} images.",
-        f"- Sampling: DDIM {p['num_inference_steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']} "
+        f"- Sampling: {w['sampler']} {p['num_inference_steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']} "
         f"(one generator per caption list, batches of {p['batch_size']}): every model gets the same "
         "initial noise for the same caption.",
         f"- Compression: the pipeline's stages with params.yaml: SlimSet of {p['slimset_n']} toy training "
@@ -546,6 +825,7 @@ def render_md(res: dict) -> str:
         + " layers (at 40%); dropped: "
         + (", ".join(res["projection_dropped"]) or "none")
         + ".",
+        *coverage_lines(res.get("layer_coverage")),
         f"- Run: {res['seconds']['total'] / 60:.1f} min on {p['threads']} CPU thread(s) of {p['machine']} "
         f"(nice 19, next to other jobs): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items() if k != "total")
@@ -556,7 +836,7 @@ def render_md(res: dict) -> str:
         + " removed; the first "
         f"{res['grid_columns']} orange captions, first image each, same seeds:",
         "",
-        "![grid](lora_toy_grid.png)",
+        f"![grid]({w['stem']}_grid.png)",
         "",
         "Captions (left to right): "
         + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(res["grid_captions"]))
@@ -570,12 +850,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
+    src = SOURCES[args.source]
+    stem, mmdit = src["stem"], args.source == "toy-mmdit"
     if args.rerender:
-        result = json.loads((args.out / "lora_toy.json").read_text())
-        (args.out / "lora_toy.md").write_text(render_md(result))
+        result = json.loads((args.out / f"{stem}.json").read_text())
+        (args.out / f"{stem}.md").write_text(render_md(result))
         if result["training"].get("steps") and (ROOT / result["protocol"]["lora_file"]).is_file():
-            write_card(result["training"], (ROOT / result["protocol"]["lora_file"]).parent)
-        log.info("rewrote %s from lora_toy.json", args.out / "lora_toy.md")
+            write_card(result["training"], (ROOT / result["protocol"]["lora_file"]).parent, args.source)
+        log.info("rewrote %s from %s.json", args.out / f"{stem}.md", stem)
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -590,10 +872,17 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     ev = params.evaluation
-    pipe = load_toy_pipeline()
+    if mmdit:
+        from slimdiff.models import load_pipeline
+
+        pipe = load_pipeline("toy-mmdit")
+    else:
+        pipe = load_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
     classifier = load_toy_classifier()
-    unet = pipe.unet
+    from slimdiff.arch.base import denoiser_of
+
+    unet = denoiser_of(pipe)  # the UNet, or the MMDiT's transformer
 
     # captions: held-out new-color captions (all single ones, then seeded two-object ones)
     rng = np.random.default_rng(args.seed + 100)
@@ -628,14 +917,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora is not None:
         state, _meta = load_lora_file(args.lora)
         info = {"rank": int(next(v for k, v in state.items() if k.endswith("lora_A.weight")).shape[0])}
-        info.update(targets=len(state) // 2, target_kinds=list(TARGET_SUFFIXES))
+        info.update(targets=len(state) // 2, target_kinds=list(src["targets"]))
         info["lora_params"] = sum(v.numel() for v in state.values())
         lora_file = args.lora
     else:
-        state, info = train_lora(pipe, args)
+        state, info = (train_lora_mmdit if mmdit else train_lora)(pipe, args)
         lora_file = args.lora_dir / LORA_FILE
         if args.write:
-            lora_file = save_lora(state, info, args.lora_dir)
+            lora_file = save_lora(state, info, args.lora_dir, args.source)
             log.info("wrote %s (%d bytes)", lora_file, lora_file.stat().st_size)
     lora = {k: v.float() for k, v in state.items()}  # the fp16 values, computed in fp32
     seconds["lora_training"] = time.perf_counter() - t0
@@ -688,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
 
     projection_kinds: dict[str, int] = {}
     dropped: list[str] = []
+    coverage = None
     t0 = time.perf_counter()
     for fraction in args.budgets:
         slim, plan = compressed_unet(unet, params, influence, covariances, profiles, fraction)
@@ -701,6 +991,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind in handle.report.layers.values():
                 projection_kinds[kind] = projection_kinds.get(kind, 0) + 1
             dropped = sorted(handle.report.dropped)
+            if mmdit:
+                coverage = layer_coverage(slim, f"{100 * fraction:.0f}%-removed")
         row = {
             "name": f"compressed {100 * fraction:.0f}% + projected LoRA",
             "fraction": fraction,
@@ -740,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": info,
         "projection_kinds": projection_kinds,
         "projection_dropped": dropped,
+        **({"layer_coverage": coverage} if coverage else {}),
         "seconds": seconds,
         "grid_columns": columns,
         "grid_captions": new_prompts[:columns],
@@ -768,10 +1061,12 @@ def main(argv: list[str] | None = None) -> int:
             "allocation": f"{params.allocation.mode}, r_min {params.allocation.r_min}, multiple "
             f"{params.allocation.multiple}, modules {list(params.allocation.modules)}",
             "compression": f"qk {params.compression.qk_method}, vo {params.compression.vo_method}, ffn "
-            f"{params.compression.ffn_method}, damping {params.compression.damping}",
+            f"{params.compression.ffn_method}, damping {params.compression.damping}"
+            + (f", qk_norm {params.compression.qk_norm}" if mmdit else ""),
             "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()}-core",
             "quick": args.quick,
+            **({"source": args.source} if mmdit else {}),
         },
     }
     text = render_md(result)
@@ -779,14 +1074,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.write:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_toy.md").write_text(text)
-    labelled_grid(grid_rows, new_prompts[:columns]).save(args.out / "lora_toy_grid.png")
+    (args.out / f"{stem}.md").write_text(text)
+    labelled_grid(grid_rows, new_prompts[:columns]).save(args.out / f"{stem}_grid.png")
     from slimdiff.evaluation import jsonable
 
-    (args.out / "lora_toy.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
     log.info(
         "wrote %s",
-        ", ".join(str(args.out / n) for n in ("lora_toy.md", "lora_toy_grid.png", "lora_toy.json")),
+        ", ".join(str(args.out / f"{stem}{n}") for n in (".md", "_grid.png", ".json")),
     )
     return 0
 

@@ -573,6 +573,19 @@ def _parse(
     return targets, passthrough, dropped, problems
 
 
+def _factor_dtype(b: torch.Tensor, layer: nn.Module) -> torch.dtype:
+    """dtype of the projected factors: the more precise of the LoRA file's and the target layer's.
+    The projection itself runs in float64 and is rounded once, here, so an fp16 LoRA on an fp32
+    model gives fp32 factors (no fp16 rounding of the projected values, ~1e-3), and an fp32 LoRA
+    on an fp16 model keeps its fp32 factors (fusing sums in float64 and rounds to the layer's dtype
+    once; peft casts to its adapter's dtype on load)."""
+    file = b.dtype if b.is_floating_point() else torch.float32
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return torch.promote_types(file, weight.dtype)
+    return file
+
+
 def project_lora(
     target: Any,
     lora: Mapping[str, torch.Tensor] | str | Path,
@@ -592,7 +605,10 @@ def project_lora(
     of the model, when the shapes do not fit the ORIGINAL layer (a LoRA for another base model) or
     when lora_A / lora_B are missing or disagree on the rank; ``LoraMapsMissingError`` when the
     compressed model has no maps. Targets that cannot be projected (DoRA magnitudes, LoRA biases,
-    layers without a map) are dropped with one ``warnings.warn`` listing them."""
+    layers without a map) are dropped with one ``warnings.warn`` listing them.
+
+    dtype: computed in float64; the factors are returned in the more precise of the LoRA's dtype
+    and the target layer's (an fp16 LoRA on an fp32 model: fp32 factors), rounded once."""
     model, prefix, _ = _split(target)
     if isinstance(lora, str | Path):
         lora, file_meta = load_lora_file(lora)
@@ -673,7 +689,7 @@ def project_lora(
             scale = float(alpha) / math.sqrt(r_eff)
         else:
             scale = float(alpha) / r_eff
-        dtype = b.dtype if b.is_floating_point() else torch.float32
+        dtype = _factor_dtype(b, modules[path])
         if lm is None:
             a_new, b_new = a.to(F64), b.to(F64)
             kind = "identity"

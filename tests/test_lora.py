@@ -244,6 +244,38 @@ def test_alpha_scale_is_folded_into_lora_b(tiny):
     assert report.scales[path] == 2.0
 
 
+def test_fp16_lora_is_projected_in_full_precision(tiny):
+    """An fp16 LoRA file onto the full-rank rewrite (non-trivial whitening maps): the projection
+    runs in float64 and is rounded once, to the more precise of the file's and the layer's dtype.
+    fp32 model: fp32 factors identical to those of the same values given as fp32 (no fp16
+    rounding of the projected factors, which was ~1e-3 relative before). fp16 model: fp16 factors
+    equal to the fp32 projection cast to fp16 within fp16 rounding of the final factors: at most
+    one fp16 ulp (|x| 2^-10; the f64 -> f32 -> f16 double rounding of the reference can move a
+    value by one ulp, the direct f64 -> f16 rounding not), atol 2^-24 (the smallest fp16
+    subnormal)."""
+    unet, _ = tiny
+    model = _compressed(tiny, {}, rewrite_full_rank=True)
+    lora16 = {k: v.half() for k, v in make_lora(unet).items()}
+    ref32, _ = project_lora(model, {k: v.float() for k, v in lora16.items()})
+    got, report = project_lora(model, lora16)
+    assert "rows_heads" in report.layers.values() and "cols_nystrom" in report.layers.values()
+    assert got.keys() == ref32.keys()
+    for k in ref32:
+        assert got[k].dtype == torch.float32, k
+        assert torch.equal(got[k], ref32[k]), k
+
+    half = copy.deepcopy(model).half()
+    got16, _ = project_lora(half, lora16)
+    for k in ref32:
+        want = ref32[k].half()
+        assert got16[k].dtype == torch.float16, k
+        err = (got16[k].float() - want.float()).abs()
+        assert bool((err <= want.float().abs() * 2**-10 + 2**-24).all()), k
+    # an fp32 LoRA on the fp16 model keeps fp32 factors (fusing rounds once, to the layer's dtype)
+    got32, _ = project_lora(half, {k: v.float() for k, v in lora16.items()})
+    assert all(got32[k].dtype == torch.float32 and torch.equal(got32[k], ref32[k]) for k in ref32)
+
+
 def test_other_key_formats_give_the_same_projection(tiny):
     """lora.down/up, kohya lora_unet_* with underscores, and old attention-processor keys."""
     unet, _ = tiny

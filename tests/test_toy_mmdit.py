@@ -160,6 +160,16 @@ def test_flow_matching_noise_levels():
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12**-0.5) < 0.01
 
 
+def test_flow_matching_pair_is_the_rectified_flow_of_sd3():
+    """x_t = (1 - s) x0 + s noise per sample, velocity target noise - x0 (exact, fp32)."""
+    from slimdiff.toy.train_mmdit import flow_matching_pair
+
+    x0, noise = torch.full((2, 4, 8, 8), 2.0), torch.full((2, 4, 8, 8), -1.0)
+    noisy, target = flow_matching_pair(x0, noise, torch.tensor([0.0, 0.25]))
+    assert torch.equal(noisy[0], x0[0]) and torch.equal(noisy[1], torch.full((4, 8, 8), 1.25))
+    assert torch.equal(target, torch.full((2, 4, 8, 8), -3.0))
+
+
 # --- committed artefacts ------------------------------------------------------------------------
 
 

@@ -107,6 +107,14 @@ def sample_sigmas(cfg: MMDiTTrainConfig, n: int, generator: torch.Generator) -> 
     return shift * s / (1 + (shift - 1) * s)
 
 
+def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+    """Rectified flow as SD3 trains it: the noisy input ``x_t = (1 - s) x0 + s noise`` and the
+    velocity target ``noise - x0`` (``sigma`` (B,); the transformer's timestep is ``1000 s``, the
+    loss the plain MSE of its prediction to the target)."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
 def latent_normalisation(means: torch.Tensor) -> tuple[float, float]:
     """SD3's ``(shift_factor, scaling_factor)``: mean and 1 / std of the (unscaled) latents."""
     return float(means.float().mean()), float(1.0 / means.float().std())
@@ -166,13 +174,12 @@ def train_transformer(
         batch_ids[torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout)] = uncond
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(cfg, cfg.batch, gen)
-        s = sigma.view(-1, 1, 1, 1)
-        noisy = (1 - s) * x0 + s * noise
+        noisy, target = flow_matching_pair(x0, noise, sigma)
         clip_states, pooled = encode_prompt_ids(
             text_encoder, text_encoder_2, batch_ids, mc.joint_attention_dim
         )
         pred = transformer(noisy, with_t5_token(clip_states), pooled, sigma * 1000).sample
-        loss = F.mse_loss(pred, noise - x0)
+        loss = F.mse_loss(pred, target)
         factor = lr_factor(step, n_steps, warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * factor
