@@ -14,7 +14,9 @@ builds the original and the SlimDiff-compressed denoiser (the committed params.y
   (``DeepCache.DeepCacheSDHelper``, feature reuse of the deep UNet branches, ``--cache-interval``
   steps per full step, branch 0) for UNets; diffusers' own First Block Cache
   (``diffusers.hooks.apply_first_block_cache``, ``--fbc-threshold``) for transformers, with the
-  pipeline call wrapped in a diffusers cache context (the SD3 and PixArt pipelines do not set one).
+  pipeline call wrapped in a diffusers cache context (the SD3 and PixArt pipelines do not set one);
+  for SD3-class MMDiTs, whose ``context_pre_only`` last block First Block Cache cannot take in
+  diffusers 0.42, diffusers' Pyramid Attention Broadcast (``--pab-skip``).
 
 Quality (toy models only, where the judges exist): held-out captions, one image each, same seeds
 for every combination; exact-match attribute accuracy (toy classifier), PSNR to the original's
@@ -144,11 +146,61 @@ class FirstBlockCache:
             _set_cache_context(model, None)
 
 
+class PyramidAttentionBroadcast:
+    """diffusers' Pyramid Attention Broadcast: every attention of the transformer blocks reuses its
+    output of the previous step for ``skip - 1`` of every ``skip`` steps inside a timestep range. For
+    SD3-class MMDiTs, where First Block Cache fails (diffusers 0.42: the last block is
+    ``context_pre_only`` and returns no text states, so the cache's tail residual is None - text)."""
+
+    name = "Pyramid Attention Broadcast"
+
+    def __init__(self, skip: int, attr: str, timesteps: tuple[int, int] = (100, 800)):
+        self.skip, self.attr, self.timesteps = skip, attr, timesteps
+        self._t = [1000]
+
+    def describe(self) -> str:
+        return (
+            f"diffusers Pyramid Attention Broadcast (apply_pyramid_attention_broadcast), attention reused "
+            f"{self.skip - 1} of every {self.skip} steps for timesteps in {self.timesteps}"
+        )
+
+    def enable(self, pipe) -> None:
+        from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+        model = getattr(pipe, self.attr)
+
+        def remember(module, args, kwargs):  # the step's timestep, for the broadcast's range check
+            t = kwargs.get("timestep")
+            self._t[0] = int(t.flatten()[0]) if t is not None else self._t[0]
+
+        model.register_forward_pre_hook(remember, with_kwargs=True)
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=self.skip,
+            spatial_attention_timestep_skip_range=self.timesteps,
+            current_timestep_callback=lambda: self._t[0],
+        )
+        apply_pyramid_attention_broadcast(model, config)
+
+    @contextlib.contextmanager
+    def around_call(self, pipe):
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(getattr(pipe, self.attr)).reset_stateful_hooks()
+        yield
+
+
+def _last_block_drops_text(denoiser) -> bool:
+    blocks = getattr(denoiser, "transformer_blocks", None)
+    return bool(blocks) and bool(getattr(blocks[-1], "context_pre_only", False))
+
+
 def cache_method(denoiser, args):
     from diffusers import UNet2DConditionModel
 
     if isinstance(denoiser, UNet2DConditionModel):
         return DeepCacheUNet(args.cache_interval)
+    if _last_block_drops_text(denoiser):
+        return PyramidAttentionBroadcast(args.pab_skip, "transformer")
     return FirstBlockCache(args.fbc_threshold, "transformer")
 
 
@@ -248,6 +300,9 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-interval", type=int, default=3, help="DeepCache: one full step every N")
     ap.add_argument("--fbc-threshold", type=float, default=0.1, help="First Block Cache threshold")
+    ap.add_argument(
+        "--pab-skip", type=int, default=2, help="Pyramid Attention Broadcast: attention computed 1 of N steps"
+    )
     ap.add_argument(
         "--write", action="store_true", help="write benchmarks/results/stack_<model>_cpu.md/.json"
     )
