@@ -556,11 +556,7 @@ def calibrate(pipe, params):
     stats = collect_stats(
         pipe,
         slimset.prompts,
-        num_inference_steps=cal.num_inference_steps,
-        guidance_scale=cal.guidance_scale,
-        n_buckets=cal.n_buckets,
-        batch_size=cal.batch_size,
-        seed=cal.seed,
+        **cal.sampler_options(),
         progress=False,
     )
     denoiser = denoiser_of(pipe)

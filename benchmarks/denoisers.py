@@ -287,11 +287,7 @@ def toy_stats_of(source: str) -> Callable:
         return collect_stats(
             pipe,
             train_captions()[: params.slimset.n],
-            num_inference_steps=cal.num_inference_steps,
-            guidance_scale=cal.guidance_scale,
-            n_buckets=cal.n_buckets,
-            batch_size=cal.batch_size,
-            seed=cal.seed,
+            **cal.sampler_options(),
             progress=False,
         )
 

@@ -85,6 +85,11 @@ class CalibrationParams(_Group):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
 
+    def sampler_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``slimdiff.calibration.collect_stats`` these settings fix."""
+        keys = ("num_inference_steps", "guidance_scale", "n_buckets", "batch_size", "seed", "height", "width")
+        return {k: getattr(self, k) for k in keys}
+
     @model_validator(mode="after")
     def _buckets_fit_steps(self) -> CalibrationParams:
         if self.n_buckets > self.num_inference_steps:

@@ -369,13 +369,7 @@ def collect_shard(
     stats = collect_stats(
         pipe,
         prompts,
-        num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
-        n_buckets=cfg.n_buckets,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        height=cfg.height,
-        width=cfg.width,
+        **cfg.sampler_options(),
         progress=progress,
         index_offset=index * cfg.shard_size,
     )
