@@ -97,6 +97,17 @@ def _runs(params: Params) -> list:
     return client.search_runs([client.get_experiment_by_name("slimdiff").experiment_id])
 
 
+def _cmdline(p) -> str:
+    """A process's command line, "" once it has exited (a short-lived child can turn zombie or vanish
+    between listing the children and reading it)."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 def _wait_until_calibrating(proc, root: Path, timeout: float = 300) -> list:
     """Wait for the store to exist and the temporary server to run; returns the run's children."""
     import psutil
@@ -104,7 +115,7 @@ def _wait_until_calibrating(proc, root: Path, timeout: float = 300) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         children = psutil.Process(proc.pid).children(recursive=True)
-        servers = [c for c in children if "uvicorn" in " ".join(c.cmdline())]
+        servers = [c for c in children if "uvicorn" in _cmdline(c)]
         if servers and list((root / "artifacts" / "calibrate").glob("*.zarr")):
             return children
         time.sleep(0.3)
@@ -142,11 +153,11 @@ def test_sigterm_and_sigkill_during_calibration_leave_no_process_behind(tmp_path
 
         # SIGTERM: the run stopped its own server and recorded itself as KILLED
         _, alive = psutil.wait_procs(term_children, timeout=10)
-        assert alive == [], [p.cmdline() for p in alive]
+        assert alive == [], [_cmdline(p) for p in alive]
         assert [r.info.status for r in _runs(term_params)] == ["KILLED"]
 
         # SIGKILL: nothing could run in the killed process: its server is an orphan (the fault) ...
-        orphans = [p for p in kill_children if p.is_running() and "uvicorn" in " ".join(p.cmdline())]
+        orphans = [p for p in kill_children if p.is_running() and "uvicorn" in _cmdline(p)]
         assert orphans, "expected the killed run's temporary server to outlive it"
         assert [r.info.status for r in _runs(kill_params)] == ["RUNNING"]
         # ... until the next run in that workspace (here one that fails its params check at once)
