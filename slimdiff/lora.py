@@ -457,7 +457,15 @@ def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
     return None
 
 
+def _unwrap(mod: nn.Module) -> nn.Module:
+    """The layer itself under a peft adapter wrapper (a layer that already carries a LoRA loaded
+    through diffusers / peft keeps its weight in ``base_layer``), else ``mod``."""
+    base = getattr(mod, "base_layer", None)
+    return base if isinstance(base, nn.Module) else mod
+
+
 def _module_shape(mod: nn.Module) -> tuple[int, ...] | None:
+    mod = _unwrap(mod)
     if isinstance(mod, nn.Linear):
         return (mod.out_features, mod.in_features)
     if isinstance(mod, nn.Conv2d):
@@ -580,7 +588,7 @@ def _factor_dtype(b: torch.Tensor, layer: nn.Module) -> torch.dtype:
     on an fp16 model keeps its fp32 factors (fusing sums in float64 and rounds to the layer's dtype
     once; peft casts to its adapter's dtype on load)."""
     file = b.dtype if b.is_floating_point() else torch.float32
-    weight = getattr(layer, "weight", None)
+    weight = getattr(_unwrap(layer), "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return torch.promote_types(file, weight.dtype)
     return file
@@ -790,6 +798,7 @@ def _fuse(owner_modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tens
             if comp not in owner_modules:
                 raise LoraError(f"{mod}: no component {comp!r} to fuse into")
             layer = _submodule(owner_modules[comp], path)
+            layer = None if layer is None else _unwrap(layer)
             if layer is None or not isinstance(layer, nn.Linear | nn.Conv2d):
                 raise LoraError(f"{mod}: no linear or conv layer {path!r} in {comp} to fuse into")
             a, b = ab["A"].to(F64), ab["B"].to(F64)
