@@ -773,11 +773,12 @@ def _peft_available() -> bool:
 
 
 def _submodule(owner: nn.Module, path: str) -> nn.Module | None:
-    """``owner``'s module at ``path``; CLIP text-encoder keys name ``text_model.`` where newer
-    transformers have no such level, so that prefix may be left out."""
+    """``owner``'s layer at ``path`` (under a peft wrapper, its base layer); CLIP text-encoder keys
+    name ``text_model.`` where newer transformers have no such level, so that prefix may be left
+    out."""
     for p in (path, path.removeprefix("text_model.")):
         try:
-            return owner.get_submodule(p)
+            return _unwrap(owner.get_submodule(p))
         except AttributeError:
             continue
     return None
@@ -798,7 +799,6 @@ def _fuse(owner_modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tens
             if comp not in owner_modules:
                 raise LoraError(f"{mod}: no component {comp!r} to fuse into")
             layer = _submodule(owner_modules[comp], path)
-            layer = None if layer is None else _unwrap(layer)
             if layer is None or not isinstance(layer, nn.Linear | nn.Conv2d):
                 raise LoraError(f"{mod}: no linear or conv layer {path!r} in {comp} to fuse into")
             a, b = ab["A"].to(F64), ab["B"].to(F64)

@@ -96,6 +96,10 @@ def tiny():
     return unet, covs
 
 
+def half_ranks(model):
+    return {n: u.full_rank // 2 for n, u in compression_units(model).items()}
+
+
 def _compressed(tiny, ranks, **kw):
     unet, covs = tiny
     model = copy.deepcopy(unet)
@@ -279,7 +283,7 @@ def test_fp16_lora_is_projected_in_full_precision(tiny):
 def test_other_key_formats_give_the_same_projection(tiny):
     """lora.down/up, kohya lora_unet_* with underscores, and old attention-processor keys."""
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     lora = make_lora(unet)
     ref, _ = project_lora(model, lora)
     path = TARGETS[0]
@@ -301,7 +305,7 @@ def test_other_key_formats_give_the_same_projection(tiny):
 
 def test_fuse_and_unfuse_restore_weights_exactly(tiny):
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     handle = load_lora_into(model, make_lora(unet), method="fuse")
     assert handle.method == "fuse" and handle.fused
@@ -329,7 +333,7 @@ def test_auto_without_peft_falls_back_to_fuse(tiny, monkeypatch):
 # --------------------------------------------------------------------------------------------
 def test_bad_lora_files_raise_one_error_naming_the_layer(tiny):
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     good = make_lora(unet)
     path = f"{BLOCK}.attn1.to_q"
 
@@ -365,7 +369,7 @@ def test_bad_lora_files_raise_one_error_naming_the_layer(tiny):
 # --------------------------------------------------------------------------------------------
 def test_folder_without_maps_gives_a_clear_error(tiny, tmp_path):
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     folder = save_compressed(model, tmp_path / "m")
     assert (folder / LORA_MAPS_NAME).is_file()
     assert read_lora_maps(folder).layers  # written and verified
@@ -380,16 +384,14 @@ def test_folder_without_maps_gives_a_clear_error(tiny, tmp_path):
         project_lora(loaded, make_lora(unet))
 
     # compressed in memory without maps
-    bare = _compressed(
-        tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()}, lora_maps=False
-    )
+    bare = _compressed(tiny, half_ranks(unet), lora_maps=False)
     with pytest.raises(LoraMapsMissingError, match="carries no LoRA maps"):
         project_lora(bare, make_lora(unet))
 
 
 def test_maps_file_is_covered_by_the_folder_digests(tiny, tmp_path):
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     folder = save_compressed(model, tmp_path / "m")
     data = bytearray((folder / LORA_MAPS_NAME).read_bytes())
     data[-1] ^= 1
@@ -406,7 +408,7 @@ def test_maps_file_is_covered_by_the_folder_digests(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_unmappable_targets_are_warned(tiny):
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     lora = make_lora(unet)
     dora, bias = f"{BLOCK}.attn1.to_v", f"{BLOCK}.ff.net.2"
     lora[f"unet.{dora}.lora_magnitude_vector"] = torch.ones(32)
@@ -425,12 +427,10 @@ def test_unmappable_targets_are_warned(tiny):
 # --------------------------------------------------------------------------------------------
 # two token streams (SD3 MMDiT): one per-head map for several linears, ungated FFNs
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
-def test_full_rank_projection_on_joint_attention(qk_norm, tmp_path):
-    """SD3-shaped tiny transformer (3 joint blocks, 2 heads of 8): the QK map of a joint attention
-    covers to_q and add_q_proj (and the keys), the VO map to_v / add_v_proj and to_out.0 /
-    to_add_out; the FFNs are GELU (rows J of one half). With RMSNorms on q/k the QK map is the
-    coordinate selection (one-hot T). Same tolerance and reason as the UNet test (1e-5)."""
+def joint_attention_case(qk_norm):
+    """The tiny SD3 transformer of tests/test_mmdit.py, its covariances from one forward, a
+    no-grad forward of it, and LoRA targets covering every map of a joint attention and both
+    streams' FFNs."""
     from test_mmdit import inputs, tiny_sd3
 
     from slimdiff.calibration import ActivationCollector
@@ -454,8 +454,18 @@ def test_full_rank_projection_on_joint_attention(qk_norm, tmp_path):
         "transformer_blocks.0.ff.net.0.proj",
         "transformer_blocks.0.ff.net.2",
         "transformer_blocks.1.ff_context.net.2",
-        "transformer_blocks.2.attn.add_q_proj",  # queries the last block discards: still mapped
     ]
+    return model, covs, fwd, targets
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_full_rank_projection_on_joint_attention(qk_norm, tmp_path):
+    """SD3-shaped tiny transformer (3 joint blocks, 2 heads of 8): the QK map of a joint attention
+    covers to_q and add_q_proj (and the keys), the VO map to_v / add_v_proj and to_out.0 /
+    to_add_out; the FFNs are GELU (rows J of one half). With RMSNorms on q/k the QK map is the
+    coordinate selection (one-hot T). Same tolerance and reason as the UNet test (1e-5)."""
+    model, covs, fwd, targets = joint_attention_case(qk_norm)
+    targets.append("transformer_blocks.2.attn.add_q_proj")  # queries the last block discards: still mapped
     lora = make_lora(model, targets, prefix="transformer")
     ref = fwd(fused_reference(model, lora, prefix="transformer"))
     slim = copy.deepcopy(model)
@@ -524,7 +534,7 @@ def test_pipeline_loaded_by_diffusers_finds_its_maps(tiny, tmp_path):
     import slimdiff  # noqa: F401  (what a loading process needs for the Slim* classes)
 
     unet, _ = tiny
-    model = _compressed(tiny, {n: u.full_rank // 2 for n, u in compression_units(unet).items()})
+    model = _compressed(tiny, half_ranks(unet))
     expected, _ = project_lora(model, make_lora(unet))
     save_compressed(_tiny_sd_pipeline(model, tmp_path), tmp_path / "pipe")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")

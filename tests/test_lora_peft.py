@@ -17,6 +17,8 @@ from test_lora import (
     TARGETS,
     _compressed,
     _tiny_sd_pipeline,
+    half_ranks,
+    joint_attention_case,
     make_lora,
     relmax,
     tiny,  # noqa: F401  (the module fixture)
@@ -32,13 +34,9 @@ pytest.importorskip("peft")
 TOL = 1e-5
 
 
-def _half_ranks(model):
-    return {n: u.full_rank // 2 for n, u in compression_units(model).items()}
-
-
 def test_auto_loads_through_peft_and_matches_the_fused_path(tiny):  # noqa: F811
     unet, _ = tiny
-    fused = _compressed(tiny, _half_ranks(unet))
+    fused = _compressed(tiny, half_ranks(unet))
     adapted = copy.deepcopy(fused)
     lora = make_lora(unet)
     x = unet_inputs(unet, seed=5)
@@ -63,7 +61,7 @@ def test_auto_loads_through_peft_and_matches_the_fused_path(tiny):  # noqa: F811
 
 def test_adapter_scale_matches_fused_scale(tiny):  # noqa: F811
     unet, _ = tiny
-    fused = _compressed(tiny, _half_ranks(unet))
+    fused = _compressed(tiny, half_ranks(unet))
     adapted = copy.deepcopy(fused)
     lora = make_lora(unet, seed=3)
     x = unet_inputs(unet, seed=6)
@@ -82,7 +80,7 @@ def test_pipeline_load_lora_weights_on_a_folder_diffusers_loaded(tiny, tmp_path)
     import slimdiff  # noqa: F401
 
     unet, _ = tiny
-    model = _compressed(tiny, _half_ranks(unet))
+    model = _compressed(tiny, half_ranks(unet))
     save_compressed(_tiny_sd_pipeline(model, tmp_path), tmp_path / "pipe")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
     ref = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
@@ -126,33 +124,10 @@ def test_peft_adapter_on_compressed_joint_attention(qk_norm):
     """SD3-shaped tiny transformer at half rank: peft adapters on to_q / add_q_proj ... of the
     compressed joint attention (narrower q/k/v widths, per-head norms at the kept width) give the
     fused projection's output."""
-    from test_mmdit import inputs, tiny_sd3
-
-    from slimdiff.calibration import ActivationCollector
-
-    model = tiny_sd3(qk_norm=qk_norm)
-    x = inputs(model)
-    collector = ActivationCollector(model, 1)
-    with collector, torch.no_grad():
-        model(*x[0], **x[1])
-    covs = collector.stats().aggregate([1.0])
-
-    def fwd(m):
-        with torch.no_grad():
-            return m(*x[0], **x[1]).sample
-
-    attn = "transformer_blocks.0.attn"
-    targets = [
-        *(f"{attn}.{n}" for n in ("to_q", "add_q_proj", "to_k", "add_k_proj", "to_v", "add_v_proj")),
-        f"{attn}.to_out.0",
-        f"{attn}.to_add_out",
-        "transformer_blocks.0.ff.net.0.proj",
-        "transformer_blocks.0.ff.net.2",
-        "transformer_blocks.1.ff_context.net.2",
-    ]
+    model, covs, fwd, targets = joint_attention_case(qk_norm)
     lora = make_lora(model, targets, prefix="transformer")
     slim = copy.deepcopy(model)
-    compress_(slim, RankPlan.from_ranks(compression_units(model), _half_ranks(model)), covs)
+    compress_(slim, RankPlan.from_ranks(compression_units(model), half_ranks(model)), covs)
     mapped, report = project_lora(slim, lora)
     assert "identity" not in report.layers.values()
     fused, adapted = copy.deepcopy(slim), copy.deepcopy(slim)
