@@ -433,6 +433,22 @@ def calibrate(
     _guard(body)
 
 
+@app.command("convert-store")
+def convert_store(
+    src: Annotated[str, typer.Argument(help="format-1 covariance store (path or fsspec URL)")],
+    dst: Annotated[str, typer.Argument(help="where to write the format-2 store")],
+) -> None:
+    """Rewrite a covariance store of format 1 (one copy per shard) as format 2 (merged totals),
+    without forward passes; the sums are the same bits."""
+    from tasks.store import convert_v1
+
+    def body():
+        store = convert_v1(src, dst)
+        typer.echo(f"convert-store: {store.n_shards} shards merged -> {dst} ({store.digest[:12]})")
+
+    _guard(body)
+
+
 @app.command()
 def influence(
     params: ParamsOpt = Path("params.yaml"),

@@ -135,12 +135,26 @@ def _calibrate(result: FlowResult, params: Params, model: Manifest, slimset: Man
                 unmapped(job.store_uri),
                 list(job.missing),
             )
-            futures.result()  # raises the first shard's error; completed shards stay marked for a rerun
+            # merge each shard into the running totals as it completes (in index order), so the store
+            # holds the totals plus the shards in flight, never one copy per shard
+            try:
+                for future in futures:
+                    future.result()  # raises the first shard's error; completed shards stay marked
+                    stages.merge_calibration(job.store_uri)
+            except BaseException:
+                for future in futures:  # let the other shards finish (and mark) before failing
+                    future.wait()
+                raise
         manifest = calibrate_finalize_task(job, time.perf_counter() - t0 if job.missing else None)
     result.manifests["calibrate"] = manifest
     result.status["calibrate"] = "repaired" if job.repaired else ("ran" if job.missing else "cached")
     if job.repaired:
-        result.repaired["calibrate"] = "; ".join(f"shard {i}: {p}" for i, p in job.repaired)
+        problems = {p for _, p in job.repaired}
+        result.repaired["calibrate"] = (
+            problems.pop()
+            if len(problems) == 1 and len(job.repaired) > 1
+            else "; ".join(f"shard {i}: {p}" for i, p in job.repaired)
+        )
     result.seconds["calibrate"] = time.perf_counter() - t0
     logger.info(
         "%-9s %-6s %5.1fs  %s",

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from slimdiff.arch.base import StatSite, UnsupportedModelError, adapter_for, denoiser_of
+from slimdiff.memory import StatsMemoryPlan, plan_stats_memory
 from slimdiff.stats import ActivationStats
 
 logger = logging.getLogger(__name__)
@@ -154,18 +155,46 @@ class ActivationCollector:
     Statistics live in this object (never as attributes on modules); the hooks are closures over it.
     """
 
-    def __init__(self, model: nn.Module, n_buckets: int = 1, *, scheduler=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n_buckets: int = 1,
+        *,
+        scheduler=None,
+        keys: Sequence[str] | None = None,
+        accumulate: str = "float64",
+        flush_every: int = 1,
+    ) -> None:
         if n_buckets < 1:
             raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+        if accumulate not in ("float64", "float32"):
+            raise ValueError(f"accumulate must be 'float64' or 'float32', got {accumulate!r}")
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.model = model
         self.n_buckets = n_buckets
         self.scheduler = scheduler
         self.adapter = adapter_for(model)
-        self._sites = self.adapter.stat_sites(model)  # validates the model (raises naming the module)
+        self._keys = None if keys is None else list(keys)
+        self._sites = self._select(
+            self.adapter.stat_sites(model)
+        )  # validates the model (raises naming the module)
         device = next(model.parameters()).device
+        # float64: the running sums live on the model's device and take every float32 batch product
+        # exactly. float32 (accelerators, slimdiff.memory): half the device memory; the device sums
+        # are added into float64 host sums every ``flush_every`` products (and before any read).
+        self.accumulate = accumulate
+        self.flush_every = flush_every if accumulate == "float32" else 1
+        acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
         self._sums = {
-            s.key: torch.zeros((n_buckets, *s.shape), dtype=torch.float64, device=device) for s in self._sites
+            s.key: torch.zeros((n_buckets, *s.shape), dtype=acc_dtype, device=device) for s in self._sites
         }
+        self._host = (
+            {s.key: torch.zeros((n_buckets, *s.shape), dtype=torch.float64) for s in self._sites}
+            if accumulate == "float32"
+            else None
+        )
+        self._pending = {s.key: 0 for s in self._sites}  # float32: products since the last flush
         self._tokens = {s.key: [0] * n_buckets for s in self._sites}
         # On the CPU, wide FFN grams accumulate only their upper triangle (BLAS syrk, half the flops);
         # stats() mirrors it. Narrow ones and accelerators use one GEMM and keep full sums.
@@ -188,7 +217,7 @@ class ActivationCollector:
         if self._handles:
             raise RuntimeError("ActivationCollector is already active (nested `with` on the same collector)")
         # Re-check: processors may have been swapped since construction.
-        sites = self.adapter.stat_sites(self.model)
+        sites = self._select(self.adapter.stat_sites(self.model))
         if [(s.key, s.shape) for s in sites] != [(s.key, s.shape) for s in self._sites]:
             raise UnsupportedModelError(
                 "the model's transformer blocks changed shape since this collector was created; "
@@ -220,6 +249,23 @@ class ActivationCollector:
 
     def __exit__(self, *exc) -> None:
         self.remove_hooks()
+
+    def _select(self, sites: list[StatSite]) -> list[StatSite]:
+        """The sites of ``keys`` (all when None), in the model's hook order."""
+        if self._keys is None:
+            return sites
+        known = {s.key for s in sites}
+        unknown = [k for k in self._keys if k not in known]
+        if unknown:
+            raise KeyError(f"statistics {unknown[:3]} are not sites of this model ({len(unknown)} unknown)")
+        if not self._keys:
+            raise ValueError("keys must name at least one statistic (None: all of them)")
+        wanted = set(self._keys)
+        return [s for s in sites if s.key in wanted]
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self._sites]
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -257,7 +303,9 @@ class ActivationCollector:
         return hook
 
     def _make_hook(self, site: StatSite) -> Callable:
-        sums, tokens, heads = self._sums[site.key], self._tokens[site.key], site.heads
+        key = site.key
+        sums, tokens, heads = self._sums[key], self._tokens[key], site.heads
+        host = None if self._host is None else self._host[key]
         upper_only = site.key in self._upper_only
         mask_module, head_major = site.mask_module, site.head_major
 
@@ -278,8 +326,12 @@ class ActivationCollector:
                 else:
                     prod = gram_fp32(x)
                 b = self._bucket
-                sums[b].add_(prod)  # fp32 batch product -> fp64 running sum
+                sums[b].add_(prod)  # fp32 batch product -> fp64 running sum (or fp32, flushed below)
                 tokens[b] += x.numel() // x.shape[-1]
+                if host is not None:
+                    self._pending[key] += 1
+                    if self._pending[key] >= self.flush_every:
+                        self._flush(key)
 
         if site.kind == "pre":
 
@@ -371,21 +423,45 @@ class ActivationCollector:
         return meta
 
     # -- results ----------------------------------------------------------------------------
+    def _flush(self, key: str) -> None:
+        """float32 accumulation: add the device sums of ``key`` into its float64 host sums."""
+        if self._host is None or not self._pending[key]:
+            return
+        self._host[key].add_(self._sums[key].to("cpu", torch.float64))
+        self._sums[key].zero_()
+        self._pending[key] = 0
+
+    def moments_of(self, key: str) -> torch.Tensor:
+        """float64 (n_buckets, *mat) CPU sums of one statistic (a copy; upper-triangle sums mirrored)."""
+        if key not in self._sums:
+            raise KeyError(f"{key!r} is not collected by this collector")
+        if self._host is not None:
+            self._flush(key)
+            m = self._host[key]
+        else:
+            m = self._sums[key]
+        if key in self._upper_only:
+            return symmetrise_upper(m).cpu()
+        return m.detach().to("cpu", copy=True)
+
+    def tokens_of(self, key: str) -> torch.Tensor:
+        return torch.tensor(self._tokens[key], dtype=torch.int64)
+
     def stats(self, meta: dict | None = None) -> ActivationStats:
         """Snapshot of the running sums as ActivationStats (float64 / int64 on the CPU)."""
         return ActivationStats(
             n_buckets=self.n_buckets,
-            moments={
-                k: symmetrise_upper(v).cpu() if k in self._upper_only else v.detach().cpu().clone()
-                for k, v in self._sums.items()
-            },
-            tokens={k: torch.tensor(v, dtype=torch.int64) for k, v in self._tokens.items()},
+            moments={k: self.moments_of(k) for k in self._sums},
+            tokens={k: self.tokens_of(k) for k in self._sums},
             meta={**self.meta, **(meta or {})},
         )
 
     def reset(self) -> None:
         for v in self._sums.values():
             v.zero_()
+        for v in (self._host or {}).values():
+            v.zero_()
+        self._pending = dict.fromkeys(self._pending, 0)
         for v in self._tokens.values():
             v[:] = [0] * self.n_buckets
 
@@ -412,6 +488,12 @@ def collect_stats(
     width: int | None = None,
     progress: bool = True,
     index_offset: int = 0,
+    max_memory: int | str | None = "auto",
+    accumulate: str = "auto",
+    flush_every: int = 16,
+    keys: Sequence[str] | None = None,
+    sink: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    memory_plan: StatsMemoryPlan | None = None,
 ) -> ActivationStats:
     """Second-moment statistics of the pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)
     over one prompt shard, per timestep bucket.
@@ -420,6 +502,15 @@ def collect_stats(
     VAE decode is skipped). ``index_offset`` is the global index of ``prompts[0]`` in the full
     calibration set; prompt i gets a generator seeded ``seed + index_offset + i``. Shards cut at
     multiples of ``batch_size`` merge exactly into the unsharded run (same batches, same sums).
+
+    Memory (``slimdiff.memory``): ``max_memory`` (bytes or e.g. ``"16GiB"``) bounds the statistics'
+    accumulators; the sites are split into groups, one sampling pass each, and the result is
+    bit-identical to one pass. ``accumulate`` "auto" sums in float64 on the CPU and in float32
+    (flushed into float64 host sums every ``flush_every`` products) on accelerators. ``keys`` restricts collection to some statistics. With ``sink``,
+    every statistic is handed over as soon as its pass ends, ``sink(key, moments, tokens)`` (float64
+    (n_buckets, *mat), int64 (n_buckets,)), and freed: the returned ActivationStats then holds only
+    the metadata (``meta["memory_plan"]``), so host memory stays at one group. Without a sink the
+    returned ActivationStats holds everything (host memory = all statistics).
     """
     from tqdm.auto import tqdm
 
@@ -437,6 +528,16 @@ def collect_stats(
 
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     denoiser = denoiser_of(pipe)
+    plan = memory_plan or plan_for_model(
+        denoiser,
+        n_buckets,
+        max_memory=max_memory,
+        keys=keys,
+        accumulate=None if accumulate == "auto" else accumulate,
+        flush_every=flush_every,
+    )
+    if plan.n_buckets != n_buckets:
+        raise ValueError(f"memory_plan is for {plan.n_buckets} buckets, collection uses {n_buckets}")
     sample_h, sample_w = adapter_for(denoiser).sample_size(denoiser)
     height = height or sample_h * vae_scale
     width = width or sample_w * vae_scale
@@ -450,35 +551,81 @@ def collect_stats(
         "seed": seed,
         "seed_rule": "torch.Generator('cpu').manual_seed(seed + global prompt index)",
         "batch_size": batch_size,
+        "accumulate": plan.accumulate,
+        "flush_every": plan.flush_every,
     }
 
     saved_pbar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
-    collector = ActivationCollector(denoiser, n_buckets, scheduler=pipe.scheduler)
     n_batches = math.ceil(len(prompts) / batch_size)
+    moments: dict[str, torch.Tensor] = {}
+    tokens: dict[str, torch.Tensor] = {}
+    schedule_meta: dict = {}
     try:
-        with collector:
-            for start in tqdm(
-                range(0, len(prompts), batch_size), total=n_batches, disable=not progress, desc="calibration"
-            ):
-                batch = prompts[start : start + batch_size]
-                pipe(
-                    prompt=batch,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    height=height,
-                    width=width,
-                    generator=prompt_generators(seed, index_offset + start, len(batch)),
-                    output_type="latent",
-                )
+        for g, group in enumerate(plan.groups):
+            collector = ActivationCollector(
+                denoiser,
+                n_buckets,
+                scheduler=pipe.scheduler,
+                keys=group,
+                accumulate=plan.accumulate,
+                flush_every=plan.flush_every,
+            )
+            desc = "calibration" if plan.passes == 1 else f"calibration pass {g + 1}/{plan.passes}"
+            with collector:
+                for start in tqdm(
+                    range(0, len(prompts), batch_size), total=n_batches, disable=not progress, desc=desc
+                ):
+                    batch = prompts[start : start + batch_size]
+                    pipe(
+                        prompt=batch,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        height=height,
+                        width=width,
+                        generator=prompt_generators(seed, index_offset + start, len(batch)),
+                        output_type="latent",
+                    )
+            schedule_meta = collector.meta
+            for key in collector.keys:
+                if sink is not None:
+                    sink(key, collector.moments_of(key), collector.tokens_of(key))
+                else:
+                    moments[key], tokens[key] = collector.moments_of(key), collector.tokens_of(key)
+            del collector  # free this group's accumulators before the next pass
     finally:
         pipe.set_progress_bar_config(**saved_pbar)
-    stats = collector.stats(meta)
+    meta = {**schedule_meta, **meta, "memory_plan": plan.to_dict()}
+    stats = ActivationStats(n_buckets=n_buckets, moments=moments, tokens=tokens, meta=meta)
     logger.info(
-        "collected %d statistics over %d prompts x %d steps (%d buckets)",
-        len(stats.moments),
+        "collected %d statistics over %d prompts x %d steps (%d buckets, %d pass(es))",
+        sum(len(g) for g in plan.groups),
         len(prompts),
         num_inference_steps,
         n_buckets,
+        plan.passes,
     )
     return stats
+
+
+def plan_for_model(
+    denoiser: nn.Module,
+    n_buckets: int,
+    *,
+    max_memory: int | str | None = "auto",
+    keys: Sequence[str] | None = None,
+    accumulate: str | None = None,
+    flush_every: int = 16,
+) -> StatsMemoryPlan:
+    """The statistics memory plan (``slimdiff.memory``) for ``denoiser``'s sites on its device."""
+    sites = [(s.key, s.shape) for s in adapter_for(denoiser).stat_sites(denoiser)]
+    if keys is not None:
+        wanted = set(keys)
+        unknown = wanted - {k for k, _ in sites}
+        if unknown:
+            raise KeyError(f"statistics {sorted(unknown)[:3]} are not sites of this model")
+        sites = [s for s in sites if s[0] in wanted]
+    device = next(denoiser.parameters()).device.type
+    return plan_stats_memory(
+        sites, n_buckets, max_memory=max_memory, device=device, accumulate=accumulate, flush_every=flush_every
+    )

@@ -84,10 +84,39 @@ class CalibrationParams(_Group):
     seed: int = 0
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
+    # memory limit for the statistics' accumulators (bytes, e.g. "16GiB"; auto = half of what the
+    # device has available once the model is loaded; null = no limit): the
+    # sites are split into sampling passes that fit it (slimdiff.memory). It changes no number, so
+    # it is not part of the calibrate stage's cache key or the store's identity.
+    max_memory: int | str | None = "auto"
+    # auto: float64 running sums on the CPU (exact), float32 sums on accelerators flushed into float64
+    # host sums every flush_every products (relative error <= (flush_every - 1) * 2^-24; METHOD.md)
+    accumulate: Literal["auto", "float64", "float32"] = "auto"
+    flush_every: int = Field(16, ge=1)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _parse_memory(cls, v):
+        from slimdiff.memory import parse_bytes
+
+        if not (isinstance(v, str) and v.strip().lower() == "auto"):
+            parse_bytes(v)  # raises naming the accepted forms
+        return v
 
     def sampler_options(self) -> dict[str, Any]:
         """The keyword arguments of ``slimdiff.calibration.collect_stats`` these settings fix."""
-        keys = ("num_inference_steps", "guidance_scale", "n_buckets", "batch_size", "seed", "height", "width")
+        keys = (
+            "num_inference_steps",
+            "guidance_scale",
+            "n_buckets",
+            "batch_size",
+            "seed",
+            "height",
+            "width",
+            "max_memory",
+            "accumulate",
+            "flush_every",
+        )
         return {k: getattr(self, k) for k in keys}
 
     @model_validator(mode="after")
@@ -329,9 +358,37 @@ class Params(_Group):
         return node
 
     def digest(self, keys: tuple[str, ...] | None = None) -> str:
-        """sha256 over the selected dotted sections (all params when None), order independent."""
+        """sha256 over the selected dotted sections (all params when None), order independent.
+        Settings that steer resources but change no result (:data:`RESOURCE_ONLY`) are left out."""
         payload = self.model_dump(mode="json") if keys is None else {k: self.section(k) for k in sorted(keys)}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps(_without_resources(payload, keys), sort_keys=True).encode()
+        ).hexdigest()
+
+    def identity_section(self, dotted: str) -> Any:
+        """``section(dotted)`` without the resource-only settings (what identifies a result)."""
+        return _without_resources({dotted: self.section(dotted)}, (dotted,))[dotted]
+
+
+# Settings that change how a stage uses memory, never what it computes: they stay out of cache keys
+# and store identities, so changing them reuses every result.
+RESOURCE_ONLY = ("calibration.max_memory",)
+
+
+def _without_resources(payload: dict, keys: tuple[str, ...] | None) -> dict:
+    import copy
+
+    out = copy.deepcopy(payload)
+    for dotted in RESOURCE_ONLY:
+        for top in [None] if keys is None else [k for k in keys if dotted.startswith(k + ".")]:
+            node = out if top is None else out.get(top)
+            rest = dotted if top is None else dotted[len(top) + 1 :]
+            parts = rest.split(".")
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(parts[-1], None)
+    return out
 
 
 # Which params each stage reads: the single source of truth for Prefect cache keys and dvc.yaml.

@@ -113,16 +113,8 @@ class ActivationStats:
     def aggregate(self, weights: torch.Tensor | Sequence[float]) -> dict[str, torch.Tensor]:
         """C_m = sum_t w_t E_t[x^T x] for every key: a pure function of the stored sums and the
         timestep weights (METHOD.md stage 3), so a new weighting needs no forward passes."""
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (self.n_buckets,):
-            raise ValueError(f"weights must have shape ({self.n_buckets},), got {tuple(w.shape)}")
-        if (w < 0).any() or not torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64)):
-            raise ValueError(f"timestep weights must be non-negative and sum to 1, got {w.tolist()}")
-        out = {}
-        for key in self.moments:
-            per_bucket = self.per_bucket_second_moments(key)
-            out[key] = torch.einsum("t,t...->...", w, per_bucket)
-        return out
+        w = _check_weights(weights, self.n_buckets)
+        return {key: weighted_second_moment(self.moments[key], self.tokens[key], w) for key in self.moments}
 
     # -- algebra ----------------------------------------------------------------------------
     def merged_with(self, other: ActivationStats) -> ActivationStats:
@@ -151,3 +143,117 @@ def merge(shards: Iterable[ActivationStats]) -> ActivationStats:
     meta = dict(first.meta)
     meta["merged_shards"] = len(shards)
     return ActivationStats(first.n_buckets, moments, tokens, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics read on demand (a covariance store at real sizes does not fit in memory at once)
+# --------------------------------------------------------------------------------------------
+class _LazyMapping(Mapping[str, torch.Tensor]):
+    """Read-only mapping that computes each value on access; keeps the most recently used values
+    up to ``cache_bytes`` (at least one), so a caller looping over heads of one statistic reads it
+    once, while a pass over all statistics holds about one at a time."""
+
+    def __init__(self, keys: Sequence[str], load, cache_bytes: int) -> None:
+        self._keys = list(keys)
+        self._known = set(self._keys)
+        self._load = load
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cache_bytes = cache_bytes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        hit = self._cache.pop(key, None)
+        if hit is None:
+            hit = self._load(key)
+        self._cache[key] = hit  # most recent last
+        while (
+            len(self._cache) > 1
+            and sum(v.numel() * v.element_size() for v in self._cache.values()) > self._cache_bytes
+        ):
+            self._cache.pop(next(iter(self._cache)))
+        return hit
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+
+class LazyActivationStats:
+    """The reading side of :class:`ActivationStats` for statistics that live in a store:
+    ``moments[key]`` reads one statistic (all buckets) when asked, ``second_moment`` one bucket of
+    it, and ``aggregate`` returns a mapping that builds each C_m = sum_t w_t E_t[x^T x] on access.
+    No stage then holds more than about one unit's statistics (``cache_bytes`` bounds what is kept
+    between accesses)."""
+
+    def __init__(
+        self,
+        n_buckets: int,
+        tokens: Mapping[str, torch.Tensor],
+        read_key,
+        read_bucket=None,
+        meta: dict | None = None,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.n_buckets = n_buckets
+        self.tokens = dict(tokens)
+        self.meta = dict(meta or {})
+        self._read_key = read_key
+        self._read_bucket = read_bucket or (lambda key, b: read_key(key)[b])
+        self._cache_bytes = cache_bytes
+        self.moments = _LazyMapping(list(self.tokens), read_key, cache_bytes)
+
+    def keys(self) -> list[str]:
+        return list(self.tokens)
+
+    def second_moment(self, key: str, bucket: int) -> torch.Tensor:
+        n = int(self.tokens[key][bucket])
+        if n == 0:
+            raise ValueError(f"{key}: bucket {bucket} has no tokens; was calibration run over all timesteps?")
+        return self._read_bucket(key, bucket) / n
+
+    def per_bucket_second_moments(self, key: str) -> torch.Tensor:
+        return ActivationStats.per_bucket_second_moments(self, key)  # type: ignore[arg-type]
+
+    def aggregate(self, weights: torch.Tensor | Sequence[float]) -> Mapping[str, torch.Tensor]:
+        w = _check_weights(weights, self.n_buckets)
+
+        def load(key: str) -> torch.Tensor:
+            return weighted_second_moment(lambda t: self._read_bucket(key, t), self.tokens[key], w)
+
+        return _LazyMapping(list(self.tokens), load, self._cache_bytes)
+
+    def materialize(self) -> ActivationStats:
+        """Everything in memory as ActivationStats (only for statistics that fit)."""
+        return ActivationStats(
+            self.n_buckets,
+            {k: self._read_key(k) for k in self.tokens},
+            {k: v.clone() for k, v in self.tokens.items()},
+            dict(self.meta),
+        )
+
+
+def weighted_second_moment(sums, tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t sums_t / tokens_t in bucket order (``sums``: (n_buckets, *mat) or a bucket -> matrix
+    callable, so a store is read one bucket at a time). One formula for the in-memory and the
+    stored statistics, so both give the same bits. Empty buckets count as zero."""
+    get = sums if callable(sums) else sums.__getitem__
+    out = None
+    for t in range(w.shape[0]):
+        term = w[t] * (get(t) / tokens[t].clamp_min(1).to(torch.float64))
+        out = term if out is None else out + term
+    return out
+
+
+def _check_weights(weights, n_buckets: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (n_buckets,):
+        raise ValueError(f"weights must have shape ({n_buckets},), got {tuple(w.shape)}")
+    if (w < 0).any() or not torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64)):
+        raise ValueError(f"timestep weights must be non-negative and sum to 1, got {w.tolist()}")
+    return w

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # stage's cache key, so old cached results stop matching.
 STAGE_VERSIONS = {
     "slimset": "1",
-    "calibrate": "1",
+    "calibrate": "2",  # 2: store format 2 (merged totals), statistics read per unit
     "influence": "3",  # 2: also writes error_profiles.json; 3: profiles are undamped errors
     "plan": "3",  # 2: mode "error"; plans record profiles_digest and predicted_error; 3: exact DP
     "compress": "3",  # 2: fused-kernel processor, undamped report errors; 3: LoRA maps saved
@@ -272,7 +272,7 @@ def calibration_identity(params: Params, model: Manifest, slimset: Manifest) -> 
     return {
         "model_digest": model.digest,
         "slimset_digest": slimset.digest,
-        "calibration": params.section("calibration"),
+        "calibration": params.identity_section("calibration"),
         "dtype": params.model.dtype,
         "code_version": code_version("calibrate"),
     }
@@ -308,7 +308,34 @@ def store_lock_path(params: Params, store_uri: str) -> Path:
 
 
 def _damaged_shards(params: Params, store: CovarianceStore) -> dict[int, str]:
-    return store.shard_problems(full=full_verification(params, store.recorded_bytes))
+    """Damaged unmerged shards, or every shard when the merged totals are damaged (a total cannot
+    be rebuilt from one shard: the store keeps no per-shard copy once merged)."""
+    full = full_verification(params, store.recorded_bytes)
+    totals = store.totals_problems(full=full)
+    if totals:
+        key, problem = next(iter(sorted(totals.items())))
+        what = f"merged totals damaged ({len(totals)} statistic(s), e.g. {key}: {problem}); every shard is collected again"
+        return dict.fromkeys(range(store.n_shards), what)
+    return store.shard_problems(full=full)
+
+
+def statistics_plan(params: Params, denoiser, n_shards: int):
+    """The statistics memory plan of this calibration (``slimdiff.memory``); a limit that cannot be
+    met is a StageInputError saying what it would take."""
+    from slimdiff.calibration import plan_for_model
+    from slimdiff.memory import MemoryLimitError
+
+    try:
+        cfg = params.calibration
+        return plan_for_model(
+            denoiser,
+            cfg.n_buckets,
+            max_memory=cfg.max_memory,
+            accumulate=None if cfg.accumulate == "auto" else cfg.accumulate,
+            flush_every=cfg.flush_every,
+        )
+    except MemoryLimitError as err:
+        raise StageInputError(str(err)) from err
 
 
 def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_uri: str) -> CalibrationJob:
@@ -316,7 +343,9 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
 
     The completed shards of an existing store are verified first (sizes, or every byte; see
     integrity.verify_large): a damaged shard is reported, loses its mark and is collected again,
-    so exactly the damaged shards are recomputed."""
+    so exactly the damaged shards are recomputed (all of them when the merged totals are damaged).
+    Before any forward pass the statistics memory plan is logged: memory on the device and the
+    host, sampling passes, store size."""
     from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.calibration import stat_shapes
 
@@ -330,26 +359,36 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     if existing is not None:
         repaired = _damaged_shards(params, existing)
         if repaired:
+            problems = sorted(set(repaired.values()))
             log.warning(
-                "covariance_store (stage calibrate) at %s failed verification: %s; recomputing exactly "
-                "shards %s",
+                "covariance_store (stage calibrate) at %s failed verification: %s; recomputing exactly shards %s",
                 out_uri,
-                "; ".join(f"shard {i}: {p}" for i, p in sorted(repaired.items())),
+                problems[0]
+                if len(problems) == 1
+                else "; ".join(f"shard {i}: {p}" for i, p in sorted(repaired.items())),
                 sorted(repaired),
             )
-            CovarianceStore.open(out_uri, writable=True).unmark_shards(sorted(repaired))
+            writable = CovarianceStore.open(out_uri, writable=True)
+            if len(repaired) == existing.n_shards and set(existing.merged_shards()):
+                writable.drop_totals()
+            else:
+                writable.unmark_shards(sorted(repaired))
         elif existing.complete:  # nothing to do: no need to load the model
             return CalibrationJob(out_uri, n_shards, (), len(prompts))
     pipe = _cached_pipe(params, model)
-    compression_units(denoiser_of(pipe))  # unsupported architectures fail here, before any forward pass
+    denoiser = denoiser_of(pipe)
+    compression_units(denoiser)  # unsupported architectures fail here, before any forward pass
+    plan = statistics_plan(params, denoiser, n_shards)
+    log.info("%s", plan.describe(n_shards))
     store = CovarianceStore.open_or_create(
         out_uri,
         identity=identity,
         n_shards=n_shards,
         n_buckets=cfg.n_buckets,
-        shapes=stat_shapes(denoiser_of(pipe)),
+        shapes=stat_shapes(denoiser),
         attrs={"model_release": model.meta, "slimset_uri": slimset.uri},
     )
+    store.group.attrs["memory_plan"] = plan.to_dict()
     return CalibrationJob(
         out_uri, n_shards, tuple(store.missing_shards()), len(prompts), tuple(sorted(repaired.items()))
     )
@@ -360,25 +399,36 @@ def collect_shard(
 ) -> str:
     """Collect one prompt shard into the store and mark it complete; returns the shard digest.
 
-    Self-contained (loads its own model and prompts), so any worker process can run it."""
+    Self-contained (loads its own model and prompts), so any worker process can run it. Each
+    statistic goes to the store as soon as its sampling pass ends (``collect_stats(sink=...)``), so
+    this process holds one pass's accumulators, never the whole statistics twice."""
     from slimdiff.calibration import collect_stats
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts[index * cfg.shard_size : (index + 1) * cfg.shard_size]
     pipe = _cached_pipe(params, model)
+    store = CovarianceStore.open(store_uri, writable=True)
+    writer = store.shard_writer(index)
     stats = collect_stats(
         pipe,
         prompts,
         **cfg.sampler_options(),
         progress=progress,
         index_offset=index * cfg.shard_size,
+        sink=writer,
     )
-    store = CovarianceStore.open(store_uri, writable=True)
-    digest = store.write_shard(index, stats)
-    store.mark_shard(index, digest)
-    if index == 0:
-        store.group.attrs["stats_meta"] = jsonable(stats.meta)
+    digest = writer.finish()
+    if index == 0:  # the sampler's schedule; the memory plan is in the store's own attrs
+        store.group.attrs["stats_meta"] = jsonable(
+            {k: v for k, v in stats.meta.items() if k != "memory_plan"}
+        )
     return digest
+
+
+def merge_calibration(store_uri: str) -> list[int]:
+    """Fold the completed shards into the store's running totals (the coordinator's job: one
+    merger per store, so workers only ever write their own shard)."""
+    return CovarianceStore.open(store_uri, writable=True).merge_completed()
 
 
 def finalize_calibration(job: CalibrationJob, seconds: float | None = None) -> Manifest:
@@ -403,7 +453,8 @@ def run_calibrate(
 ) -> Manifest:
     """Activation statistics into a resumable Zarr store, one prompt shard after the other, here.
     A rerun after a crash collects only the shards without a completion mark (or with a damaged
-    one). One writer per store at a time (a file lock; see :func:`store_lock_path`)."""
+    one). One writer per store at a time (a file lock; see :func:`store_lock_path`). Each shard is
+    merged into the running totals as soon as it is marked, so the store stays one copy."""
     lock = store_lock_path(params, out_uri)
     with stage_lock(lock, timeout=params.integrity.lock_timeout_s, what=f"covariance store {out_uri}"):
         job = prepare_calibration(params, model, slimset, out_uri)
@@ -414,6 +465,7 @@ def run_calibrate(
             )
         for i in job.missing:
             collect_shard(params, model, slimset, out_uri, i, progress=progress)
+            merge_calibration(out_uri)
         return finalize_calibration(job, time.perf_counter() - t0 if job.missing else None)
 
 

@@ -331,7 +331,8 @@ def test_only_committed_or_scheduled_runs_move_the_champion_alias(flow_env, firs
 def test_every_kind_of_cached_artifact_is_verified_and_recomputed_when_damaged(flow_env, first_run):
     """One flipped bit in each kind of artifact (SlimSet, a Zarr chunk, influence, rank plan,
     compressed weights, metrics): the rerun names each damaged artifact, recomputes exactly those
-    stages (the store: one shard) and restores the recorded digests; nothing is reused silently."""
+    stages (the store: all its shards, since merged totals keep no per-shard copy) and restores the
+    recorded digests; nothing is reused silently."""
     from mlflow import MlflowClient
 
     from tasks.lineage import get_lineage, verify_lineage
@@ -342,7 +343,7 @@ def test_every_kind_of_cached_artifact_is_verified_and_recomputed_when_damaged(f
     m = {k: Path(v["uri"]) for k, v in first_run["manifests"].items()}
     before = {k: v["digest"] for k, v in first_run["manifests"].items()}
     store = CovarianceStore.open(str(m["calibrate"]))
-    chunk = store._shard_chunk_files(1)[0]
+    chunk = store.totals_chunk_files()[0]
     _flip_bit(m["slimset"] / "slimset.json")
     _flip_bit(m["calibrate"] / chunk)
     _flip_bit(m["influence"] / "influence.json")
@@ -356,7 +357,9 @@ def test_every_kind_of_cached_artifact_is_verified_and_recomputed_when_damaged(f
         "repaired"
     ] * 6, s
     assert set(result["repaired"]) == {"slimset", "calibrate", "influence", "plan", "compress", "evaluate"}
-    assert result["repaired"]["calibrate"].startswith("shard 1:"), result["repaired"]["calibrate"]
+    assert result["repaired"]["calibrate"].startswith("merged totals damaged"), result["repaired"][
+        "calibrate"
+    ]
     assert "digest" in result["repaired"]["compress"]
     after = {k: v["digest"] for k, v in result["manifests"].items()}
     for stage in ("slimset", "calibrate", "influence", "plan", "compress"):  # deterministic stages
@@ -374,7 +377,7 @@ def test_every_kind_of_cached_artifact_is_verified_and_recomputed_when_damaged(f
     assert set(_run(params)["status"].values()) == {"cached"}
 
 
-def test_a_damaged_shard_found_by_a_stage_names_the_repair_and_repair_recomputes_only_it(flow_env, first_run):
+def test_a_damaged_store_found_by_a_stage_names_the_repair_and_repair_recomputes_it(flow_env, first_run):
     """With size-only checks a flipped bit in the store passes the cache check; the stage that
     reads it fails (exit 4) saying what `slimdiff repair` recomputes, and repair does exactly that."""
     import yaml
@@ -388,7 +391,7 @@ def test_a_damaged_shard_found_by_a_stage_names_the_repair_and_repair_recomputes
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     store_uri = first_run["manifests"]["calibrate"]["uri"]
     digest = first_run["manifests"]["calibrate"]["digest"]
-    _flip_bit(Path(store_uri) / CovarianceStore.open(store_uri)._shard_chunk_files(0)[1])
+    _flip_bit(Path(store_uri) / CovarianceStore.open(store_uri).totals_chunk_files()[1])
 
     runner = CliRunner()
     failed = runner.invoke(
@@ -404,21 +407,23 @@ def test_a_damaged_shard_found_by_a_stage_names_the_repair_and_repair_recomputes
         ],
     )
     assert failed.exit_code == 4, failed.output
-    assert re.search(r"shard 0 (is corrupted|of \S+ is unreadable)", failed.output), failed.output
-    assert "`slimdiff repair` recomputes exactly shard 0 of the covariance store" in failed.output
+    assert re.search(r"the totals of \S+ \(bucket \d\) are (corrupted|unreadable)", failed.output), (
+        failed.output
+    )
+    assert "`slimdiff repair` recomputes exactly the covariance store (its merged totals of" in failed.output
 
     repaired = runner.invoke(app, ["repair", "-p", str(params_file), "--json"])
     assert repaired.exit_code == 0, repaired.output
     result = json.loads(repaired.stdout)
     assert list(result["repaired"]) == ["calibrate"] and result["repaired"]["calibrate"].startswith(
-        "shard 0:"
+        "merged totals damaged"
     )
     assert result["status"]["calibrate"] == "repaired"
     assert {result["status"][k] for k in ("slimset", "influence", "plan", "compress", "evaluate")} == {
         "cached"
     }
     assert result["manifests"]["calibrate"]["digest"] == digest
-    assert CovarianceStore.open(store_uri).shard_problems(full=True) == {}
+    assert CovarianceStore.open(store_uri).totals_problems(full=True) == {}
 
 
 def test_unreachable_tracking_server_stops_the_scheduled_check(flow_env, tmp_path, monkeypatch):

@@ -221,8 +221,11 @@ def test_cache_check_levels_and_quarantine_of_a_damaged_output(tmp_path):
     assert "has 16383 bytes, recorded 16384" in check_artifact(again.manifest, "size")
 
 
-# -- the covariance store: only damaged shards are recomputed -----------------------------------
-def test_store_flipped_bit_fails_only_its_shard_and_recollecting_it_restores_the_digest(tmp_path):
+# -- the covariance store: damage is found and recomputed, never merged -----------------------
+def test_store_flipped_bit_in_the_totals_is_found_and_recollecting_restores_the_digest(tmp_path):
+    """A flipped bit in the merged totals passes the size check, fails the full check and every
+    read of that statistic (naming the repair); the totals keep no per-shard copy, so the repair
+    collects every shard again and the store's digest and bytes come back the same."""
     import torch
 
     from slimdiff.stats import ActivationStats
@@ -238,33 +241,38 @@ def test_store_flipped_bit_fails_only_its_shard_and_recollecting_it_restores_the
             {k: torch.randint(1, 9, (3,), generator=g) for k in shapes},
         )
 
+    def collect(store):
+        for i in store.missing_shards():
+            store.mark_shard(i, store.write_shard(i, shard(i)))
+            store.merge_completed()
+        return store.finalize()
+
     uri = str(tmp_path / "stats.zarr")
     store = CovarianceStore.open_or_create(uri, identity={"m": 1}, n_shards=3, n_buckets=3, shapes=shapes)
-    for i in range(3):
-        store.mark_shard(i, store.write_shard(i, shard(i)))
-    digest = store.finalize()
-    assert CovarianceStore.open(uri).shard_problems(full=True) == {}
+    digest = collect(store)
+    want = store.read().moments["blk.ff.hidden"].clone()
+    assert CovarianceStore.open(uri).totals_problems(full=True) == {}
 
-    chunk = tmp_path / "stats.zarr" / "moments" / "blk.ff.hidden" / "c" / "1" / "2" / "0" / "0"
+    chunk = tmp_path / "stats.zarr" / [f for f in store.totals_chunk_files() if "ff.hidden" in f][2]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
     reopened = CovarianceStore.open(uri)
-    assert reopened.shard_problems(full=False) == {}  # same size: only the full check sees it
-    problems = reopened.shard_problems(full=True)
-    assert list(problems) == [1], problems
+    assert reopened.totals_problems(full=False) == {}  # same size: only the full check sees it
+    assert list(reopened.totals_problems(full=True)) == ["blk.ff.hidden"]
     with pytest.raises(ArtifactError) as err:
-        reopened.read()
-    assert err.value.stage == "calibrate" and err.value.repair == "shard 1 of the covariance store"
+        reopened.read().moments["blk.ff.hidden"]
+    assert err.value.stage == "calibrate" and "every shard is collected again" in err.value.repair
 
     writable = CovarianceStore.open(uri, writable=True)
-    writable.unmark_shards([1])
-    assert writable.missing_shards() == [1] and not writable.complete
-    writable.mark_shard(1, writable.write_shard(1, shard(1)))
-    assert writable.finalize() == digest
+    writable.drop_totals()
+    assert writable.missing_shards() == [0, 1, 2] and not writable.complete
+    assert collect(writable) == digest
+    assert torch.equal(CovarianceStore.open(uri).read().moments["blk.ff.hidden"], want)
 
+    chunk = tmp_path / "stats.zarr" / CovarianceStore.open(uri).totals_chunk_files()[0]
     chunk.write_bytes(chunk.read_bytes()[:-3])  # truncated: the size check sees it
-    assert list(CovarianceStore.open(uri).shard_problems(full=False)) == [1]
+    assert list(CovarianceStore.open(uri).totals_problems(full=False)) == ["blk.attn1.query"]
 
 
 # -- params checked before any stage ------------------------------------------------------------
