@@ -444,6 +444,27 @@ class ActivationCollector:
             return symmetrise_upper(m).cpu()
         return m.detach().to("cpu", copy=True)
 
+    def take(self, key: str) -> torch.Tensor:
+        """Like :meth:`moments_of`, but hands over the collector's own buffer (symmetrised in place,
+        one bucket of temporaries) and forgets it: no second copy of the statistic ever exists.
+        For the end of a pass; the collector no longer records ``key`` afterwards."""
+        if key not in self._sums:
+            raise KeyError(f"{key!r} is not collected by this collector")
+        if self._host is not None:
+            self._flush(key)
+            m = self._host.pop(key)
+        else:
+            m = self._sums[key]
+        if m.device.type != "cpu":
+            m = m.to("cpu")
+        if key in self._upper_only:
+            for b in range(m.shape[0]):  # mirror the upper triangle into the lower, bucket by bucket
+                upper = m[b].triu(1)
+                m[b].triu_()
+                m[b].add_(upper.T)
+        del self._sums[key]
+        return m
+
     def tokens_of(self, key: str) -> torch.Tensor:
         return torch.tensor(self._tokens[key], dtype=torch.int64)
 
@@ -509,7 +530,7 @@ def collect_stats(
     (flushed into float64 host sums every ``flush_every`` products) on accelerators. ``keys`` restricts collection to some statistics. With ``sink``,
     every statistic is handed over as soon as its pass ends, ``sink(key, moments, tokens)`` (float64
     (n_buckets, *mat), int64 (n_buckets,)), and freed: the returned ActivationStats then holds only
-    the metadata (``meta["memory_plan"]``), so host memory stays at one group. Without a sink the
+    the metadata, so host memory stays at one group. Without a sink the
     returned ActivationStats holds everything (host memory = all statistics).
     """
     from tqdm.auto import tqdm
@@ -587,15 +608,16 @@ def collect_stats(
                         output_type="latent",
                     )
             schedule_meta = collector.meta
-            for key in collector.keys:
+            for key in dict.fromkeys(collector.keys):
+                count = collector.tokens_of(key)
                 if sink is not None:
-                    sink(key, collector.moments_of(key), collector.tokens_of(key))
+                    sink(key, collector.take(key), count)  # then freed: one statistic at a time
                 else:
-                    moments[key], tokens[key] = collector.moments_of(key), collector.tokens_of(key)
+                    moments[key], tokens[key] = collector.take(key), count
             del collector  # free this group's accumulators before the next pass
     finally:
         pipe.set_progress_bar_config(**saved_pbar)
-    meta = {**schedule_meta, **meta, "memory_plan": plan.to_dict()}
+    meta = {**schedule_meta, **meta}  # the plan is logged, not kept: "auto" limits vary between runs
     stats = ActivationStats(n_buckets=n_buckets, moments=moments, tokens=tokens, meta=meta)
     logger.info(
         "collected %d statistics over %d prompts x %d steps (%d buckets, %d pass(es))",

@@ -419,9 +419,7 @@ def collect_shard(
     )
     digest = writer.finish()
     if index == 0:  # the sampler's schedule; the memory plan is in the store's own attrs
-        store.group.attrs["stats_meta"] = jsonable(
-            {k: v for k, v in stats.meta.items() if k != "memory_plan"}
-        )
+        store.group.attrs["stats_meta"] = jsonable(stats.meta)
     return digest
 
 

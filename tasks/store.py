@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 import numpy as np
 import torch
 import zarr
@@ -91,6 +92,7 @@ class ShardWriter:
     def __init__(self, store: CovarianceStore, index: int) -> None:
         self.store, self.index = store, index
         self.key_digests: dict[str, str] = {}
+        self.chunk_digests: dict[str, list[str]] = {}
         self.tokens: dict[str, list[int]] = {}
 
     def __call__(self, key: str, moments: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -117,7 +119,8 @@ class ShardWriter:
             if err.errno == errno.ENOSPC:
                 raise _disk_full(err, s.uri, f"shard {self.index}") from err
             raise
-        self.key_digests[key] = key_digest(m, t)
+        self.chunk_digests[key] = [_chunk_digest(m[b]) for b in range(m.shape[0])]
+        self.key_digests[key] = sha256_json({"chunks": self.chunk_digests[key], "tokens": t})
         self.tokens[key] = t
 
     def finish(self) -> str:
@@ -128,7 +131,7 @@ class ShardWriter:
                 f"shard {self.index}: {len(missing)} statistics were not written, e.g. {missing[:3]}"
             )
         digest = combine_key_digests(self.key_digests)
-        s._mark_shard(self.index, digest, self.key_digests, self.tokens)
+        s._mark_shard(self.index, digest, self.key_digests, self.chunk_digests, self.tokens)
         return digest
 
 
@@ -339,12 +342,20 @@ class CovarianceStore:
             raise ArtifactError(f"{self.uri}: shard {index} digest does not match what was written")
         writer.finish()
 
-    def _mark_shard(self, index: int, digest: str, key_digests: dict, tokens: dict) -> None:
+    def _mark_shard(
+        self, index: int, digest: str, key_digests: dict, chunk_digests: dict, tokens: dict
+    ) -> None:
         files = {rel: self._file_size(rel) for rel in self._chunk_files(f"deltas/{index}")}
         self.group["done"].create_group(
             str(index),
             overwrite=True,
-            attributes={"digest": digest, "key_digests": key_digests, "tokens": tokens, "files": files},
+            attributes={
+                "digest": digest,
+                "key_digests": key_digests,
+                "chunk_digests": chunk_digests,
+                "tokens": tokens,
+                "files": files,
+            },
         )
 
     def unmark_shards(self, indices: Sequence[int]) -> None:
@@ -375,7 +386,8 @@ class CovarianceStore:
         generation of the totals; returns the shards merged (none when the next one is not done).
 
         Memory: one bucket of one statistic (plus the delta bucket being added). Crash-safe: the new
-        generation counts only once its mark exists, and the deltas are deleted after that."""
+        generation counts only once its mark exists, and the deltas are deleted after that. The
+        first shard becomes generation 1 by a rename (no copy, no second full size on disk)."""
         gen, mark = self.generation()
         merged = list(mark.get("shards", []))
         if merged != list(range(len(merged))):
@@ -388,6 +400,14 @@ class CovarianceStore:
             i += 1
         if not todo:
             return []
+        out = []
+        if gen == 0:
+            self._promote(todo[0], done[str(todo[0])])
+            out, todo = [todo[0]], todo[1:]
+            if not todo:
+                return out
+            gen, mark = self.generation()
+            merged = list(mark["shards"])
         new = gen + 1
         self._delete_group("totals", f"g{new}")  # leftovers of a merge killed before its mark
         digests: dict[str, list[str]] = {}
@@ -395,21 +415,25 @@ class CovarianceStore:
         try:
             for key in self.keys:
                 dst = self._array(f"totals/g{new}", key, create=True)
-                src = self._array(f"totals/g{gen}", key) if gen else None
+                src = self._array(f"totals/g{gen}", key)
                 deltas = [self._array(f"deltas/{j}", key) for j in todo]
                 digests[key] = []
                 for b in range(self.n_buckets):
-                    acc = None if src is None else np.asarray(src[b])
+                    acc = np.asarray(src[b])
                     for j, d in zip(todo, deltas, strict=True):
                         chunk = np.asarray(d[b])
-                        want = done[str(j)]["key_digests"][key]
-                        self._check_delta_chunk(j, key, b, chunk, want)
-                        acc = chunk if acc is None else acc + chunk  # float64, shard order
+                        if _chunk_digest(chunk) != done[str(j)]["chunk_digests"][key][b]:
+                            self.unmark_shards([j])
+                            raise ArtifactError(
+                                f"{self.uri}: shard {j} is corrupted ({key} bucket {b} does not match its "
+                                "recorded digest); it lost its mark: rerun to collect it again",
+                                **_damaged(j),
+                            )
+                        acc = acc + chunk  # float64, in shard order
                     dst[b] = acc
                     digests[key].append(_chunk_digest(acc))
-                base = mark.get("tokens", {}).get(key, [0] * self.n_buckets)
                 tokens[key] = [
-                    int(base[b]) + sum(int(done[str(j)]["tokens"][key][b]) for j in todo)
+                    int(mark["tokens"][key][b]) + sum(int(done[str(j)]["tokens"][key][b]) for j in todo)
                     for b in range(self.n_buckets)
                 ]
                 if progress is not None:
@@ -418,33 +442,35 @@ class CovarianceStore:
             if err.errno == errno.ENOSPC:
                 raise _disk_full(err, self.uri, f"the merge of shards {todo}") from err
             raise
-        files = {rel: self._file_size(rel) for rel in self._chunk_files(f"totals/g{new}")}
-        self.group["generations"].create_group(
-            f"g{new}",
-            overwrite=True,
-            attributes={"shards": merged + todo, "digests": digests, "tokens": tokens, "files": files},
-        )
+        self._mark_generation(new, merged + todo, digests, tokens)
         # the new generation is marked: the old one and the merged deltas can go
         self._clean_stale_generations()
-        for j in todo:
-            self._delete_group("deltas", str(j))
         log.info("merged shards %s into generation %d of %s", todo, new, self.uri)
-        return todo
+        return out + todo
 
-    def _check_delta_chunk(self, shard: int, key: str, bucket: int, chunk: np.ndarray, key_dig: str) -> None:
-        # the key digest covers all buckets: cache the per-key check, verify on the last bucket
-        cache = self.__dict__.setdefault("_delta_chunks", {})
-        cache.setdefault((shard, key), []).append(_chunk_digest(chunk))
-        if bucket == self.n_buckets - 1:
-            chunks = cache.pop((shard, key))
-            done = dict(self.group["done"][str(shard)].attrs)
-            if sha256_json({"chunks": chunks, "tokens": done["tokens"][key]}) != key_dig:
-                self.unmark_shards([shard])
-                raise ArtifactError(
-                    f"{self.uri}: shard {shard} is corrupted ({key} does not match its recorded digest); "
-                    "it lost its mark: rerun to collect it again",
-                    **_damaged(shard),
-                )
+    def _mark_generation(self, gen: int, shards: list[int], digests: dict, tokens: dict) -> None:
+        files = {rel: self._file_size(rel) for rel in self._chunk_files(f"totals/g{gen}")}
+        self.group["generations"].create_group(
+            f"g{gen}",
+            overwrite=True,
+            attributes={"shards": shards, "digests": digests, "tokens": tokens, "files": files},
+        )
+
+    def _promote(self, index: int, done: dict) -> None:
+        """Shard ``index``'s delta becomes generation 1 of the totals: a rename on a local disk
+        (atomic: a kill leaves the delta or the renamed totals, and the mark follows), a copy on
+        object stores (the delta is deleted only after the generation is marked)."""
+        fs, root = self._fs_root()
+        src, dst = f"{root}/deltas/{index}", f"{root}/totals/g1"
+        if fs.exists(src):
+            self._delete_group("totals", "g1")  # leftovers of a promotion killed before its mark
+            if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+                fs.mv(src, dst, recursive=True)
+            else:  # object stores have no rename: copy object by object
+                for f in fs.find(src):
+                    fs.copy(f, dst + f[len(src) :])
+        self._mark_generation(1, [index], dict(done["chunk_digests"]), dict(done["tokens"]))
+        self._clean_stale_generations()  # the delta, where it was copied
 
     def _clean_stale_generations(self) -> None:
         """Delete every generation but the newest marked one (and unmarked leftovers older than it)."""

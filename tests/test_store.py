@@ -154,15 +154,30 @@ def test_corrupted_total_is_reported(tmp_path):
 
 
 def test_corrupted_delta_is_caught_before_it_is_merged(tmp_path):
+    """A damaged delta is found by the full check and by the merge, which refuses to add it and
+    drops its mark. (The first shard is renamed into the totals, not read: its damage is found
+    by the digest check of every read of the totals, see test_corrupted_total_is_reported.)"""
     uri = str(tmp_path / "stats.zarr")
     store = _open(uri, n_shards=2)
+    _fill(store, 1)
+    store.mark_shard(1, store.write_shard(1, _shard(1)))
+    store.group["deltas/1/blk.attn1.query"][2] = np.zeros((2, 3, 3))
+    assert list(store.shard_problems(full=True)) == [1]
+    with pytest.raises(ArtifactError, match="shard 1 is corrupted"):
+        store.merge_completed()
+    assert store.missing_shards() == [1]  # it lost its mark: the next run collects it again
+    assert store.merged_shards() == [0]
+
+
+def test_a_damaged_first_shard_is_caught_when_the_totals_are_read(tmp_path):
+    uri = str(tmp_path / "stats.zarr")
+    store = _open(uri, n_shards=1)
     store.mark_shard(0, store.write_shard(0, _shard(0)))
     store.group["deltas/0/blk.attn1.query"][2] = np.zeros((2, 3, 3))
-    assert list(store.shard_problems(full=True)) == [0]
-    with pytest.raises(ArtifactError, match="shard 0 is corrupted"):
-        store.merge_completed()
-    assert store.missing_shards() == [0, 1]  # it lost its mark: the next run collects it again
-    assert store.merged_shards() == []
+    store.finalize()
+    assert list(CovarianceStore.open(uri).totals_problems(full=True)) == ["blk.attn1.query"]
+    with pytest.raises(ArtifactError, match="are corrupted"):
+        CovarianceStore.open(uri).read().second_moment("blk.attn1.query", 2)
 
 
 def _write_v1(uri: str, shards: list[ActivationStats]) -> None:
@@ -207,3 +222,30 @@ def test_format_1_store_is_refused_with_how_to_convert_and_converts_exactly(tmp_
     expected = merge(shards)
     for k in SHAPES:
         assert torch.equal(CovarianceStore.open(new).read().moments[k], expected.moments[k])
+
+
+def test_a_full_disk_during_a_shard_write_stops_with_one_message_and_keeps_what_was_done(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    uri = str(tmp_path / "stats.zarr")
+    store = _open(uri)
+    _fill(store, 1)
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", no_space)
+    with pytest.raises(ArtifactError, match="no space left on the device while writing shard 1; nothing"):
+        store.write_shard(1, _shard(1))
+    monkeypatch.undo()
+    reopened = _open(uri)
+    assert reopened.merged_shards() == [0] and reopened.missing_shards() == [1, 2]
+    _fill_rest = [reopened.mark_shard(i, reopened.write_shard(i, _shard(i))) for i in (1, 2)]
+    assert len(_fill_rest) == 2
+    reopened.finalize()
+    assert torch.equal(
+        reopened.read().moments["blk.ff.hidden"],
+        merge([_shard(i) for i in range(3)]).moments["blk.ff.hidden"],
+    )
