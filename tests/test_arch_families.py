@@ -167,6 +167,10 @@ def test_full_rank_rewrite_reproduces_the_original(calibrated):
     assert count_parameters(slim) == count_parameters(model)
 
 
+# relative output error of the 40% error plan on denoiser_inputs (seed 7), measured
+SEEDED_40_PERCENT_ERROR = {"sdxl": 0.1491943, "pixart": 0.0230799}
+
+
 def test_error_plan_at_40_percent_removes_exactly_the_planned_parameters(calibrated):
     model = calibrated.model
     plan = calibrated.plan()
@@ -186,7 +190,10 @@ def test_error_plan_at_40_percent_removes_exactly_the_planned_parameters(calibra
             assert slim.get_submodule(lay.out[0]).in_features == lay.heads * p.rank, name
     x = denoiser_inputs(model)
     err = rel_err(forward(slim, x), forward(model, x))
-    assert 0.0 < err < 1.0  # compressed, still close (random weights: no quality claim)
+    # random weights: no quality claim, but a seeded known output. The plan is unchanged under 1e-9
+    # relative noise on the profiles, and 1e-6 relative noise on every covariance (what fp32
+    # calibration on another BLAS can change) moves err by <= 6e-7: 1e-5 absolute leaves 15x
+    assert err == pytest.approx(SEEDED_40_PERCENT_ERROR[calibrated.family], abs=1e-5)
 
 
 def test_saved_pipeline_loads_to_the_same_model_and_images(calibrated, tmp_path):

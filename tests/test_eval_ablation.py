@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
+import torch
 from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
 
 import slimdiff.calibration as calibration
@@ -27,7 +27,12 @@ POOL = train_captions()[::40]  # 13 training captions
 
 
 @pytest.fixture(scope="module")
-def result_and_calls():
+def judges():
+    return random_toy_judges()
+
+
+@pytest.fixture(scope="module")
+def result_and_calls(judges):
     pipe = tiny_toy_pipeline()
     calls = []
     real_collect = calibration.collect_stats
@@ -61,16 +66,61 @@ def result_and_calls():
             eval_params(latency_repeats=1),
             cfg,
             embedder=PipelineTextEmbedder(pipe),
-            judges=random_toy_judges(),
-            keep_images=[("slimdiff", 0.4)],
+            judges=judges,
+            # every row's images, so that the test can recompute each row's metrics from them
+            keep_images=[(v.name, b) for v in cfg.variants for b in (v.budgets or cfg.budgets)],
         )
     finally:
         calibration.collect_stats = real_collect
     return result, calls, pipe
 
 
+def _frechet_by_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of two (N, d) feature sets, computed independently of slimdiff.metrics:
+    the nonzero eigenvalues of C_a C_b are the squared singular values of A_c B_c^T / sqrt((n_a-1)
+    (n_b-1)) (A_c, B_c the centred features), so tr (C_a C_b)^1/2 is that matrix's nuclear norm."""
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    nuclear = np.linalg.svd(ac @ bc.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    mean = np.square(a.mean(0) - b.mean(0)).sum()
+    return float(mean + np.square(ac).sum() / na + np.square(bc).sum() / nb - 2.0 * nuclear)
+
+
+def _fd_tolerance(a: np.ndarray, b: np.ndarray) -> float:
+    """slimdiff.metrics takes tr (C_a^1/2 C_b C_a^1/2)^1/2 from a d x d eigendecomposition: with
+    N < d most of its eigenvalues are zero up to round-off eps * ||M||, whose square roots
+    (~1.5e-8 * tr C each, d of them, doubled) are the error; 1e-7 * d * (tr C_a + tr C_b) covers it."""
+    return 1e-7 * a.shape[1] * float(np.var(a, 0, ddof=1).sum() + np.var(b, 0, ddof=1).sum())
+
+
+def _recompute_quality(images: np.ndarray, judges) -> dict:
+    """A row's quality metrics from its images, without the evaluator: exact match from the judge's
+    slot predictions, FID and fd_cls against the seeded toy renders of the same captions (numpy
+    default_rng(seed), in image order, as the protocol records)."""
+    from slimdiff.toy.clip import encode_images
+    from slimdiff.toy.data import caption_slot_labels, render
+
+    rng = np.random.default_rng(eval_params().seed)
+    real = np.stack([render(p, rng) for p in EVAL_PROMPTS])
+    expected = np.stack([caption_slot_labels(p) for p in EVAL_PROMPTS])
+    with torch.no_grad():
+        clip = [encode_images(judges.clip_model, x).double().numpy() for x in (images, real)]
+        cls = [judges.classifier.penultimate_features(x).double().numpy() for x in (images, real)]
+    return {
+        "exact": float((judges.classifier.predict(images) == expected).all(1).mean()),
+        "clip": clip,
+        "cls": cls,
+    }
+
+
+def _psnr_db_mean(a: np.ndarray, b: np.ndarray, cap: float = 100.0) -> float:
+    mse = np.square(a.astype(np.float64) / 255 - b.astype(np.float64) / 255).reshape(len(a), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return float(np.minimum(10 * np.log10(1.0 / mse), cap).mean())
+
+
 @pytest.mark.slow  # ~20 s: calibrates twice and samples 8 compressed variants
-def test_equal_budgets_and_one_calibration_per_set(result_and_calls):
+def test_equal_budgets_and_one_calibration_per_set(result_and_calls, judges):
     result, calls, _ = result_and_calls
     assert calls == [6, 6]  # fps-6 and random-6 once each, reused by weightings and budgets
     ok = [r for r in result.rows if r["status"] == "ok"]
@@ -84,9 +134,30 @@ def test_equal_budgets_and_one_calibration_per_set(result_and_calls):
         assert r["removed_fraction"] >= r["budget"] - 1e-9, r
         assert r["removed_fraction"] - r["budget"] < 0.05, r
         assert r["unet_params"] == result.config["unet_params"] - round(r["removed_fraction"] * compressible)
-        assert 0.0 <= r["exact_all"] <= 1.0 and r["fid"] >= 0.0 and math.isfinite(r["psnr_db"])
-        assert r["fd_cls"] >= 0.0 and r["fd_cls_to_original"] >= 0.0  # classifier-feature FD, reported
     assert result.images["original"].shape == result.images["slimdiff@0.4"].shape == (4, 32, 32, 3)
+    # every reported metric recomputed from the row's images (same seeds as the original's):
+    # exact match is a count (exact), PSNR float64 (1e-12), the FDs within _fd_tolerance
+    original = result.images["original"]
+    ref = _recompute_quality(original, judges)
+    assert result.original["accuracy"]["all"]["exact"] == ref["exact"]
+    for key, feats in (("fid", ref["clip"]), ("fd_cls", ref["cls"])):
+        assert result.original[key] == pytest.approx(
+            _frechet_by_nuclear_norm(*feats), abs=_fd_tolerance(*feats)
+        )
+    for r in ok:
+        images = result.images[f"{r['variant']}@{r['budget']:g}"]
+        got = _recompute_quality(images, judges)
+        assert r["exact_all"] == got["exact"], r
+        assert r["psnr_db"] == pytest.approx(_psnr_db_mean(original, images), rel=1e-12), r
+        assert not np.array_equal(images, original), r  # compressed: the images changed
+        pairs = {
+            "fid": got["clip"],
+            "fd_cls": got["cls"],
+            "fid_to_original": (got["clip"][0], ref["clip"][0]),
+            "fd_cls_to_original": (got["cls"][0], ref["cls"][0]),
+        }
+        for key, (a, b) in pairs.items():
+            assert r[key] == pytest.approx(_frechet_by_nuclear_norm(a, b), abs=_fd_tolerance(a, b)), (key, r)
 
 
 @pytest.mark.slow

@@ -126,26 +126,41 @@ def test_statistics_cover_the_concatenated_tokens(calibrated):
     assert stats_tokens["transformer_blocks.0.attn.query_normed"] == batch * (image + text)
 
 
-def test_coordinate_selection_is_the_best_subset_for_each_rank_on_small_heads():
-    """Greedy growth of the dropped set is exact for a 1-coordinate drop and matches brute force
-    on these well-separated spectra; every rank's error is the dropped block of C_qn o C_kn."""
+def test_coordinate_selection_is_greedy_exact_for_small_drops_and_its_gap_is_known():
+    """The dropped set D grows greedily: each step adds the coordinate that adds least to
+    1_D^T M 1_D (checked against every candidate), so the sets are nested and every rank's error is
+    the dropped block of C_qn o C_kn. Greedy equals brute force over all subsets for 1- and
+    2-coordinate drops on these spectra; beyond, it is a heuristic, not the best subset: here its
+    3-drop is 1.2208x and its 4-drop 2.0090x the best subset's error (brute force, float64)."""
     g = torch.Generator().manual_seed(3)
     d = 6
     a = torch.randn(d, d, generator=g, dtype=F64) * torch.logspace(0, -1.5, d, dtype=F64)
     b = torch.randn(d, d, generator=g, dtype=F64) * torch.logspace(0, -1.5, d, dtype=F64)
     cq, ck = a @ a.T, b @ b.T
     m = cq * ck
+
+    def energy(subset) -> float:
+        idx = list(subset)
+        return float(m[idx][:, idx].sum()) if idx else 0.0
+
     sel = linalg.rms_coordinate_selection(cq, ck, 3)
     assert sel.errors[d] == 0.0 and sel.errors[0] == pytest.approx(float(m.sum()), rel=1e-12)
-    for r in range(d + 1):
-        dropped = sel.drop_order[: d - r]
-        assert float(sel.errors[r]) == pytest.approx(
-            float(m[dropped][:, dropped].sum()), rel=1e-12, abs=1e-12
-        )
-    best1 = min(float(m[[i]][:, [i]].sum()) for i in range(d))
-    assert float(sel.errors[d - 1]) == pytest.approx(best1, rel=1e-12)
-    best3 = min(float(m[list(s)][:, list(s)].sum()) for s in itertools.combinations(range(d), 3))
-    assert float(sel.errors[3]) <= 1.25 * best3  # greedy: within 25% of the best 3-subset here
+    order = sel.drop_order.tolist()
+    assert sorted(order) == list(range(d))
+    assert sel.keep.tolist() == sorted(order[d - 3 :])
+    # float64 sums of <= 36 terms of size <= ~1: round-off ~1e-15, so 1e-12 relative is ample
+    for k in range(1, d + 1):
+        dropped = order[:k]
+        assert float(sel.errors[d - k]) == pytest.approx(energy(dropped), rel=1e-12, abs=1e-12)
+        # the greedy step: no other single coordinate added to the previous set adds less
+        step = min(energy([*order[: k - 1], i]) for i in range(d) if i not in order[: k - 1])
+        assert energy(dropped) == pytest.approx(step, rel=1e-12, abs=1e-12), k
+    best = {k: min(energy(s) for s in itertools.combinations(range(d), k)) for k in range(1, d)}
+    assert float(sel.errors[d - 1]) == pytest.approx(best[1], rel=1e-12)
+    assert float(sel.errors[d - 2]) == pytest.approx(best[2], rel=1e-12)
+    # the measured greedy/optimal ratios: float64 throughout, so they hold to ~1e-14 relative
+    assert float(sel.errors[d - 3]) / best[3] == pytest.approx(1.2208334800776, rel=1e-9)
+    assert float(sel.errors[d - 4]) / best[4] == pytest.approx(2.0089730989060, rel=1e-9)
 
 
 def test_norm_correction_is_exact_at_full_rank_and_rescales_the_kept_share():
@@ -168,6 +183,10 @@ def test_norm_correction_is_exact_at_full_rank_and_rescales_the_kept_share():
     torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
 
 
+# relative output error of the 40% error-plan of test_reduced_rank_modes_... (measured, seeded)
+SEEDED_OUTPUT_ERROR = {"select": 0.0223696, "keep": 0.0098575, "project": 0.0128649}
+
+
 @pytest.mark.parametrize("mode", ["select", "keep", "project"])
 def test_reduced_rank_modes_count_parameters_reload_and_stay_on_the_fused_kernel(calibrated, mode):
     model, covs, x = calibrated
@@ -180,7 +199,11 @@ def test_reduced_rank_modes_count_parameters_reload_and_stay_on_the_fused_kernel
     report = compress_(slim, plan, covs, qk_norm=mode)
     assert count_parameters(slim) == report.params_after == report.predicted_params_after
     out = run(slim, x)
-    assert 0 < rel(out, run(model, x)) < 0.5
+    # the seeded output error of this plan (FFNs at 24 of 64, VOs at 4 of 8, "select" QKs at 4 of 8)
+    # on the calibration inputs. The plan is unchanged under 1e-9 relative noise on the profiles,
+    # and 1e-6 relative noise on every covariance (what an fp32 calibration forward on another
+    # BLAS can change) moves the error by <= 1.4e-7: 1e-5 absolute leaves 70x
+    assert rel(out, run(model, x)) == pytest.approx(SEEDED_OUTPUT_ERROR[mode], abs=1e-5)
     with torch.device("meta"):
         skeleton = type(model).from_config(model.config)
     apply_plan_shapes_(skeleton, plan, qk_norm=mode)

@@ -234,9 +234,25 @@ def test_tied_allocation_gives_each_attention_one_rank_and_is_optimal_among_tied
     assert got == pytest.approx(_brute_force(units, profiles, target, grids, pairs), abs=1e-12)
 
 
+def _knapsack_min(options, target: int, cost=lambda c: c) -> float:
+    """The least summed value of one option per group with summed ``cost(c)`` <= target: an
+    independent reference for dp_allocate (plain dict DP over reachable costs, no quantum)."""
+    best = {0: 0.0}
+    for opts in options:
+        new: dict[int, float] = {}
+        for spent, v in best.items():
+            for c, val in opts:
+                t = spent + cost(c)
+                if t <= target and v + val < new.get(t, math.inf):
+                    new[t] = v + val
+        best = new
+    return min(best.values())
+
+
 def test_dp_on_a_coarse_quantum_never_exceeds_the_budget():
-    """Budgets too fine for the state limit are solved on rounded-up costs: still within budget,
-    and no worse than the exact optimum by more than what the slack could buy."""
+    """Budgets too fine for the state limit are solved on rounded-up costs: within budget, the
+    exact optimum of the rounded problem, and no worse than the exact optimum of the budget minus
+    the slack the rounding can cost (n_groups * (q - 1): every plan that fits that fits rounded)."""
     from slimdiff.allocation import dp_allocate
 
     options = [[(c * 7, 1.0 / (1 + c)) for c in range(1, 30)] for _ in range(5)]
@@ -245,7 +261,13 @@ def test_dp_on_a_coarse_quantum_never_exceeds_the_budget():
     assert exact.exact and exact.quantum == 7 and not coarse.exact and coarse.quantum == 25
     cost = sum(options[g][i][0] for g, i in enumerate(coarse.choice))
     value = lambda r: sum(options[g][i][1] for g, i in enumerate(r.choice))  # noqa: E731
-    assert cost <= 500 and value(coarse) >= value(exact) - 1e-12
+    q = coarse.quantum
+    # sums of 5 float64 values in different orders: round-off ~1e-16, 1e-12 is ample
+    assert value(exact) == pytest.approx(_knapsack_min(options, 500), abs=1e-12)  # 0.32917
+    rounded = _knapsack_min(options, 500, cost=lambda c: -(-c // q) * q)
+    assert cost <= 500 and value(coarse) == pytest.approx(rounded, abs=1e-12)  # 1/3 (cost 490)
+    slack_free = _knapsack_min(options, q * (500 // q) - len(options) * (q - 1))  # budget 380: 0.42424
+    assert value(exact) < value(coarse) <= slack_free + 1e-12  # coarse really is coarser here
 
 
 def test_error_allocation_cuts_the_flat_curve_first_and_tau_pulls_to_uniform():
