@@ -217,13 +217,21 @@ def _registered_params(ref: str, cfg):
     from tasks.tracking import resolve_version, setup_tracking
 
     setup_tracking(cfg)
-    version = resolve_version(MlflowClient(), ref)
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="params.json")
-    except Exception as err:  # noqa: BLE001 - an older run without params.json: say what to do
+    client = MlflowClient()
+    version = resolve_version(client, ref)
+    # Only "the run logged no params.json" (an older run) means "repair with -p/--set". That is
+    # decided by listing the run's artifacts, not by catching a failed download: MLflow reports
+    # every failed runs:/ download, an unreachable artifact store included, as "path not found".
+    # Listing and downloading go to the run's artifact store directly, so a store that is down
+    # or refuses access fails here with its own error.
+    run = client.get_run(version.run_id)
+    if "params.json" not in {f.path for f in client.list_artifacts(version.run_id)}:
         raise LookupError(
             f"{ref}: its run {version.run_id} has no params.json (older run); repair with -p/--set instead"
-        ) from err
+        )
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{run.info.artifact_uri.rstrip('/')}/params.json"
+    )
     return Params.from_dict(json.loads(Path(local).read_text()), source=f"{ref} params.json")
 
 

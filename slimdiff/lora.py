@@ -502,12 +502,12 @@ class LoraProjection:
 
 def _split(target: Any) -> tuple[nn.Module, str, Any]:
     """(denoiser, its pipeline attribute, pipeline or None)."""
-    from slimdiff.arch.base import adapter_for, denoiser_attr, denoiser_of
+    from slimdiff.arch.base import UnsupportedModelError, adapter_for, denoiser_attr, denoiser_of
 
     if isinstance(target, nn.Module):
         try:
             attr = adapter_for(target).pipeline_attr
-        except Exception:  # noqa: BLE001  (an unknown model still has a prefix guess)
+        except UnsupportedModelError:  # an unknown model still has a prefix guess; other errors are bugs
             attr = "unet"
         return target, attr, None
     return denoiser_of(target), denoiser_attr(target), target
