@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,11 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-import pandas as pd
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from slimdiff.config import Params, TrackingParams
 from tasks.artifacts import stage_lock
@@ -192,24 +195,28 @@ def git_commit(cwd: Path | None = None) -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-class SlimDiffPipelineModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper so the registry can serve the model: predict(prompts) -> images (uint8 arrays).
+# The registry's pyfunc: logged with MLflow's models-from-code (the model class is the source file,
+# copied into the model and run at load time), so a registered version holds no pickle, nothing that
+# runs code on unpickling; the compressed pipeline is a plain artifact folder next to it.
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
-    For Python use, :func:`load_registered_pipeline` returns the diffusers pipeline itself."""
 
-    def load_context(self, context) -> None:
-        from slimdiff.io import load_compressed
+# The pyfunc's contract (tasks/pyfunc_model.py): a string column "prompt" in, uint8 images
+# (N, H, W, 3) out, optional sampler params (None: the pipeline's own default).
+PYFUNC_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt")]),
+    outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3), "images")]),
+    params=ParamSchema(
+        [
+            ParamSpec("num_inference_steps", "long", None),
+            ParamSpec("guidance_scale", "double", None),
+            ParamSpec("seed", "long", None),
+        ]
+    ),
+)
 
-        self.pipeline = load_compressed(context.artifacts["pipeline"])
-
-    # a DataFrame hint (or a list of prompts, which works too) tells MLflow there is no schema to
-    # validate against: without any hint it warns on every import
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        import numpy as np
-
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-        out = self.pipeline(prompts, output_type="np", **(params or {}))
-        return [np.asarray(img * 255).round().astype("uint8") for img in out.images]
+# MLflow's warning for a model logged with a signature but no input example (ANSI colour first)
+_NO_INPUT_EXAMPLE = r".*An input example was not provided when logging the model"
 
 
 def versions_with_digest(client: MlflowClient, name: str, compressed_digest: str) -> list:
@@ -286,12 +293,17 @@ def register_compressed(
                 if key != "trigger" and (key not in existing.tags or key in refresh):
                     client.set_model_version_tag(name, version, key, value)
         else:
-            info = mlflow.pyfunc.log_model(
-                name="compressed_pipeline",
-                python_model=SlimDiffPipelineModel(),
-                artifacts={"pipeline": str(pipeline_dir)},
-                pip_requirements=["slimdiff-pipeline"],  # skips slow dependency inference
-            )
+            with warnings.catch_warnings():
+                # the explicit signature is the contract: an input example would make MLflow load
+                # and run the diffusion pipeline at every registration to validate it
+                warnings.filterwarnings("ignore", message=_NO_INPUT_EXAMPLE, category=UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="compressed_pipeline",
+                    python_model=str(PYFUNC_MODEL_CODE),  # models-from-code: no pickled object
+                    artifacts={"pipeline": str(pipeline_dir)},
+                    signature=PYFUNC_SIGNATURE,
+                    pip_requirements=["slimdiff-pipeline"],  # skips slow dependency inference
+                )
             version, newly = str(mlflow.register_model(info.model_uri, name, tags=tags).version), True
             # another workspace (which does not share this lock) may have registered the same
             # digest meanwhile: the oldest version stays, a younger duplicate is removed again
