@@ -121,7 +121,7 @@ def _recompute(link: Link) -> str:
         from tasks.store import CovarianceStore
 
         store = CovarianceStore.open(link.uri)
-        store.read(verify=True)  # every shard's bytes against its recorded digest
+        store.verify()  # every byte of the totals (and unmerged shards) against its recorded digest
         return store.digest
     return content_digest(link.uri)
 

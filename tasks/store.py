@@ -582,6 +582,14 @@ class CovarianceStore:
                 problems[key] = problem
         return problems
 
+    def verify(self) -> None:
+        """Read every byte of the store (the merged totals and any unmerged shard) against its
+        recorded digest; raise ArtifactError naming the first damage and its repair."""
+        for key, problem in sorted(self.totals_problems(full=True).items()):
+            raise ArtifactError(f"{self.uri}: {problem}", **_damaged_totals(key))
+        for i, problem in sorted(self.shard_problems(full=True).items()):
+            raise ArtifactError(f"{self.uri}: shard {i}: {problem}", **_damaged(i))
+
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> str:
         self.merge_completed()
         missing = self.missing_shards()

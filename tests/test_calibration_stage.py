@@ -123,6 +123,8 @@ def test_killed_collection_resumes_from_completed_shards(tiny_setup):
     out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"({resumed} resumed)" in out.stdout
+    # the plan is said before any forward pass: memory, passes, store size
+    assert "statistics memory plan (limit" in out.stderr and "sampling passes per prompt shard: 1" in out.stderr
     _assert_same_stats(_stats(store_uri), _stats(reference.uri))
 
 
@@ -173,3 +175,34 @@ def test_slimset_overlapping_the_evaluation_prompts_stops_calibration(tiny_setup
     with pytest.raises(StageInputError, match="overlaps the evaluation prompts"):
         prepare_calibration(params, model, bad, str(root / "never.zarr"))
     assert not (root / "never.zarr").exists()
+
+
+def test_a_memory_limit_below_the_largest_statistic_stops_before_anything_is_written(tiny_setup):
+    from tasks.stages import StageInputError, prepare_calibration
+
+    root, params, model, slimset, reference = tiny_setup
+    tight = params.with_overrides({"calibration.max_memory": "1KiB"})
+    with pytest.raises(
+        StageInputError, match=r"max_memory=1.00 KiB is below the largest single statistic: \S+ needs"
+    ):
+        prepare_calibration(tight, model, slimset, str(root / "never-mem.zarr"))
+    assert not (root / "never-mem.zarr").exists()
+
+
+def test_a_limit_that_forces_passes_gives_the_reference_store_bit_for_bit(tiny_setup):
+    """Three shards merged into the totals, sites split into several passes: the same digest (the
+    shard digests are over the exact bytes) and the same statistics as the one-pass reference."""
+    from slimdiff.adapter import denoiser_of
+    from slimdiff.calibration import plan_for_model
+    from tasks import stages
+
+    root, params, model, slimset, reference = tiny_setup
+    denoiser = denoiser_of(stages._cached_pipe(params, model))
+    largest = plan_for_model(denoiser, params.calibration.n_buckets, max_memory=None).largest[1]
+    bounded = params.with_overrides({"calibration.max_memory": largest})
+    assert plan_for_model(denoiser, params.calibration.n_buckets, max_memory=largest).passes >= 3
+    m = stages.run_calibrate(bounded, model, slimset, str(root / "bounded.zarr"), progress=False)
+    assert m.digest == reference.digest
+    a, b = _stats(m.uri), _stats(reference.uri)
+    for k in a.moments:
+        assert torch.equal(a.moments[k], b.moments[k]), k

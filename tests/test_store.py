@@ -151,6 +151,10 @@ def test_corrupted_total_is_reported(tmp_path):
     with pytest.raises(ArtifactError, match=r"totals of blk.ff.hidden \(bucket 1\) are corrupted"):
         CovarianceStore.open(uri).read().moments["blk.ff.hidden"]
     assert list(CovarianceStore.open(uri).totals_problems(full=True)) == ["blk.ff.hidden"]
+    # what `slimdiff lineage --verify` runs (all-zero data: zarr dropped the chunk file)
+    with pytest.raises(ArtifactError, match=r"chunk totals/g1/blk.ff.hidden/c/1/0/0 is missing") as err:
+        CovarianceStore.open(uri).verify()
+    assert "every shard is collected again" in err.value.repair
 
 
 def test_corrupted_delta_is_caught_before_it_is_merged(tmp_path):
