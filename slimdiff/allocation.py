@@ -1,4 +1,5 @@
-"""Rank allocation under a global parameter budget (METHOD.md stage 4) and the rank-plan file.
+"""Rank allocation under a global budget, in parameters or in FLOPs at a serving shape (METHOD.md stage 4),
+and the rank-plan file.
 
 Three modes. ``error`` (the default) spends the budget where it removes the most truncation
 error; ``influence`` is METHOD.md's softmax of the spectral influence scores; ``uniform`` keeps
@@ -44,6 +45,15 @@ proved lower bound on the optimum and their gap, which are also logged):
 constraint; compressed attention runs on the fused SDPA kernel either way, see
 ``slimdiff.attention``).
 
+Budgets in FLOPs (``Budget(removed_flops_fraction=...)`` / ``Budget(total_flops=...)``, mode
+"error" only): ``plan_ranks(..., costs=slimdiff.flops.unit_flop_costs(model, ServingShape(...)))``
+costs every option in FLOPs per denoiser forward at that serving shape instead of kept parameters;
+the objective and the solver are the same. An attention's planned qk and vo units are one group
+whose options are all pairs of grid ranks (one shared rank under ``tie_qk_vo``), costed exactly
+(``slimdiff.flops.AttentionCost.flops``): a compressed attention runs both matmuls at one padded
+width, so per-unit linear costs would misjudge them. The plan records its cost model, the FLOPs
+before and after and the compressible FLOPs (``RankPlan.cost_model``).
+
 Mode "influence": keep ratios phi_m = r_m / R_m maximise
 
     sum_m pi_m s_m phi_m - tau sum_m pi_m phi_m log phi_m
@@ -82,6 +92,7 @@ closest subset sum is a knapsack problem; step-maximality is what is guaranteed 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -119,52 +130,77 @@ class Budget:
     * ``removed_params``: parameters removed from the compressible set;
     * ``removed_fraction``: share of the compressible parameters removed, in [0, 1);
     * ``total_params``: parameters of the whole UNet after compression (needs ``model_params``
-      in ``plan_ranks``: the units alone do not know the size of the rest of the UNet).
+      in ``plan_ranks``: the units alone do not know the size of the rest of the UNet);
+    * ``removed_flops_fraction``: share of the compressible FLOPs at a serving shape removed, in
+      [0, 1) (needs ``costs`` in ``plan_ranks``: ``slimdiff.flops.unit_flop_costs``);
+    * ``total_flops``: FLOPs of one forward of the whole denoiser at the serving shape after
+      compression (needs ``costs``).
+
+    The compressible FLOPs are those the planned units' ranks decide: the model's FLOPs minus those
+    of the same model with every planned unit at rank 0 (``FlopCosts.plan_flops``).
     """
 
     kept_params: int | None = None
     removed_params: int | None = None
     removed_fraction: float | None = None
     total_params: int | None = None
+    removed_flops_fraction: float | None = None
+    total_flops: int | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in asdict(self).items() if v is not None}
         if len(given) != 1:
             raise ValueError(
-                "Budget needs exactly one of kept_params, removed_params, removed_fraction, total_params; "
-                f"got {sorted(given) or 'none'}"
+                "Budget needs exactly one of kept_params, removed_params, removed_fraction, total_params, "
+                f"removed_flops_fraction, total_flops; got {sorted(given) or 'none'}"
             )
-        for key in ("kept_params", "removed_params", "total_params"):
+        for key in ("kept_params", "removed_params", "total_params", "total_flops"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"Budget.{key} must be a non-negative int, got {v!r}")
-        if self.removed_fraction is not None and not 0.0 <= float(self.removed_fraction) < 1.0:
-            raise ValueError(f"Budget.removed_fraction must be in [0, 1), got {self.removed_fraction!r}")
+        for key in ("removed_fraction", "removed_flops_fraction"):
+            v = getattr(self, key)
+            if v is not None and not 0.0 <= float(v) < 1.0:
+                raise ValueError(f"Budget.{key} must be in [0, 1), got {v!r}")
+
+    @property
+    def in_flops(self) -> bool:
+        """Whether the budget counts FLOPs at a serving shape (else parameters)."""
+        return self.removed_flops_fraction is not None or self.total_flops is not None
 
     def kept(self, compressible_params: int, model_params: int | None = None) -> int:
-        """Kept parameters in the compressible set this budget asks for (before feasibility)."""
+        """Kept parameters in the compressible set this budget asks for (before feasibility). For
+        a FLOP budget: kept compressible FLOPs, with the arguments in FLOPs (``model_params`` =
+        the whole model's FLOPs)."""
         if self.kept_params is not None:
             return self.kept_params
         if self.removed_params is not None:
             return compressible_params - self.removed_params
-        if self.removed_fraction is not None:
-            return math.floor(compressible_params * (1.0 - float(self.removed_fraction)))
+        fraction = self.removed_fraction if self.removed_fraction is not None else self.removed_flops_fraction
+        if fraction is not None:
+            return math.floor(compressible_params * (1.0 - float(fraction)))
         if model_params is None:
             raise ValueError(
                 "Budget(total_params=...) needs plan_ranks(..., model_params=<UNet parameter count>)"
+                if self.total_params is not None
+                else "Budget(total_flops=...) needs the model's FLOPs (plan_ranks(..., costs=...))"
             )
-        return self.total_params - (model_params - compressible_params)
+        total = self.total_params if self.total_params is not None else self.total_flops
+        return total - (model_params - compressible_params)
 
     def describe_range(self, lo: int, hi: int, compressible_params: int, model_params: int | None) -> str:
-        """The feasible range [lo, hi] of kept compressible params, in this budget's own terms."""
+        """The feasible range [lo, hi] of kept compressible params (FLOPs for a FLOP budget), in
+        this budget's own terms."""
         if self.removed_params is not None:
             return f"removed_params in [{compressible_params - hi}, {compressible_params - lo}]"
-        if self.removed_fraction is not None:
-            return f"removed_fraction in [{1 - hi / compressible_params:.6f}, {1 - lo / compressible_params:.6f}]"
-        if self.total_params is not None and model_params is not None:
-            rest = model_params - compressible_params
-            return f"total_params in [{rest + lo}, {rest + hi}]"
-        return f"kept_params in [{lo}, {hi}]"
+        for key in ("removed_fraction", "removed_flops_fraction"):
+            if getattr(self, key) is not None:
+                return f"{key} in [{1 - hi / compressible_params:.6f}, {1 - lo / compressible_params:.6f}]"
+        for key in ("total_params", "total_flops"):
+            if getattr(self, key) is not None and model_params is not None:
+                rest = model_params - compressible_params
+                return f"{key} in [{rest + lo}, {rest + hi}]"
+        return f"{'kept_flops' if self.in_flops else 'kept_params'} in [{lo}, {hi}]"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -182,6 +218,9 @@ class UnitPlan:
     cost_per_rank: int
     score: float | None = None  # influence score of the unit (None: manual plan, or none given)
     predicted_error: float | None = None  # e_m(rank), relative truncation error (mode "error")
+    # FLOPs per unit of rank at the plan's serving shape (``slimdiff.flops.FlopCosts.per_rank``;
+    # None: the plan was made without a FLOP cost model)
+    flops_per_rank: int | None = None
 
     @property
     def params_before(self) -> int:
@@ -197,6 +236,8 @@ class UnitPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["flops_per_rank"] is None:  # absent from plans without a FLOP cost model: digests stay
+            del d["flops_per_rank"]
         d["params_before"] = self.params_before
         d["params_after"] = self.params_after
         return d
@@ -231,6 +272,11 @@ class RankPlan:
     profiles_digest: str | None = None  # error profiles the plan was made from (mode "error")
     # how the ranks were found: {"method": "dp", "quantum": q, "exact": bool, "tie_qk_vo": bool}, ...
     solver: dict = field(default_factory=dict)
+    # the FLOP cost model the plan was made or measured with (empty: none): {"cost": "flops" |
+    # "params" (what the budget counted), "serving": the shape, "qk_norm", "flops_before",
+    # "flops_after" (one forward of the whole denoiser there), "compressible_flops",
+    # "target_flops" (FLOP budgets)}
+    cost_model: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.format_version != PLAN_FORMAT_VERSION:
@@ -283,6 +329,16 @@ class RankPlan:
     def removed_params(self) -> int:
         return self.params_before - self.params_after
 
+    @property
+    def flops_before(self) -> int | None:
+        """FLOPs of one forward of the uncompressed denoiser at the serving shape (None: no cost model)."""
+        return self.cost_model.get("flops_before")
+
+    @property
+    def flops_after(self) -> int | None:
+        """FLOPs of one forward of the compressed denoiser at the serving shape (None: no cost model)."""
+        return self.cost_model.get("flops_after")
+
     def to_dict(self) -> dict:
         out = {
             "format_version": self.format_version,
@@ -303,6 +359,8 @@ class RankPlan:
         }
         if self.solver:  # absent from plans made before it was recorded: their digests stay valid
             out["solver"] = dict(self.solver)
+        if self.cost_model:  # likewise
+            out["cost_model"] = dict(self.cost_model)
         return out
 
     @classmethod
@@ -322,6 +380,7 @@ class RankPlan:
                 cost_per_rank=int(u["cost_per_rank"]),
                 score=u.get("score"),
                 predicted_error=u.get("predicted_error"),
+                flops_per_rank=None if u.get("flops_per_rank") is None else int(u["flops_per_rank"]),
             )
             if name != entry.name:
                 raise PlanValidationError(
@@ -345,6 +404,7 @@ class RankPlan:
             format_version=version,
             profiles_digest=data.get("profiles_digest"),
             solver=dict(data.get("solver") or {}),
+            cost_model=dict(data.get("cost_model") or {}),
         )
         totals = data.get("totals")
         if totals and int(totals.get("params_after", plan.params_after)) != plan.params_after:
@@ -863,17 +923,104 @@ def bounded_allocate(
     )
 
 
-def _keep_all(options: list[list[tuple[int, float]]]) -> DPResult:
-    """The budget keeps every parameter: every group takes its costliest option (full rank). Its
-    value is compared with the unconstrained optimum (each group's least value), which is the
-    constrained one too, since the budget does not bind."""
-    choice = [max(range(len(opts)), key=lambda i, o=opts: (o[i][0], i)) for opts in options]
+def _keep_all(options: list[list[tuple[int, float]]], full: list[int] | None = None) -> DPResult:
+    """The budget keeps every parameter (FLOP): every group takes its full-rank option (``full``:
+    its index per group; default the costliest, which it is under parameter costs). Its value is
+    compared with the unconstrained optimum (each group's least value), which is the constrained
+    one too, since the budget does not bind."""
+    if full is None:
+        full = [max(range(len(opts)), key=lambda i, o=opts: (o[i][0], i)) for opts in options]
+    choice = list(full)
     value = sum(float(opts[i][1]) for opts, i in zip(options, choice, strict=True))
     optimum = sum(min(float(v) for _, v in opts) for opts in options)
     tol = OBJECTIVE_RTOL * sum(max(abs(float(v)) for _, v in opts) for opts in options)
     return DPResult(
         choice, 1, value - optimum <= tol, method="keep-all", value=value, lower_bound=optimum, tolerance=tol
     )
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Units the solver gives one joint choice: its options are rank tuples (one rank per name)
+    with their integer costs; ``full`` is the option that keeps every unit whole."""
+
+    names: tuple[str, ...]
+    ranks: list[tuple[int, ...]]
+    costs: list[int]
+    full: int
+
+
+def _param_groups(
+    units: Mapping[str, UnitInfo], r_min: int, multiple: int, tied: list[list[str]] | None
+) -> list[_Group]:
+    """Cost = kept parameters; ``tied`` groups share one rank, every other unit is its own group."""
+    grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
+    grouped = {n for grp in tied or [] for n in grp}
+    all_groups = [list(grp) for grp in tied or []] + [[n] for n in units if n not in grouped]
+    out = []
+    for grp in all_groups:
+        if len({tuple(grids[n]) for n in grp}) != 1:
+            raise ValueError(f"tied units {grp} have different rank grids; they cannot share one rank")
+        grid = grids[grp[0]]
+        out.append(
+            _Group(
+                tuple(grp),
+                [(r,) * len(grp) for r in grid],
+                [sum(r * units[n].cost_per_rank for n in grp) for r in grid],
+                len(grid) - 1,
+            )
+        )
+    return out
+
+
+def _flop_groups(units: Mapping[str, UnitInfo], costs, r_min: int, multiple: int, tie: bool) -> list[_Group]:
+    """Cost = FLOPs at the serving shape (``slimdiff.flops.FlopCosts``) minus those of the group
+    at rank 0: an FFN is linear in its rank; an attention's planned qk and vo units are one group
+    whose options are every pair of grid ranks (one shared rank with ``tie``), costed exactly
+    (``AttentionCost.flops``: a compressed attention runs both matmuls at one padded width)."""
+    missing = [n for n in units if n not in costs.per_rank]
+    if missing:
+        raise ValueError(
+            f"the FLOP cost model has no cost for {len(missing)} planned units, e.g. {missing[:3]}"
+        )
+    grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
+    out: list[_Group] = []
+    attentions: dict[str, dict[str, str]] = {}
+    for n in units:
+        if n in costs.unit_attention:
+            module, kind = costs.unit_attention[n]
+            attentions.setdefault(module, {})[kind] = n
+        else:
+            c = costs.per_rank[n]
+            out.append(_Group((n,), [(r,) for r in grids[n]], [r * c for r in grids[n]], len(grids[n]) - 1))
+    for module, members in attentions.items():
+        att = costs.attentions[module]
+        names = tuple(members[k] for k in ("qk", "vo") if k in members)
+        if tie and len(names) == 2:
+            if grids[names[0]] != grids[names[1]]:
+                raise ValueError(
+                    f"tied units {list(names)} have different rank grids; they cannot share one rank"
+                )
+            combos = [(r, r) for r in grids[names[0]]]
+        else:
+            combos = list(itertools.product(*(grids[n] for n in names)))
+
+        def flops(combo: tuple[int, ...], members=members, names=names, att=att) -> int:
+            r = dict(zip(names, combo, strict=True))
+            return att.flops(r.get(members.get("qk"), att.head_dim), r.get(members.get("vo"), att.head_dim))
+
+        zero = flops((0,) * len(names))
+        full = tuple(units[n].full_rank for n in names)
+        out.append(_Group(names, combos, [flops(c) - zero for c in combos], combos.index(full)))
+    return out
+
+
+def _groups(
+    units: Mapping[str, UnitInfo], r_min: int, multiple: int, tie_qk_vo: bool, costs=None
+) -> list[_Group]:
+    if costs is not None:
+        return _flop_groups(units, costs, r_min, multiple, tie_qk_vo)
+    return _param_groups(units, r_min, multiple, qk_vo_groups(units) if tie_qk_vo else None)
 
 
 def _error_ranks(
@@ -887,19 +1034,20 @@ def _error_ranks(
     *,
     max_states: int | None = None,
     max_frontier: int | None = None,
+    solver_groups: list[_Group] | None = None,
 ) -> tuple[dict[str, int], DPResult]:
     """Minimise sum_m pi_m (e_m(r_m) + tau phi_m log phi_m), phi_m = r_m / R_m, over the rank
-    grids subject to sum_m c_m r_m <= target (mode "error", see the module docstring).
+    grids subject to sum_g cost_g <= target (mode "error", see the module docstring).
 
     ``groups`` ties units to one shared rank (e.g. an attention's qk and vo units, which need the
-    same grid); every unit not in a group is its own group. A target that keeps every parameter
-    keeps every unit whole; a target within ``max_states`` (default ``DP_MAX_STATES``) multiples
-    of the gcd of the costs is solved exactly by ``dp_allocate``; any other by
-    ``bounded_allocate`` (frontier limit ``max_frontier``, default ``FRONTIER_MAX_STATES``; work
-    limit ``FRONTIER_MAX_WORK``)."""
+    same grid); every unit not in a group is its own group; the cost is kept parameters.
+    ``solver_groups`` (``_groups``) gives the groups, their options and costs instead (FLOP
+    budgets). A target that keeps every unit whole keeps every unit whole; a target within
+    ``max_states`` (default ``DP_MAX_STATES``) multiples of the gcd of the costs is solved exactly
+    by ``dp_allocate``; any other by ``bounded_allocate`` (frontier limit ``max_frontier``, default
+    ``FRONTIER_MAX_STATES``; work limit ``FRONTIER_MAX_WORK``)."""
     max_states = DP_MAX_STATES if max_states is None else max_states
     max_frontier = FRONTIER_MAX_STATES if max_frontier is None else max_frontier
-    grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
     total = sum(u.full_params for u in units.values())
 
     def objective(n: str, g: int) -> float:  # pi_m (e_m(phi) + tau phi log phi), phi = g / R_m
@@ -907,26 +1055,26 @@ def _error_ranks(
         phi = g / u.full_rank
         return u.full_params / total * (profiles[n][g] + tau * phi * math.log(phi))
 
-    grouped = {n for grp in groups or [] for n in grp}
-    all_groups = [list(grp) for grp in groups or []] + [[n] for n in units if n not in grouped]
-    for grp in all_groups:
-        if len({tuple(grids[n]) for n in grp}) != 1:
-            raise ValueError(f"tied units {grp} have different rank grids; they cannot share one rank")
+    if solver_groups is None:
+        solver_groups = _param_groups(units, r_min, multiple, groups)
     options = [
         [
-            (sum(r * units[n].cost_per_rank for n in grp), sum(objective(n, r) for n in grp))
-            for r in grids[grp[0]]
+            (c, sum(objective(n, r) for n, r in zip(grp.names, rs, strict=True)))
+            for rs, c in zip(grp.ranks, grp.costs, strict=True)
         ]
-        for grp in all_groups
+        for grp in solver_groups
     ]
-    if target >= sum(max(c for c, _ in opts) for opts in options):
-        result = _keep_all(options)
+    full = [grp.full for grp in solver_groups]
+    if target >= sum(opts[i][0] for opts, i in zip(options, full, strict=True)):
+        result = _keep_all(options, full)
     elif target // _cost_gcd(options) <= max_states:
         result = dp_allocate(options, target, max_states)
     else:
         result = bounded_allocate(options, target, max_frontier, FRONTIER_MAX_WORK)
-    idx = {n: result.choice[gi] for gi, grp in enumerate(all_groups) for n in grp}
-    return {n: grids[n][idx[n]] for n in units}, result
+    ranks: dict[str, int] = {}
+    for grp, i in zip(solver_groups, result.choice, strict=True):
+        ranks.update(zip(grp.names, grp.ranks[i], strict=True))
+    return {n: ranks[n] for n in units}, result
 
 
 def _q(x: float) -> float:
@@ -995,16 +1143,44 @@ def feasible_range(units: Mapping[str, UnitInfo], r_min: int = 8, multiple: int 
     return lo, sum(u.full_params for u in units.values())
 
 
+def flop_feasible_range(
+    units: Mapping[str, UnitInfo], costs, r_min: int = 8, multiple: int = 8, tie_qk_vo: bool = False
+) -> tuple[int, int, int]:
+    """(min, max, compressible) kept compressible FLOPs at the cost model's serving shape: min over
+    the rank grids, max = compressible = every planned unit whole (``costs``:
+    ``slimdiff.flops.FlopCosts``)."""
+    groups = _flop_groups(units, costs, r_min, multiple, tie_qk_vo)
+    compressible = sum(g.costs[g.full] for g in groups)
+    return sum(min(g.costs) for g in groups), compressible, compressible
+
+
 def check_feasible(
     units: Mapping[str, UnitInfo],
     budget: Budget,
     r_min: int = 8,
     multiple: int = 8,
     model_params: int | None = None,
-) -> int:
-    """The kept compressible parameters ``budget`` asks for; raises InfeasibleBudgetError (with the
-    feasible range in the budget's own terms) when no plan on the rank grid can meet it. Needs only
-    the units' shapes: callers check it before any model runs."""
+    *,
+    costs=None,
+    tie_qk_vo: bool = False,
+) -> int | None:
+    """The kept compressible parameters ``budget`` asks for (FLOPs for a FLOP budget); raises
+    InfeasibleBudgetError (with the feasible range in the budget's own terms) when no plan on the
+    rank grid can meet it. A parameter budget needs only the units' shapes: callers check it before
+    any model runs. A FLOP budget needs ``costs`` (``slimdiff.flops.unit_flop_costs``, a meta-device
+    trace at the serving shape); without them it cannot be checked here and None is returned."""
+    if budget.in_flops:
+        if costs is None:
+            return None
+        lo, hi, compressible = flop_feasible_range(units, costs, r_min, multiple, tie_qk_vo)
+        target = budget.kept(compressible, costs.total)
+        if not lo <= target <= hi:
+            raise InfeasibleBudgetError(
+                f"budget {budget.to_dict()} asks to keep {target} of {compressible} compressible FLOPs at the "
+                f"serving shape {costs.shape.to_dict()}; feasible with r_min={r_min}, multiple={multiple}: "
+                f"kept FLOPs in [{lo}, {hi}] ({budget.describe_range(lo, hi, compressible, costs.total)})"
+            )
+        return target
     compressible = sum(u.full_params for u in units.values())
     target = budget.kept(compressible, model_params)
     lo, hi = feasible_range(units, r_min, multiple)
@@ -1022,13 +1198,14 @@ def plan_ranks(
     units: Mapping[str, UnitInfo],
     budget: Budget,
     *,
-    tau: float = 1.0,
+    tau: float = 0.0,
     r_min: int = 8,
     multiple: int = 8,
-    mode: AllocationMode = "influence",
+    mode: AllocationMode = "error",
     model_params: int | None = None,
     profiles: Mapping[str, list[float]] | None = None,
     tie_qk_vo: bool = False,
+    costs=None,
 ) -> RankPlan:
     """Allocate per-unit ranks under ``budget`` (see the module docstring for the exact rules).
 
@@ -1037,13 +1214,29 @@ def plan_ranks(
     its relative error curve [e(0), ..., e(R_m)] (``slimdiff.spectra.error_profiles``; needed for
     mode="error"). ``units`` comes from ``slimdiff.adapter.compression_units(unet)`` (a subset
     restricts compression to those units: e.g. only the FFN units). ``model_params`` is the
-    whole UNet's parameter count, needed only for ``Budget(total_params=...)``."""
+    whole UNet's parameter count, needed only for ``Budget(total_params=...)``.
+
+    ``costs`` (``slimdiff.flops.unit_flop_costs(model, ServingShape(...))``): the FLOP cost model
+    at a serving shape. A FLOP budget (``removed_flops_fraction``, ``total_flops``) needs it and
+    mode "error": the same exact solver then minimises the error with each option costed in
+    FLOPs. With a parameter budget it only adds the FLOPs before and after to the plan's record."""
     if mode not in ("error", "influence", "uniform"):
         raise ValueError(f"mode must be 'error', 'influence' or 'uniform', got {mode!r}")
     if not units:
         raise ValueError("plan_ranks needs at least one compression unit")
     if r_min < 1 or multiple < 1:
         raise ValueError(f"r_min and multiple must be >= 1, got r_min={r_min}, multiple={multiple}")
+    if budget.in_flops:
+        if costs is None:
+            raise ValueError(
+                f"budget {budget.to_dict()} counts FLOPs: plan_ranks needs costs="
+                "slimdiff.flops.unit_flop_costs(model, ServingShape(...))"
+            )
+        if mode != "error":
+            raise ValueError(
+                f"FLOP budgets are solved by mode 'error' only (mode {mode!r} rounds continuous ratios "
+                "under a parameter count)"
+            )
     if mode == "influence":
         if not tau > 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a positive finite number for mode='influence', got {tau!r}")
@@ -1059,18 +1252,36 @@ def plan_ranks(
                 f"error profile of {n} has {len(profiles[n])} points, expected {units[n].full_rank + 1} "
                 "(ranks 0..R): the profiles were computed on another model"
             )
+    if costs is not None:
+        missing = [n for n in units if n not in costs.per_rank]
+        if missing:
+            raise ValueError(
+                f"the FLOP cost model has no cost for {len(missing)} planned units, e.g. {missing[:3]}: "
+                "it was made for another model"
+            )
 
     compressible = sum(u.full_params for u in units.values())
-    target = check_feasible(units, budget, r_min, multiple, model_params)
+    target = check_feasible(units, budget, r_min, multiple, model_params, costs=costs, tie_qk_vo=tie_qk_vo)
 
     raw = (
         {n: float(influence[n]) for n in units} if influence and all(n in influence for n in units) else None
     )
     digest = influence_digest(raw) if raw is not None else None
     if mode == "error":
-        ranks, dp = _error_ranks(
-            profiles, units, target, tau, r_min, multiple, qk_vo_groups(units) if tie_qk_vo else None
-        )
+        if budget.in_flops:
+            ranks, dp = _error_ranks(
+                profiles,
+                units,
+                target,
+                tau,
+                r_min,
+                multiple,
+                solver_groups=_flop_groups(units, costs, r_min, multiple, tie_qk_vo),
+            )
+        else:
+            ranks, dp = _error_ranks(
+                profiles, units, target, tau, r_min, multiple, qk_vo_groups(units) if tie_qk_vo else None
+            )
         solver = _solver_record(dp, tie_qk_vo)
     else:
         solver = {"method": "closed-form+repair" if mode == "influence" else "uniform+repair"}
@@ -1082,6 +1293,18 @@ def plan_ranks(
             scores = normalise_scores(raw) if raw is not None else dict.fromkeys(units, 0.0)
             continuous = _uniform_ratios(units, target, r_min)
         ranks = _round_and_repair(continuous, scores, units, target, r_min, multiple)
+    cost_model = {}
+    if costs is not None:
+        zero = costs.plan_flops(dict.fromkeys(units, 0))
+        cost_model = {
+            "cost": "flops" if budget.in_flops else "params",
+            **costs.to_dict(),
+            "flops_before": costs.total,
+            "flops_after": costs.plan_flops(ranks),
+            "compressible_flops": costs.total - zero,
+        }
+        if budget.in_flops:
+            cost_model["target_flops"] = target + zero
     plan = RankPlan(
         units={
             n: UnitPlan(
@@ -1092,6 +1315,7 @@ def plan_ranks(
                 u.cost_per_rank,
                 None if raw is None else raw[n],
                 None if profiles is None or n not in profiles else float(profiles[n][ranks[n]]),
+                None if costs is None else costs.per_rank[n],
             )
             for n, u in units.items()
         },
@@ -1101,20 +1325,34 @@ def plan_ranks(
         r_min=r_min,
         multiple=multiple,
         influence_digest=digest,
-        target_params=target,
+        target_params=None if budget.in_flops else target,
         profiles_digest=_profiles_digest(profiles, units) if mode == "error" else None,
         solver=solver,
+        cost_model=cost_model,
     )
-    logger.info(
-        "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",
-        mode,
-        plan.params_after,
-        compressible,
-        target,
-        target - plan.params_after,
-        len(plan.compressed_units()),
-        len(units),
-    )
+    if budget.in_flops:
+        logger.info(
+            "rank plan (%s): %d of %d FLOPs per forward at %s (target %d, slack %d), %d of %d units compressed",
+            mode,
+            cost_model["flops_after"],
+            costs.total,
+            costs.shape.to_dict(),
+            cost_model["target_flops"],
+            cost_model["target_flops"] - cost_model["flops_after"],
+            len(plan.compressed_units()),
+            len(units),
+        )
+    else:
+        logger.info(
+            "rank plan (%s): kept %d of %d compressible params (target %d, slack %d), %d of %d units compressed",
+            mode,
+            plan.params_after,
+            compressible,
+            target,
+            target - plan.params_after,
+            len(plan.compressed_units()),
+            len(units),
+        )
     return plan
 
 
@@ -1206,10 +1444,10 @@ def plot_rank_plan(plan: RankPlan, path: str | Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("kept ratio r / R")
     removed = plan.removed_params / max(1, plan.params_before)
-    ax.set_title(
-        f"SlimDiff rank plan ({plan.mode}, tau={plan.tau})\n{removed:.1%} of compressible parameters removed",
-        fontsize=9,
-    )
+    summary = f"{removed:.1%} of compressible parameters removed"
+    if plan.flops_before and plan.flops_after:
+        summary += f", FLOPs {plan.flops_before / plan.flops_after:.3f}x fewer at the serving shape"
+    ax.set_title(f"SlimDiff rank plan ({plan.mode}, tau={plan.tau})\n{summary}", fontsize=9)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), loc="lower right", fontsize=7)
     fig.tight_layout()

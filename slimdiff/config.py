@@ -136,16 +136,46 @@ class BudgetParams(_Group):
     # removed_fraction: share of the compressible parameters to remove (0..1)
     # removed_params / kept_params: absolute counts in the compressible set
     # total_params: target size of the whole UNet
-    kind: Literal["removed_fraction", "removed_params", "kept_params", "total_params"] = "removed_fraction"
+    # removed_flops_fraction: share of the compressible FLOPs at allocation.serving to remove (0..1)
+    # total_flops: FLOPs of one denoiser forward at allocation.serving after compression
+    kind: Literal[
+        "removed_fraction",
+        "removed_params",
+        "kept_params",
+        "total_params",
+        "removed_flops_fraction",
+        "total_flops",
+    ] = "removed_fraction"
     value: float = 0.4
 
     @model_validator(mode="after")
     def _value_in_range(self) -> BudgetParams:
-        if self.kind == "removed_fraction" and not 0.0 < self.value < 1.0:
-            raise ValueError(f"value: removed_fraction must be in (0, 1), got {self.value}")
-        if self.kind != "removed_fraction" and self.value <= 0:
-            raise ValueError(f"value: {self.kind} must be a positive parameter count, got {self.value}")
+        fraction = self.kind in ("removed_fraction", "removed_flops_fraction")
+        if fraction and not 0.0 < self.value < 1.0:
+            raise ValueError(f"value: {self.kind} must be in (0, 1), got {self.value}")
+        if not fraction and self.value <= 0:
+            what = "FLOP count" if self.kind == "total_flops" else "parameter count"
+            raise ValueError(f"value: {self.kind} must be a positive {what}, got {self.value}")
         return self
+
+    @property
+    def in_flops(self) -> bool:
+        return self.kind in ("removed_flops_fraction", "total_flops")
+
+
+class ServingParams(_Group):
+    """The shape FLOPs are counted at: what a FLOP budget (allocation.budget.kind
+    removed_flops_fraction / total_flops) spends and its plan records (FLOPs before and after).
+    Per denoiser forward: a generation costs sampler steps x that, a factor common to every plan,
+    so there is no steps key (batch, likewise, scales every plan alike)."""
+
+    # pixels; null = the model's configured resolution (512 for SD v1.5, 1024 for SDXL / SD3.5)
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    # samples per denoiser forward: 2 = one image under classifier-free guidance
+    batch: int = Field(2, ge=1)
+    # text tokens; null = the family's (77 for SD 1.x / XL, 333 for SD3, the tokenizer's for PixArt)
+    text_len: int | None = Field(None, ge=1)
 
 
 class AllocationParams(_Group):
@@ -153,6 +183,7 @@ class AllocationParams(_Group):
     # influence: METHOD.md's softmax of the spectral influence scores; uniform: one keep ratio
     mode: Literal["error", "influence", "uniform"] = "error"
     budget: BudgetParams = BudgetParams()
+    serving: ServingParams = ServingParams()
     # pull toward uniform keep ratios: large = uniform; small = greedy (error: 0 allowed, influence: > 0)
     tau: float = Field(0.0, ge=0.0, description="temperature: large = uniform, small = greedy")
     r_min: int = Field(8, ge=1)
@@ -167,6 +198,10 @@ class AllocationParams(_Group):
     def _tau_for_mode(self) -> AllocationParams:
         if self.mode == "influence" and self.tau <= 0:
             raise ValueError(f"tau: mode 'influence' needs tau > 0 (softmax temperature), got {self.tau}")
+        if self.budget.in_flops and self.mode != "error":
+            raise ValueError(
+                f"budget.kind: {self.budget.kind} (a FLOP budget) needs mode 'error', got mode {self.mode!r}"
+            )
         return self
 
     @field_validator("modules")

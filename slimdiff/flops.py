@@ -15,6 +15,11 @@ Not counted: biases, norms, softmax, activations, residual adds, up-sampling int
 
 How: the model's layer shapes are copied onto a skeleton on the meta device (no memory, no
 compute) and one forward is traced with hooks for the given batch, latent size and text length.
+
+Budgets in FLOPs: ``unit_flop_costs`` reads one such trace of the uncompressed model at a serving
+shape (``ServingShape``) into the FLOPs every compression unit costs per unit of rank, and each
+attention's exact cost at any pair of ranks (``AttentionCost``); ``FlopCosts.plan_flops`` is then
+this module's count of the model compressed to any plan, to the FLOP.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +44,9 @@ class FlopsRow:
     category: str  # one of CATEGORIES
     flops: int
     tokens: int  # spatial tokens (H*W) the module runs at; query tokens for attention; 1 for embeddings
+    # the shapes the count was made from: Linear (rows, in, out), attention (batch, heads, N_q, N_k,
+    # r_qk, r_vo) at the widths counted, post-norm projection (batch, heads, N_q + N_k, d_h, r); conv ()
+    dims: tuple[int, ...] = ()
 
 
 @dataclass
@@ -176,7 +185,13 @@ def forward_flops(
         tokens = x.numel() // mod.in_features  # all leading dims: batch * sequence
         per_sample = tokens // batch if tokens >= batch else 1
         rows.append(
-            FlopsRow(name, _category(name), 2 * tokens * mod.in_features * mod.out_features, per_sample)
+            FlopsRow(
+                name,
+                _category(name),
+                2 * tokens * mod.in_features * mod.out_features,
+                per_sample,
+                (tokens, mod.in_features, mod.out_features),
+            )
         )
 
     def conv_hook(mod: nn.Conv2d, args, out, name: str) -> None:
@@ -197,12 +212,26 @@ def forward_flops(
         if post is not None:  # qk_norm "project": q and k (width d_h) projected to r after the norms
             d_h, r = post.t_q.shape[1], post.t_q.shape[2]
             rows.append(
-                FlopsRow(f"{name}.slim_qk_post", f"{which}_proj", 2 * b * heads * (n_q + n_k) * d_h * r, n_q)
+                FlopsRow(
+                    f"{name}.slim_qk_post",
+                    f"{which}_proj",
+                    2 * b * heads * (n_q + n_k) * d_h * r,
+                    n_q,
+                    (b, heads, n_q + n_k, d_h, r),
+                )
             )
             r_qk = r
         if isinstance(mod.processor, SlimAttnProcessor | SlimJointAttnProcessor):  # pads to one width
             r_qk = r_vo = common_head_width(r_qk, r_vo, torch.device(device))
-        rows.append(FlopsRow(name, f"{which}_matmul", 2 * b * heads * n_q * n_k * (r_qk + r_vo), n_q))
+        rows.append(
+            FlopsRow(
+                name,
+                f"{which}_matmul",
+                2 * b * heads * n_q * n_k * (r_qk + r_vo),
+                n_q,
+                (b, heads, n_q, n_k, r_qk, r_vo),
+            )
+        )
 
     for name, mod in skel.named_modules():
         if isinstance(mod, nn.Linear):
@@ -232,3 +261,225 @@ def format_breakdown(report: FlopsReport, top: int = 8) -> str:
     for (kind, tokens), f in list(report.by_tokens().items())[:top]:
         lines.append(f"| {kind} @ {tokens} | {f / 1e9:.1f} | {f / total:.1%} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP costs of the compression units at a serving shape (allocation budgets in FLOPs)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServingShape:
+    """The shape a model serves at: ``batch`` samples per denoiser forward (2 = one image with
+    classifier-free guidance) of ``latent_hw`` latents with ``text_len`` text tokens. ``device``
+    picks the padding rule of compressed heads (``slimdiff.attention.common_head_width``: CUDA
+    rounds the common width up to a multiple of 8). Every FLOP here is per denoiser forward: a
+    generation costs ``steps`` times as much, a factor common to every plan."""
+
+    latent_hw: tuple[int, int]
+    batch: int = 2
+    text_len: int = 77
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        hw = tuple(int(x) for x in self.latent_hw)
+        if len(hw) != 2 or min(hw) < 1 or self.batch < 1 or self.text_len < 1:
+            raise ValueError(
+                f"ServingShape needs latent_hw (h, w) >= 1, batch >= 1 and text_len >= 1; got {self}"
+            )
+        object.__setattr__(self, "latent_hw", hw)
+
+    def to_dict(self) -> dict:
+        return {
+            "latent_hw": list(self.latent_hw),
+            "batch": self.batch,
+            "text_len": self.text_len,
+            "device": self.device,
+        }
+
+
+def serving_shape(
+    pipe,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 2,
+    text_len: int | None = None,
+    device: str = "cpu",
+) -> ServingShape:
+    """The ``ServingShape`` of a diffusers pipeline: ``height`` / ``width`` in pixels (None: the
+    denoiser's configured resolution, e.g. 512 px for SD v1.5), ``text_len`` None: the family's
+    text length (77 for SD 1.x / XL, 333 for SD3, the tokenizer's for PixArt)."""
+    from slimdiff.arch.base import adapter_for, denoiser_of
+
+    model = denoiser_of(pipe)
+    adapter = adapter_for(model)
+    vae = int(getattr(pipe, "vae_scale_factor", 8))
+    default = adapter.sample_size(model)
+
+    def latent(px: int | None, i: int, key: str) -> int:
+        if px is None:
+            return int(default[i])
+        if px % vae:
+            raise ValueError(f"{key}: {px} px is not a multiple of the VAE's downsampling factor {vae}")
+        return px // vae
+
+    return ServingShape(
+        (latent(height, 0, "height"), latent(width, 1, "width")),
+        batch,
+        adapter.text_len(pipe) if text_len is None else text_len,
+        device,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """The rank-dependent FLOPs of one attention module at a serving shape, as ``forward_flops``
+    counts them once the attention is compressed (so that a plan's predicted FLOPs are exact):
+
+    * ``qk_proj``: FLOPs per unit of QK rank of its query and key projections (every head, every
+      token of their streams, the queries whose outputs are discarded included: they run);
+    * ``vo_proj``: per unit of VO rank, the value projections (key tokens) and the out projections
+      (query tokens);
+    * ``matmul``: one attention matmul per unit of head width, 2 B H N_q N_k (the logits q k^T and
+      the probabilities times the values each cost this per unit of their width);
+    * ``post``: qk_norm "project" only: the projections after the q/k norms per unit of VO rank,
+      2 B H (N_q + N_k) d_h (0 otherwise).
+
+    A compressed attention runs its two matmuls at one common width (``common_head_width``: the
+    narrower of q/k and v is zero-padded so the fused kernel applies), so cutting QK below VO
+    removes no logit FLOPs: ``flops`` is exact, the per-unit linear costs (``FlopCosts.per_rank``)
+    are exact only where r_qk = r_vo."""
+
+    module: str
+    head_dim: int
+    qk_proj: int
+    vo_proj: int
+    matmul: int
+    post: int = 0
+    device: str = "cpu"
+
+    def flops(self, r_qk: int, r_vo: int) -> int:
+        from slimdiff.attention import common_head_width
+
+        d = self.head_dim
+        extra = 0
+        width_qk = r_qk
+        if self.post and r_vo < d:  # q and k projected to the VO rank after their norms
+            extra, width_qk = self.post * r_vo, r_vo
+        if r_qk < d or r_vo < d:  # a compressed attention: the slimdiff processor pads to one width
+            w = common_head_width(width_qk, r_vo, torch.device(self.device))
+            mm = 2 * w * self.matmul
+        else:
+            mm = (r_qk + r_vo) * self.matmul
+        return self.qk_proj * r_qk + self.vo_proj * r_vo + mm + extra
+
+
+@dataclass(frozen=True)
+class FlopCosts:
+    """FLOPs per denoiser forward at ``shape`` as a function of the units' ranks.
+
+    ``per_rank[unit]``: what one unit of rank costs, counted like ``forward_flops``: FFN, the
+    in projection (both GEGLU halves) and the out projection on every token; QK, its q and k
+    projections plus the logits (``AttentionCost.matmul``); VO, its v and out projections plus the
+    probabilities times values. ``attentions``: the exact cost of every attention (the padding of
+    a compressed attention to one head width, the post-norm projections of qk_norm "project"),
+    which the allocation uses. ``total``: ``forward_flops`` of the uncompressed model."""
+
+    shape: ServingShape
+    total: int
+    per_rank: dict[str, int]
+    full_rank: dict[str, int]
+    attentions: dict[str, AttentionCost]
+    unit_attention: dict[str, tuple[str, str]]  # qk / vo unit -> (attention module path, kind)
+    qk_norm: str = "select"
+
+    def attention_ranks(self, ranks: Mapping[str, int], module: str) -> tuple[int, int]:
+        """(r_qk, r_vo) of attention ``module`` under ``ranks`` (a unit not named stays whole)."""
+        att = self.attentions[module]
+        out = {"qk": att.head_dim, "vo": att.head_dim}
+        for n, (m, kind) in self.unit_attention.items():
+            if m == module and n in ranks:
+                out[kind] = int(ranks[n])
+        return out["qk"], out["vo"]
+
+    def plan_flops(self, ranks: Mapping[str, int]) -> int:
+        """FLOPs of one forward with these ranks (units not named stay whole): exactly what
+        ``forward_flops`` counts for the model compressed to them (on ``shape.device``)."""
+        unknown = sorted(set(ranks) - set(self.per_rank))
+        if unknown:
+            raise ValueError(f"ranks name units the cost model does not have, e.g. {unknown[:3]}")
+        out = self.total
+        for n, r in ranks.items():
+            if n not in self.unit_attention:
+                out -= (self.full_rank[n] - int(r)) * self.per_rank[n]
+        touched = {self.unit_attention[n][0] for n in ranks if n in self.unit_attention}
+        for module in touched:
+            att = self.attentions[module]
+            out += att.flops(*self.attention_ranks(ranks, module)) - att.flops(att.head_dim, att.head_dim)
+        return out
+
+    def to_dict(self) -> dict:
+        """What a rank plan records of its cost model."""
+        return {"kind": "flops", "serving": self.shape.to_dict(), "qk_norm": self.qk_norm}
+
+
+def unit_flop_costs(
+    model: nn.Module, shape: ServingShape, qk_norm: str = "select", units: dict | None = None
+) -> FlopCosts:
+    """The FLOP cost model of every compression unit of the UNCOMPRESSED ``model`` at ``shape``:
+    one ``forward_flops`` trace on the meta device (no memory, no compute), every cost read off its
+    rows, so that ``FlopCosts.plan_flops`` reproduces ``forward_flops`` of any compressed model
+    exactly. ``qk_norm`` is ``compression.qk_norm`` ("project" adds post-norm projections to a
+    normed attention whose VO is cut)."""
+    from slimdiff.arch.base import FFNLayout, adapter_for
+
+    adapter = adapter_for(model)
+    units = adapter.units(model) if units is None else units
+    args, kwargs = adapter.example_inputs(model, shape.batch, shape.latent_hw, shape.text_len, device="meta")
+    report = forward_flops(model, args, kwargs, batch=shape.batch, device=shape.device)
+    linear_flops: dict[str, int] = defaultdict(int)
+    matmuls: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    for row in report.rows:
+        if row.category.endswith("_matmul"):
+            matmuls[row.module].append(row.dims)
+        elif len(row.dims) == 3 and not row.module.endswith(".slim_qk_post"):
+            linear_flops[row.module] += row.flops
+
+    def per(path: str, width: int) -> int:  # FLOPs of a linear per unit of its rank dimension
+        f = linear_flops.get(path, 0)
+        if f % width:
+            raise ValueError(f"{path}: {f} FLOPs are not a multiple of its width {width}")
+        return f // width
+
+    per_rank: dict[str, int] = {}
+    full_rank: dict[str, int] = {}
+    attentions: dict[str, AttentionCost] = {}
+    unit_attention: dict[str, tuple[str, str]] = {}
+    for name, u in units.items():
+        lay = u.layout
+        full_rank[name] = u.full_rank
+        if isinstance(lay, FFNLayout):
+            per_rank[name] = per(lay.proj_in, u.full_rank) + per(lay.proj_out, u.full_rank)
+            continue
+        unit_attention[name] = (lay.module, u.kind)
+        if lay.module not in attentions:
+            d, pairs, sums = lay.head_dim, 0, 0
+            for b, heads, n_q, n_k, r_qk, r_vo in matmuls.get(lay.module, []):
+                if (r_qk, r_vo) != (d, d):
+                    raise ValueError(
+                        f"{lay.module}: runs at head widths ({r_qk}, {r_vo}), not {d}: FLOP costs are "
+                        "counted on the uncompressed model"
+                    )
+                pairs += b * heads * n_q * n_k
+                sums += b * heads * (n_q + n_k)
+            attentions[lay.module] = AttentionCost(
+                module=lay.module,
+                head_dim=d,
+                qk_proj=sum(per(p, d) for p in (*lay.all_query, *lay.key)),
+                vo_proj=sum(per(p, d) for p in lay.value) + sum(per(p, d) for p in lay.out),
+                matmul=2 * pairs,
+                post=2 * sums * d if qk_norm == "project" and lay.qk_norm else 0,
+                device=shape.device,
+            )
+        att = attentions[lay.module]
+        per_rank[name] = (att.qk_proj if u.kind == "qk" else att.vo_proj) + att.matmul
+    return FlopCosts(shape, report.total, per_rank, full_rank, attentions, unit_attention, qk_norm)

@@ -526,15 +526,18 @@ def budget_from_params(params: Params):
     from slimdiff.allocation import Budget
 
     b = params.allocation.budget
-    if b.kind == "removed_fraction":
-        return Budget(removed_fraction=b.value)
+    if b.kind in ("removed_fraction", "removed_flops_fraction"):
+        return Budget(**{b.kind: b.value})
     return Budget(**{b.kind: int(b.value)})
 
 
 def run_plan(
     params: Params, model: Manifest, influence: Manifest, out: Path, *, replace: bool = True
 ) -> Manifest:
-    """Rank plan under the global budget (+ bar chart)."""
+    """Rank plan under the global budget (+ bar chart). A FLOP budget is spent at
+    ``allocation.serving`` (one meta-device trace of the denoiser there); its plan records the
+    cost model and the FLOPs before and after. Parameter budgets make the same plan as before
+    (no FLOP record: its digest equals the library's, ``slimdiff.api.slim``)."""
     from slimdiff.adapter import compression_units, denoiser_of
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
     from slimdiff.spectra import plot_error_profiles
@@ -544,7 +547,20 @@ def run_plan(
     profiles = _load_profiles(influence) if cfg.mode == "error" else None
     pipe = _cached_pipe(params, model)
     denoiser = denoiser_of(pipe)
-    units = planned_units(compression_units(denoiser), cfg.modules, params.compression.qk_norm)
+    all_units = compression_units(denoiser)
+    units = planned_units(all_units, cfg.modules, params.compression.qk_norm)
+    costs = None
+    if cfg.budget.in_flops:
+        from slimdiff.flops import serving_shape, unit_flop_costs
+
+        s = cfg.serving
+        try:  # no memory, no compute: a trace of the denoiser's skeleton on the meta device
+            shape = serving_shape(pipe, height=s.height, width=s.width, batch=s.batch, text_len=s.text_len)
+            costs = unit_flop_costs(denoiser, shape, params.compression.qk_norm, all_units)
+        except (ValueError, RuntimeError) as err:  # a shape this model cannot run at
+            raise StageInputError(
+                f"allocation.serving: cannot count FLOPs at {s.model_dump()}: {err}"
+            ) from err
     with staged_dir(out, replace=replace) as tmp:
         try:
             plan = plan_ranks(
@@ -553,6 +569,7 @@ def run_plan(
                 budget_from_params(params),
                 model_params=sum(p.numel() for p in denoiser.parameters()),
                 profiles=profiles,
+                costs=costs,
                 **cfg.solver_options(),
             )
         except InfeasibleBudgetError as err:
@@ -561,11 +578,14 @@ def run_plan(
         plot_rank_plan(plan, tmp / "rank_plan.png")
         if profiles is not None:
             plot_error_profiles(profiles, units, tmp / "error_profiles.png", plan.ranks())
-    return _finish(
-        "plan",
-        out,
-        {"plan_digest": plan.digest, "params_before": plan.params_before, "params_after": plan.params_after},
-    )
+    meta = {
+        "plan_digest": plan.digest,
+        "params_before": plan.params_before,
+        "params_after": plan.params_after,
+    }
+    if plan.cost_model:
+        meta |= {"flops_before": plan.flops_before, "flops_after": plan.flops_after}
+    return _finish("plan", out, meta)
 
 
 def run_compress(
