@@ -84,7 +84,7 @@ def test_normalise_scores():
 def test_budget_is_met_exactly_after_repair(fraction, tau):
     units = sd_like_units()
     compressible = sum(u.full_params for u in units.values())
-    plan = plan_ranks(scores_for(units), units, Budget(removed_fraction=fraction), tau=tau)
+    plan = plan_ranks(scores_for(units), units, Budget(removed_fraction=fraction), tau=tau, mode="influence")
     target = math.floor(compressible * (1 - fraction))
     assert_step_maximal(plan, units, target)
     # with SD shapes the achievable grid is fine: the slack is well under 0.1% of the set
@@ -117,12 +117,12 @@ def test_large_tau_is_uniform_and_small_tau_is_greedy():
     scores = scores_for(units)
     budget = Budget(removed_fraction=0.3)
     uniform = plan_ranks(scores, units, budget, mode="uniform")
-    flat = plan_ranks(scores, units, budget, tau=1e9)
+    flat = plan_ranks(scores, units, budget, tau=1e9, mode="influence")
     assert flat.ranks() == uniform.ranks()
     # uniform: every unit sits at (nearly) the same ratio, within one grid step
     ratios = [u.keep_ratio for u in uniform.units.values()]
     assert max(ratios) - min(ratios) <= 8 / 40 + 1e-12
-    greedy = plan_ranks(scores, units, budget, tau=1e-3)
+    greedy = plan_ranks(scores, units, budget, tau=1e-3, mode="influence")
     top = max(scores, key=scores.get)
     bottom = min(scores, key=scores.get)
     assert greedy.units[top].rank == greedy.units[top].full_rank
@@ -132,7 +132,7 @@ def test_large_tau_is_uniform_and_small_tau_is_greedy():
 def test_higher_influence_keeps_more():
     units = sd_like_units()
     scores = scores_for(units)
-    plan = plan_ranks(scores, units, Budget(removed_fraction=0.4), tau=1.0)
+    plan = plan_ranks(scores, units, Budget(removed_fraction=0.4), tau=1.0, mode="influence")
     # within each block the FFN outscores attn2.qk by 0.95: it keeps at least the same ratio,
     # unless attn2.qk is held up by the r_min clip
     blocks = sorted({u.block for u in units.values()})
@@ -151,9 +151,16 @@ def test_budget_forms_agree():
     rest = 123_456
     kept = int(0.55 * compressible)
     plans = [
-        plan_ranks(scores, units, Budget(kept_params=kept)),
-        plan_ranks(scores, units, Budget(removed_params=compressible - kept)),
-        plan_ranks(scores, units, Budget(total_params=rest + kept), model_params=rest + compressible),
+        plan_ranks(scores, units, Budget(kept_params=kept), mode="influence", tau=1.0),
+        plan_ranks(scores, units, Budget(removed_params=compressible - kept), mode="influence", tau=1.0),
+        plan_ranks(
+            scores,
+            units,
+            Budget(total_params=rest + kept),
+            model_params=rest + compressible,
+            mode="influence",
+            tau=1.0,
+        ),
     ]
     assert plans[0].ranks() == plans[1].ranks() == plans[2].ranks()
     assert all(p.target_params == kept for p in plans)
@@ -165,17 +172,27 @@ def test_infeasible_budget_names_the_range():
     lo, hi = feasible_range(units)
     compressible = sum(u.full_params for u in units.values())
     with pytest.raises(InfeasibleBudgetError, match=rf"kept_params in \[{lo}, {hi}\]"):
-        plan_ranks(scores_for(units), units, Budget(kept_params=lo - 1))
+        plan_ranks(scores_for(units), units, Budget(kept_params=lo - 1), mode="influence", tau=1.0)
     with pytest.raises(InfeasibleBudgetError, match=r"removed_fraction in \[0.000000, 0.9"):
-        plan_ranks(scores_for(units), units, Budget(removed_fraction=0.99))
+        plan_ranks(scores_for(units), units, Budget(removed_fraction=0.99), mode="influence", tau=1.0)
     with pytest.raises(InfeasibleBudgetError, match=rf"removed_params in \[0, {compressible - lo}\]"):
-        plan_ranks(scores_for(units), units, Budget(removed_params=compressible))
+        plan_ranks(scores_for(units), units, Budget(removed_params=compressible), mode="influence", tau=1.0)
     with pytest.raises(InfeasibleBudgetError, match="total_params in"):
-        plan_ranks(scores_for(units), units, Budget(total_params=10), model_params=compressible + 50)
+        plan_ranks(
+            scores_for(units),
+            units,
+            Budget(total_params=10),
+            model_params=compressible + 50,
+            mode="influence",
+            tau=1.0,
+        )
     # the bounds themselves are feasible
-    plan_lo = plan_ranks(scores_for(units), units, Budget(kept_params=lo))
+    plan_lo = plan_ranks(scores_for(units), units, Budget(kept_params=lo), mode="influence", tau=1.0)
     assert plan_lo.params_after == lo
-    assert plan_ranks(scores_for(units), units, Budget(kept_params=hi)).params_after == hi
+    assert (
+        plan_ranks(scores_for(units), units, Budget(kept_params=hi), mode="influence", tau=1.0).params_after
+        == hi
+    )
 
 
 def test_budget_validation_messages():
@@ -188,27 +205,39 @@ def test_budget_validation_messages():
     with pytest.raises(ValueError, match="kept_params"):
         Budget(kept_params=-3)
     with pytest.raises(ValueError, match="model_params"):
-        plan_ranks({"a": 1.0}, {"a": UnitInfo("a", "ffn", "b", None, 64, 10)}, Budget(total_params=100))
+        plan_ranks(
+            {"a": 1.0},
+            {"a": UnitInfo("a", "ffn", "b", None, 64, 10)},
+            Budget(total_params=100),
+            mode="influence",
+            tau=1.0,
+        )
 
 
 def test_bad_inputs_rejected():
     units = sd_like_units()
     scores = scores_for(units)
     with pytest.raises(ValueError, match="tau"):
-        plan_ranks(scores, units, Budget(removed_fraction=0.2), tau=0.0)
+        plan_ranks(scores, units, Budget(removed_fraction=0.2), tau=0.0, mode="influence")
     missing = dict(scores)
     missing.pop(next(iter(units)))
     with pytest.raises(ValueError, match="missing"):
-        plan_ranks(missing, units, Budget(removed_fraction=0.2))
+        plan_ranks(missing, units, Budget(removed_fraction=0.2), mode="influence", tau=1.0)
     with pytest.raises(ValueError, match="finite"):
-        plan_ranks({**scores, next(iter(units)): float("nan")}, units, Budget(removed_fraction=0.2))
+        plan_ranks(
+            {**scores, next(iter(units)): float("nan")},
+            units,
+            Budget(removed_fraction=0.2),
+            mode="influence",
+            tau=1.0,
+        )
 
 
 def test_plan_on_tiny_unet_subset_and_roundtrip(tmp_path, tiny_unet):
     units = compression_units(tiny_unet)
     ffn_only = {n: u for n, u in units.items() if u.kind == "ffn"}
     scores = {n: float(i) for i, n in enumerate(units)}
-    plan = plan_ranks(scores, ffn_only, Budget(removed_fraction=0.5), tau=0.5)
+    plan = plan_ranks(scores, ffn_only, Budget(removed_fraction=0.5), tau=0.5, mode="influence")
     assert set(plan.units) == set(ffn_only)
     plan.validate_against(tiny_unet)
     path = plan.save(tmp_path / "plan.json")
@@ -218,18 +247,26 @@ def test_plan_on_tiny_unet_subset_and_roundtrip(tmp_path, tiny_unet):
     assert loaded == plan
     assert loaded.digest == plan.digest
     assert plot_rank_plan(plan, tmp_path / "plan.png").stat().st_size > 1000
-    whole = plan_for_model(tiny_unet, scores, Budget(total_params=count_parameters(tiny_unet) - 40_000))
+    whole = plan_for_model(
+        tiny_unet,
+        scores,
+        Budget(total_params=count_parameters(tiny_unet) - 40_000),
+        mode="influence",
+        tau=1.0,
+    )
     assert count_parameters(tiny_unet) - whole.removed_params <= count_parameters(tiny_unet) - 40_000
 
 
 def test_digest_changes_with_ranks_and_inputs():
     units = sd_like_units()
     scores = scores_for(units)
-    a = plan_ranks(scores, units, Budget(removed_fraction=0.3), tau=1.0)
-    b = plan_ranks(scores, units, Budget(removed_fraction=0.3), tau=2.0)
+    a = plan_ranks(scores, units, Budget(removed_fraction=0.3), tau=1.0, mode="influence")
+    b = plan_ranks(scores, units, Budget(removed_fraction=0.3), tau=2.0, mode="influence")
     assert a.digest != b.digest
     assert a.influence_digest == b.influence_digest
-    c = plan_ranks({**scores, next(iter(units)): 99.0}, units, Budget(removed_fraction=0.3), tau=1.0)
+    c = plan_ranks(
+        {**scores, next(iter(units)): 99.0}, units, Budget(removed_fraction=0.3), tau=1.0, mode="influence"
+    )
     assert c.influence_digest != a.influence_digest
 
 

@@ -20,7 +20,11 @@ def compressed_tiny(**cfg):
     covs = capture_covariances(unet, [unet_inputs(unet, batch=2, size=16, seed=1)])
     units = compression_units(unet)
     plan = plan_ranks(
-        {n: float(i % 3) for i, n in enumerate(units)}, units, Budget(removed_fraction=0.5), tau=0.7
+        {n: float(i % 3) for i, n in enumerate(units)},
+        units,
+        Budget(removed_fraction=0.5),
+        tau=0.7,
+        mode="influence",
     )
     compress_(unet, plan, covs)
     return unet, plan

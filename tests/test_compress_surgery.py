@@ -69,7 +69,7 @@ def test_compressed_layers_are_really_smaller_and_count_matches_plan(cfg):
     units = compression_units(unet)
     before = count_parameters(unet)
     scores = {n: float(i % 5) for i, n in enumerate(units)}
-    plan = plan_ranks(scores, units, Budget(removed_fraction=0.45), tau=1.0)
+    plan = plan_ranks(scores, units, Budget(removed_fraction=0.45), tau=1.0, mode="influence")
     assert plan.compressed_units()
     report = compress_(unet, plan, covs)
     assert count_parameters(unet) == before - plan.removed_params == report.params_after

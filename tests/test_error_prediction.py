@@ -40,7 +40,7 @@ def calibrated():
     covs = capture_covariances(unet, [x])
     units = compression_units(unet)
     profiles = error_profiles(unet, covs, damping=1e-2)
-    plan = plan_ranks(None, units, Budget(removed_fraction=0.5), mode="error", profiles=profiles)
+    plan = plan_ranks(None, units, Budget(removed_fraction=0.5), mode="error", profiles=profiles, tau=1.0)
     return unet, x, covs, units, profiles, plan
 
 
@@ -159,7 +159,9 @@ def test_plan_predicted_error_orders_the_measured_unet_error(calibrated):
         ref = unet(*x).sample
     predicted, measured = [], []
     for fraction in (0.2, 0.4, 0.6):
-        plan = plan_ranks(None, units, Budget(removed_fraction=fraction), mode="error", profiles=profiles)
+        plan = plan_ranks(
+            None, units, Budget(removed_fraction=fraction), mode="error", profiles=profiles, tau=1.0
+        )
         slim = copy.deepcopy(unet)
         compress_(slim, plan, covs, damping=1e-2)
         with torch.no_grad():

@@ -193,7 +193,14 @@ def test_reduced_rank_modes_count_parameters_reload_and_stay_on_the_fused_kernel
     units = planned_units(compression_units(model), ("ffn", "qk", "vo"), mode)
     profiles = error_profiles(model, covs, units)
     plan = plan_ranks(
-        None, units, Budget(removed_fraction=0.4), mode="error", r_min=4, multiple=4, profiles=profiles
+        None,
+        units,
+        Budget(removed_fraction=0.4),
+        mode="error",
+        r_min=4,
+        multiple=4,
+        profiles=profiles,
+        tau=1.0,
     )
     slim = copy.deepcopy(model)
     report = compress_(slim, plan, covs, qk_norm=mode)

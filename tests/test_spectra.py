@@ -213,7 +213,7 @@ def test_tied_allocation_gives_each_attention_one_rank_and_is_optimal_among_tied
     grids = {n: rank_grid(8, 1, 1) for n in units}
     target = 120
     free = plan_ranks(
-        None, units, Budget(kept_params=target), mode="error", r_min=1, multiple=1, profiles=profiles
+        None, units, Budget(kept_params=target), mode="error", r_min=1, multiple=1, profiles=profiles, tau=1.0
     )
     tied = plan_ranks(
         None,
@@ -224,6 +224,7 @@ def test_tied_allocation_gives_each_attention_one_rank_and_is_optimal_among_tied
         multiple=1,
         profiles=profiles,
         tie_qk_vo=True,
+        tau=1.0,
     )
     pairs = [(f"b{b}.attn1.qk", f"b{b}.attn1.vo") for b in range(2)]
     assert any(free.units[a].rank != free.units[b].rank for a, b in pairs)  # unconstrained: untied
