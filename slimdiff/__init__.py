@@ -2,8 +2,8 @@
 
 The library layer: math, hooks, module surgery, SlimSet and metrics. It imports torch, diffusers
 and open_clip, never prefect, mlflow or dvc (those live in ``tasks/`` and ``flows/``), so a user can
-compress a pipeline in a notebook without any orchestration. Submodules are imported lazily so
-``import slimdiff`` stays cheap.
+compress a pipeline in a notebook without any orchestration: ``pipe, report = slimdiff.slim(pipe,
+prompts)``. Submodules are imported lazily so ``import slimdiff`` stays cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
+    "slim": "api",  # the one call: calibrate, influence, plan, compress with params.yaml's defaults
+    "SlimReport": "api",
     "Params": "config",
     "ConfigError": "config",
     "load_params": "config",
