@@ -1,4 +1,4 @@
-"""What a ``slimdiff run`` process owns, and how it leaves nothing behind (README "Reliability").
+"""What a ``slimdiff run`` process owns, and how it leaves nothing behind (docs/reliability.md).
 
 Without ``PREFECT_API_URL`` a flow needs Prefect's temporary API server (a uvicorn subprocess).
 Prefect stops it from ``atexit``, which never runs when the process is killed by SIGTERM (Prefect

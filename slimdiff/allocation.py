@@ -15,7 +15,7 @@ i.e. METHOD.md's objective with the linear utility s_m phi_m replaced by the mea
 curve. tau = 0 is pure error-driven; tau -> inf is uniform. Why it is the default: on the toy
 model, softmax-of-influence allocation lost to uniform allocation at every budget (high TRQ
 marks anisotropic, i.e. the *most compressible*, units, and the softmax gives them more rank),
-while the error mode beats uniform at every budget (README, "Rank allocation";
+while the error mode beats uniform at every budget (docs/results.md, "Rank allocation";
 ``benchmarks/allocation_probe.py``). The choice of one grid rank per unit is a multiple-choice
 knapsack; the plan is its optimum on the rank grids, or carries a proved bound on its distance to
 it. The plan's ``solver`` field records which case ran (and, except for "dp", the objective, a

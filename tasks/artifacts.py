@@ -4,7 +4,7 @@ A :class:`Manifest` names one artifact (a file or a folder, local or any fsspec 
 digest. Stage outputs are written to a temporary sibling first and renamed into place, so a crash
 never leaves a half-written artifact under its final name.
 
-Concurrency and integrity (README "Reliability"): :func:`stage_lock` is an OS file lock (``flock``,
+Concurrency and integrity (docs/reliability.md): :func:`stage_lock` is an OS file lock (``flock``,
 released by the kernel when its holder dies) that serialises writers of one output; with
 ``replace=False`` :func:`staged_dir` never replaces an output that is already there (first publish
 wins); :func:`check_artifact` says whether an artifact still matches its manifest, by digest or by
@@ -265,7 +265,7 @@ def stage_lock(path: str | Path, *, timeout: float | None, what: str) -> Iterato
     another holder (None = no limit, 0 = refuse at once), then raises StageBusyError naming it.
 
     Works on local disks and on network file systems with working ``flock`` (NFSv4); it does not
-    lock object storage (README "Reliability")."""
+    lock object storage (docs/reliability.md)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     holder_file = path.with_name(path.name + ".holder")

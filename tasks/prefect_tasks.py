@@ -6,7 +6,7 @@ manifests. Results are persisted, so the cache survives across processes and Pre
 restarts; outputs are content-addressed folders ``<artifact_root>/<stage>/<key>``.
 Retries only where a retry can help (registry/storage I/O), never on numerical stages.
 
-Concurrent runs on one workspace (README "Reliability"): a stage writes its keyed folder while
+Concurrent runs on one workspace (docs/reliability.md): a stage writes its keyed folder while
 holding that key's file lock; under the lock it first looks for a result already published under
 the key (by another run) and reuses it once it passes verification, so a second run waits and
 reuses instead of recomputing, and a published folder is never replaced by different bytes. A

@@ -3,7 +3,7 @@
 Default store: ``sqlite:///mlflow.db`` plus ``mlartifacts/`` in the working directory; any tracking
 URI (an MLflow server, ``databricks``, ...) from ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI``.
 
-Reliability (README "Reliability"): registration is idempotent (one version per compressed-model
+Reliability (docs/reliability.md): registration is idempotent (one version per compressed-model
 digest: a file lock per digest in the workspace, the digest tag set when the version is created,
 and a duplicate created by another workspace meanwhile removed again); which runs may move the
 alias is ``tracking.alias_policy`` (:func:`alias_for`); every run records its host and process, so
@@ -238,7 +238,7 @@ def find_version_by_digest(client: MlflowClient, name: str, compressed_digest: s
 
 
 def alias_for(tracking: TrackingParams, trigger: str, gate_passed: bool) -> str | None:
-    """The alias a registered version moves, by ``tracking.alias_policy`` (README "Reliability"):
+    """The alias a registered version moves, by ``tracking.alias_policy`` (docs/reliability.md):
     only versions that pass the gate move any; ``alias`` (champion) moves for the runs the policy
     names, ``candidate_alias`` for every other run; repairs move neither."""
     if trigger not in TRIGGERS:

@@ -124,7 +124,9 @@ def test_killed_collection_resumes_from_completed_shards(tiny_setup):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"({resumed} resumed)" in out.stdout
     # the plan is said before any forward pass: memory, passes, store size
-    assert "statistics memory plan (limit" in out.stderr and "sampling passes per prompt shard: 1" in out.stderr
+    assert (
+        "statistics memory plan (limit" in out.stderr and "sampling passes per prompt shard: 1" in out.stderr
+    )
     _assert_same_stats(_stats(store_uri), _stats(reference.uri))
 
 

@@ -1,4 +1,4 @@
-"""Integrity under concurrency and faults, on tiny inputs (issue 13; README "Reliability"):
+"""Integrity under concurrency and faults, on tiny inputs (issue 13; docs/reliability.md):
 byte-stable weights headers, stage locks, publish-once outputs, verified cache hits, orphaned
 processes and MLflow runs, the alias policy, an unreachable tracking server."""
 
