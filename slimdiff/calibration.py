@@ -552,6 +552,7 @@ def collect_stats(
     plan = memory_plan or plan_for_model(
         denoiser,
         n_buckets,
+        reserved_bytes=pipeline_bytes(pipe),
         max_memory=max_memory,
         keys=keys,
         accumulate=None if accumulate == "auto" else accumulate,
@@ -638,8 +639,11 @@ def plan_for_model(
     keys: Sequence[str] | None = None,
     accumulate: str | None = None,
     flush_every: int = 16,
+    reserved_bytes: int | None = None,
 ) -> StatsMemoryPlan:
-    """The statistics memory plan (``slimdiff.memory``) for ``denoiser``'s sites on its device."""
+    """The statistics memory plan (``slimdiff.memory``) for ``denoiser``'s sites on its device.
+    ``reserved_bytes`` (for ``max_memory="auto"``): memory the limit must leave to the model; None
+    counts the denoiser's own weights (pass ``pipeline_bytes(pipe)`` to count every component)."""
     sites = [(s.key, s.shape) for s in adapter_for(denoiser).stat_sites(denoiser)]
     if keys is not None:
         wanted = set(keys)
@@ -649,5 +653,23 @@ def plan_for_model(
         sites = [s for s in sites if s[0] in wanted]
     device = next(denoiser.parameters()).device.type
     return plan_stats_memory(
-        sites, n_buckets, max_memory=max_memory, device=device, accumulate=accumulate, flush_every=flush_every
+        sites,
+        n_buckets,
+        max_memory=max_memory,
+        device=device,
+        accumulate=accumulate,
+        flush_every=flush_every,
+        reserved_bytes=module_bytes(denoiser) if reserved_bytes is None else reserved_bytes,
     )
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def pipeline_bytes(pipe) -> int:
+    """Bytes of the weights of every torch component of a diffusers pipeline (denoiser, text
+    encoders, VAE): what calibration's memory limit must leave to the model."""
+    comps = getattr(pipe, "components", {}) or {}
+    return sum(module_bytes(c) for c in comps.values() if isinstance(c, nn.Module))

@@ -85,7 +85,7 @@ class CalibrationParams(_Group):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
     # memory limit for the statistics' accumulators (bytes, e.g. "16GiB"; auto = half of what the
-    # device has available once the model is loaded; null = no limit): the
+    # device has available beyond the model's weights; null = no limit): the
     # sites are split into sampling passes that fit it (slimdiff.memory). It changes no number, so
     # it is not part of the calibrate stage's cache key or the store's identity.
     max_memory: int | str | None = "auto"

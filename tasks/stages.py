@@ -319,7 +319,7 @@ def _damaged_shards(params: Params, store: CovarianceStore) -> dict[int, str]:
     return store.shard_problems(full=full)
 
 
-def statistics_plan(params: Params, denoiser, n_shards: int):
+def statistics_plan(params: Params, denoiser, n_shards: int, reserved_bytes: int | None = None):
     """The statistics memory plan of this calibration (``slimdiff.memory``); a limit that cannot be
     met is a StageInputError saying what it would take."""
     from slimdiff.calibration import plan_for_model
@@ -333,6 +333,7 @@ def statistics_plan(params: Params, denoiser, n_shards: int):
             max_memory=cfg.max_memory,
             accumulate=None if cfg.accumulate == "auto" else cfg.accumulate,
             flush_every=cfg.flush_every,
+            reserved_bytes=reserved_bytes,
         )
     except MemoryLimitError as err:
         raise StageInputError(str(err)) from err
@@ -347,7 +348,7 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     Before any forward pass the statistics memory plan is logged: memory on the device and the
     host, sampling passes, store size."""
     from slimdiff.adapter import compression_units, denoiser_of
-    from slimdiff.calibration import stat_shapes
+    from slimdiff.calibration import pipeline_bytes, stat_shapes
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts
@@ -378,7 +379,7 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     pipe = _cached_pipe(params, model)
     denoiser = denoiser_of(pipe)
     compression_units(denoiser)  # unsupported architectures fail here, before any forward pass
-    plan = statistics_plan(params, denoiser, n_shards)
+    plan = statistics_plan(params, denoiser, n_shards, reserved_bytes=pipeline_bytes(pipe))
     log.info("%s", plan.describe(n_shards))
     store = CovarianceStore.open_or_create(
         out_uri,

@@ -207,3 +207,22 @@ def test_float32_accumulated_run_gives_the_same_plan_and_the_same_model(tmp_path
         out_a = unet_a(x, 500, text).sample
         out_b = unet_b(x, 500, text).sample
     assert ((out_a - out_b).norm() / out_a.norm()).item() <= 1e-5
+
+
+def test_auto_limit_leaves_the_weights_out_of_what_is_available(monkeypatch):
+    """Weights loaded from safetensors are memory-mapped: "available" still counts them until the
+    sampler touches them, so auto takes half of (available - weights)."""
+    from slimdiff import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 20 * 2**30)
+    plan = plan_stats_memory([("a", (64, 64))], 5, max_memory="auto", reserved_bytes=14 * 2**30)
+    assert plan.max_memory == 3 * 2**30  # 0.5 * (20 - 14) GiB
+    assert memory.resolve_limit("auto", "cpu", reserved_bytes=30 * 2**30) == 1  # never zero or negative
+    assert memory.resolve_limit("2GiB", "cpu", reserved_bytes=30 * 2**30) == 2 * 2**30  # explicit: as given
+
+
+def test_pipeline_bytes_counts_every_component(tiny_pipe):
+    from slimdiff.calibration import module_bytes, pipeline_bytes
+
+    want = sum(module_bytes(m) for m in (tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.vae))
+    assert pipeline_bytes(tiny_pipe) == want > module_bytes(tiny_pipe.unet)
