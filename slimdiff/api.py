@@ -33,7 +33,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from slimdiff.allocation import Budget, RankPlan
-from slimdiff.compress import CompressionReport
+from slimdiff.compress import CompressionReport, single_thread
 from slimdiff.config import ConfigError, Params
 
 __all__ = ["SlimReport", "budget_of", "slim"]
@@ -202,7 +201,7 @@ def slim(
     seconds["plan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with _single_thread():  # as the compress stage: many small factorisations, threads add overhead
+    with single_thread():  # as the compress stage: many small factorisations, threads add overhead
         report = compress_(denoiser, plan, covariances, **comp.compress_options())
     seconds["compress"] = time.perf_counter() - t0
     result = SlimReport(
@@ -266,16 +265,6 @@ def _flop_costs(pipe, denoiser, params: Params, units):
         return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
     except (ValueError, RuntimeError) as err:  # a shape this model cannot run at
         raise ValueError(f"allocation.serving: cannot count FLOPs at {s.model_dump()}: {err}") from err
-
-
-@contextmanager
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # -- the statistics folder ---------------------------------------------------------------------

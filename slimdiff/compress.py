@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -844,3 +845,15 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
         attn.set_processor(adapter.processor(attn, lay))
     setattr(model, PLAN_ATTRIBUTE, plan)
     setattr(model, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})
+
+
+@contextmanager
+def single_thread():
+    """Run the body on one torch thread: the rebuild is many small per-head factorisations, where
+    threads only add overhead (the compress stage and ``slimdiff.slim`` both use it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

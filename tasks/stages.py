@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -602,7 +601,7 @@ def run_compress(
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
     from slimdiff.adapter import denoiser_of
     from slimdiff.allocation import RankPlan
-    from slimdiff.compress import compress_
+    from slimdiff.compress import compress_, single_thread
     from slimdiff.io import save_compressed
 
     cfg = params.compression
@@ -613,7 +612,7 @@ def run_compress(
     pipe = _load_pipe(params, model)
     denoiser = denoiser_of(pipe)
     before = sum(p.numel() for p in denoiser.parameters())
-    with _single_thread():  # many small per-head factorisations: threads only add overhead
+    with single_thread():  # many small per-head factorisations: threads only add overhead
         report = compress_(denoiser, rank_plan, covariances, **cfg.compress_options())
     after = sum(p.numel() for p in denoiser.parameters())
     lineage = {
@@ -708,16 +707,6 @@ def _original_measurement(params: Params, model: Manifest, evaluator, pipe):
         )
         os.replace(tmp_arrays, arrays)  # the arrays file appears last: a crash leaves no half cache entry
     return measured
-
-
-@contextmanager
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def stage_key(stage: str, params: Params, *inputs: Manifest) -> str:
