@@ -618,7 +618,12 @@ class CovarianceStore:
         for key in self.keys:
             try:
                 moments[key] = torch.from_numpy(np.asarray(self._array(f"deltas/{index}", key)[:]))
-            except Exception as err:  # noqa: BLE001 - a codec error on a damaged chunk or a missing array
+            except (
+                RuntimeError,
+                ValueError,
+                KeyError,
+            ) as err:  # a codec error on a damaged chunk (RuntimeError), a
+                # chunk of the wrong size (ValueError) or a missing array (KeyError); I/O and memory errors propagate
                 raise ArtifactError(
                     f"{self.uri}: shard {index} of {key} is unreadable ({type(err).__name__}: {err})",
                     **_damaged(index),
@@ -644,7 +649,12 @@ class CovarianceStore:
         for b in buckets:
             try:
                 chunk = np.asarray(self._array(f"totals/g{gen}", key)[b])
-            except Exception as err:  # noqa: BLE001 - a codec error on a damaged chunk or a missing array
+            except (
+                RuntimeError,
+                ValueError,
+                KeyError,
+            ) as err:  # a codec error on a damaged chunk (RuntimeError), a
+                # chunk of the wrong size (ValueError) or a missing array (KeyError); I/O and memory errors propagate
                 raise ArtifactError(
                     f"{self.uri}: the totals of {key} (bucket {b}) are unreadable ({type(err).__name__}: {err})",
                     **_damaged_totals(key),

@@ -253,3 +253,21 @@ def test_a_full_disk_during_a_shard_write_stops_with_one_message_and_keeps_what_
         reopened.read().moments["blk.ff.hidden"],
         merge([_shard(i) for i in range(3)]).moments["blk.ff.hidden"],
     )
+
+
+def test_a_transient_read_error_is_not_reported_as_damage(tmp_path, monkeypatch):
+    """Only a codec error, a wrong-size chunk or a missing array means damage (and a recomputation);
+    an I/O error of the storage (a dropped connection) or MemoryError surfaces as itself."""
+    uri = str(tmp_path / "stats.zarr")
+    store = _open(uri, n_shards=1)
+    _fill(store, 1)
+    store.finalize()
+
+    def dropped(self, *args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", dropped)
+    with pytest.raises(ConnectionResetError):
+        CovarianceStore.open(uri).totals_problems(full=True)
+    with pytest.raises(ConnectionResetError):
+        CovarianceStore.open(uri).read().moments["blk.ff.hidden"]
