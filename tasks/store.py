@@ -616,18 +616,10 @@ class CovarianceStore:
         attrs = marks[str(index)]
         moments, tokens = {}, {}
         for key in self.keys:
-            try:
-                moments[key] = torch.from_numpy(np.asarray(self._array(f"deltas/{index}", key)[:]))
-            except (
-                RuntimeError,
-                ValueError,
-                KeyError,
-            ) as err:  # a codec error on a damaged chunk (RuntimeError), a
-                # chunk of the wrong size (ValueError) or a missing array (KeyError); I/O and memory errors propagate
-                raise ArtifactError(
-                    f"{self.uri}: shard {index} of {key} is unreadable ({type(err).__name__}: {err})",
-                    **_damaged(index),
-                ) from err
+            data = self._read(
+                f"deltas/{index}", key, slice(None), f"shard {index} of {key} is", _damaged(index)
+            )
+            moments[key] = torch.from_numpy(data)
             tokens[key] = torch.tensor(attrs["tokens"][key], dtype=torch.int64)
         stats = ActivationStats(
             self.n_buckets, moments, tokens, meta=dict(self.group.attrs.get("stats_meta", {}))
@@ -641,24 +633,25 @@ class CovarianceStore:
                 )
         return stats
 
+    def _read(self, parent: str, key: str, sel, what: str, damaged: dict[str, str]) -> np.ndarray:
+        """``array[sel]`` of ``parent/key``. Only a codec error on a damaged chunk (RuntimeError), a
+        chunk of the wrong size (ValueError) or a missing array (KeyError) means damage; I/O and
+        memory errors propagate as themselves."""
+        try:
+            return np.asarray(self._array(parent, key)[sel])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ArtifactError(
+                f"{self.uri}: {what} unreadable ({type(err).__name__}: {err})", **damaged
+            ) from err
+
     def _read_total_bucket(self, key: str, bucket: int | None, verify: bool = True) -> torch.Tensor:
         """One bucket (or all, ``bucket=None``) of one statistic of the totals, digest-checked."""
         gen, mark = self.generation()
         buckets = range(self.n_buckets) if bucket is None else [bucket]
         out = []
         for b in buckets:
-            try:
-                chunk = np.asarray(self._array(f"totals/g{gen}", key)[b])
-            except (
-                RuntimeError,
-                ValueError,
-                KeyError,
-            ) as err:  # a codec error on a damaged chunk (RuntimeError), a
-                # chunk of the wrong size (ValueError) or a missing array (KeyError); I/O and memory errors propagate
-                raise ArtifactError(
-                    f"{self.uri}: the totals of {key} (bucket {b}) are unreadable ({type(err).__name__}: {err})",
-                    **_damaged_totals(key),
-                ) from err
+            what = f"the totals of {key} (bucket {b}) are"
+            chunk = self._read(f"totals/g{gen}", key, b, what, _damaged_totals(key))
             if verify and _chunk_digest(chunk) != mark["digests"][key][b]:
                 raise ArtifactError(
                     f"{self.uri}: the totals of {key} (bucket {b}) are corrupted (digest mismatch)",
