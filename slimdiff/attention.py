@@ -283,6 +283,95 @@ class SlimJointAttnProcessor:
         return out
 
 
+def is_attention_module(m: nn.Module) -> bool:
+    """A diffusers attention module: the classic ``Attention`` or one of the newer per-family
+    classes built on ``AttentionModuleMixin`` (``FluxAttention``, ...)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return isinstance(m, Attention | AttentionModuleMixin)
+
+
+#: the processors that pad q/k and v heads to one width (``padded_sdpa``)
+def pads_heads(processor: Any) -> bool:
+    return isinstance(processor, SlimAttnProcessor | SlimJointAttnProcessor | SlimFluxAttnProcessor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent coordinate pairs (2i, 2i+1) of x (B, H, N, r) by the angles whose cos / sin
+    tables (H or 1, N, r) repeat each pair's value twice (diffusers' ``repeat_interleave_real``
+    tables, as FLUX uses), in float32 as diffusers' ``apply_rotary_emb`` does."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class SlimFluxAttnProcessor:
+    """diffusers ``FluxAttnProcessor`` for compressed per-head widths, with the rotary tables
+    narrowed to each head's kept pairs.
+
+    q, k and v are projected at the compressed widths (r_qk, r_vo per head), split into heads
+    (B, H, N, r), normalised by the per-head norms (stock ``RMSNorm`` or ``HeadwiseRMSNorm`` after
+    pair selection), the text stream's projections are prepended ([text; image] as FLUX does),
+    the rotary embedding is applied with cos / sin gathered at the attention's ``slim_rope_index``
+    (H, r_qk) when its QK was narrowed (the stock tables otherwise), and attention runs through
+    ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h). Outputs as the stock processor: double
+    blocks split and project both streams; single blocks (``pre_only``) return the attention output
+    for the block's packed ``proj_out``."""
+
+    slimdiff_supported = True
+
+    def __init__(self, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
+        self.scale = float(scale)
+
+    def __repr__(self) -> str:
+        return f"SlimFluxAttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        batch_size, heads = hidden_states.shape[0], attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, heads*r) -> (B, heads, N, r)
+            return x.view(batch_size, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query = attn.norm_q(split(attn.to_q(hidden_states)))
+        key = attn.norm_k(split(attn.to_k(hidden_states)))
+        value = split(attn.to_v(hidden_states))
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            c_query = attn.norm_added_q(split(attn.add_q_proj(encoder_hidden_states)))
+            c_key = attn.norm_added_k(split(attn.add_k_proj(encoder_hidden_states)))
+            c_value = split(attn.add_v_proj(encoder_hidden_states))
+            query = torch.cat([c_query, query], dim=2)  # text tokens first, as FLUX
+            key = torch.cat([c_key, key], dim=2)
+            value = torch.cat([c_value, value], dim=2)
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb  # (N, d_h)
+            index = getattr(attn, "slim_rope_index", None)
+            if index is not None:  # (N, d_h) -> (H, N, r): each head's kept coordinates
+                index = index.to(cos.device)
+                cos, sin = cos[:, index].permute(1, 0, 2), sin[:, index].permute(1, 0, 2)
+            query = apply_rope(query, cos, sin)
+            key = apply_rope(key, cos, sin)
+
+        out = padded_sdpa(query, key, value, scale=self.scale, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        n_text = encoder_hidden_states.shape[1]
+        c_out, out = out[:, :n_text], out[:, n_text:]
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(c_out.contiguous())
+
+
 # --------------------------------------------------------------------------------------------
 # Which SDPA kernel ran
 # --------------------------------------------------------------------------------------------
@@ -339,10 +428,7 @@ def sdpa_backends(
     from torch.autograd.profiler import profile, record_function
 
     if is_attention is None:
-        from diffusers.models.attention_processor import Attention
-
-        def is_attention(m: nn.Module) -> bool:
-            return isinstance(m, Attention)
+        is_attention = is_attention_module
 
     prefix = "slimdiff.attn::"
     ranges: dict[int, Any] = {}

@@ -307,7 +307,7 @@ class ActivationCollector:
         sums, tokens, heads = self._sums[key], self._tokens[key], site.heads
         host = None if self._host is None else self._host[key]
         upper_only = site.key in self._upper_only
-        mask_module, head_major = site.mask_module, site.head_major
+        mask_module, head_major, cols = site.mask_module, site.head_major, site.cols
 
         def record(x: torch.Tensor) -> None:
             if self._muted:
@@ -315,6 +315,10 @@ class ActivationCollector:
             with torch.no_grad():
                 if head_major:  # (B, heads, N, d) -> (B, N, heads*d)
                     x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+                elif x.ndim == 4:  # (B, N, heads, d): a per-head norm's output in token-major order (FLUX)
+                    x = x.flatten(2)
+                if cols is not None:  # a packed linear's input: this statistic's columns only
+                    x = x[..., cols[0] : cols[1]]
                 if mask_module is not None:  # padded key tokens never enter the statistics
                     keep = _kept_tokens(self._masks.get(mask_module), x.shape[-2])
                     if keep is not None:

@@ -95,6 +95,8 @@ class QKRewrite:
     diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
     # q/k RMSNorm modules replaced after coordinate selection: path -> (weight (H, r), eps (H,))
     norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # RoPE: (H, r) original coordinate of every kept coordinate, for narrowing the rotary tables
+    rope_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -307,8 +309,17 @@ def _rms_select(
     t = torch.zeros(heads, d, r, dtype=F64)
     c_q, c_k = torch.zeros(heads, dtype=F64), torch.zeros(heads, dtype=F64)
     error = energy = 0.0
+    if lay.rope and r % 2:
+        raise CompressionError(
+            f"{ctx.unit.name}: rank {r} is odd; a QK under RoPE keeps whole rotary pairs (even ranks: "
+            "allocation.r_min and allocation.multiple must be even)"
+        )
+    phases = adapter_for(ctx.model).rope_phases(ctx.model) if lay.rope else None
     for h in range(heads):
-        sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r)
+        if phases is not None:
+            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *phases)
+        else:
+            sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r)
         t[h, sel.keep, torch.arange(r)] = 1.0  # one-hot columns: the new head keeps those rows
         c_q[h] = linalg.rms_norm_correction(cq[h], sel.keep)
         c_k[h] = linalg.rms_norm_correction(ck[h], sel.keep)
@@ -321,7 +332,7 @@ def _rms_select(
             norm = ctx.model.get_submodule(path)
             g = norm.weight.detach().to("cpu", F64) if norm.weight is not None else torch.ones(d, dtype=F64)
             norms[path] = (g[keep] / c.sqrt()[:, None], float(norm.eps) / c)
-    return QKRewrite(t, t.clone(), error, energy, [], norms)
+    return QKRewrite(t, t.clone(), error, energy, [], norms, keep if lay.rope else None)
 
 
 @register_method("qk", "slimdiff", needs=True)
@@ -456,6 +467,8 @@ def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
 
     _project_all(model, unit.layout.all_query, rw.t_q)
     _project_all(model, unit.layout.key, rw.t_k)
+    if rw.rope_index is not None:
+        set_rope_index(model.get_submodule(unit.layout.module), rw.rope_index)
     for path, (weight, eps) in rw.norms.items():
         old = model.get_submodule(path)
         like = old.weight if old.weight is not None else next(model.parameters())
@@ -464,6 +477,18 @@ def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
             norm.weight.copy_(weight)
             norm.eps.copy_(eps)
         replace_module(model, path, norm)
+
+
+#: buffer of a RoPE attention whose QK kept a subset of rotary pairs: (H, r) original coordinate of
+#: every kept coordinate; the processor gathers the rotary tables with it
+ROPE_INDEX = "slim_rope_index"
+
+
+def set_rope_index(attn: nn.Module, index: torch.Tensor) -> None:
+    """Register (or replace) the attention's kept-coordinate index (saved with its state dict)."""
+    if ROPE_INDEX in attn._buffers:
+        del attn._buffers[ROPE_INDEX]
+    attn.register_buffer(ROPE_INDEX, index.to(torch.int64).cpu().clone())
 
 
 def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:
@@ -671,6 +696,12 @@ def compress_(
 
     adapter = adapter_for(unet)
     units = adapter.units(unet)
+    if qk_norm == "project" and any(u.layout.rope for u in units.values() if u.kind == "qk"):
+        raise CompressionError(
+            "qk_norm 'project' is not exact under rotary position embeddings (a projection after the "
+            "norms mixes rotary pairs of different frequencies); use qk_norm 'select' (whole-pair "
+            "selection) or 'keep' for this model"
+        )
     todo = {n: p for n, p in plan.units.items() if p.rank < p.full_rank or rewrite_full_rank}
     overrides = {
         k: v for k, v in (("ffn", ffn_method), ("qk", qk_method), ("vo", vo_method)) if v is not None
@@ -832,6 +863,8 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
                 shrink(path, out_f=lay.heads * r)
             for path in (*lay.norms_q, *lay.norms_k):  # coordinate selection: per-head norms over r
                 replace_module(model, path, HeadwiseRMSNorm(lay.heads, r, device=device, dtype=dtype))
+            if lay.rope:  # the kept rotary coordinates: values come with the state dict
+                set_rope_index(model.get_submodule(lay.module), torch.zeros(lay.heads, r, dtype=torch.int64))
         else:
             if qk_norm == "project" and lay.qk_norm:
                 model.get_submodule(lay.module).slim_qk_post = QKPostProjection(

@@ -132,6 +132,11 @@ def meta_copy(unet: nn.Module) -> nn.Module:
             parent[int(child)] = new
         else:
             setattr(parent, child, new)
+    from slimdiff.compress import ROPE_INDEX, set_rope_index
+
+    for name, mod in unet.named_modules():  # the kept rotary coordinates of narrowed RoPE heads
+        if ROPE_INDEX in mod._buffers:
+            set_rope_index(skel.get_submodule(name), mod._buffers[ROPE_INDEX])
     if hasattr(unet, "attn_processors"):
         skel.set_attn_processor(dict(unet.attn_processors))
     return skel
@@ -171,10 +176,8 @@ def forward_flops(
     Attention matmuls are counted at the widths that really run: a compressed head with
     r_qk != r_vo is padded to one width (``slimdiff.attention.common_head_width``, which depends on
     the ``device`` the model will run on)."""
-    from diffusers.models.attention_processor import Attention
-
     from slimdiff.arch.base import adapter_for
-    from slimdiff.attention import SlimAttnProcessor, SlimJointAttnProcessor, common_head_width
+    from slimdiff.attention import common_head_width, is_attention_module, pads_heads
 
     skel = meta_copy(model)
     rows: list[FlopsRow] = []
@@ -221,7 +224,7 @@ def forward_flops(
                 )
             )
             r_qk = r
-        if isinstance(mod.processor, SlimAttnProcessor | SlimJointAttnProcessor):  # pads to one width
+        if pads_heads(mod.processor):  # pads to one width
             r_qk = r_vo = common_head_width(r_qk, r_vo, torch.device(device))
         rows.append(
             FlopsRow(
@@ -238,7 +241,7 @@ def forward_flops(
             hooks.append(mod.register_forward_hook(lambda m, a, o, n=name: linear_hook(m, a, o, n)))
         elif isinstance(mod, nn.Conv2d):
             hooks.append(mod.register_forward_hook(lambda m, a, o, n=name: conv_hook(m, a, o, n)))
-        elif isinstance(mod, Attention):
+        elif is_attention_module(mod):
             hooks.append(
                 mod.register_forward_pre_hook(lambda m, a, k, n=name: attn_hook(m, a, k, n), with_kwargs=True)
             )
@@ -430,7 +433,7 @@ def unit_flop_costs(
     rows, so that ``FlopCosts.plan_flops`` reproduces ``forward_flops`` of any compressed model
     exactly. ``qk_norm`` is ``compression.qk_norm`` ("project" adds post-norm projections to a
     normed attention whose VO is cut)."""
-    from slimdiff.arch.base import FFNLayout, adapter_for
+    from slimdiff.arch.base import FFNLayout, adapter_for, column_range, linear, split_path
 
     adapter = adapter_for(model)
     units = adapter.units(model) if units is None else units
@@ -445,7 +448,12 @@ def unit_flop_costs(
             linear_flops[row.module] += row.flops
 
     def per(path: str, width: int) -> int:  # FLOPs of a linear per unit of its rank dimension
-        f = linear_flops.get(path, 0)
+        base, cols = split_path(path)
+        f = linear_flops.get(base, 0)
+        if cols is not None:  # a packed linear's columns: their share of its FLOPs
+            whole = linear(model, base).in_features
+            start, stop = column_range(path, whole)
+            f = f * (stop - start) // whole
         if f % width:
             raise ValueError(f"{path}: {f} FLOPs are not a multiple of its width {width}")
         return f // width

@@ -448,10 +448,21 @@ def rms_coordinate_selection(cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: i
     d = m.shape[0]
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in [1, {d}], got {rank}")
-    dropped = torch.zeros(d, dtype=torch.bool)
-    acc = torch.zeros(d, dtype=F64)  # sum_{j in D} M_ij
+    order, by_rank = greedy_drop_order(m)
+    keep = order[d - rank :].sort().values
+    return CoordinateSelection(keep, order, by_rank, float(by_rank[0]))
+
+
+def greedy_drop_order(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy removal for a PSD error form: items (coordinates or rotary pairs) are dropped one at
+    a time, each the one adding least to 1_D^T M 1_D (cost M_ii + 2 sum_{j in D} M_ij), so the
+    kept sets are nested. Returns (drop order (n,), errors (n+1,)): errors[k] is the error with
+    k items kept (errors[n] = 0; errors[0] = 1^T M 1, the whole energy)."""
+    n = m.shape[0]
+    dropped = torch.zeros(n, dtype=torch.bool)
+    acc = torch.zeros(n, dtype=F64)  # sum_{j in D} M_ij
     order, errors = [], [0.0]
-    for _ in range(d):
+    for _ in range(n):
         cost = torch.diagonal(m) + 2.0 * acc
         cost[dropped] = torch.inf
         i = int(torch.argmin(cost))  # ties: the lowest index
@@ -459,11 +470,67 @@ def rms_coordinate_selection(cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: i
         errors.append(errors[-1] + float(cost[i]))
         dropped[i] = True
         acc += m[:, i]
-    order_t = torch.tensor(order, dtype=torch.int64)
-    # errors[k] = energy dropped with k coordinates gone = the error at rank d - k
-    by_rank = torch.tensor(errors[::-1], dtype=F64)
-    keep = order_t[d - rank :].sort().values
-    return CoordinateSelection(keep, order_t, by_rank, float(by_rank[0]))
+    # errors[k] so far = energy dropped with k items gone = the error with n - k kept
+    return torch.tensor(order, dtype=torch.int64), torch.tensor(errors[::-1], dtype=F64)
+
+
+def rope_phase_moments(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position moments of rotary pairs over all (query, key) token pairs of a sequence.
+
+    ``angles`` (N, P): the rotary angle theta_p(m) of pair p at token m. With alpha_p = theta_p(m)
+    - theta_p(n) over all N^2 token pairs (m, n) uniformly, returns (c, s), each (P, P):
+    c_pq = E[cos alpha_p cos alpha_q] = (|a-_pq|^2 + |a+_pq|^2) / 2 and s_pq = E[sin alpha_p
+    sin alpha_q] = (|a-_pq|^2 - |a+_pq|^2) / 2, where a+-_pq = mean_m exp(i (theta_p +- theta_q)(m))
+    (product-to-sum; E[cos alpha_p sin alpha_q] = 0 because the pairs (m, n) and (n, m) cancel)."""
+    e = torch.exp(1j * angles.to(F64))  # (N, P)
+    n = e.shape[0]
+    a_minus = (e.T @ e.conj()) / n  # (P, P): mean_m e^{i theta_p} e^{-i theta_q}
+    a_plus = (e.T @ e) / n
+    am, ap = a_minus.abs() ** 2, a_plus.abs() ** 2
+    return 0.5 * (am + ap), 0.5 * (am - ap)
+
+
+def rope_pair_error_matrix(
+    cov_qn: torch.Tensor, cov_kn: torch.Tensor, c: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """M (P, P) with 1_D^T M 1_D = E[(sum_{p in D} n(q)_p^T R(alpha_p) n(k)_p)^2], the mean square
+    logit change when the rotary pairs D are dropped from a head (q, k independent of each other
+    and of the positions; alpha from ``rope_phase_moments``). R(alpha) = cos(alpha) I + sin(alpha) J
+    with J the 90-degree rotation, so M_pq = c_pq tr(K_pq Q_qp) + s_pq tr(J K_pq J^T Q_qp) with
+    Q, K the 2x2 blocks of the normalised second moments. Without rotation (c = 1, s = 0) it is
+    the block sum of C_qn o C_kn, the coordinate selection's form. PSD: a Gram of the pairs'
+    logit contributions."""
+    d = cov_qn.shape[0]
+    p = d // 2
+    q4 = _sym(cov_qn).reshape(p, 2, p, 2)
+    k4 = _sym(cov_kn).reshape(p, 2, p, 2)
+    j = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
+    kj = torch.einsum("ik,akbl,jl->aibj", j, k4, j)  # J K_pq J^T
+    t1 = torch.einsum("aibj,aibj->ab", k4, q4)
+    t2 = torch.einsum("aibj,aibj->ab", kj, q4)
+    return c.to(F64) * t1 + s.to(F64) * t2
+
+
+def rope_pair_selection(
+    cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: int, c: torch.Tensor, s: torch.Tensor
+) -> CoordinateSelection:
+    """RoPE-aware selection for a head of width d under q/k RMSNorms: keep ``rank`` / 2 whole
+    rotary pairs (coordinates 2i, 2i+1), the same pairs in q and k, chosen greedily on
+    ``rope_pair_error_matrix``. Keeping whole pairs commutes with the rotation, so the kept logits
+    are exactly the original ones restricted to those pairs, at every relative position. Returns
+    the kept coordinates (both of every kept pair) and the error at every even rank (odd ranks
+    carry the error of the next lower even rank: they are not allowed)."""
+    d = cov_qn.shape[0]
+    if d % 2 or not (2 <= rank <= d) or rank % 2:
+        raise ValueError(f"RoPE QK rank must be even and in [2, {d}] (whole rotary pairs), got {rank}")
+    m = rope_pair_error_matrix(cov_qn, cov_kn, c, s)
+    p = d // 2
+    pair_order, pair_errors = greedy_drop_order(m)
+    keep_pairs = pair_order[p - rank // 2 :].sort().values
+    keep = torch.stack([2 * keep_pairs, 2 * keep_pairs + 1], dim=1).reshape(-1)
+    order = torch.stack([2 * pair_order, 2 * pair_order + 1], dim=1).reshape(-1)
+    by_rank = pair_errors.repeat_interleave(2)[: d + 1]  # by_rank[2k] = by_rank[2k+1] = error with k pairs
+    return CoordinateSelection(keep, order, by_rank, float(by_rank[0]))
 
 
 def rms_norm_correction(cov_pre: torch.Tensor, keep: torch.Tensor) -> float:

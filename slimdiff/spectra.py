@@ -46,8 +46,14 @@ import torch
 from torch import nn
 
 from slimdiff.adapter import UnitInfo, compression_units, linear
+from slimdiff.arch import adapter_for
 from slimdiff.compress import out_heads
-from slimdiff.linalg import cpqr, damped_cholesky, rms_coordinate_selection
+from slimdiff.linalg import (
+    cpqr,
+    damped_cholesky,
+    rms_coordinate_selection,
+    rope_pair_selection,
+)
 
 F64 = torch.float64
 
@@ -172,14 +178,21 @@ def ffn_error_curve(
     return _relative(errors, energy)
 
 
-def qk_select_error_curve(cov_qn: torch.Tensor, cov_kn: torch.Tensor) -> list[float]:
+def qk_select_error_curve(
+    cov_qn: torch.Tensor, cov_kn: torch.Tensor, phases: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[float]:
     """Relative logit error e(r), r = 0..d_h, of RMSNorm-aware coordinate selection for a QK under
     per-head q/k norms, from the (H, d_h, d_h) second moments of the normalised q and k
-    (``linalg.rms_coordinate_selection``: the dropped coordinates' logit energy, summed over heads)."""
+    (``linalg.rms_coordinate_selection``: the dropped coordinates' logit energy, summed over heads).
+    With ``phases`` (RoPE: ``linalg.rope_phase_moments``) whole rotary pairs are selected
+    (``linalg.rope_pair_selection``; odd ranks carry the next lower even rank's error)."""
     d = cov_qn.shape[-1]
     errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
     for h in range(cov_qn.shape[0]):
-        sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d)
+        if phases is None:
+            sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d)
+        else:
+            sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *phases)
         errors += sel.errors
         energy += sel.energy
     return _relative(errors, energy)
@@ -197,6 +210,7 @@ def error_profiles(
     model, the same mapping ``compress_`` reads."""
     units = dict(units) if units is not None else compression_units(model)
     out: dict[str, list[float]] = {}
+    phases = None
     for name, unit in units.items():
         lay = unit.layout
         keys = unit.stat_keys()
@@ -204,8 +218,12 @@ def error_profiles(
             weight = linear(model, lay.proj_out).weight.detach().cpu()
             curve = ffn_error_curve(_need(covariances, keys[0], name), weight, damping)
         elif unit.kind == "qk" and lay.qk_norm:  # under per-head RMSNorms: coordinate selection
+            if lay.rope and phases is None:
+                phases = adapter_for(model).rope_phases(model)
             curve = qk_select_error_curve(
-                _need(covariances, keys[2], name), _need(covariances, keys[3], name)
+                _need(covariances, keys[2], name),
+                _need(covariances, keys[3], name),
+                phases if lay.rope else None,
             )
         elif unit.kind == "qk":
             curve = qk_error_curve(

@@ -16,8 +16,25 @@
   the 256-px bin table maps to itself: 32x32 latents, 16x16 = 256 image tokens in 2x2 patches.
   ``clean_caption=True`` (the default) needs bs4 and ftfy; without them the pipeline warns and
   lower-cases the prompt instead, so callers may leave it (``collect_stats`` does).
+* ``tiny_flux_pipeline``: a real ``FluxPipeline``: a FluxTransformer2DModel with 2 double-stream
+  (FluxTransformerBlock) and 2 single-stream (FluxSingleTransformerBlock) blocks, 2 heads x 16,
+  RoPE axes (4, 6, 6), no guidance embedding (FLUX.1-schnell-like: ``guidance_scale`` is ignored,
+  only ``true_cfg_scale`` > 1 with a negative prompt runs CFG), a CLIPTextModel whose *pooled*
+  output (hidden size 16 = ``pooled_projection_dim``) conditions the timestep embedding, and a
+  one-layer T5 encoder whose states (d_model 24 = ``joint_attention_dim``) are the text tokens.
+  The pipeline pads every prompt to ``max_sequence_length`` T5 tokens (default 512, whatever
+  tokenizer_2's model_max_length): callers pass ``max_sequence_length=FLUX_TEXT_LEN`` (32, the
+  tokenizer's model_max_length here); the default still runs, with 512 text tokens. 16 latent
+  channels as in FLUX's VAE, packed in 2x2 patches (transformer in_channels 64); one-level VAE
+  (scale factor 1) with FLUX's ``shift_factor`` / ``scaling_factor``. Height and width must be
+  multiples of 2 x the VAE scale factor; the pipeline's default, ``128 x vae_scale_factor`` px
+  (a hard-coded ``default_sample_size``, not in any config), is always 64 x 64 = 4096 packed
+  tokens: it runs (about 0.6 s a call) but callers pass ``height=width=FLUX_HW`` (16 px: 16x16
+  latents, 8x8 = 64 image tokens). The scheduler is a default FlowMatchEulerDiscreteScheduler
+  (no dynamic shifting, shift 1: the ``mu`` the pipeline computes is then unused; FLUX.1-dev's
+  has ``use_dynamic_shifting=True``).
 
-Both tokenizers are word-level ``PreTrainedTokenizerFast`` objects saved to ``tmp`` and reloaded
+All tokenizers are word-level ``PreTrainedTokenizerFast`` objects saved to ``tmp`` and reloaded
 (as ``make_tiny_pipeline`` in test_calib_collector.py does), so the pipelines save and load with
 ``save_pretrained`` / ``from_pretrained`` like real ones. Every pipeline runs with
 ``output_type="latent"`` and ``"np"`` on the CPU in well under a second per call.
@@ -66,7 +83,9 @@ def word_tokenizer(
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def tiny_vae(levels: int, seed: int):
+def tiny_vae(levels: int, seed: int, *, latent_channels: int = 4, **config):
+    """A tiny AutoencoderKL, scale factor 2 ** (levels - 1); ``config`` overrides (FLUX: a
+    ``shift_factor``, its ``scaling_factor``, no quant convs)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -77,9 +96,10 @@ def tiny_vae(levels: int, seed: int):
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=(8,) * levels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=8 * 2 ** (levels - 1),
+        **config,
     ).eval()
 
 
@@ -215,4 +235,100 @@ def tiny_pixart_pipeline(tmp: Path, seed: int = 0):
         vae=tiny_vae(4, seed),
         transformer=tiny_pixart_transformer(seed),
         scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+# -- FLUX ------------------------------------------------------------------------------------------
+FLUX_HW = 16  # px = latent px (one-level VAE): 16x16 latents -> 8x8 = 64 packed image tokens
+FLUX_TEXT_LEN = 32  # tokenizer_2's model_max_length; pass it as max_sequence_length (default 512)
+FLUX_CLIP_LEN = 77  # the CLIP tokenizer's model_max_length (only its pooled output is used)
+FLUX_CLIP_DIM = 16  # CLIP hidden size = the transformer's pooled_projection_dim
+FLUX_T5_DIM = 24  # T5 d_model = the transformer's joint_attention_dim
+FLUX_LATENT_CHANNELS = 16  # as FLUX's VAE
+
+
+def tiny_flux_transformer(
+    seed: int = 0, joint_attention_dim: int = FLUX_T5_DIM, pooled_projection_dim: int = FLUX_CLIP_DIM
+):
+    """A FLUX-shaped FluxTransformer2DModel: 2 double- + 2 single-stream blocks, 2 heads x 16
+    (inner dim 32), RoPE over (index, h, w) with axes (4, 6, 6), no guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * FLUX_LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim (FLUX: 16 + 56 + 56 = 128)
+    ).eval()
+
+
+def tiny_flux_pipeline(tmp: Path, seed: int = 0):
+    """A tiny ``FluxPipeline`` (see the module docstring); ``tmp`` holds the tokenizers. Call it with
+    ``height=FLUX_HW, width=FLUX_HW, max_sequence_length=FLUX_TEXT_LEN``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tmp = Path(tmp)
+    clip_specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    tokenizer = word_tokenizer(
+        tmp / "tokenizer", FLUX_CLIP_LEN, clip_specials, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>"
+    )
+    t5_specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, eos 1, unk 2
+    tokenizer_2 = word_tokenizer(
+        tmp / "tokenizer_2", FLUX_TEXT_LEN, t5_specials, bos=None, eos="</s>", pad="<pad>", unk="<unk>"
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_specials) + len(WORDS),
+            hidden_size=FLUX_CLIP_DIM,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=FLUX_CLIP_LEN,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,  # pooled output: the state at the first <eos>
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_specials) + len(WORDS),
+            d_model=FLUX_T5_DIM,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    vae = tiny_vae(
+        1,
+        seed,
+        latent_channels=FLUX_LATENT_CHANNELS,
+        shift_factor=0.1159,  # FLUX's VAE; the pipeline decodes latents / scaling + shift
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=tiny_flux_transformer(seed),
     )

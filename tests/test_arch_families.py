@@ -296,11 +296,11 @@ def test_pixart_padding_never_enters_the_statistics(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Unsupported families
 # ---------------------------------------------------------------------------------------------
-def tiny_flux():
-    from diffusers import FluxTransformer2DModel
+def tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
+    return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4,
         num_layers=1,
@@ -308,8 +308,7 @@ def tiny_flux():
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
+        axes_dims_rope=(2, 2, 2, 2),
     ).eval()
 
 
@@ -355,10 +354,10 @@ class RecordingPipeline:
 @pytest.mark.parametrize(
     ("build", "blocks"),
     [
-        (tiny_flux, ("FluxTransformerBlock", "FluxSingleTransformerBlock")),
+        (tiny_flux2, ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")),
         (tiny_sana, ("SanaTransformerBlock",)),
     ],
-    ids=["flux", "sana"],
+    ids=["flux2", "sana"],
 )
 def test_unsupported_family_is_refused_before_anything_is_written(build, blocks, tmp_path):
     model = build()

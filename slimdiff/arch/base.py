@@ -77,9 +77,14 @@ class AttentionLayout:
     # with the streams; empty when the attention has none
     norms_q: tuple[str, ...] = ()
     norms_k: tuple[str, ...] = ()
+    # the stock processor calls the norms on (B, heads, N, d) (SD3) or on (B, N, heads, d) (FLUX)
+    norms_head_major: bool = True
     # linears of the text token stream (MMDiT's add_q/k/v_proj and to_add_out): their share of a
     # unit's parameters is the text stream's (slimdiff.streams); the others act on image tokens
     text_linears: tuple[str, ...] = ()
+    # rotary position embeddings rotate coordinate pairs (2i, 2i+1) of q and k after the norms
+    # (FLUX and its descendants): the QK unit is compressed by keeping whole pairs (METHOD.md "RoPE")
+    rope: bool = False
 
     @property
     def qk_norm(self) -> bool:
@@ -130,9 +135,46 @@ class StatSite:
     shape: tuple[int, ...]
     mask_module: str | None = None  # attention module whose attention_mask selects the tokens
     head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
+    cols: tuple[int, int] | None = None  # a packed linear's input: only features [start, stop) are this key's
+
+
+def packed_path(path: str, start: int, stop: int | None = None) -> str:
+    """The layout path of input columns [start, stop) of a linear that consumes a concatenation
+    (FLUX's single-block ``proj_out`` takes [attention output | MLP hidden]). A negative ``start``
+    with ``stop`` None counts from the end, so each part keeps its address when the other part is
+    narrowed: ``proj_out[:3072]`` (attention) and ``proj_out[-12288:]`` (MLP)."""
+    return f"{path}[{start}:{'' if stop is None else stop}]"
+
+
+def split_path(path: str) -> tuple[str, slice | None]:
+    """``"a.b[0:8]"`` -> (``"a.b"``, slice(0, 8)); a plain module path -> (path, None)."""
+    if not path.endswith("]"):
+        return path, None
+    base, _, spec = path[:-1].rpartition("[")
+    start, _, stop = spec.partition(":")
+    return base, slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def column_range(path: str, in_features: int) -> tuple[int, int]:
+    """[start, stop) of a packed path's columns in a linear of ``in_features`` inputs (the whole
+    range for a plain path)."""
+    _, cols = split_path(path)
+    if cols is None:
+        return 0, in_features
+    start, stop, _ = cols.indices(in_features)
+    return start, stop
 
 
 def linear(model: nn.Module, path: str) -> nn.Linear:
+    """The ``nn.Linear`` at ``path``; for a packed path (``packed_path``) a view of its columns
+    (weights shared with the model, no bias: the bias belongs to the whole layer)."""
+    base, cols = split_path(path)
+    if cols is not None:
+        whole = linear(model, base)
+        start, stop = column_range(path, whole.in_features)
+        view = nn.Linear(stop - start, whole.out_features, bias=False, device="meta")
+        view.weight = nn.Parameter(whole.weight.detach()[:, start:stop], requires_grad=False)
+        return view
     mod = model.get_submodule(path)
     if not isinstance(mod, nn.Linear):
         raise UnsupportedModelError(
@@ -143,6 +185,31 @@ def linear(model: nn.Module, path: str) -> nn.Linear:
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``. A packed path replaces only its columns of the packed linear (which
+    stays one layer: its other columns and its bias are kept); ``new`` is then an ``nn.Linear``
+    whose input width may differ from the columns it replaces."""
+    base, cols = split_path(path)
+    if cols is not None:
+        whole = linear(model, base)
+        start, stop = column_range(path, whole.in_features)
+        w = whole.weight.detach()
+        neww = new.weight.detach().to(device=w.device, dtype=w.dtype)
+        if neww.device.type == "meta" or w.device.type == "meta":
+            weight = torch.empty(
+                w.shape[0], w.shape[1] - (stop - start) + neww.shape[1], dtype=w.dtype, device="meta"
+            )
+        else:
+            weight = torch.cat([w[:, :start], neww, w[:, stop:]], dim=1)
+        layer = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=whole.bias is not None, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            if weight.device.type != "meta":
+                layer.weight.copy_(weight)
+                if whole.bias is not None:
+                    layer.bias.copy_(whole.bias.detach())
+        replace_module(model, base, layer)
+        return
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     if isinstance(parent, nn.ModuleList | nn.Sequential) and child.isdigit():
@@ -203,7 +270,8 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
         lay = u.layout
         if isinstance(lay, FFNLayout):
             inner = u.full_rank
-            sites.append(StatSite(lay.hidden_key, lay.proj_out, "pre", 0, (inner, inner)))
+            module, cols = _site(model, lay.proj_out)
+            sites.append(StatSite(lay.hidden_key, module, "pre", 0, (inner, inner), cols=cols))
         elif u.kind == "qk":
             shape = (lay.heads, lay.head_dim, lay.head_dim)
             sites += [StatSite(lay.query_key, p, "post", lay.heads, shape) for p in lay.query]
@@ -212,13 +280,27 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
             # after the per-head norms; the last norm of norms_q belongs to unused queries when the
             # attention has some (MMDiT's last block): only the measured streams' norms count
             for p in lay.norms_q[: len(lay.query)]:
-                sites.append(StatSite(lay.query_normed_key, p, "post", lay.heads, shape, None, True))
+                sites.append(
+                    StatSite(lay.query_normed_key, p, "post", lay.heads, shape, None, lay.norms_head_major)
+                )
             for p in lay.norms_k:
-                sites.append(StatSite(lay.key_normed_key, p, "post", lay.heads, shape, mask, True))
+                sites.append(
+                    StatSite(lay.key_normed_key, p, "post", lay.heads, shape, mask, lay.norms_head_major)
+                )
         elif u.kind == "vo":
             shape = (lay.heads, lay.head_dim, lay.head_dim)
-            sites += [StatSite(lay.attnout_key, p, "pre", lay.heads, shape) for p in lay.out]
+            for p in lay.out:
+                module, cols = _site(model, p)
+                sites.append(StatSite(lay.attnout_key, module, "pre", lay.heads, shape, cols=cols))
     return sites
+
+
+def _site(model: nn.Module, path: str) -> tuple[str, tuple[int, int] | None]:
+    """(module to hook, its input columns) of a layout path (packed or plain)."""
+    base, cols = split_path(path)
+    if cols is None:
+        return path, None
+    return base, column_range(path, linear(model, base).in_features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +377,11 @@ class ModelAdapter:
         tok = getattr(pipe, "tokenizer", None)
         return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
 
+    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
+        the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""
+        raise NotImplementedError(f"{self.family} has no rotary position embeddings")
+
     def attention_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
         """(batch, query tokens, key tokens) of one call of an attention module (for FLOPs)."""
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -317,8 +404,8 @@ _ADAPTERS: list[ModelAdapter] = []
 
 #: transformer blocks of families that are not supported, by class name: refused with the family named
 UNSUPPORTED_BLOCKS = {
-    "FluxTransformerBlock": "FLUX (double-stream block)",
-    "FluxSingleTransformerBlock": "FLUX (single-stream block with a fused parallel MLP)",
+    "Flux2TransformerBlock": "FLUX.2 (double-stream block with fused projections)",
+    "Flux2SingleTransformerBlock": "FLUX.2 (single-stream block with fused projections)",
     "SanaTransformerBlock": "Sana (linear attention)",
     "HunyuanDiTBlock": "Hunyuan-DiT",
     "LuminaNextDiTBlock": "Lumina-Next",

@@ -1,0 +1,261 @@
+"""FLUX.1: ``FluxTransformer2DModel`` built from double-stream ``FluxTransformerBlock``s and
+single-stream ``FluxSingleTransformerBlock``s (diffusers ``transformer_flux.py``).
+
+What differs from the SD3 MMDiT (see docs/METHOD.md, "FLUX and RoPE"):
+
+* **Rotary position embeddings on q and k**, after the per-head RMSNorms, on the concatenated
+  [text; image] tokens (text first, the reverse of SD3). RoPE rotates coordinate pairs (2i, 2i+1)
+  of every head by position-dependent angles, so a QK unit is compressed by keeping whole pairs,
+  the same pairs in q and k (``linalg.rope_pair_selection``); the rotary tables are narrowed per
+  head to the kept pairs at run time (``attention.SlimFluxAttnProcessor``).
+* **Double blocks**: joint attention with two streams' projections (``to_q/k/v`` image,
+  ``add_q/k/v_proj`` text, ``to_out.0`` / ``to_add_out``), FFNs ``ff`` and ``ff_context``
+  (GELU-tanh), as in MMDiT.
+* **Single blocks**: one stream; the attention has no output projection (``pre_only``) and runs in
+  parallel with an MLP (``proj_mlp``, GELU-tanh); ``proj_out`` consumes ``cat([attention output,
+  MLP hidden])``. The VO unit is ``to_v``'s rows with the first ``dim`` columns of ``proj_out``,
+  the FFN unit is ``proj_mlp``'s rows with the remaining columns (``base.packed_path``): a
+  compressed block still runs one ``proj_out`` matmul over the two narrowed parts.
+* The transformer is called with ``timestep = t / 1000``; the sampler's schedule is in [0, 1000].
+
+Refused: fused ``to_qkv`` projections (``fuse_qkv_projections()``: unfuse first), processors other
+than ``FluxAttnProcessor`` (IP-Adapter), FLUX.2 blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimdiff.arch.base import (
+    AttentionLayout,
+    FFNLayout,
+    ModelAdapter,
+    UnitInfo,
+    UnsupportedModelError,
+    attention_units,
+    ffn_unit,
+    packed_path,
+    randn,
+    register_adapter,
+)
+from slimdiff.arch.mmdit import CONTEXT_FFN
+from slimdiff.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key, ffn_key
+
+#: text tokens the FLUX pipelines give the transformer by default (``max_sequence_length``)
+FLUX_TEXT_LEN = 512
+
+
+def _check_norms(model: nn.Module, paths: list[str]) -> None:
+    for path in paths:
+        mod = model.get_submodule(path)
+        if type(mod).__name__ != "RMSNorm":
+            raise UnsupportedModelError(
+                f"{path}: qk norm {type(mod).__name__} is not supported (RMSNorm only)"
+            )
+
+
+def _attention(model: nn.Module, block: str, single: bool) -> list[UnitInfo]:
+    path = f"{block}.attn"
+    attn = model.get_submodule(path)
+    if getattr(attn, "fused_projections", False) or hasattr(attn, "to_qkv"):
+        raise UnsupportedModelError(
+            f"{path}: fused to_qkv projections are not supported; call unfuse_qkv_projections() first"
+        )
+    heads, head_dim = int(attn.heads), int(attn.head_dim)
+    query, key, value = [f"{path}.to_q"], [f"{path}.to_k"], [f"{path}.to_v"]
+    norms_q, norms_k = [f"{path}.norm_q"], [f"{path}.norm_k"]
+    text: list[str] = []
+    if single:
+        # the attention output is the first heads * head_dim inputs of the block's proj_out
+        out = [packed_path(f"{block}.proj_out", 0, heads * head_dim)]
+    else:
+        out = [f"{path}.to_out.0", f"{path}.to_add_out"]
+        query.append(f"{path}.add_q_proj")
+        key.append(f"{path}.add_k_proj")
+        value.append(f"{path}.add_v_proj")
+        norms_q.append(f"{path}.norm_added_q")
+        norms_k.append(f"{path}.norm_added_k")
+        text = [f"{path}.add_q_proj", f"{path}.add_k_proj", f"{path}.add_v_proj", f"{path}.to_add_out"]
+    _check_norms(model, norms_q + norms_k)
+    layout = AttentionLayout(
+        module=path,
+        heads=heads,
+        head_dim=head_dim,
+        query=tuple(query),
+        key=tuple(key),
+        value=tuple(value),
+        out=tuple(out),
+        query_key=attn_key(block, "attn", QUERY),
+        key_key=attn_key(block, "attn", KEY),
+        attnout_key=attn_key(block, "attn", ATTN_OUT),
+        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
+        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        norms_q=tuple(norms_q),
+        norms_k=tuple(norms_k),
+        text_linears=tuple(text),
+        norms_head_major=False,
+        rope=True,
+    )
+    return attention_units(model, block, "attn", layout)
+
+
+def _double_ffn(model: nn.Module, block: str, name: str) -> UnitInfo:
+    from diffusers.models.activations import GELU
+
+    ff = model.get_submodule(f"{block}.{name}")
+    if not isinstance(ff.net[0], GELU):
+        raise UnsupportedModelError(
+            f"{block}.{name}: expected a GELU feed-forward, got {type(ff.net[0]).__name__}"
+        )
+    key = ffn_key(block) if name == "ff" else f"{block}.{name}.hidden"
+    layout = FFNLayout(
+        f"{block}.{name}.net.0.proj",
+        f"{block}.{name}.net.{len(ff.net) - 1}",
+        False,
+        key,
+        "image" if name == "ff" else "text",
+    )
+    return ffn_unit(model, f"{block}.{name}", block, layout)
+
+
+def _single_ffn(model: nn.Module, block: str) -> UnitInfo:
+    mod = model.get_submodule(block)
+    inner = mod.proj_mlp.out_features
+    if not (
+        isinstance(mod.act_mlp, nn.GELU) and mod.proj_out.in_features == mod.proj_mlp.in_features + inner
+    ):
+        raise UnsupportedModelError(
+            f"{block}: expected proj_out over [attention output | GELU(proj_mlp)], got proj_out with "
+            f"{mod.proj_out.in_features} inputs and {type(mod.act_mlp).__name__}"
+        )
+    # the MLP hidden is the LAST `inner` inputs of proj_out (counted from the end, so the address
+    # holds after the attention part is narrowed)
+    layout = FFNLayout(
+        f"{block}.proj_mlp", packed_path(f"{block}.proj_out", -inner), False, f"{block}.mlp.hidden", "image"
+    )
+    return ffn_unit(model, f"{block}.mlp", block, layout)
+
+
+@register_adapter
+class FluxAdapter(ModelAdapter):
+    family = "FLUX.1 (FluxTransformer2DModel)"
+    pipeline_attr = "transformer"
+
+    def denoiser_class(self) -> type:
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.denoiser_class())
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+        from diffusers.models.transformers.transformer_flux import (
+            FluxSingleTransformerBlock,
+            FluxTransformerBlock,
+        )
+
+        out = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, FluxTransformerBlock):
+                out.append((name, mod, False))
+            elif isinstance(mod, FluxSingleTransformerBlock):
+                out.append((name, mod, True))
+        if not out:
+            raise UnsupportedModelError(f"{type(model).__name__} has no FLUX transformer blocks")
+        return out
+
+    def units(self, model: nn.Module) -> dict[str, UnitInfo]:
+        units: list[UnitInfo] = []
+        for name, _, single in self.blocks(model):
+            if single:
+                units += _attention(model, name, True)
+                units.append(_single_ffn(model, name))
+            else:
+                units.append(_double_ffn(model, name, "ff"))
+                units.append(_double_ffn(model, name, CONTEXT_FFN))
+                units += _attention(model, name, False)
+        return {u.name: u for u in units}
+
+    def check_processors(self, model: nn.Module) -> None:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        for name, block, _ in self.blocks(model):
+            proc = type(block.attn.processor)
+            if proc is not FluxAttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
+                raise UnsupportedModelError(
+                    f"{name}.attn: unknown attention processor {proc.__name__}; SlimDiff statistics support "
+                    "diffusers' FluxAttnProcessor and processors with `slimdiff_supported = True`"
+                )
+
+    def processor(self, attn: nn.Module, layout: AttentionLayout):
+        from slimdiff.attention import SlimFluxAttnProcessor
+
+        return SlimFluxAttnProcessor(scale=layout.head_dim**-0.5)
+
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict):
+        t = super().timestep(model, args, kwargs)
+        return None if t is None else t * 1000  # the pipelines pass t / 1000
+
+    def attention_tokens(self, module, args, kwargs) -> tuple[int, int, int]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        n = hidden.shape[1] + (0 if enc is None else enc.shape[1])
+        return hidden.shape[0], n, n
+
+    def sample_size(self, model: nn.Module) -> tuple[int, int]:
+        # FluxPipeline: default_sample_size 128 latents (1024 px with the 8x VAE)
+        size = getattr(model.config, "sample_size", None) or 128
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def text_len(self, pipe) -> int:
+        return FLUX_TEXT_LEN
+
+    def position_ids(
+        self, latent_hw: tuple[int, int], text_len: int, device="cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_ids, txt_ids) as FluxPipeline builds them: text at (0, 0, 0), the packed 2x2 latent
+        patches at (0, row, column)."""
+        h, w = latent_hw[0] // 2, latent_hw[1] // 2
+        img = torch.zeros(h, w, 3)
+        img[..., 1] += torch.arange(h)[:, None]
+        img[..., 2] += torch.arange(w)[None, :]
+        return img.reshape(h * w, 3).to(device), torch.zeros(text_len, 3, device=device)
+
+    def rope_angles(
+        self, model: nn.Module, latent_hw: tuple[int, int] | None = None, text_len: int | None = None
+    ):
+        """(N, d_h / 2) rotary angle of every token and coordinate pair at a serving shape (default:
+        the model's sample size and FLUX_TEXT_LEN text tokens), from the model's own ``pos_embed``."""
+        img_ids, txt_ids = self.position_ids(latent_hw or self.sample_size(model), text_len or FLUX_TEXT_LEN)
+        with torch.no_grad():
+            cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
+        return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
+
+    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        from slimdiff.linalg import rope_phase_moments
+
+        return rope_phase_moments(self.rope_angles(model))
+
+    def example_inputs(
+        self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None
+    ):
+        cfg = model.config
+        h, w = latent_hw
+        n_img = (h // 2) * (w // 2)
+        hidden = randn((batch, n_img, cfg.in_channels), device, dtype, generator)
+        text = randn((batch, text_len, cfg.joint_attention_dim), device, dtype, generator)
+        pooled = randn((batch, cfg.pooled_projection_dim), device, dtype, generator)
+        t = torch.full((batch,), 0.5, dtype=dtype, device=device)
+        img_ids, txt_ids = self.position_ids((h, w), text_len)
+        kwargs = {
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "timestep": t,
+            "img_ids": img_ids.to(device=device, dtype=dtype),
+            "txt_ids": txt_ids.to(device=device, dtype=dtype),
+        }
+        if cfg.guidance_embeds:
+            kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+        return (hidden,), kwargs
