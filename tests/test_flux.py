@@ -359,3 +359,58 @@ def test_fused_projections_and_flux2_are_refused():
     )
     with pytest.raises(UnsupportedModelError, match="Flux2TransformerBlock"):
         adapter_for(flux2)
+
+
+# -- through the pipeline: calibrate with its own sampler, compress, save, load --------------------
+def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
+    """A tiny FluxPipeline (family_pipelines.py): statistics come from its own flow-matching sampler
+    (the transformer gets t / 1000; buckets from the scheduler's schedule), with true classifier-free
+    guidance (2 branches); every token the transformer attends to is counted (FLUX passes no mask:
+    its 512 T5 tokens, padding included, are real inputs of every attention). The compressed
+    pipeline saves and loads with ``DiffusionPipeline.from_pretrained`` to the same images."""
+    from diffusers import DiffusionPipeline
+    from family_pipelines import FLUX_HW, PROMPTS, tiny_flux_pipeline
+
+    from slimdiff.calibration import collect_stats
+    from slimdiff.influence import compute_influence
+    from slimdiff.io import save_compressed
+
+    pipe = tiny_flux_pipeline(tmp_path / "build")
+    steps, prompts = 4, PROMPTS[:2]
+    stats = collect_stats(
+        pipe, prompts, num_inference_steps=steps, guidance_scale=4.0, n_buckets=2, batch_size=2,
+        height=FLUX_HW, width=FLUX_HW, progress=False,
+    )  # fmt: skip
+    model = pipe.transformer
+    assert stats.meta["cfg_branches"] == 2 and stats.meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    n_img, n_text = (FLUX_HW // 2) ** 2, 512
+    per_call = len(prompts) * 2 * (n_img + n_text)  # both guidance branches, joint sequence
+    q = stats.tokens["transformer_blocks.0.attn.query"]
+    assert q.tolist() == [steps // 2 * per_call] * 2  # 2 steps per bucket
+    assert int(stats.tokens["transformer_blocks.0.ff.hidden"].sum()) == steps * len(prompts) * 2 * n_img
+    influence = compute_influence(stats, model)
+    cov = influence.aggregate(stats)
+    units = compression_units(model)
+    plan = plan_ranks(
+        influence.score_of(), units, Budget(removed_fraction=0.4), r_min=4, multiple=2,
+        profiles=error_profiles(model, cov, units),
+    )  # fmt: skip
+    # random weights: the error plan leaves the QKs whole at 40%; narrow them too, so the saved model
+    # carries narrowed rotary tables
+    ranks = {n: (8 if units[n].kind == "qk" else p.rank) for n, p in plan.units.items()}
+    plan = RankPlan.from_ranks(units, ranks)
+    assert {p.kind for p in plan.compressed_units().values()} == {"ffn", "qk", "vo"}
+    compress_(model, plan, cov)
+    save_compressed(pipe, tmp_path / "slim")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "slim")
+    assert type(loaded).__name__ == "FluxPipeline"
+    assert type(loaded.transformer).__name__ == "SlimFluxTransformer2DModel"
+    assert loaded.transformer.slimdiff_plan == plan
+    for (
+        tensor
+    ) in loaded.transformer.state_dict().values():  # fresh allocations: mmap offsets change CPU rounding
+        tensor.data = tensor.data.clone()
+    kw = dict(num_inference_steps=2, height=FLUX_HW, width=FLUX_HW, output_type="latent")
+    a = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+    b = loaded(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(a, b)

@@ -377,6 +377,11 @@ class ModelAdapter:
         tok = getattr(pipe, "tokenizer", None)
         return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
 
+    def guidance_kwargs(self, model: nn.Module, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """(pipeline call kwargs that apply ``guidance_scale``, denoiser branches per sample): the
+        stock pipelines' classifier-free guidance, two branches above 1."""
+        return {"guidance_scale": guidance_scale}, 2 if guidance_scale > 1.0 else 1
+
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
         the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""

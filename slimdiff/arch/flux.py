@@ -194,6 +194,16 @@ class FluxAdapter(ModelAdapter):
 
         return SlimFluxAttnProcessor(scale=layout.head_dim**-0.5)
 
+    def guidance_kwargs(self, model: nn.Module, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """FLUX.1-dev-style models (``guidance_embeds``) take the scale as an input embedding: one
+        branch. Others (schnell, the toy FLUX) get FluxPipeline's true classifier-free guidance,
+        ``true_cfg_scale`` with an empty negative prompt per sample, when the scale is above 1."""
+        if model.config.guidance_embeds:
+            return {"guidance_scale": guidance_scale}, 1
+        if guidance_scale > 1.0:
+            return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * batch}, 2
+        return {}, 1
+
     def timestep(self, model: nn.Module, args: tuple, kwargs: dict):
         t = super().timestep(model, args, kwargs)
         return None if t is None else t * 1000  # the pipelines pass t / 1000
