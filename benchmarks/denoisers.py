@@ -101,6 +101,24 @@ SD35_MEDIUM_CONFIG = dict(
     qk_norm="rms_norm",
 )
 
+#: black-forest-labs/FLUX.1-dev transformer/config.json at full width (3072 = 24 heads x 128, MLP
+#: 12288, RoPE axes (16, 56, 56), guidance embedding) but reduced depth: 2 of the 19 double blocks
+#: and 4 of the 38 single blocks (12 B parameters do not fit a 24 GB host)
+FLUX_DEV_SLICE_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+#: the whole FLUX.1-dev: blocks of each kind (for extrapolating the slice)
+FLUX_DEV_BLOCKS = {"double": 19, "single": 38}
+
 #: timesteps of the random-input calibration forwards (noisy, middle, clean)
 CALIBRATION_TIMESTEPS = (999, 500, 100)
 
@@ -241,6 +259,14 @@ def build_sd35_medium() -> torch.nn.Module:
     return SD3Transformer2DModel(**SD35_MEDIUM_CONFIG).eval()
 
 
+# -- FLUX.1-dev (full width, a few blocks) -----------------------------------------------------------
+def build_flux_slice() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**FLUX_DEV_SLICE_CONFIG).eval()
+
+
 # -- the committed toy models ------------------------------------------------------------------------
 @functools.cache
 def toy_pipe(source: str = "toy"):
@@ -340,6 +366,15 @@ SPECS: dict[str, DenoiserSpec] = {
         512,  # 1024 image tokens on the CPU (4096 at --resolution 1024 where a GPU is lent)
         1,
         random_stats(333),
+    ),
+    "flux-slice": DenoiserSpec(
+        "flux-slice",
+        "FLUX.1-dev transformer at full width, 2 double + 4 single blocks (1.3 B), random weights",
+        build_flux_slice,
+        text_inputs(512),  # FluxPipeline's max_sequence_length: 512 T5 tokens, no mask
+        512,  # 64x64 latents -> 1024 packed image tokens (+ 512 text) on the CPU
+        1,  # FLUX.1-dev is guidance-distilled: one branch per sample
+        random_stats(512, batch=1),
     ),
     "toy": DenoiserSpec(
         "toy",
