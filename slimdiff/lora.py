@@ -594,6 +594,47 @@ def _factor_dtype(b: torch.Tensor, layer: nn.Module) -> torch.dtype:
     return file
 
 
+def _packed_maps(lmaps: LoraMaps, path: str) -> list[str]:
+    """The map keys that address column blocks of the linear at ``path`` (``arch.base.packed_path``)."""
+    from slimdiff.arch.base import split_path
+
+    out = []
+    for key in (*lmaps.layers, *lmaps.unmappable):
+        base, cols = split_path(key)
+        if cols is not None and base == path:
+            out.append(key)
+    return out
+
+
+class PackedMap:
+    """The map of a linear whose input columns are blocks rewritten by different units (a FLUX
+    single block's ``proj_out``: [attention output | MLP hidden]). Each block's columns of ``A``
+    go through that block's column map; columns no unit rewrote pass unchanged; ``B`` is kept
+    (column maps never touch it)."""
+
+    def __init__(self, path: str, layer: nn.Module, blocks: Mapping[str, LayerMap]):
+        from slimdiff.arch.base import column_range
+
+        self.path, self.kind = path, "cols_packed"
+        out = int(layer.weight.shape[0])
+        current = int(layer.weight.shape[1])
+        original_in = current + sum(m.original[1] - m.compressed[1] for m in blocks.values())
+        self.original = (out, original_in)
+        self.blocks = sorted(
+            ((column_range(k, original_in), m) for k, m in blocks.items()), key=lambda x: x[0][0]
+        )
+
+    def map_delta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = a.to(F64)
+        parts, pos = [], 0
+        for (start, stop), m in self.blocks:
+            parts.append(a[:, pos:start])
+            parts.append(m.map_delta(a[:, start:stop], b)[0])
+            pos = stop
+        parts.append(a[:, pos:])
+        return torch.cat(parts, dim=1), b.to(F64)
+
+
 def project_lora(
     target: Any,
     lora: Mapping[str, torch.Tensor] | str | Path,
@@ -659,6 +700,13 @@ def project_lora(
             )
             continue
         lm = lmaps.layers.get(path)
+        packed = _packed_maps(lmaps, path)
+        if lm is None and packed:  # column blocks of one packed linear (FLUX single-block proj_out)
+            reasons = [lmaps.unmappable[k] for k in packed if k in lmaps.unmappable]
+            if reasons:
+                dropped[path] = "; ".join(reasons)
+                continue
+            lm = PackedMap(path, modules[path], {k: lmaps.layers[k] for k in packed})
         if lm is not None:
             original: tuple[int, ...] | None = lm.original
         elif path in lmaps.unmappable:
