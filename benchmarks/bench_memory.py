@@ -354,20 +354,134 @@ def model_sites(kind: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def flux_dev_sites() -> list[tuple[str, tuple[int, ...]]]:
-    """FLUX.1-dev's statistics as slimdiff would collect them (analytic: no FLUX adapter yet).
-    19 double blocks (image and text FFNs of width 12288; joint attention: q, k, attention output
-    per head, 24 heads of 128) and 38 single blocks (one FFN of width 12288 and the same attention)."""
-    sites = []
-    head = (24, 128, 128)
-    for i in range(19):
-        b = f"transformer_blocks.{i}"
-        sites += [(f"{b}.ff.hidden", (12288, 12288)), (f"{b}.ff_context.hidden", (12288, 12288))]
-        sites += [(f"{b}.attn.{w}", head) for w in ("query", "key", "attnout", "query_normed", "key_normed")]
-    for i in range(38):
-        b = f"single_transformer_blocks.{i}"
-        sites += [(f"{b}.ff.hidden", (12288, 12288))]
-        sites += [(f"{b}.attn.{w}", head) for w in ("query", "key", "attnout", "query_normed", "key_normed")]
-    return sites
+    """FLUX.1-dev's statistics sites from the FLUX adapter on a meta-device model of the published
+    config (19 double and 38 single blocks at width 3072: FFNs of 12288, 24 heads of 128)."""
+    from denoisers import FLUX_DEV_BLOCKS, FLUX_DEV_SLICE_CONFIG
+    from diffusers import FluxTransformer2DModel
+
+    from slimdiff.adapter import adapter_for
+
+    cfg = dict(
+        FLUX_DEV_SLICE_CONFIG,
+        num_layers=FLUX_DEV_BLOCKS["double"],
+        num_single_layers=FLUX_DEV_BLOCKS["single"],
+    )
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    return [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
+
+
+# -- a FLUX.1-dev-width slice, measured ----------------------------------------------------------
+#: slices measured: (double blocks, single blocks)
+FLUX_SLICES = ((1, 1), (2, 2))
+FLUX_SLICE_LIMIT = 4 * GiB  # statistics limit of the measured slices: several passes each
+FLUX_SLICE_BUCKETS = 2
+
+
+def flux_slice_child(double: int, single: int, out: Path) -> None:
+    """In its own process (the parent reads its VmHWM): a FLUX.1-dev-width transformer of
+    ``double`` + ``single`` blocks, random weights, statistics at 512 px (1024 image + 512 text
+    tokens, batch 1) within FLUX_SLICE_LIMIT, one forward per bucket and pass."""
+    from denoisers import FLUX_DEV_SLICE_CONFIG, adapter_inputs
+    from diffusers import FluxTransformer2DModel
+
+    from slimdiff.calibration import ActivationCollector, module_bytes
+    from slimdiff.memory import plan_stats_memory
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        **dict(FLUX_DEV_SLICE_CONFIG, num_layers=double, num_single_layers=single)
+    ).eval()
+    from slimdiff.adapter import adapter_for
+
+    sites = [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
+    plan = plan_stats_memory(sites, FLUX_SLICE_BUCKETS, max_memory=FLUX_SLICE_LIMIT)
+    print(plan.describe(), flush=True)
+    x = adapter_inputs(model, 1, 512, 0, 512)
+    t0 = time.perf_counter()
+    for group in plan.groups:
+        col = ActivationCollector(model, FLUX_SLICE_BUCKETS, keys=group)
+        with col, torch.inference_mode():
+            for b in range(FLUX_SLICE_BUCKETS):
+                col.bucket = b
+                model(*x.args, **x.kwargs)
+        for key in group:
+            col.take(key)
+        del col
+    out.write_text(
+        json.dumps(
+            {
+                "double": double,
+                "single": single,
+                "weights_bytes": module_bytes(model),
+                "passes": plan.passes,
+                "device_bytes": plan.device_bytes,
+                "statistics_bytes": plan.statistics_bytes,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
+
+
+def flux_slices(cap: int) -> dict:
+    rows = []
+    for double, single in FLUX_SLICES:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            cmd = [sys.executable, __file__, "--flux-child", f"{double},{single}", "--work", str(out)]
+            r = run_measured(cmd, cap, {**os.environ}, Path(tmp) / "log")
+            if r["exit_code"] != 0:
+                raise RuntimeError(
+                    f"flux slice {double}+{single} failed: {(Path(tmp) / 'log').read_text()[-2000:]}"
+                )
+            rows.append({**json.loads(out.read_text()), "peak_rss_bytes": r["peak_rss_bytes"]})
+        print(f"flux slice {double}+{single}: peak {rows[-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    return {
+        "limit_bytes": FLUX_SLICE_LIMIT,
+        "n_buckets": FLUX_SLICE_BUCKETS,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def render_flux_slices(r: dict) -> str:
+    from denoisers import FLUX_DEV_BLOCKS
+
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    lines = [
+        "# Calibration memory of FLUX.1-dev-width slices (CPU)",
+        "",
+        "Written by `python benchmarks/bench_memory.py --flux-slice --write` on " + r["date"] + ". A "
+        "FluxTransformer2DModel at FLUX.1-dev's width (3072, 24 heads of 128, MLP 12288, RoPE (16, 56, 56)) "
+        "with few blocks, random weights, 512 px (1024 image + 512 text tokens, batch 1), statistics limit "
+        f"{g(r['limit_bytes'])} GiB, {r['n_buckets']} buckets, one forward per bucket and pass. Peak = VmHWM of "
+        "the process. Predicted = fp32 weights + the planned accumulators of one pass.",
+        "",
+        "| slice | weights (GiB) | statistics (GiB) | passes | accumulators / pass (GiB) | predicted (GiB) | "
+        "measured peak (GiB) | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        pred = row["weights_bytes"] + row["device_bytes"]
+        lines.append(
+            f"| {row['double']} double + {row['single']} single | {g(row['weights_bytes'])} | "
+            f"{g(row['statistics_bytes'])} | {row['passes']} | {g(row['device_bytes'])} | {g(pred)} | "
+            f"{g(row['peak_rss_bytes'])} | {row['seconds']} |"
+        )
+    a, b = r["rows"][0], r["rows"][-1]
+    blocks_a, blocks_b = a["double"] + a["single"], b["double"] + b["single"]
+    per_block = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (blocks_b - blocks_a)
+    fixed = a["peak_rss_bytes"] - per_block * blocks_a
+    whole = FLUX_DEV_BLOCKS["double"] + FLUX_DEV_BLOCKS["single"]
+    lines += [
+        "",
+        f"Linear extrapolation (stated as such: the per-block increment between the two slices, "
+        f"{g(per_block)} GiB, is mostly that block's fp32 weights, since the accumulators are capped by the "
+        f"limit): the whole model's {whole} blocks would peak at about {g(fixed + per_block * whole)} GiB on a "
+        "CPU host in fp32 with the same limit; its statistics alone need the number of passes in "
+        "`memory_model.md` (one pass per limit's worth of statistics).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 WEIGHTS = {"sd15": 0.86e9, "sdxl": 2.57e9, "sd35-medium": 2.47e9, "flux-dev": 11.9e9}  # denoiser parameters
@@ -375,7 +489,7 @@ NAMES = {
     "sd15": "SD v1.5",
     "sdxl": "SDXL-base",
     "sd35-medium": "SD3.5-medium",
-    "flux-dev": "FLUX.1-dev (analytic)",
+    "flux-dev": "FLUX.1-dev",
 }
 
 
@@ -416,7 +530,7 @@ def render_table(rows: dict, measured: dict) -> str:
         "# The statistics memory model at real shapes",
         "",
         "Written by `python benchmarks/bench_memory.py --table --write`. Statistics: float64 sums, from the "
-        "adapters' own sites on meta-device models (FLUX.1-dev: analytic, no adapter yet). A 500-prompt "
+        "adapters' own sites on meta-device models. A 500-prompt "
         "SlimSet in 16 shards of 32: the store holds one copy of the statistics at rest (per-shard deltas are "
         "merged and deleted) and at most two generations plus one delta while merging; no store size grows with "
         "the shard count. GPU columns: float32 accumulation on the device (half the bytes), limit = 75% of the "
@@ -557,6 +671,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--render", action="store_true", help="rewrite the .md of --model from its results JSON")
     ap.add_argument("--build", choices=["sd15", "sdxl"], help=argparse.SUPPRESS)
+    ap.add_argument("--flux-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--flux-slice", action="store_true", help="calibration memory of FLUX.1-dev-width slices")
     ap.add_argument(
         "--note", default="", help="a sentence for the results file (e.g. why stages were left out)"
     )
@@ -574,6 +690,17 @@ def main() -> None:
     if args.build:  # internal: build the random-weight pipeline in a child process
         build_pipeline(args.build, args.work)
         return
+    if args.flux_child:  # internal: one measured FLUX slice
+        double, single = (int(v) for v in args.flux_child.split(","))
+        flux_slice_child(double, single, args.work)
+        return
+    if args.flux_slice:
+        r = flux_slices(int(args.rss_cap * GiB))
+        text = render_flux_slices(r)
+        print(text)
+        if args.write:
+            (RESULTS / "memory_flux_slice_cpu.json").write_text(json.dumps(r, indent=2))
+            (RESULTS / "memory_flux_slice_cpu.md").write_text(text)
     if args.model and args.render:
         r = json.loads((RESULTS / f"memory_{args.model}_cpu.json").read_text())
         (RESULTS / f"memory_{args.model}_cpu.md").write_text(render_stages(r))
