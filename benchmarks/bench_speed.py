@@ -64,13 +64,13 @@ from slimdiff.attention import sdpa_backends
 from slimdiff.calibration import stat_shapes
 from slimdiff.compress import compress_
 from slimdiff.config import load_params
-from slimdiff.flops import format_breakdown, forward_flops
+from slimdiff.flops import ServingShape, format_breakdown, forward_flops, unit_flop_costs
 from slimdiff.influence import compute_influence
 from slimdiff.spectra import error_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_EFFICIENCY = 0.85
-PLAN_KINDS = ("error", "error-tied", "uniform", "influence")
+PLAN_KINDS = ("error", "error-flops", "error-tied", "uniform", "influence")
 
 
 def sync(device: torch.device) -> None:
@@ -190,12 +190,27 @@ def median_split(splits: list[dict]) -> dict:
     return {c: statistics.median(s.get(c, 0.0) for s in splits) for c in ("conv", "attention", "ffn")}
 
 
-def make_plans(kind: str, units, fractions, profiles, scores, alloc, model_params):
+def make_plans(kind: str, units, fractions, profiles, scores, alloc, model_params, costs=None):
+    """Plans of ``kind`` at every fraction: ``error-flops`` removes that share of the compressible
+    FLOPs at the benchmark's own shape (``costs``: ``unit_flop_costs``), the others that share of
+    the compressible parameters."""
     plans = {}
     for frac in fractions:
         budget = Budget(removed_fraction=frac)
         common = dict(r_min=alloc.r_min, multiple=alloc.multiple, model_params=model_params)
-        if kind in ("error", "error-tied"):
+        if kind == "error-flops":
+            plans[frac] = plan_ranks(
+                scores,
+                units,
+                Budget(removed_flops_fraction=frac),
+                mode="error",
+                tau=alloc.tau,
+                profiles=profiles,
+                tie_qk_vo=alloc.tie_qk_vo,
+                costs=costs,
+                **common,
+            )
+        elif kind in ("error", "error-tied"):
             plans[frac] = plan_ranks(
                 scores,
                 units,
@@ -211,6 +226,23 @@ def make_plans(kind: str, units, fractions, profiles, scores, alloc, model_param
         else:
             plans[frac] = plan_ranks(scores, units, budget, mode="influence", tau=1.0, **common)
     return plans
+
+
+def serving_of(model, x, device: str) -> ServingShape:
+    """The ServingShape of the timed inputs ``x``: their batch, latents and text tokens."""
+    import inspect
+
+    text = x.kwargs.get("encoder_hidden_states")
+    if text is None:
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+        text = x.args[params.index("encoder_hidden_states")]
+    first = x.args[0] if x.args else next(iter(x.kwargs.values()))
+    if first.ndim == 4:  # (B, C, H, W) latents
+        hw = (int(first.shape[2]), int(first.shape[3]))
+    else:  # FLUX: (B, N, C) of 2x2-packed latent patches, square
+        side = 2 * math.isqrt(int(first.shape[1]))
+        hw = (side, side)
+    return ServingShape(hw, batch=x.batch, text_len=int(text.shape[1]), device=device)
 
 
 def kind_shares(plan) -> str:
@@ -366,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     # on the CPU in float32 the compressed copy shares the original's tensors (one model resident)
     shared = device.type == "cpu" and dtype == torch.float32
     for kind in plan_kinds:
-        plans = make_plans(kind, units, args.fractions, profiles, scores, alloc, total_before)
+        costs = None
+        if kind == "error-flops":  # FLOP costs at the timed shape (batch, latents, text tokens)
+            costs = unit_flop_costs(base, serving_of(base, x_cpu, args.device))
+        plans = make_plans(kind, units, args.fractions, profiles, scores, alloc, total_before, costs)
         for frac, plan in plans.items():
             slim = sharing_copy(base) if shared else copy.deepcopy(base).to("cpu", torch.float32)
             compress_(slim, plan, covariances, method=method, damping=damping)

@@ -30,10 +30,14 @@ saved original tensors bit for bit.
 Accepted LoRA formats: diffusers/PEFT (``<prefix>.<module>.lora_A.weight`` / ``lora_B``, with an
 optional adapter name before ``weight``), the older diffusers ``<module>.lora.down/up.weight`` and
 attention-processor ``<attn>.processor.to_q_lora.down.weight`` forms, and kohya-style
-``lora_unet_<module_with_underscores>.lora_down/lora_up.weight`` with ``.alpha``. Scales come from
-``.alpha`` keys, ``network_alphas`` or diffusers' ``lora_adapter_metadata`` (``lora_alpha``, ``r``,
-``alpha_pattern``, ``rank_pattern``, ``use_rslora``); without any, the scale is 1 (diffusers'
-convention). No prefect / mlflow / dvc imports: this is a library module.
+``lora_unet_<module_with_underscores>.lora_down/lora_up.weight`` with ``.alpha``; a family's
+community formats go through its adapter's ``convert_lora`` first (FLUX.1: kohya / ai-toolkit /
+ComfyUI keys with the reference code's names, ``lora_unet_double_blocks_0_img_attn_qkv``,
+``diffusion_model.single_blocks.0.linear1``; fused rows split at the ORIGINAL widths, read from
+the maps). Scales come from ``.alpha`` keys, ``network_alphas`` or diffusers'
+``lora_adapter_metadata`` (``lora_alpha``, ``r``, ``alpha_pattern``, ``rank_pattern``,
+``use_rslora``); without any, the scale is 1 (diffusers' convention). No prefect / mlflow / dvc
+imports: this is a library module.
 """
 
 from __future__ import annotations
@@ -594,6 +598,24 @@ def _factor_dtype(b: torch.Tensor, layer: nn.Module) -> torch.dtype:
     return file
 
 
+def _convert(
+    model: nn.Module, lora: Mapping[str, torch.Tensor], lmaps: LoraMaps
+) -> Mapping[str, torch.Tensor]:
+    """``lora`` with the keys of its family's community formats (FLUX: kohya / ai-toolkit /
+    ComfyUI BFL names, fused q|k|v rows) rewritten by the model's adapter
+    (``ModelAdapter.convert_lora``) at the ORIGINAL widths (the maps' original shapes for layers
+    the compressed model holds narrowed). Keys in a form ``_parse`` reads pass through unchanged;
+    a model no adapter recognises gets ``lora`` as is."""
+    from slimdiff.arch.base import UnsupportedModelError, adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return lora
+    shapes = {path: lm.original for path, lm in lmaps.layers.items()}
+    return adapter.convert_lora(model, lora, original_shapes=shapes)
+
+
 def _packed_maps(lmaps: LoraMaps, path: str) -> list[str]:
     """The map keys that address column blocks of the linear at ``path`` (``arch.base.packed_path``)."""
     from slimdiff.arch.base import split_path
@@ -663,6 +685,7 @@ def project_lora(
         lora, file_meta = load_lora_file(lora)
         metadata = metadata or file_meta
     lmaps = maps_of(model, maps)
+    lora = _convert(model, lora, lmaps)
     config = _adapter_config(metadata, prefix)
     targets, passthrough, dropped, problems = _parse(lora, model, prefix)
     alphas: dict[str, float] = {}

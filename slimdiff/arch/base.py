@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -393,6 +394,23 @@ class ModelAdapter:
         enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         n_q = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
         return hidden.shape[0], n_q, n_q if enc is None else enc.shape[1]
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def convert_lora(
+        self,
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        original_shapes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> Mapping[str, torch.Tensor]:
+        """A LoRA state dict written for this family's ORIGINAL code base (community formats that
+        name the reference implementation's layers) with its keys rewritten into a form
+        ``slimdiff.lora`` parses (diffusers/PEFT ``<prefix>.<module>.lora_A.weight`` / ``lora_B``
+        / ``alpha``). Keys already in such a form pass through unchanged; unknown keys of the
+        family's own format raise ``slimdiff.lora.LoraError`` naming them. ``original_shapes``:
+        (out, in) of layers ``model`` holds narrowed (a compressed model: its LoRA maps' original
+        shapes); the others are read off ``model``. Default: ``state_dict`` itself, unchanged."""
+        return state_dict
 
 
 def randn(shape, device, dtype, generator) -> torch.Tensor:

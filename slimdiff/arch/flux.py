@@ -18,11 +18,20 @@ What differs from the SD3 MMDiT (see docs/METHOD.md, "FLUX and RoPE"):
   compressed block still runs one ``proj_out`` matmul over the two narrowed parts.
 * The transformer is called with ``timestep = t / 1000``; the sampler's schedule is in [0, 1000].
 
+Community LoRAs (kohya sd-scripts, ai-toolkit, ComfyUI) name the reference implementation's
+layers ("BFL" names: ``double_blocks.{i}.img_attn.qkv``, ``single_blocks.{i}.linear1``, ...) with
+fused q|k|v (and q|k|v|MLP) rows; ``FluxAdapter.convert_lora`` renames and splits them into the
+diffusers layers at the widths of the model at hand (``BFL_DOUBLE`` / ``BFL_SINGLE`` /
+``BFL_GLOBAL``), so ``slimdiff.lora.project_lora`` accepts them directly.
+
 Refused: fused ``to_qkv`` projections (``fuse_qkv_projections()``: unfuse first), processors other
 than ``FluxAttnProcessor`` (IP-Adapter), FLUX.2 blocks.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -137,6 +146,214 @@ def _single_ffn(model: nn.Module, block: str) -> UnitInfo:
     return ffn_unit(model, f"{block}.mlp", block, layout)
 
 
+# -- community LoRA formats ------------------------------------------------------------------------
+#: BFL block linears (kohya's underscored module names, without ``lora_unet_`` and the block index)
+#: -> the diffusers linears they are, relative to the block. A fused linear lists its parts in the
+#: order of its output rows (``qkv``: q | k | v; ``linear1``: q | k | v | MLP hidden): diffusers'
+#: own checkpoint converter (``convert_flux_transformer_checkpoint_to_diffusers``) splits the base
+#: weights in this order. ``mod.lin`` / ``modulation.lin`` are copied there unchanged: BFL's
+#: Modulation chunks (shift, scale, gate)[x2] and AdaLayerNormZero / AdaLayerNormZeroSingle chunk
+#: the same way, so their rows need no reordering.
+BFL_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+BFL_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+#: BFL linears outside the blocks -> diffusers paths
+BFL_GLOBAL = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+#: BFL's final layer emits (shift, scale), diffusers' AdaLayerNormContinuous reads (scale, shift):
+#: the two halves of the output rows (of B) swap, as in diffusers' ``swap_scale_shift``
+BFL_SWAPPED = frozenset({"final_layer_adaLN_modulation_1"})
+_BFL_ROOTS = (
+    "double_blocks_",
+    "single_blocks_",
+    "img_in",
+    "txt_in",
+    "time_in",
+    "vector_in",
+    "guidance_in",
+    "final_layer",
+)
+_BFL_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)$"
+)
+_BFL_ROLE = {
+    "lora_down.weight": "down",
+    "lora_A.weight": "down",
+    "lora_up.weight": "up",
+    "lora_B.weight": "up",
+    "alpha": "alpha",
+}
+
+
+def _bfl_key(key: str) -> tuple[str, str | None] | None:
+    """(underscored BFL module name, role "down" / "up" / "alpha" or None when unknown) of a key in
+    a BFL-named format: ``lora_unet_<bfl_name>.<role>`` (kohya, ai-toolkit) or
+    ``[model.]diffusion_model.<bfl.dotted.name>.<role>`` (ComfyUI); None for any other key."""
+    if key.startswith("lora_unet_"):
+        rest, dotted = key[len("lora_unet_") :], False
+    elif key.startswith(("diffusion_model.", "model.diffusion_model.")):
+        rest, dotted = key.split("diffusion_model.", 1)[1], True
+    else:
+        return None
+    m = _BFL_KEY.match(rest)
+    mod = (m["mod"] if m else rest.split(".", 1)[0]).replace(".", "_")
+    if not dotted and not mod.startswith(_BFL_ROOTS):
+        return None  # a kohya name of a diffusers module (lora_unet_transformer_blocks_0_...)
+    return mod, (_BFL_ROLE[m["role"]] if m else None)
+
+
+def _bfl_targets(mod: str) -> tuple[list[str], bool] | None:
+    """(diffusers paths of the BFL linear ``mod``, its output rows split in this order; whether
+    the rows swap halves), or None for a name that is not a FLUX.1 linear."""
+    m = re.fullmatch(r"double_blocks_(\d+)_(.+)", mod)
+    if m and m[2] in BFL_DOUBLE:
+        return [f"transformer_blocks.{int(m[1])}.{p}" for p in BFL_DOUBLE[m[2]]], False
+    m = re.fullmatch(r"single_blocks_(\d+)_(.+)", mod)
+    if m and m[2] in BFL_SINGLE:
+        return [f"single_transformer_blocks.{int(m[1])}.{p}" for p in BFL_SINGLE[m[2]]], False
+    if mod in BFL_GLOBAL:
+        return [BFL_GLOBAL[mod]], mod in BFL_SWAPPED
+    return None
+
+
+def convert_bfl_lora(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    prefix: str = "transformer",
+    original_shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> Mapping[str, torch.Tensor]:
+    """``FluxAdapter.convert_lora``: BFL-named keys -> ``<prefix>.<diffusers path>.lora_A.weight`` /
+    ``lora_B.weight`` / ``alpha``; every other key unchanged (the same dict when there are none).
+
+    A fused linear's delta ``B A`` is split by the rows of ``B`` at the widths of the diffusers
+    layers (``original_shapes`` for layers the model holds narrowed, else the layer's own
+    ``out_features``): part p gets ``B[rows_p]`` and the whole ``A`` (``(B A)[rows_p] = B[rows_p]
+    A``, exact; rank and ``alpha`` unchanged, so the scale alpha / rank is the same for every part).
+    diffusers' converter instead folds the scale into the factors and, for a B that is block-sparse
+    by part, chunks A; the deltas are the same. Raises LoraError naming the keys that are not
+    FLUX.1 linears, miss a factor, name a block the model does not have, do not fit the widths,
+    or collide with another key for the same layer."""
+    from slimdiff.lora import LoraError
+
+    shapes = dict(original_shapes or {})
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    found = False
+    for key, value in state_dict.items():
+        parsed = _bfl_key(key)
+        if parsed is None:
+            out[key] = value
+            continue
+        found = True
+        mod, role = parsed
+        if role is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(mod, {})[role] = (key, value)
+    if not found:
+        return state_dict
+
+    modules = dict(model.named_modules())
+
+    def out_features(path: str) -> int:
+        if path in shapes:
+            return int(shapes[path][0])
+        layer = modules[path]
+        layer = getattr(layer, "base_layer", layer)  # under a peft wrapper
+        return int(layer.weight.shape[0])
+
+    problems: list[str] = []
+    for mod, parts in groups.items():
+        keys = sorted(k for k, _ in parts.values())
+        resolved = _bfl_targets(mod)
+        if resolved is None:
+            unknown += keys
+            continue
+        paths, swap = resolved
+        if "down" not in parts or "up" not in parts:
+            what = {"down": "lora_down (A)", "up": "lora_up (B)", "alpha": "alpha"}
+            have = " and ".join(what[r] for r in ("down", "up", "alpha") if r in parts)
+            problems.append(f"{', '.join(keys)}: {have} without lora_down / lora_up both present")
+            continue
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            problems.append(
+                f"{parts['down'][0]}: names {missing[0]!r}, which this {type(model).__name__} does not have "
+                f"({len(getattr(model, 'transformer_blocks', []))} double and "
+                f"{len(getattr(model, 'single_transformer_blocks', []))} single blocks)"
+            )
+            continue
+        down, up = parts["down"][1], parts["up"][1]
+        widths = [out_features(p) for p in paths]
+        if up.dim() < 2 or up.shape[0] != sum(widths):
+            names = " | ".join(f"{p} ({w})" for p, w in zip(paths, widths, strict=True))
+            problems.append(
+                f"{parts['up'][0]}: {up.shape[0] if up.dim() else 0} output rows, but {names} "
+                f"{'have' if len(paths) > 1 else 'has'} {sum(widths)} (a LoRA for another FLUX width?)"
+            )
+            continue
+        if swap:
+            if up.shape[0] % 2:
+                problems.append(
+                    f"{parts['up'][0]}: odd number of rows {up.shape[0]} for (shift, scale) halves"
+                )
+                continue
+            shift, scale = up.chunk(2, dim=0)
+            up = torch.cat([scale, shift], dim=0)
+        ups = torch.split(up, widths, dim=0) if len(paths) > 1 else (up,)
+        for path, b in zip(paths, ups, strict=True):
+            new = {
+                f"{prefix}.{path}.lora_A.weight": down.clone() if len(paths) > 1 else down,
+                f"{prefix}.{path}.lora_B.weight": b.clone() if len(paths) > 1 else b,
+            }
+            if "alpha" in parts:
+                new[f"{prefix}.{path}.alpha"] = parts["alpha"][1]
+            clash = [k for k in new if k in out]
+            if clash:
+                problems.append(
+                    f"{parts['down'][0]}: {clash[0]} is also in the LoRA (two formats for one layer)"
+                )
+                continue
+            out.update(new)
+    if unknown:
+        problems.insert(
+            0,
+            f"{', '.join(sorted(unknown)[:6])}{' ...' if len(unknown) > 6 else ''}: not a FLUX.1 "
+            "linear this converter knows (BFL names: double_blocks.N.{img,txt}_{attn_qkv,attn_proj,"
+            "mlp_0,mlp_2,mod_lin}, single_blocks.N.{linear1,linear2,modulation_lin}, img_in, txt_in, "
+            "time_in, vector_in, guidance_in, final_layer; roles lora_down/lora_up/lora_A/lora_B/alpha)",
+        )
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
+        raise LoraError(f"cannot convert this FLUX LoRA: {problems[0]}{more}")
+    return out
+
+
 @register_adapter
 class FluxAdapter(ModelAdapter):
     family = "FLUX.1 (FluxTransformer2DModel)"
@@ -247,6 +464,17 @@ class FluxAdapter(ModelAdapter):
         from slimdiff.linalg import rope_phase_moments
 
         return rope_phase_moments(self.rope_angles(model))
+
+    def convert_lora(
+        self,
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        original_shapes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> Mapping[str, torch.Tensor]:
+        """kohya / ai-toolkit / ComfyUI LoRAs with BFL names -> diffusers keys at this model's
+        widths (``convert_bfl_lora``); other keys pass through unchanged."""
+        return convert_bfl_lora(model, state_dict, self.pipeline_attr, original_shapes)
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None
