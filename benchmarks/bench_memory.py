@@ -11,14 +11,19 @@ resolution), then ``DiffusionPipeline.from_pretrained`` of the compressed folder
 runs in its own process; its peak RSS comes from the kernel (``wait4``'s ru_maxrss) and a
 watchdog kills it above ``--rss-cap`` so one stage fails alone instead of the machine.
 
-``--table``: the memory model of SD v1.5, SDXL-base, SD3.5-medium (the adapters' own statistics
-sites on meta-device models) and a FLUX.1-dev-width model (analytic: slimdiff has no FLUX adapter
-yet, issue 24): statistics per bucket and at 5 buckets, sampling passes and store size at a
-500-prompt SlimSet, and what each needs on 24 / 48 / 80 GB GPUs.
+``--table``: the memory model of SD v1.5, SDXL-base, SD3.5-medium and FLUX.1-dev (the adapters' own
+statistics sites on meta-device models): statistics per bucket and at 5 buckets, sampling passes
+and store size at a 500-prompt SlimSet, and what each needs on 24 / 48 / 80 GB GPUs.
+
+``--slice flux`` / ``--slice sd35``: calibration peak memory of full-width slices (FLUX.1-dev: 1+1
+and 2+2 double+single blocks; SD3.5-medium: 2 and 4 joint blocks), measured, and their linear
+extrapolation to the whole model (FLUX.1-dev's 12 B parameters do not fit here; SD3.5-medium's
+stage commands would take hours on 2 cores).
 
     python benchmarks/bench_memory.py --model sd15 --write
     python benchmarks/bench_memory.py --model sdxl --write
     python benchmarks/bench_memory.py --table --write
+    python benchmarks/bench_memory.py --slice flux --write
 """
 
 from __future__ import annotations
@@ -371,38 +376,51 @@ def flux_dev_sites() -> list[tuple[str, tuple[int, ...]]]:
     return [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
 
 
-# -- a FLUX.1-dev-width slice, measured ----------------------------------------------------------
-#: slices measured: (double blocks, single blocks)
-FLUX_SLICES = ((1, 1), (2, 2))
-FLUX_SLICE_LIMIT = 4 * GiB  # statistics limit of the measured slices: several passes each
-FLUX_SLICE_BUCKETS = 2
+# -- full-width slices of models that do not fit (or do not finish) here, measured ----------------
+SLICE_LIMIT = 4 * GiB  # statistics limit of the measured slices: several passes each
+SLICE_BUCKETS = 2
+#: kind -> (slices measured as (double, single) blocks, text tokens, whole model's blocks, name)
+SLICES = {
+    "flux": (((1, 1), (2, 2)), 512, (19, 38), "FLUX.1-dev"),
+    "sd35": (((2, 0), (4, 0)), 333, (24, 0), "SD3.5-medium"),
+}
 
 
-def flux_slice_child(double: int, single: int, out: Path) -> None:
-    """In its own process (the parent reads its VmHWM): a FLUX.1-dev-width transformer of
-    ``double`` + ``single`` blocks, random weights, statistics at 512 px (1024 image + 512 text
-    tokens, batch 1) within FLUX_SLICE_LIMIT, one forward per bucket and pass."""
-    from denoisers import FLUX_DEV_SLICE_CONFIG, adapter_inputs
-    from diffusers import FluxTransformer2DModel
+def build_slice(kind: str, double: int, single: int):
+    from denoisers import FLUX_DEV_SLICE_CONFIG, SD35_MEDIUM_CONFIG
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+    torch.manual_seed(0)
+    if kind == "flux":
+        return FluxTransformer2DModel(
+            **dict(FLUX_DEV_SLICE_CONFIG, num_layers=double, num_single_layers=single)
+        )
+    # SD3.5-medium's first blocks (all with the dual image-only attention, the last context_pre_only)
+    return SD3Transformer2DModel(
+        **dict(SD35_MEDIUM_CONFIG, num_layers=double, dual_attention_layers=tuple(range(double)))
+    )
+
+
+def slice_child(kind: str, double: int, single: int, out: Path) -> None:
+    """In its own process (the parent reads its VmHWM): a full-width slice of ``double`` + ``single``
+    blocks, random weights, statistics at 512 px (1024 image tokens) and the family's text length,
+    batch 1, within SLICE_LIMIT, one forward per bucket and pass."""
+    from denoisers import adapter_inputs
+
+    from slimdiff.adapter import adapter_for
     from slimdiff.calibration import ActivationCollector, module_bytes
     from slimdiff.memory import plan_stats_memory
 
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        **dict(FLUX_DEV_SLICE_CONFIG, num_layers=double, num_single_layers=single)
-    ).eval()
-    from slimdiff.adapter import adapter_for
-
+    model = build_slice(kind, double, single).eval()
     sites = [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
-    plan = plan_stats_memory(sites, FLUX_SLICE_BUCKETS, max_memory=FLUX_SLICE_LIMIT)
+    plan = plan_stats_memory(sites, SLICE_BUCKETS, max_memory=SLICE_LIMIT)
     print(plan.describe(), flush=True)
-    x = adapter_inputs(model, 1, 512, 0, 512)
+    x = adapter_inputs(model, 1, 512, 0, SLICES[kind][1])
     t0 = time.perf_counter()
     for group in plan.groups:
-        col = ActivationCollector(model, FLUX_SLICE_BUCKETS, keys=group)
+        col = ActivationCollector(model, SLICE_BUCKETS, keys=group)
         with col, torch.inference_mode():
-            for b in range(FLUX_SLICE_BUCKETS):
+            for b in range(SLICE_BUCKETS):
                 col.bucket = b
                 model(*x.args, **x.kwargs)
         for key in group:
@@ -423,63 +441,67 @@ def flux_slice_child(double: int, single: int, out: Path) -> None:
     )
 
 
-def flux_slices(cap: int) -> dict:
+def measure_slices(kind: str, cap: int) -> dict:
     rows = []
-    for double, single in FLUX_SLICES:
+    for double, single in SLICES[kind][0]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "r.json"
-            cmd = [sys.executable, __file__, "--flux-child", f"{double},{single}", "--work", str(out)]
+            cmd = [sys.executable, __file__, "--slice-child", f"{kind},{double},{single}", "--work", str(out)]
             r = run_measured(cmd, cap, {**os.environ}, Path(tmp) / "log")
             if r["exit_code"] != 0:
                 raise RuntimeError(
-                    f"flux slice {double}+{single} failed: {(Path(tmp) / 'log').read_text()[-2000:]}"
+                    f"{kind} slice {double}+{single} failed: {(Path(tmp) / 'log').read_text()[-2000:]}"
                 )
             rows.append({**json.loads(out.read_text()), "peak_rss_bytes": r["peak_rss_bytes"]})
-        print(f"flux slice {double}+{single}: peak {rows[-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+        print(f"{kind} slice {double}+{single}: peak {rows[-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
     return {
-        "limit_bytes": FLUX_SLICE_LIMIT,
-        "n_buckets": FLUX_SLICE_BUCKETS,
+        "kind": kind,
+        "limit_bytes": SLICE_LIMIT,
+        "n_buckets": SLICE_BUCKETS,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def render_flux_slices(r: dict) -> str:
-    from denoisers import FLUX_DEV_BLOCKS
-
+def render_slices(r: dict) -> str:
+    kind = r["kind"]
+    _, text_len, (whole_double, whole_single), name = SLICES[kind]
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    blocks = "double + single" if kind == "flux" else "joint"
     lines = [
-        "# Calibration memory of FLUX.1-dev-width slices (CPU)",
+        f"# Calibration memory of {name}-width slices (CPU)",
         "",
-        "Written by `python benchmarks/bench_memory.py --flux-slice --write` on " + r["date"] + ". A "
-        "FluxTransformer2DModel at FLUX.1-dev's width (3072, 24 heads of 128, MLP 12288, RoPE (16, 56, 56)) "
-        "with few blocks, random weights, 512 px (1024 image + 512 text tokens, batch 1), statistics limit "
-        f"{g(r['limit_bytes'])} GiB, {r['n_buckets']} buckets, one forward per bucket and pass. Peak = VmHWM of "
-        "the process. Predicted = fp32 weights + the planned accumulators of one pass.",
+        f"Written by `python benchmarks/bench_memory.py --slice {kind} --write` on {r['date']}. The "
+        f"{name} transformer at full width with few blocks, random weights, 512 px (1024 image tokens, "
+        f"{text_len} text tokens, batch 1), statistics limit {g(r['limit_bytes'])} GiB, {r['n_buckets']} "
+        "buckets, one forward per bucket and pass. Peak = VmHWM of the process. Predicted = fp32 weights + "
+        "the planned accumulators of one pass (activations not counted).",
         "",
-        "| slice | weights (GiB) | statistics (GiB) | passes | accumulators / pass (GiB) | predicted (GiB) | "
-        "measured peak (GiB) | seconds |",
+        f"| slice ({blocks} blocks) | weights (GiB) | statistics (GiB) | passes | accumulators / pass (GiB) | "
+        "predicted (GiB) | measured peak (GiB) | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         pred = row["weights_bytes"] + row["device_bytes"]
+        label = f"{row['double']} + {row['single']}" if kind == "flux" else f"{row['double']}"
         lines.append(
-            f"| {row['double']} double + {row['single']} single | {g(row['weights_bytes'])} | "
-            f"{g(row['statistics_bytes'])} | {row['passes']} | {g(row['device_bytes'])} | {g(pred)} | "
-            f"{g(row['peak_rss_bytes'])} | {row['seconds']} |"
+            f"| {label} | {g(row['weights_bytes'])} | {g(row['statistics_bytes'])} | {row['passes']} | "
+            f"{g(row['device_bytes'])} | {g(pred)} | {g(row['peak_rss_bytes'])} | {row['seconds']} |"
         )
     a, b = r["rows"][0], r["rows"][-1]
-    blocks_a, blocks_b = a["double"] + a["single"], b["double"] + b["single"]
-    per_block = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (blocks_b - blocks_a)
-    fixed = a["peak_rss_bytes"] - per_block * blocks_a
-    whole = FLUX_DEV_BLOCKS["double"] + FLUX_DEV_BLOCKS["single"]
+    n_a, n_b = a["double"] + a["single"], b["double"] + b["single"]
+    per_block = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (n_b - n_a)
+    stats_per_block = (b["statistics_bytes"] - a["statistics_bytes"]) / (n_b - n_a)
+    fixed = a["peak_rss_bytes"] - per_block * n_a
+    whole = whole_double + whole_single
     lines += [
         "",
-        f"Linear extrapolation (stated as such: the per-block increment between the two slices, "
-        f"{g(per_block)} GiB, is mostly that block's fp32 weights, since the accumulators are capped by the "
-        f"limit): the whole model's {whole} blocks would peak at about {g(fixed + per_block * whole)} GiB on a "
-        "CPU host in fp32 with the same limit; its statistics alone need the number of passes in "
-        "`memory_model.md` (one pass per limit's worth of statistics).",
+        f"Linear extrapolation (stated as such): the peak grows by {g(per_block)} GiB per block between the two "
+        "slices, mostly that block's fp32 weights, since the accumulators are capped by the limit; the whole "
+        f"model's {whole} blocks would peak at about {g(fixed + per_block * whole)} GiB on a CPU host in fp32 "
+        f"with the same limit. Its statistics grow by {g(stats_per_block)} GiB per block at {r['n_buckets']} "
+        f"buckets (about {g(stats_per_block * whole * 5 / r['n_buckets'])} GiB for the whole model at 5 "
+        "buckets), i.e. one sampling pass per limit's worth: see `memory_model.md` for the passes.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -671,8 +693,13 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--render", action="store_true", help="rewrite the .md of --model from its results JSON")
     ap.add_argument("--build", choices=["sd15", "sdxl"], help=argparse.SUPPRESS)
-    ap.add_argument("--flux-child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--flux-slice", action="store_true", help="calibration memory of FLUX.1-dev-width slices")
+    ap.add_argument("--slice-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--slice",
+        choices=sorted(SLICES),
+        default=None,
+        help="calibration memory of full-width slices of a model",
+    )
     ap.add_argument(
         "--note", default="", help="a sentence for the results file (e.g. why stages were left out)"
     )
@@ -690,17 +717,17 @@ def main() -> None:
     if args.build:  # internal: build the random-weight pipeline in a child process
         build_pipeline(args.build, args.work)
         return
-    if args.flux_child:  # internal: one measured FLUX slice
-        double, single = (int(v) for v in args.flux_child.split(","))
-        flux_slice_child(double, single, args.work)
+    if args.slice_child:  # internal: one measured slice
+        kind, double, single = args.slice_child.split(",")
+        slice_child(kind, int(double), int(single), args.work)
         return
-    if args.flux_slice:
-        r = flux_slices(int(args.rss_cap * GiB))
-        text = render_flux_slices(r)
+    if args.slice:
+        r = measure_slices(args.slice, int(args.rss_cap * GiB))
+        text = render_slices(r)
         print(text)
         if args.write:
-            (RESULTS / "memory_flux_slice_cpu.json").write_text(json.dumps(r, indent=2))
-            (RESULTS / "memory_flux_slice_cpu.md").write_text(text)
+            (RESULTS / f"memory_{args.slice}_slice_cpu.json").write_text(json.dumps(r, indent=2))
+            (RESULTS / f"memory_{args.slice}_slice_cpu.md").write_text(text)
     if args.model and args.render:
         r = json.loads((RESULTS / f"memory_{args.model}_cpu.json").read_text())
         (RESULTS / f"memory_{args.model}_cpu.md").write_text(render_stages(r))
