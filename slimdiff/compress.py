@@ -303,7 +303,8 @@ def _rms_select(
     ctx: UnitContext, cq: torch.Tensor, ck: torch.Tensor, cqn: torch.Tensor, ckn: torch.Tensor
 ) -> QKRewrite:
     """The coordinate-selection rewrite from per-head second moments (H, d, d) of the raw (``cq``,
-    ``ck``: the norm corrections) and normalised (``cqn``, ``ckn``: the selection) queries and keys."""
+    ``ck``: the norm corrections and the predicted error's renormalisation term) and normalised
+    (``cqn``, ``ckn``: the selection) queries and keys."""
     lay = ctx.layout
     heads, d, r = lay.heads, lay.head_dim, ctx.rank
     t = torch.zeros(heads, d, r, dtype=F64)
@@ -316,10 +317,11 @@ def _rms_select(
         )
     phases = adapter_for(ctx.model).rope_phases(ctx.model) if lay.rope else None
     for h in range(heads):
+        # the raw moments also give the predicted error its renormalisation term
         if phases is not None:
-            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *phases)
+            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *phases, cq[h], ck[h])
         else:
-            sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r)
+            sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r, cq[h], ck[h])
         t[h, sel.keep, torch.arange(r)] = 1.0  # one-hot columns: the new head keeps those rows
         c_q[h] = linalg.rms_norm_correction(cq[h], sel.keep)
         c_k[h] = linalg.rms_norm_correction(ck[h], sel.keep)

@@ -420,17 +420,131 @@ def vo_output_error(
 # --------------------------------------------------------------------------------------------
 # QK under a per-head RMSNorm (MMDiT qk_norm): RMSNorm-aware coordinate selection
 # --------------------------------------------------------------------------------------------
+#: Monte Carlo samples and seed of the renormalisation term (``kept_share_moments``). It needs only
+#: E[rho] and E[sqrt(rho)] of a kept share rho in [0, 1] (no heavy tails): at 2048 samples the
+#: term's seed-to-seed standard deviation is 2-3% of it (d = 32, ranks 4..24), about 1% of the
+#: predicted error or less, well below its modelling error (METHOD.md, MMDiT)
+RENORM_SAMPLES = 2048
+RENORM_SEED = 0
+
+
 @dataclass(frozen=True)
 class CoordinateSelection:
     keep: torch.Tensor  # (r,) int64 kept coordinates of the head, ascending
     drop_order: (
         torch.Tensor
     )  # (d,) int64 coordinates in the order they are dropped (rank d-k keeps order[k:])
-    errors: torch.Tensor  # (d+1,) float64 dropped logit energy at ranks 0..d (errors[d] = 0)
+    errors: torch.Tensor  # (d+1,) float64 predicted mean square logit error at ranks 0..d (errors[d] = 0)
     energy: float  # E[(n(q) . n(k))^2], the logit energy (errors[0])
+    # (d+1,) the dropped logit energy 1_D^T M 1_D alone; ``errors`` adds the renormalisation term
+    # when the raw (pre-norm) moments are given, else equals it
+    dropped: torch.Tensor | None = None
 
 
-def rms_coordinate_selection(cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: int) -> CoordinateSelection:
+def kept_share_moments(
+    cov_pre: torch.Tensor,
+    kept_order: torch.Tensor,
+    samples: int = RENORM_SAMPLES,
+    seed: int = RENORM_SEED,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept-share-weighted moments of the renormalisation factor, at every nested rank.
+
+    The rewrite renormalises the kept coordinates S of a token x with the mean correction
+    (``rms_norm_correction``), so its normalised kept coordinates are n_S(x) s(x), with
+    s = sqrt(rho_bar / rho(x)), rho(x) = ||x_S||^2 / ||x||^2 the token's kept share and
+    rho_bar = E||x_S||^2 / E||x||^2 (eps neglected). s is large exactly where n_S is small
+    (||n_S||^2 = d rho for unit gains), so its moments are taken weighted by rho:
+    mu1 = E[s rho] / E[rho] = sqrt(rho_bar) E[sqrt(rho)] / E[rho], mu2 = E[s^2 rho] / E[rho] =
+    rho_bar / E[rho] (bounded; the unweighted E[s^2] = rho_bar E[1/rho] is infinite for Gaussian
+    tokens at r <= 2). Tokens are modelled as zero-mean Gaussian with the raw second moment
+    ``cov_pre`` (d, d): ``samples`` draws from a seeded generator (deterministic), all ranks at once
+    by a cumulative sum along ``kept_order`` (d,) (rank r keeps kept_order[:r]). Returns (mu1, mu2),
+    each (d+1,) float64, at r = 0..d; both are exactly 1 at r = d (and set to 1 at r = 0 and where
+    the kept coordinates carry no raw energy)."""
+    c = _sym(cov_pre)
+    d = c.shape[0]
+    ones = torch.ones(d + 1, dtype=F64)
+    diag = torch.diagonal(c)[kept_order].clamp_min(0.0)
+    if float(diag.sum()) <= 0.0:
+        return ones, ones.clone()
+    root, info = torch.linalg.cholesky_ex(c)  # C = root root^T
+    if int(info) != 0:  # singular (e.g. a rank-deficient weight Gram): any square root will do
+        evals, evecs = torch.linalg.eigh(c)
+        root = evecs * evals.clamp_min(0.0).sqrt()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, d, generator=gen, dtype=F64) @ root.T  # rows ~ N(0, C)
+    rho = x[:, kept_order].square_().cumsum(1)  # (N, d): ||x_S||^2 at r = 1..d
+    rho /= rho[:, -1:].clamp_min(torch.finfo(F64).tiny).clone()  # kept shares; exactly 1 at r = d
+    zero = rho.new_zeros(1)
+    mean_rho = torch.cat([zero, rho.mean(0)])  # (d+1,) from here on: r = 0..d
+    mean_sqrt = torch.cat([zero, rho.sqrt_().mean(0)])
+    dcum = torch.cat([zero, diag.cumsum(0)])
+    rho_bar = dcum / dcum[-1]  # exactly 1 at r = d
+    live = mean_rho > 0
+    safe = torch.where(live, mean_rho, ones)
+    mu1 = torch.where(live, rho_bar.sqrt() * mean_sqrt / safe, ones)
+    mu2 = torch.where(live, rho_bar / safe, ones)
+    mu1[0] = mu2[0] = 1.0
+    mu1[d] = mu2[d] = 1.0
+    return mu1, mu2
+
+
+def kept_energy_prefix(m: torch.Tensor, kept_order: torch.Tensor) -> torch.Tensor:
+    """(n+1,) 1_S^T M 1_S for the nested kept sets S = kept_order[:k], k = 0..n (item k adds
+    M_ii + 2 sum_{j in S} M_ij)."""
+    mp = _sym(m)[kept_order][:, kept_order]
+    inc = torch.diagonal(mp) + 2.0 * torch.tril(mp, -1).sum(1)
+    return torch.cat([inc.new_zeros(1), inc.cumsum(0)])
+
+
+def renormalisation_term(
+    m: torch.Tensor,
+    drop_order: torch.Tensor,
+    cov_q: torch.Tensor,
+    cov_k: torch.Tensor,
+    coords: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(n+1,) the error the per-token renormalisation adds to the dropped logit energy, at every
+    nested rank k = 0..n of the items (coordinates, or rotary pairs) dropped in ``drop_order``.
+
+    The compressed logit is s(q) s(k) l_S for an original n(q) . n(k) = l_S + l_D, so the error is
+    e = (s_q s_k - 1) l_S - l_D and E[e^2] = E[l_D^2] + E[(s_q s_k - 1)^2 l_S^2]
+    - 2 E[(s_q s_k - 1) l_S l_D]. The second term is modelled as K(S) V(S): K = E[l_S^2] =
+    1_S^T M 1_S (exact, ``m`` the selection's error form) and, for q and k independent,
+    V = mu2_q mu2_k - 2 mu1_q mu1_k + 1 >= (mu1_q mu1_k - 1)^2 >= 0 with the kept-share-weighted
+    moments of s (``kept_share_moments`` on the raw moments ``cov_q``, ``cov_k``). Exact for
+    isotropic Gaussian tokens; it neglects the cross term (third), any dependence of s on the
+    direction of n_S, and the tokens' departure from a zero-mean Gaussian
+    (benchmarks/results/qk_select_error.md measures each). ``coords`` (n, w) maps item i to its
+    coordinates (a rotary pair: w = 2); None: items are coordinates. 0 at k = 0 and k = n."""
+    n = m.shape[0]
+    kept_items = drop_order.flip(0)
+    if coords is None:
+        kept_coords, width = kept_items, 1
+    else:
+        kept_coords, width = coords[kept_items].reshape(-1), coords.shape[1]
+    mq1, mq2 = kept_share_moments(cov_q, kept_coords, seed=RENORM_SEED)
+    mk1, mk2 = kept_share_moments(cov_k, kept_coords, seed=RENORM_SEED + 1)
+    at = torch.arange(n + 1) * width  # coordinate count of k kept items
+    v = (mq2[at] * mk2[at] - 2.0 * mq1[at] * mk1[at] + 1.0).clamp_min(0.0)
+    term = kept_energy_prefix(m, kept_items) * v
+    term[0] = term[n] = 0.0
+    return term
+
+
+def _raw_given(cov_q: torch.Tensor | None, cov_k: torch.Tensor | None) -> bool:
+    if (cov_q is None) != (cov_k is None):
+        raise ValueError("give both raw second moments (cov_q and cov_k) or neither")
+    return cov_q is not None
+
+
+def rms_coordinate_selection(
+    cov_qn: torch.Tensor,
+    cov_kn: torch.Tensor,
+    rank: int,
+    cov_q: torch.Tensor | None = None,
+    cov_k: torch.Tensor | None = None,
+) -> CoordinateSelection:
     """Which of a head's d coordinates to keep after its q/k RMSNorms, for rank ``rank``.
 
     ``cov_qn``, ``cov_kn`` (d, d): second moments of the *normalised* query and key (the norm
@@ -442,15 +556,20 @@ def rms_coordinate_selection(cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: i
 
     The rewrite keeps those coordinates' rows of the q/k projections and replaces each norm by
     an RMSNorm over the kept coordinates with its scale corrected (``rms_norm_correction``). The
-    error ignores what the correction cannot fix: the token-to-token variation of the kept share
-    of ||q||^2 around its mean."""
+    correction is right on average only: the kept share of ||q||^2 varies from token to token.
+    With the raw (pre-norm) second moments ``cov_q``, ``cov_k`` (d, d) the errors add that
+    variation's term (``renormalisation_term``; the greedy order stays the dropped energy's);
+    without them, ``errors`` is the dropped energy alone (an underestimate)."""
     m = _sym(cov_qn) * _sym(cov_kn)  # (d, d)
     d = m.shape[0]
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in [1, {d}], got {rank}")
-    order, by_rank = greedy_drop_order(m)
+    order, dropped = greedy_drop_order(m)
     keep = order[d - rank :].sort().values
-    return CoordinateSelection(keep, order, by_rank, float(by_rank[0]))
+    errors = dropped
+    if _raw_given(cov_q, cov_k):
+        errors = dropped + renormalisation_term(m, order, cov_q, cov_k)
+    return CoordinateSelection(keep, order, errors, float(dropped[0]), dropped)
 
 
 def greedy_drop_order(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,25 +631,42 @@ def rope_pair_error_matrix(
 
 
 def rope_pair_selection(
-    cov_qn: torch.Tensor, cov_kn: torch.Tensor, rank: int, c: torch.Tensor, s: torch.Tensor
+    cov_qn: torch.Tensor,
+    cov_kn: torch.Tensor,
+    rank: int,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    cov_q: torch.Tensor | None = None,
+    cov_k: torch.Tensor | None = None,
 ) -> CoordinateSelection:
     """RoPE-aware selection for a head of width d under q/k RMSNorms: keep ``rank`` / 2 whole
     rotary pairs (coordinates 2i, 2i+1), the same pairs in q and k, chosen greedily on
     ``rope_pair_error_matrix``. Keeping whole pairs commutes with the rotation, so the kept logits
     are exactly the original ones restricted to those pairs, at every relative position. Returns
     the kept coordinates (both of every kept pair) and the error at every even rank (odd ranks
-    carry the error of the next lower even rank: they are not allowed)."""
+    carry the error of the next lower even rank: they are not allowed).
+
+    With the raw (pre-norm, pre-rotation) second moments ``cov_q``, ``cov_k`` (d, d) the errors add
+    the renormalisation term of ``renormalisation_term`` over pairs (the rotation keeps norms, so
+    s(x) is the same as without RoPE and multiplies the rotated kept logit, whose energy is
+    1_S^T M 1_S); without them, ``errors`` is the dropped energy alone."""
     d = cov_qn.shape[0]
     if d % 2 or not (2 <= rank <= d) or rank % 2:
         raise ValueError(f"RoPE QK rank must be even and in [2, {d}] (whole rotary pairs), got {rank}")
     m = rope_pair_error_matrix(cov_qn, cov_kn, c, s)
     p = d // 2
-    pair_order, pair_errors = greedy_drop_order(m)
+    pair_order, pair_dropped = greedy_drop_order(m)
+    pair_errors = pair_dropped
+    if _raw_given(cov_q, cov_k):
+        coords = torch.arange(d).view(p, 2)
+        pair_errors = pair_dropped + renormalisation_term(m, pair_order, cov_q, cov_k, coords)
     keep_pairs = pair_order[p - rank // 2 :].sort().values
     keep = torch.stack([2 * keep_pairs, 2 * keep_pairs + 1], dim=1).reshape(-1)
     order = torch.stack([2 * pair_order, 2 * pair_order + 1], dim=1).reshape(-1)
-    by_rank = pair_errors.repeat_interleave(2)[: d + 1]  # by_rank[2k] = by_rank[2k+1] = error with k pairs
-    return CoordinateSelection(keep, order, by_rank, float(by_rank[0]))
+    # by_rank[2k] = by_rank[2k+1] = error with k pairs
+    by_rank = pair_errors.repeat_interleave(2)[: d + 1]
+    dropped = pair_dropped.repeat_interleave(2)[: d + 1]
+    return CoordinateSelection(keep, order, by_rank, float(by_rank[0]), dropped)
 
 
 def rms_norm_correction(cov_pre: torch.Tensor, keep: torch.Tensor) -> float:

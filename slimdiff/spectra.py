@@ -179,20 +179,28 @@ def ffn_error_curve(
 
 
 def qk_select_error_curve(
-    cov_qn: torch.Tensor, cov_kn: torch.Tensor, phases: tuple[torch.Tensor, torch.Tensor] | None = None
+    cov_qn: torch.Tensor,
+    cov_kn: torch.Tensor,
+    phases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cov_q: torch.Tensor | None = None,
+    cov_k: torch.Tensor | None = None,
 ) -> list[float]:
     """Relative logit error e(r), r = 0..d_h, of RMSNorm-aware coordinate selection for a QK under
     per-head q/k norms, from the (H, d_h, d_h) second moments of the normalised q and k
-    (``linalg.rms_coordinate_selection``: the dropped coordinates' logit energy, summed over heads).
-    With ``phases`` (RoPE: ``linalg.rope_phase_moments``) whole rotary pairs are selected
-    (``linalg.rope_pair_selection``; odd ranks carry the next lower even rank's error)."""
+    (``linalg.rms_coordinate_selection``: the dropped coordinates' logit energy, summed over heads)
+    and, given, of the raw (pre-norm) q and k ``cov_q``, ``cov_k``: then each head's error adds
+    the term of the per-token renormalisation of the kept coordinates
+    (``linalg.renormalisation_term``). With ``phases`` (RoPE: ``linalg.rope_phase_moments``) whole
+    rotary pairs are selected (``linalg.rope_pair_selection``; odd ranks carry the next lower even
+    rank's error)."""
     d = cov_qn.shape[-1]
     errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
     for h in range(cov_qn.shape[0]):
+        raw = (None, None) if cov_q is None or cov_k is None else (cov_q[h], cov_k[h])
         if phases is None:
-            sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d)
+            sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d, *raw)
         else:
-            sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *phases)
+            sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *phases, *raw)
         errors += sel.errors
         energy += sel.energy
     return _relative(errors, energy)
@@ -224,6 +232,8 @@ def error_profiles(
                 _need(covariances, keys[2], name),
                 _need(covariances, keys[3], name),
                 phases if lay.rope else None,
+                _need(covariances, keys[0], name),
+                _need(covariances, keys[1], name),
             )
         elif unit.kind == "qk":
             curve = qk_error_curve(
