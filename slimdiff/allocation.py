@@ -48,7 +48,9 @@ constraint; compressed attention runs on the fused SDPA kernel either way, see
 Budgets in FLOPs (``Budget(removed_flops_fraction=...)`` / ``Budget(total_flops=...)``, mode
 "error" only): ``plan_ranks(..., costs=slimdiff.flops.unit_flop_costs(model, ServingShape(...)))``
 costs every option in FLOPs per denoiser forward at that serving shape instead of kept parameters;
-the objective and the solver are the same. An attention's planned qk and vo units are one group
+the objective and the solver are the same (likewise ``Budget(removed_latency_fraction=...)`` with
+``costs=slimdiff.latency.unit_latency_costs(...)``, a measured latency table per unit and rank on a
+device: both cost models implement ``slimdiff.latency.CostModel``). An attention's planned qk and vo units are one group
 whose options are all pairs of grid ranks (one shared rank under ``tie_qk_vo``), costed exactly
 (``slimdiff.flops.AttentionCost.flops``): a compressed attention runs both matmuls at one padded
 width, so per-unit linear costs would misjudge them. The plan records its cost model, the FLOPs
@@ -134,10 +136,16 @@ class Budget:
     * ``removed_flops_fraction``: share of the compressible FLOPs at a serving shape removed, in
       [0, 1) (needs ``costs`` in ``plan_ranks``: ``slimdiff.flops.unit_flop_costs``);
     * ``total_flops``: FLOPs of one forward of the whole denoiser at the serving shape after
-      compression (needs ``costs``).
+      compression (needs ``costs``);
+    * ``removed_latency_fraction``: share of the compressible latency of one forward at a serving
+      shape on a device removed, in [0, 1) (needs ``costs``: ``slimdiff.latency.unit_latency_costs``,
+      a measured latency table).
 
     The compressible FLOPs are those the planned units' ranks decide: the model's FLOPs minus those
-    of the same model with every planned unit at rank 0 (``FlopCosts.plan_flops``).
+    of the same model with every planned unit at rank 0 (``FlopCosts.plan_flops``). The
+    compressible latency likewise: the measured forward minus the latency the table predicts with
+    every planned unit at rank 0 (extrapolated linearly below the lowest grid rank: a fixed
+    per-call overhead is not compressible).
     """
 
     kept_params: int | None = None
@@ -146,27 +154,38 @@ class Budget:
     total_params: int | None = None
     removed_flops_fraction: float | None = None
     total_flops: int | None = None
+    removed_latency_fraction: float | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in asdict(self).items() if v is not None}
         if len(given) != 1:
             raise ValueError(
                 "Budget needs exactly one of kept_params, removed_params, removed_fraction, total_params, "
-                f"removed_flops_fraction, total_flops; got {sorted(given) or 'none'}"
+                f"removed_flops_fraction, total_flops, removed_latency_fraction; got {sorted(given) or 'none'}"
             )
         for key in ("kept_params", "removed_params", "total_params", "total_flops"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"Budget.{key} must be a non-negative int, got {v!r}")
-        for key in ("removed_fraction", "removed_flops_fraction"):
+        for key in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction"):
             v = getattr(self, key)
-            if v is not None and not 0.0 <= float(v) < 1.0:
+            if v is not None and (isinstance(v, bool) or not 0.0 <= float(v) < 1.0):
                 raise ValueError(f"Budget.{key} must be in [0, 1), got {v!r}")
 
     @property
     def in_flops(self) -> bool:
         """Whether the budget counts FLOPs at a serving shape (else parameters)."""
         return self.removed_flops_fraction is not None or self.total_flops is not None
+
+    @property
+    def in_latency(self) -> bool:
+        """Whether the budget counts measured latency at a serving shape on a device."""
+        return self.removed_latency_fraction is not None
+
+    @property
+    def in_costs(self) -> bool:
+        """Whether the budget is spent in a cost model's units (FLOPs or latency), not parameters."""
+        return self.in_flops or self.in_latency
 
     def kept(self, compressible_params: int, model_params: int | None = None) -> int:
         """Kept parameters in the compressible set this budget asks for (before feasibility). For
@@ -176,7 +195,14 @@ class Budget:
             return self.kept_params
         if self.removed_params is not None:
             return compressible_params - self.removed_params
-        fraction = self.removed_fraction if self.removed_fraction is not None else self.removed_flops_fraction
+        fraction = next(
+            (
+                getattr(self, k)
+                for k in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction")
+                if getattr(self, k) is not None
+            ),
+            None,
+        )
         if fraction is not None:
             return math.floor(compressible_params * (1.0 - float(fraction)))
         if model_params is None:
@@ -193,14 +219,15 @@ class Budget:
         this budget's own terms."""
         if self.removed_params is not None:
             return f"removed_params in [{compressible_params - hi}, {compressible_params - lo}]"
-        for key in ("removed_fraction", "removed_flops_fraction"):
+        for key in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction"):
             if getattr(self, key) is not None:
                 return f"{key} in [{1 - hi / compressible_params:.6f}, {1 - lo / compressible_params:.6f}]"
         for key in ("total_params", "total_flops"):
             if getattr(self, key) is not None and model_params is not None:
                 rest = model_params - compressible_params
                 return f"{key} in [{rest + lo}, {rest + hi}]"
-        return f"{'kept_flops' if self.in_flops else 'kept_params'} in [{lo}, {hi}]"
+        what = "kept_flops" if self.in_flops else "kept_latency_quanta" if self.in_latency else "kept_params"
+        return f"{what} in [{lo}, {hi}]"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -973,15 +1000,20 @@ def _param_groups(
     return out
 
 
+def _cost_label(costs) -> str:
+    return "FLOP" if costs.kind == "flops" else costs.kind
+
+
 def _flop_groups(units: Mapping[str, UnitInfo], costs, r_min: int, multiple: int, tie: bool) -> list[_Group]:
-    """Cost = FLOPs at the serving shape (``slimdiff.flops.FlopCosts``) minus those of the group
-    at rank 0: an FFN is linear in its rank; an attention's planned qk and vo units are one group
-    whose options are every pair of grid ranks (one shared rank with ``tie``), costed exactly
-    (``AttentionCost.flops``: a compressed attention runs both matmuls at one padded width)."""
-    missing = [n for n in units if n not in costs.per_rank]
+    """Cost = the cost model's (FLOPs at the serving shape, ``slimdiff.flops.FlopCosts``; latency
+    quanta, ``slimdiff.latency.LatencyCosts``) minus that of the group at rank 0: an FFN by
+    ``costs.unit_cost``; an attention's planned qk and vo units are one group whose options are
+    every pair of grid ranks (one shared rank with ``tie``), costed exactly by
+    ``costs.attention_cost`` (a compressed attention runs both matmuls at one padded width)."""
+    missing = [n for n in units if not costs.has_unit(n)]
     if missing:
         raise ValueError(
-            f"the FLOP cost model has no cost for {len(missing)} planned units, e.g. {missing[:3]}"
+            f"the {_cost_label(costs)} cost model has no cost for {len(missing)} planned units, e.g. {missing[:3]}"
         )
     grids = {n: rank_grid(u.full_rank, r_min, multiple) for n, u in units.items()}
     out: list[_Group] = []
@@ -991,10 +1023,17 @@ def _flop_groups(units: Mapping[str, UnitInfo], costs, r_min: int, multiple: int
             module, kind = costs.unit_attention[n]
             attentions.setdefault(module, {})[kind] = n
         else:
-            c = costs.per_rank[n]
-            out.append(_Group((n,), [(r,) for r in grids[n]], [r * c for r in grids[n]], len(grids[n]) - 1))
+            zero = costs.unit_cost(n, 0)
+            out.append(
+                _Group(
+                    (n,),
+                    [(r,) for r in grids[n]],
+                    [costs.unit_cost(n, r) - zero for r in grids[n]],
+                    len(grids[n]) - 1,
+                )
+            )
     for module, members in attentions.items():
-        att = costs.attentions[module]
+        d = costs.head_dim(module)
         names = tuple(members[k] for k in ("qk", "vo") if k in members)
         if tie and len(names) == 2:
             if grids[names[0]] != grids[names[1]]:
@@ -1005,9 +1044,9 @@ def _flop_groups(units: Mapping[str, UnitInfo], costs, r_min: int, multiple: int
         else:
             combos = list(itertools.product(*(grids[n] for n in names)))
 
-        def flops(combo: tuple[int, ...], members=members, names=names, att=att) -> int:
+        def flops(combo: tuple[int, ...], members=members, names=names, module=module, d=d) -> int:
             r = dict(zip(names, combo, strict=True))
-            return att.flops(r.get(members.get("qk"), att.head_dim), r.get(members.get("vo"), att.head_dim))
+            return costs.attention_cost(module, r.get(members.get("qk"), d), r.get(members.get("vo"), d))
 
         zero = flops((0,) * len(names))
         full = tuple(units[n].full_rank for n in names)
@@ -1154,6 +1193,29 @@ def flop_feasible_range(
     return sum(min(g.costs) for g in groups), compressible, compressible
 
 
+def _check_cost_kind(budget: Budget | None, costs) -> None:
+    """A FLOP budget is spent with FLOP costs, a latency budget with a latency table (``budget``
+    None: only the type of ``costs`` is checked)."""
+    kind = getattr(costs, "kind", None)
+    if kind not in ("flops", "latency"):
+        raise ValueError(
+            f"costs must be slimdiff.flops.FlopCosts or slimdiff.latency.LatencyCosts, got {type(costs).__name__}"
+        )
+    if budget is None:
+        return
+    if budget.in_flops and kind != "flops":
+        raise ValueError(
+            f"budget {budget.to_dict()} counts FLOPs but costs is a {kind} table: pass "
+            "costs=slimdiff.flops.unit_flop_costs(model, ServingShape(...)), or use removed_latency_fraction"
+        )
+    if budget.in_latency and kind != "latency":
+        raise ValueError(
+            f"budget {budget.to_dict()} counts latency but costs are {kind}: pass "
+            "costs=slimdiff.latency.unit_latency_costs(model, ServingShape(...)) (a measured latency table), "
+            "or use removed_flops_fraction"
+        )
+
+
 def check_feasible(
     units: Mapping[str, UnitInfo],
     budget: Budget,
@@ -1169,12 +1231,21 @@ def check_feasible(
     rank grid can meet it. A parameter budget needs only the units' shapes: callers check it before
     any model runs. A FLOP budget needs ``costs`` (``slimdiff.flops.unit_flop_costs``, a meta-device
     trace at the serving shape); without them it cannot be checked here and None is returned."""
-    if budget.in_flops:
+    if budget.in_costs:
         if costs is None:
             return None
+        _check_cost_kind(budget, costs)
         lo, hi, compressible = flop_feasible_range(units, costs, r_min, multiple, tie_qk_vo)
         target = budget.kept(compressible, costs.total)
         if not lo <= target <= hi:
+            if budget.in_latency:
+                ms = costs.quantum * 1e3
+                raise InfeasibleBudgetError(
+                    f"budget {budget.to_dict()} asks to keep {target * ms:.6g} ms of {compressible * ms:.6g} ms "
+                    f"compressible latency at the serving shape {costs.shape.to_dict()} on {costs.device}; "
+                    f"feasible with r_min={r_min}, multiple={multiple}: kept latency in [{lo * ms:.6g}, "
+                    f"{hi * ms:.6g}] ms ({budget.describe_range(lo, hi, compressible, costs.total)})"
+                )
             raise InfeasibleBudgetError(
                 f"budget {budget.to_dict()} asks to keep {target} of {compressible} compressible FLOPs at the "
                 f"serving shape {costs.shape.to_dict()}; feasible with r_min={r_min}, multiple={multiple}: "
@@ -1219,24 +1290,32 @@ def plan_ranks(
     ``costs`` (``slimdiff.flops.unit_flop_costs(model, ServingShape(...))``): the FLOP cost model
     at a serving shape. A FLOP budget (``removed_flops_fraction``, ``total_flops``) needs it and
     mode "error": the same exact solver then minimises the error with each option costed in
-    FLOPs. With a parameter budget it only adds the FLOPs before and after to the plan's record."""
+    FLOPs. With a parameter budget it only adds the FLOPs before and after to the plan's record.
+    A latency budget (``removed_latency_fraction``) needs ``costs`` =
+    ``slimdiff.latency.unit_latency_costs(model, ServingShape(...))`` (a measured latency table,
+    integer costs in quanta of 1 ps) and mode "error"; the plan records the table (device, dtype,
+    ``table_digest``) and the predicted latency before and after."""
     if mode not in ("error", "influence", "uniform"):
         raise ValueError(f"mode must be 'error', 'influence' or 'uniform', got {mode!r}")
     if not units:
         raise ValueError("plan_ranks needs at least one compression unit")
     if r_min < 1 or multiple < 1:
         raise ValueError(f"r_min and multiple must be >= 1, got r_min={r_min}, multiple={multiple}")
-    if budget.in_flops:
+    if budget.in_costs:
         if costs is None:
             raise ValueError(
                 f"budget {budget.to_dict()} counts FLOPs: plan_ranks needs costs="
                 "slimdiff.flops.unit_flop_costs(model, ServingShape(...))"
+                if budget.in_flops
+                else f"budget {budget.to_dict()} counts latency: plan_ranks needs costs="
+                "slimdiff.latency.unit_latency_costs(model, ServingShape(...)) (a measured latency table)"
             )
         if mode != "error":
             raise ValueError(
-                f"FLOP budgets are solved by mode 'error' only (mode {mode!r} rounds continuous ratios "
-                "under a parameter count)"
+                f"{'FLOP' if budget.in_flops else 'latency'} budgets are solved by mode 'error' only (mode "
+                f"{mode!r} rounds continuous ratios under a parameter count)"
             )
+        _check_cost_kind(budget, costs)
     if mode == "influence":
         if not tau > 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a positive finite number for mode='influence', got {tau!r}")
@@ -1253,11 +1332,20 @@ def plan_ranks(
                 "(ranks 0..R): the profiles were computed on another model"
             )
     if costs is not None:
-        missing = [n for n in units if n not in costs.per_rank]
+        _check_cost_kind(None, costs)
+        missing = [n for n in units if not costs.has_unit(n)]
         if missing:
             raise ValueError(
-                f"the FLOP cost model has no cost for {len(missing)} planned units, e.g. {missing[:3]}: "
-                "it was made for another model"
+                f"the {_cost_label(costs)} cost model has no cost for {len(missing)} planned units, e.g. "
+                f"{missing[:3]}: it was made for another model"
+            )
+        table = getattr(costs, "full_rank", {})
+        wrong = [n for n in units if n in table and table[n] != units[n].full_rank]
+        if wrong:
+            n = wrong[0]
+            raise ValueError(
+                f"the {_cost_label(costs)} cost model was made for another model: {n} has full rank "
+                f"{table[n]} there, {units[n].full_rank} here"
             )
 
     compressible = sum(u.full_params for u in units.values())
@@ -1268,7 +1356,7 @@ def plan_ranks(
     )
     digest = influence_digest(raw) if raw is not None else None
     if mode == "error":
-        if budget.in_flops:
+        if budget.in_costs:
             ranks, dp = _error_ranks(
                 profiles,
                 units,
@@ -1294,7 +1382,7 @@ def plan_ranks(
             continuous = _uniform_ratios(units, target, r_min)
         ranks = _round_and_repair(continuous, scores, units, target, r_min, multiple)
     cost_model = {}
-    if costs is not None:
+    if costs is not None and costs.kind == "flops":
         zero = costs.plan_flops(dict.fromkeys(units, 0))
         cost_model = {
             "cost": "flops" if budget.in_flops else "params",
@@ -1305,6 +1393,17 @@ def plan_ranks(
         }
         if budget.in_flops:
             cost_model["target_flops"] = target + zero
+    elif costs is not None:  # latency: predicted seconds per forward (the table's quanta, as seconds)
+        zero = costs.plan_cost(dict.fromkeys(units, 0))
+        cost_model = {
+            "cost": "latency" if budget.in_latency else "params",
+            **costs.to_dict(),
+            "latency_before_s": costs.seconds(costs.total),
+            "latency_after_s": costs.seconds(costs.plan_cost(ranks)),
+            "compressible_latency_s": costs.seconds(costs.total - zero),
+        }
+        if budget.in_latency:
+            cost_model["target_latency_s"] = costs.seconds(target + zero)
     plan = RankPlan(
         units={
             n: UnitPlan(
@@ -1315,7 +1414,7 @@ def plan_ranks(
                 u.cost_per_rank,
                 None if raw is None else raw[n],
                 None if profiles is None or n not in profiles else float(profiles[n][ranks[n]]),
-                None if costs is None else costs.per_rank[n],
+                None if costs is None or costs.kind != "flops" else costs.per_rank[n],
             )
             for n, u in units.items()
         },
@@ -1325,12 +1424,25 @@ def plan_ranks(
         r_min=r_min,
         multiple=multiple,
         influence_digest=digest,
-        target_params=None if budget.in_flops else target,
+        target_params=None if budget.in_costs else target,
         profiles_digest=_profiles_digest(profiles, units) if mode == "error" else None,
         solver=solver,
         cost_model=cost_model,
     )
-    if budget.in_flops:
+    if budget.in_latency:
+        logger.info(
+            "rank plan (%s): %.4f of %.4f ms per forward predicted at %s on %s (target %.4f ms), %d of %d units "
+            "compressed",
+            mode,
+            1e3 * cost_model["latency_after_s"],
+            1e3 * cost_model["latency_before_s"],
+            costs.shape.to_dict(),
+            costs.device,
+            1e3 * cost_model["target_latency_s"],
+            len(plan.compressed_units()),
+            len(units),
+        )
+    elif budget.in_flops:
         logger.info(
             "rank plan (%s): %d of %d FLOPs per forward at %s (target %d, slack %d), %d of %d units compressed",
             mode,

@@ -138,6 +138,8 @@ class BudgetParams(_Group):
     # total_params: target size of the whole UNet
     # removed_flops_fraction: share of the compressible FLOPs at allocation.serving to remove (0..1)
     # total_flops: FLOPs of one denoiser forward at allocation.serving after compression
+    # removed_latency_fraction: share of the compressible latency of one forward at
+    #   allocation.serving removed, from a measured latency table (slimdiff.latency) (0..1)
     kind: Literal[
         "removed_fraction",
         "removed_params",
@@ -145,12 +147,13 @@ class BudgetParams(_Group):
         "total_params",
         "removed_flops_fraction",
         "total_flops",
+        "removed_latency_fraction",
     ] = "removed_fraction"
     value: float = 0.4
 
     @model_validator(mode="after")
     def _value_in_range(self) -> BudgetParams:
-        fraction = self.kind in ("removed_fraction", "removed_flops_fraction")
+        fraction = self.kind in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction")
         if fraction and not 0.0 < self.value < 1.0:
             raise ValueError(f"value: {self.kind} must be in (0, 1), got {self.value}")
         if not fraction and self.value <= 0:
@@ -161,6 +164,10 @@ class BudgetParams(_Group):
     @property
     def in_flops(self) -> bool:
         return self.kind in ("removed_flops_fraction", "total_flops")
+
+    @property
+    def in_latency(self) -> bool:
+        return self.kind == "removed_latency_fraction"
 
 
 class ServingParams(_Group):
@@ -201,6 +208,10 @@ class AllocationParams(_Group):
         if self.budget.in_flops and self.mode != "error":
             raise ValueError(
                 f"budget.kind: {self.budget.kind} (a FLOP budget) needs mode 'error', got mode {self.mode!r}"
+            )
+        if self.budget.in_latency and self.mode != "error":
+            raise ValueError(
+                f"budget.kind: {self.budget.kind} (a latency budget) needs mode 'error', got mode {self.mode!r}"
             )
         return self
 

@@ -29,6 +29,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -423,6 +424,26 @@ class FlopCosts:
     def to_dict(self) -> dict:
         """What a rank plan records of its cost model."""
         return {"kind": "flops", "serving": self.shape.to_dict(), "qk_norm": self.qk_norm}
+
+    # -- the cost-model protocol the allocator reads (``slimdiff.latency.CostModel``) ------------
+    kind: ClassVar[str] = "flops"
+
+    def has_unit(self, name: str) -> bool:
+        return name in self.per_rank
+
+    def unit_cost(self, name: str, rank: int) -> int:
+        """FLOPs of a unit at ``rank`` by its per-rank cost (exact for FFN units; attentions:
+        ``attention_cost``)."""
+        return int(rank) * self.per_rank[name]
+
+    def attention_cost(self, module: str, r_qk: int, r_vo: int) -> int:
+        return self.attentions[module].flops(r_qk, r_vo)
+
+    def head_dim(self, module: str) -> int:
+        return self.attentions[module].head_dim
+
+    def plan_cost(self, ranks: Mapping[str, int]) -> int:
+        return self.plan_flops(ranks)
 
 
 def unit_flop_costs(
