@@ -43,7 +43,7 @@ from slimdiff.allocation import Budget, RankPlan
 from slimdiff.compress import CompressionReport, single_thread
 from slimdiff.config import ConfigError, Params
 
-__all__ = ["SlimReport", "budget_of", "slim"]
+__all__ = ["SlimReport", "budget_of", "cost_model", "slim"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class SlimReport:
 def budget_of(params: Params) -> Budget:
     """The budget of ``params.allocation.budget`` (as the plan stage builds it)."""
     b = params.allocation.budget
-    if b.kind in ("removed_fraction", "removed_flops_fraction"):
+    if b.kind in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction"):
         return Budget(**{b.kind: b.value})
     return Budget(**{b.kind: int(b.value)})
 
@@ -162,7 +162,7 @@ def slim(
     all_units = compression_units(denoiser)
     units = planned_units(all_units, alloc.modules, comp.qk_norm)
     params_before = count_parameters(denoiser)
-    costs = _flop_costs(pipe, denoiser, params, all_units) if alloc.budget.in_flops else None
+    costs = cost_model(pipe, denoiser, params, all_units)
     check_feasible(
         units, the_budget, alloc.r_min, alloc.multiple, params_before, costs=costs, tie_qk_vo=alloc.tie_qk_vo
     )
@@ -254,17 +254,43 @@ def _settings(
         raise ConfigError(str(err).replace("overrides:", "slim():")) from None
 
 
-def _flop_costs(pipe, denoiser, params: Params, units):
-    """The FLOP cost model a FLOP budget is spent with, as the plan stage makes it: one meta-device
-    trace of the uncompressed denoiser at ``allocation.serving``."""
+def cost_model(pipe, denoiser, params: Params, units):
+    """The cost model ``allocation.budget`` is spent in, as the plan stage and ``slim`` make it:
+    None for parameter budgets; for a FLOP budget one meta-device trace of the uncompressed
+    denoiser at ``allocation.serving`` (``slimdiff.flops``); for a latency budget the per-unit
+    latency table at that shape on ``model.device`` (``slimdiff.latency``: measured once per
+    device and shape, then read from its cache). ValueError names ``allocation.serving`` when the
+    model cannot run at that shape."""
     from slimdiff.flops import serving_shape, unit_flop_costs
 
+    budget = params.allocation.budget
+    if not (budget.in_flops or budget.in_latency):
+        return None
     s = params.allocation.serving
     try:
-        shape = serving_shape(pipe, height=s.height, width=s.width, batch=s.batch, text_len=s.text_len)
-        return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
+        shape = serving_shape(
+            pipe,
+            height=s.height,
+            width=s.width,
+            batch=s.batch,
+            text_len=s.text_len,
+            device=params.model.device,
+        )
+        if budget.in_flops:
+            return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
+        from slimdiff.latency import unit_latency_costs
+
+        return unit_latency_costs(
+            denoiser,
+            shape,
+            units=units,
+            r_min=params.allocation.r_min,
+            multiple=params.allocation.multiple,
+            qk_norm=params.compression.qk_norm,
+        )
     except (ValueError, RuntimeError) as err:  # a shape this model cannot run at
-        raise ValueError(f"allocation.serving: cannot count FLOPs at {s.model_dump()}: {err}") from err
+        what = "count FLOPs" if budget.in_flops else "measure latency"
+        raise ValueError(f"allocation.serving: cannot {what} at {s.model_dump()}: {err}") from err
 
 
 # -- the statistics folder ---------------------------------------------------------------------

@@ -523,12 +523,9 @@ def _load_influence(influence: Manifest):
 
 
 def budget_from_params(params: Params):
-    from slimdiff.allocation import Budget
+    from slimdiff.api import budget_of
 
-    b = params.allocation.budget
-    if b.kind in ("removed_fraction", "removed_flops_fraction"):
-        return Budget(**{b.kind: b.value})
-    return Budget(**{b.kind: int(b.value)})
+    return budget_of(params)
 
 
 def run_plan(
@@ -549,18 +546,12 @@ def run_plan(
     denoiser = denoiser_of(pipe)
     all_units = compression_units(denoiser)
     units = planned_units(all_units, cfg.modules, params.compression.qk_norm)
-    costs = None
-    if cfg.budget.in_flops:
-        from slimdiff.flops import serving_shape, unit_flop_costs
+    from slimdiff.api import cost_model
 
-        s = cfg.serving
-        try:  # no memory, no compute: a trace of the denoiser's skeleton on the meta device
-            shape = serving_shape(pipe, height=s.height, width=s.width, batch=s.batch, text_len=s.text_len)
-            costs = unit_flop_costs(denoiser, shape, params.compression.qk_norm, all_units)
-        except (ValueError, RuntimeError) as err:  # a shape this model cannot run at
-            raise StageInputError(
-                f"allocation.serving: cannot count FLOPs at {s.model_dump()}: {err}"
-            ) from err
+    try:  # FLOPs: a meta-device trace; latency: the device's table (measured once, then cached)
+        costs = cost_model(pipe, denoiser, params, all_units)
+    except ValueError as err:
+        raise StageInputError(str(err)) from err
     with staged_dir(out, replace=replace) as tmp:
         try:
             plan = plan_ranks(
