@@ -488,20 +488,21 @@ def render_slices(r: dict) -> str:
             f"| {label} | {g(row['weights_bytes'])} | {g(row['statistics_bytes'])} | {row['passes']} | "
             f"{g(row['device_bytes'])} | {g(pred)} | {g(row['peak_rss_bytes'])} | {row['seconds']} |"
         )
-    a, b = r["rows"][0], r["rows"][-1]
-    n_a, n_b = a["double"] + a["single"], b["double"] + b["single"]
-    per_block = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (n_b - n_a)
-    stats_per_block = (b["statistics_bytes"] - a["statistics_bytes"]) / (n_b - n_a)
-    fixed = a["peak_rss_bytes"] - per_block * n_a
-    whole = whole_double + whole_single
+    with torch.device("meta"):  # the whole model's weights, counted without allocating them
+        whole = build_slice(kind, whole_double, whole_single)
+    whole_bytes = sum(p.numel() * 4 for p in whole.parameters())
+    overhead = [row["peak_rss_bytes"] - row["weights_bytes"] - row["device_bytes"] for row in r["rows"]]
     lines += [
         "",
-        f"Linear extrapolation (stated as such): the peak grows by {g(per_block)} GiB per block between the two "
-        "slices, mostly that block's fp32 weights, since the accumulators are capped by the limit; the whole "
-        f"model's {whole} blocks would peak at about {g(fixed + per_block * whole)} GiB on a CPU host in fp32 "
-        f"with the same limit. Its statistics grow by {g(stats_per_block)} GiB per block at {r['n_buckets']} "
-        f"buckets (about {g(stats_per_block * whole * 5 / r['n_buckets'])} GiB for the whole model at 5 "
-        "buckets), i.e. one sampling pass per limit's worth: see `memory_model.md` for the passes.",
+        f"Not in the prediction: {', '.join(g(o) for o in overhead)} GiB per slice (activations at 1536 tokens, "
+        "the float32 product of a batch before it is added to the float64 sums, the interpreter and libraries); "
+        "it does not grow with the number of blocks.",
+        "",
+        f"Extrapolation to the whole model (stated as such, linear in the blocks): {whole_double} + {whole_single} "
+        f"blocks hold {g(whole_bytes)} GiB of fp32 weights (counted on a meta-device build), so calibrating it on "
+        f"one CPU host in fp32 with the same limit would peak at about {g(whole_bytes + r['limit_bytes'] + max(overhead))} "
+        "GiB (weights + one pass of accumulators + the overhead above); its statistics and the passes they take "
+        "are in `memory_model.md` (from the adapter's own sites, exact).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -720,6 +721,10 @@ def main() -> None:
     if args.slice_child:  # internal: one measured slice
         kind, double, single = args.slice_child.split(",")
         slice_child(kind, int(double), int(single), args.work)
+        return
+    if args.slice and args.render:
+        r = json.loads((RESULTS / f"memory_{args.slice}_slice_cpu.json").read_text())
+        (RESULTS / f"memory_{args.slice}_slice_cpu.md").write_text(render_slices(r))
         return
     if args.slice:
         r = measure_slices(args.slice, int(args.rss_cap * GiB))
