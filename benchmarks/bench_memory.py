@@ -494,7 +494,7 @@ def render_slices(r: dict) -> str:
     overhead = [row["peak_rss_bytes"] - row["weights_bytes"] - row["device_bytes"] for row in r["rows"]]
     lines += [
         "",
-        f"Not in the prediction: {', '.join(g(o) for o in overhead)} GiB per slice (activations at 1536 tokens, "
+        f"Not in the prediction: {', '.join(g(o) for o in overhead)} GiB per slice (activations, "
         "the float32 product of a batch before it is added to the float64 sums, the interpreter and libraries); "
         "it does not grow with the number of blocks.",
         "",
