@@ -168,6 +168,30 @@ def default_variants(
     )
 
 
+def flux_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
+    """The FLUX rows (issue 24): the default (RoPE-aware whole-pair QK selection), QK left whole,
+    uniform allocation and the weight-only baseline (VO by weight SVD; QK by the weight-Gram pair
+    selection). No ``qk-project`` row: a projection after the norms mixes rotary pairs, so it is
+    refused under RoPE (METHOD.md, "FLUX and RoPE")."""
+    base = f"fps-{base_n}"
+    return (
+        Variant(
+            "slimdiff", "method", "SlimDiff default: error-driven, QK by RoPE-aware pair selection", base
+        ),
+        Variant(
+            "qk-keep", "method", "QK under norms and RoPE left whole (only VO and FFN)", base, qk_norm="keep"
+        ),
+        Variant("uniform-allocation", "method", "same keep ratio for every unit", base, mode="uniform"),
+        Variant(
+            "weight-only-qk-vo",
+            "method",
+            "no activations for attention: VO by SVD of the weights, QK by pair selection on the weight Grams",
+            base,
+            methods={**DEFAULT_METHODS, "qk": "weight_svd", "vo": "weight_svd"},
+        ),
+    )
+
+
 def mmdit_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
     """The MMDiT rows (issue 15): the default (RMSNorm-aware QK selection, one joint allocation),
     the two other QK options (projection after the norms; QK left whole), uniform allocation, a
