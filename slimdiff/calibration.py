@@ -570,7 +570,7 @@ def collect_stats(
     meta = {
         "num_inference_steps": num_inference_steps,
         "guidance_scale": float(guidance_scale),
-        "cfg_branches": adapter_for(denoiser).guidance_kwargs(denoiser, guidance_scale, 1)[1],
+        "cfg_branches": adapter_for(denoiser).pipeline_kwargs(pipe, guidance_scale, 1)[1],
         "n_buckets": n_buckets,
         "height": int(height),
         "width": int(width),
@@ -603,7 +603,7 @@ def collect_stats(
                     range(0, len(prompts), batch_size), total=n_batches, disable=not progress, desc=desc
                 ):
                     batch = prompts[start : start + batch_size]
-                    guidance, _ = adapter_for(denoiser).guidance_kwargs(denoiser, guidance_scale, len(batch))
+                    guidance, _ = adapter_for(denoiser).pipeline_kwargs(pipe, guidance_scale, len(batch))
                     pipe(
                         prompt=batch,
                         num_inference_steps=num_inference_steps,

@@ -365,11 +365,12 @@ def test_fused_projections_and_flux2_are_refused():
 def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     """A tiny FluxPipeline (family_pipelines.py): statistics come from its own flow-matching sampler
     (the transformer gets t / 1000; buckets from the scheduler's schedule), with true classifier-free
-    guidance (2 branches); every token the transformer attends to is counted (FLUX passes no mask:
-    its 512 T5 tokens, padding included, are real inputs of every attention). The compressed
-    pipeline saves and loads with ``DiffusionPipeline.from_pretrained`` to the same images."""
+    guidance (2 branches) at the text length its T5 tokenizer has (32 here, below FluxPipeline's
+    default 512); every token the transformer attends to is counted (FLUX passes no mask: its T5
+    tokens, padding included, are real inputs of every attention). The compressed pipeline saves
+    and loads with ``DiffusionPipeline.from_pretrained`` to the same images."""
     from diffusers import DiffusionPipeline
-    from family_pipelines import FLUX_HW, PROMPTS, tiny_flux_pipeline
+    from family_pipelines import FLUX_HW, FLUX_TEXT_LEN, PROMPTS, tiny_flux_pipeline
 
     from slimdiff.calibration import collect_stats
     from slimdiff.influence import compute_influence
@@ -383,7 +384,7 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     )  # fmt: skip
     model = pipe.transformer
     assert stats.meta["cfg_branches"] == 2 and stats.meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    n_img, n_text = (FLUX_HW // 2) ** 2, 512
+    n_img, n_text = (FLUX_HW // 2) ** 2, FLUX_TEXT_LEN
     per_call = len(prompts) * 2 * (n_img + n_text)  # both guidance branches, joint sequence
     q = stats.tokens["transformer_blocks.0.attn.query"]
     assert q.tolist() == [steps // 2 * per_call] * 2  # 2 steps per bucket
@@ -410,7 +411,13 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
         tensor
     ) in loaded.transformer.state_dict().values():  # fresh allocations: mmap offsets change CPU rounding
         tensor.data = tensor.data.clone()
-    kw = dict(num_inference_steps=2, height=FLUX_HW, width=FLUX_HW, output_type="latent")
+    kw = dict(
+        num_inference_steps=2,
+        height=FLUX_HW,
+        width=FLUX_HW,
+        output_type="latent",
+        max_sequence_length=FLUX_TEXT_LEN,
+    )
     a = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images
     b = loaded(prompts, generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(a, b)

@@ -383,6 +383,13 @@ class ModelAdapter:
         stock pipelines' classifier-free guidance, two branches above 1."""
         return {"guidance_scale": guidance_scale}, 2 if guidance_scale > 1.0 else 1
 
+    def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """(kwargs of a pipeline call of ``batch`` prompts, denoiser branches per sample): what
+        calibration and evaluation pass so the denoiser runs as the family's pipelines run it
+        (default: ``guidance_kwargs`` of its denoiser)."""
+        model = denoiser_of(pipe)
+        return self.guidance_kwargs(model, guidance_scale, batch)
+
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
         the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""

@@ -421,6 +421,16 @@ class FluxAdapter(ModelAdapter):
             return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * batch}, 2
         return {}, 1
 
+    def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """``guidance_kwargs`` plus ``max_sequence_length`` = the T5 tokenizer's length where it is
+        below FluxPipeline's default 512 (a model trained on shorter captions, like the toy FLUX):
+        calibration, evaluation and FLOP counts then see the text length the model runs at."""
+        kwargs, branches = super().pipeline_kwargs(pipe, guidance_scale, batch)
+        length = self.text_len(pipe)
+        if length < FLUX_TEXT_LEN:
+            kwargs["max_sequence_length"] = length
+        return kwargs, branches
+
     def timestep(self, model: nn.Module, args: tuple, kwargs: dict):
         t = super().timestep(model, args, kwargs)
         return None if t is None else t * 1000  # the pipelines pass t / 1000
@@ -437,7 +447,9 @@ class FluxAdapter(ModelAdapter):
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def text_len(self, pipe) -> int:
-        return FLUX_TEXT_LEN
+        tokenizer = getattr(pipe, "tokenizer_2", None)
+        length = int(getattr(tokenizer, "model_max_length", FLUX_TEXT_LEN) or FLUX_TEXT_LEN)
+        return min(length, FLUX_TEXT_LEN)
 
     def position_ids(
         self, latent_hw: tuple[int, int], text_len: int, device="cpu"
