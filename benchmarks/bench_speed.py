@@ -60,6 +60,7 @@ from denoisers import SPECS, Inputs  # benchmarks/ is on sys.path when run as a 
 
 from slimdiff.adapter import compression_units, count_parameters
 from slimdiff.allocation import Budget, plan_ranks
+from slimdiff.arch.base import split_path
 from slimdiff.attention import sdpa_backends
 from slimdiff.calibration import stat_shapes
 from slimdiff.compress import compress_
@@ -83,20 +84,21 @@ class SplitTimer:
     outermost module only, so nothing is counted twice). On CUDA every hook synchronises, which
     slows the forward: the split is then measured in separate passes (``--split-pass``)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, ffn_paths: frozenset[str] = frozenset()):
         from diffusers.models.attention import FeedForward
-        from diffusers.models.attention_processor import Attention
+
+        from slimdiff.attention import is_attention_module
 
         self.device, self.spent, self._depth, self._t0 = device, defaultdict(float), 0, 0.0
         self.handles = []
-        for mod in model.modules():
+        for name, mod in model.named_modules():
             cat = (
                 "conv"
                 if isinstance(mod, torch.nn.Conv2d)
                 else "attention"
-                if isinstance(mod, Attention)
+                if is_attention_module(mod)
                 else "ffn"
-                if isinstance(mod, FeedForward)
+                if isinstance(mod, FeedForward) or name in ffn_paths
                 else None
             )
             if cat:
@@ -136,7 +138,14 @@ def interleaved(models: dict, x: Inputs, device, reps: int, warmup: int, split: 
     for name in names:
         for _ in range(warmup):
             timed_forward(models[name], x, device)
-    timers = {n: SplitTimer(models[n], device) for n in names} if split else {}
+    # FFN linears outside a FeedForward module (FLUX single blocks' proj_mlp / packed proj_out)
+    ffn_paths = frozenset(
+        split_path(p)[0]
+        for u in compression_units(models[names[0]]).values()
+        if u.kind == "ffn"
+        for p in (u.layout.proj_in, u.layout.proj_out)
+    )
+    timers = {n: SplitTimer(models[n], device, ffn_paths) for n in names} if split else {}
     out = {n: {"seconds": [], "split": []} for n in names}
     try:
         for rep in range(reps):

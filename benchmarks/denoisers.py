@@ -102,13 +102,14 @@ SD35_MEDIUM_CONFIG = dict(
 )
 
 #: black-forest-labs/FLUX.1-dev transformer/config.json at full width (3072 = 24 heads x 128, MLP
-#: 12288, RoPE axes (16, 56, 56), guidance embedding) but reduced depth: 2 of the 19 double blocks
-#: and 4 of the 38 single blocks (12 B parameters do not fit a 24 GB host)
+#: 12288, RoPE axes (16, 56, 56), guidance embedding) but reduced depth: 1 of the 19 double blocks
+#: and 2 of the 38 single blocks, the whole model's 1 : 2 mix (12 B parameters do not fit a 24 GB
+#: host; per-block costs repeat, so the slice's ratios are the whole model's up to the embeddings)
 FLUX_DEV_SLICE_CONFIG = dict(
     patch_size=1,
     in_channels=64,
-    num_layers=2,
-    num_single_layers=4,
+    num_layers=1,
+    num_single_layers=2,
     attention_head_dim=128,
     num_attention_heads=24,
     joint_attention_dim=4096,
@@ -369,7 +370,7 @@ SPECS: dict[str, DenoiserSpec] = {
     ),
     "flux-slice": DenoiserSpec(
         "flux-slice",
-        "FLUX.1-dev transformer at full width, 2 double + 4 single blocks (1.3 B), random weights",
+        "FLUX.1-dev transformer at full width, 1 double + 2 single blocks (687 M), random weights",
         build_flux_slice,
         text_inputs(512),  # FluxPipeline's max_sequence_length: 512 T5 tokens, no mask
         512,  # 64x64 latents -> 1024 packed image tokens (+ 512 text) on the CPU

@@ -177,12 +177,24 @@ def forward_flops(
     Attention matmuls are counted at the widths that really run: a compressed head with
     r_qk != r_vo is padded to one width (``slimdiff.attention.common_head_width``, which depends on
     the ``device`` the model will run on)."""
-    from slimdiff.arch.base import adapter_for
+    from slimdiff.arch.base import adapter_for, split_path
     from slimdiff.attention import common_head_width, is_attention_module, pads_heads
 
     skel = meta_copy(model)
     rows: list[FlopsRow] = []
     hooks = []
+    adapter = adapter_for(model)
+    # FFN linears whose names do not say so (FLUX single blocks' proj_mlp and packed proj_out), from
+    # the units of the uncompressed architecture (a meta-device build: nothing allocated)
+    config = {k: v for k, v in dict(model.config).items() if k != "slimdiff"}  # a Slim* class's plan
+    with torch.device("meta"):
+        stock = adapter.denoiser_class().from_config(config)
+    ffn_linears = {
+        split_path(p)[0]
+        for u in adapter.units(stock).values()
+        if u.kind == "ffn"
+        for p in (u.layout.proj_in, u.layout.proj_out)
+    }
 
     def linear_hook(mod: nn.Linear, args, out, name: str) -> None:
         x = args[0]
@@ -191,7 +203,7 @@ def forward_flops(
         rows.append(
             FlopsRow(
                 name,
-                _category(name),
+                "ffn" if name in ffn_linears else _category(name),
                 2 * tokens * mod.in_features * mod.out_features,
                 per_sample,
                 (tokens, mod.in_features, mod.out_features),
@@ -203,8 +215,6 @@ def forward_flops(
         kh, kw = mod.kernel_size
         flops = 2 * b * h * w * c_out * (mod.in_channels // mod.groups) * kh * kw
         rows.append(FlopsRow(name, "conv", flops, h * w))
-
-    adapter = adapter_for(model)
 
     def attn_hook(mod: nn.Module, args, kwargs, name: str) -> None:
         b, n_q, n_k = adapter.attention_tokens(mod, args, kwargs)

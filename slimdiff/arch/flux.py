@@ -132,7 +132,7 @@ def _single_ffn(model: nn.Module, block: str) -> UnitInfo:
     mod = model.get_submodule(block)
     inner = mod.proj_mlp.out_features
     if not (
-        isinstance(mod.act_mlp, nn.GELU) and mod.proj_out.in_features == mod.proj_mlp.in_features + inner
+        isinstance(mod.act_mlp, nn.GELU) and mod.proj_out.in_features == mod.attn.to_v.out_features + inner
     ):
         raise UnsupportedModelError(
             f"{block}: expected proj_out over [attention output | GELU(proj_mlp)], got proj_out with "
