@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 include slimdiff.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' slimdiff.env)
 
-.PHONY: run repro test test-fast lint format install train-toy train-toy-mmdit bench clean
+.PHONY: run repro test test-fast lint format install train-toy train-toy-mmdit train-toy-flux bench clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ train-toy: $(STAMP)
 # Retrain the toy MMDiT world (SD3-architecture) on the same data, VAE and judges (needs data/toy).
 train-toy-mmdit: $(STAMP)
 	$(BIN)/python -m slimdiff.toy.train_mmdit --out data/toy-mmdit
+
+# Retrain the toy FLUX world (FLUX.1-architecture) on the same data, VAE and judges (needs data/toy).
+train-toy-flux: $(STAMP)
+	$(BIN)/python -m slimdiff.toy.train_flux --out data/toy-flux
 
 # Benchmarks print ratios against a baseline measured in the same run (tens of minutes on 2 cores).
 bench: $(STAMP)

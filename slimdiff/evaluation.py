@@ -331,6 +331,21 @@ def image_seeds(seed: int, n_images: int) -> list[int]:
     return [seed + k for k in range(n_images)]
 
 
+def pipeline_call_kwargs(pipe, guidance_scale: float, batch: int) -> dict:
+    """The sampling kwargs that make the pipeline run its denoiser the way its family does
+    (``ModelAdapter.pipeline_kwargs``, the same calibration uses: ``guidance_scale`` for UNets, SD3
+    and FLUX.1-dev; FluxPipeline's true classifier-free guidance for FLUX without a guidance
+    embedding, and ``max_sequence_length`` = its T5 tokenizer's length below 512, as for the toy
+    FLUX); pipelines whose denoiser slimdiff does not know get ``guidance_scale`` as given."""
+    from slimdiff.arch.base import UnsupportedModelError, adapter_for, denoiser_of
+
+    try:
+        kwargs, _ = adapter_for(denoiser_of(pipe)).pipeline_kwargs(pipe, guidance_scale, batch)
+    except UnsupportedModelError:
+        return {"guidance_scale": guidance_scale}
+    return kwargs
+
+
 @torch.no_grad()
 def sample_pipeline(
     pipe,
@@ -356,7 +371,7 @@ def sample_pipeline(
             result = pipe(
                 prompt=batch,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
+                **pipeline_call_kwargs(pipe, guidance_scale, len(batch)),
                 height=height,
                 width=width,
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]],

@@ -4,6 +4,7 @@ A model source is one of:
 
 * ``"toy"``: the committed toy world pipeline (``data/toy/pipeline``), the embedded default;
 * ``"toy-mmdit"``: the committed toy MMDiT world pipeline (``data/toy-mmdit/pipeline``, SD3 family);
+* ``"toy-flux"``: the committed toy FLUX world pipeline (``data/toy-flux/pipeline``, FLUX family);
 * a local folder holding a diffusers text-to-image pipeline (a compressed slimdiff folder too);
 * a Hugging Face repo id, loaded from the local HF cache only (``local_files_only``): nothing is
   downloaded at run time; a missing snapshot is an error that says how to provide it.
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TOY_SOURCE = "toy"
 TOY_MMDIT_SOURCE = "toy-mmdit"
+TOY_FLUX_SOURCE = "toy-flux"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -35,7 +37,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelRelease:
-    source: str  # "toy", "toy-mmdit", a folder path, or a hub repo id
+    source: str  # "toy", "toy-mmdit", "toy-flux", a folder path, or a hub repo id
     revision: str  # hub commit hash, or the content digest of a local folder
     digest: str  # content digest of the weights (equals revision for local folders)
     kind: str  # "toy" | "folder" | "hub"
@@ -66,15 +68,24 @@ def toy_mmdit_pipeline_dir() -> Path:
     return _toy_mmdit_pipeline_dir()
 
 
+def toy_flux_pipeline_dir() -> Path:
+    """The committed toy FLUX pipeline folder (``data/toy-flux/pipeline``, or under
+    ``$SLIMDIFF_TOY_FLUX_DIR``)."""
+    from slimdiff.toy import toy_flux_pipeline_dir as _toy_flux_pipeline_dir
+
+    return _toy_flux_pipeline_dir()
+
+
 # committed toy sources -> (their pipeline folder, the command that retrains them)
 _TOY_SOURCES = {
     TOY_SOURCE: (toy_pipeline_dir, "make train-toy"),
     TOY_MMDIT_SOURCE: (toy_mmdit_pipeline_dir, "make train-toy-mmdit"),
+    TOY_FLUX_SOURCE: (toy_flux_pipeline_dir, "make train-toy-flux"),
 }
 
 
 def toy_source_dir(source: str) -> Path | None:
-    """The committed pipeline folder of a toy source name ("toy", "toy-mmdit"), or None."""
+    """The committed pipeline folder of a toy source name ("toy", "toy-mmdit", "toy-flux"), or None."""
     entry = _TOY_SOURCES.get(source)
     return entry[0]() if entry else None
 

@@ -629,6 +629,29 @@ def test_budget_search_with_no_passing_point_registers_nothing(flow_env, first_r
     assert after == before
 
 
+def test_the_toy_flux_runs_the_whole_flow_with_lineage_and_gate(flow_env, first_run):
+    """`slimdiff run --set model.source=toy-flux`: every stage on the FLUX.1-class toy (double and
+    single blocks, RoPE pair selection, the packed single-block proj_out), registered under its own
+    name with lineage, graded by the toy judges; the compressed folder loads with diffusers."""
+    from diffusers import DiffusionPipeline
+
+    root, params = flow_env
+    result = _run(params.with_overrides({"model.source": "toy-flux"}))
+    assert set(result["status"].values()) == {"ran"}, result["status"]
+    reg = result["registered"]
+    assert reg["name"] == "slimdiff-toy-flux" and reg["new_version"]
+    plan = json.loads((Path(result["manifests"]["plan"]["uri"]) / "rank_plan.json").read_text())
+    assert {u["kind"] for u in plan["units"].values()} == {"ffn", "qk", "vo"}
+    assert any(n.startswith("single_transformer_blocks.") and n.endswith(".mlp") for n in plan["units"])
+    metrics = json.loads((Path(result["manifests"]["evaluate"]["uri"]) / "metrics.json").read_text())
+    assert metrics["compressed"]["unet_params"] < metrics["original"]["unet_params"]
+    assert "exact_match_drop" in metrics["summary"]
+    pipe = DiffusionPipeline.from_pretrained(Path(result["manifests"]["compress"]["uri"]) / "pipeline")
+    assert type(pipe).__name__ == "FluxPipeline"
+    assert type(pipe.transformer).__name__ == "SlimFluxTransformer2DModel"
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == metrics["compressed"]["unet_params"]
+
+
 def test_the_toy_mmdit_runs_the_whole_flow_with_lineage_and_gate(flow_env, first_run):
     """`slimdiff run --set model.source=toy-mmdit`: every stage on the SD3-class toy (joint
     attention, q/k RMSNorm under the default RMSNorm-aware selection, dual attention), registered

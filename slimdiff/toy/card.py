@@ -215,3 +215,129 @@ Held-out captions, row-major, 8 per row:
     path = out / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def write_flux_model_card(out: Path, metrics: dict, grid_captions: list[str]) -> Path:
+    """The toy FLUX card (``data/toy-flux/MODEL_CARD.md``): same data rules and evaluation as the
+    UNet and MMDiT cards, the FLUX architecture, its flow-matching training and true CFG."""
+    cfg = metrics["config"]
+    gen = metrics["generation"]
+    t = metrics["timings"]
+    model = cfg["model"]
+    held_single, held_two = toy_data.heldout_captions("single"), toy_data.heldout_captions("two")
+    grid_list = "\n".join(f"{i:2d}. {c}" for i, c in enumerate(grid_captions))
+    inner = model["num_heads"] * model["head_dim"]
+    note = "\n" + metrics["timing_note"] if metrics.get("timing_note") else ""
+    trained = metrics["trained"]
+    seq = metrics["max_sequence_length"]
+    text = f"""# Toy FLUX model (slimdiff toy world, FLUX.1 architecture)
+
+A tiny text-to-image model with the exact FLUX.1 code path (diffusers `FluxPipeline`:
+`FluxTransformer2DModel` with double- and single-stream blocks and rotary position embeddings, a
+`CLIPTextModel` for the pooled conditioning, a `T5EncoderModel` for the text tokens, the UNet toy
+world's `AutoencoderKL` and word-level tokenizer, `FlowMatchEulerDiscreteScheduler` with FLUX's dynamic
+shift), trained from scratch on CPU on the toy world's procedural data set, with the UNet toy world's
+caption split and judged by its classifier (see `data/toy/MODEL_CARD.md` for the data rules). Weights
+are stored fp16 (safetensors) and run fp32.
+
+Retrain it (deterministic, seed {cfg["seed"]}, {cfg["threads"]} CPU threads; needs the committed `data/toy`):
+
+    python -m slimdiff.toy.train_flux --out data/toy-flux --threads {cfg["threads"]}
+
+This run took {t["total_s"] / 60:.1f} min (data set + latents {t["data_s"]:.0f} s, transformer + text encoders
+{t["transformer_s"]:.0f} s, evaluation {t["eval_s"]:.0f} s). Step scale: {cfg["steps_scale"]}.{note}
+
+## Sampling it
+
+No guidance embedding (`guidance_embeds: false`, as FLUX.1-schnell): FLUX.1-dev's embedded guidance is
+distilled from a teacher sampled with classifier-free guidance, and there is no such teacher here. The
+model is trained with caption dropout instead and sampled with FluxPipeline's true classifier-free
+guidance; its T5 is trained on the tokenizer's {seq} tokens, so pass `max_sequence_length={seq}` (the
+pipeline's default is 512), and the size: FluxPipeline's default is 128 latents (512 px with this VAE):
+
+```python
+from slimdiff.toy import load_toy_flux_pipeline
+
+pipe = load_toy_flux_pipeline()
+image = pipe(
+    "a red circle above a blue square",
+    negative_prompt="",
+    true_cfg_scale={gen["guidance_scale"]},
+    max_sequence_length={seq},
+    height=32,
+    width=32,
+    num_inference_steps={gen["num_inference_steps"]},
+).images[0]
+```
+
+`slimdiff.evaluation.pipeline_call_kwargs` builds the guidance and text-length arguments for every FLUX
+pipeline without a guidance embedding (the evaluation and the toy world's samplers use it); the toy's
+samplers pass the 32 px size, and the transformer's config records `sample_size: 8` (latents), which
+slimdiff's FLUX adapter reads (diffusers warns on loading that the key is unused by the class).
+
+## Models
+
+| component | what | parameters |
+|---|---|---|
+| transformer | FluxTransformer2DModel: {metrics["double_blocks"]} double-stream + {metrics["single_blocks"]} single-stream blocks, width {inner} ({model["num_heads"]} heads x {model["head_dim"]}), per-head {metrics["qk_norm"]} on q and k, RoPE axes {tuple(metrics["axes_dims_rope"])}, GELU(tanh) FFNs and single-block MLPs (ratio 4), 2x2-packed 8x8x4 latents (16 tokens of 16 channels), joint_attention_dim {model["t5_dim"]}, pooled_projection_dim {model["clip_hidden"]}, `guidance_embeds: false` | {metrics["transformer_parameters"]:,} |
+| text_encoder | CLIPTextModel (pooled output), hidden {model["clip_hidden"]}, {model["text_layers"]} layers, {model["clip_heads"]} heads, max length {model["max_length"]} | {metrics["text_encoder_parameters"]:,} |
+| text_encoder_2 | T5EncoderModel (last hidden states), d_model {model["t5_dim"]}, {model["text_layers"]} layers, {model["t5_heads"]} heads x {model["t5_d_kv"]}, gated-GELU FFN {model["t5_ff"]}, {model.get("t5_buckets", 8)} relative-position buckets over {model.get("t5_max_distance", 32)} tokens | {metrics["text_encoder_2_parameters"]:,} |
+| tokenizer, tokenizer_2 | the UNet toy world's word-level tokenizer (both), max length {seq} | - |
+| VAE | the committed UNet toy world VAE, weights unchanged; `shift_factor` {metrics["latent_shift_factor"]:.4f} (latent mean), `scaling_factor` {metrics["latent_scaling_factor"]:.4f} (1 / latent std) | {metrics["vae_parameters"]:,} |
+| scheduler | FlowMatchEulerDiscreteScheduler, `use_dynamic_shifting` (FLUX.1's base/max shift 0.5/1.15 at 256/4096 tokens: shift {_flux_shift(model):.3f} at 16 tokens) | - |
+
+The blocks' attention and FFNs (double blocks: `attn`, `ff`, `ff_context`; single blocks: `attn`,
+`proj_mlp`, `proj_out`) hold {100 * metrics["transformer_share"]:.1f}% of the transformer's parameters (the rest:
+adaLN modulations, embedders, output layer).
+
+## Training
+
+- Data: the UNet toy world's fixed training set ({trained["dataset_images"]} images, {100 * cfg["two_object_fraction"]:.0f}% two-object,
+  held-out captions excluded), encoded once by the VAE (latents sampled from the posterior each step).
+- Transformer + both text encoders jointly: {trained["transformer_steps"]} steps x {cfg["batch"]}, AdamW lr {cfg["lr"]:g}
+  (text {cfg["text_lr"]:g}, weight decay {cfg["weight_decay"]:g}), {cfg["warmup_steps"]} warmup steps then cosine to {cfg["min_lr_ratio"]:g}x,
+  rectified flow on packed latents (`x_t = (1 - s) x0 + s noise`, velocity target `noise - x0`; the
+  transformer gets `t = s` in [0, 1], as FluxPipeline passes `timestep / 1000`),
+  {cfg["timestep_sampling"].replace("_", "-")} `s` (mean {cfg["logit_mean"]:g}, std {cfg["logit_std"]:g}) shifted as the sampler shifts it, {100 * cfg["caption_dropout"]:.0f}% caption dropout (`""` for
+  both encoders: true classifier-free guidance), adaLN-Zero initialisation, gradient clipping 1.0,
+  EMA {cfg["ema_decay"]}; the EMA weights are shipped.
+- Loss log: `train_log.csv` (stage, step, loss, lr, elapsed_s).
+
+## Metrics
+
+Sampler: flow-matching Euler, {gen["num_inference_steps"]} steps, true CFG scale **{gen["guidance_scale"]}** (`true_cfg_scale`,
+`negative_prompt=""`, fixed), `max_sequence_length={seq}`. Graded by the UNet toy world's attribute classifier
+(`data/toy/classifier`, GenEval-style, `slimdiff.toy.evaluate.attribute_accuracy`).
+
+Held-out captions (never trained on: {len(held_single)} single, {len(held_two)} two-object), {gen["samples_per_heldout_caption"]} samples each:
+
+{_table(gen["heldout"])}
+
+A sample of training captions, one image each:
+
+{_table(gen["train_sample"])}
+
+- Test reference (`tests/test_toy_flux.py`: 9 single + 24 two-object held-out captions, seed 1234; the fast
+  test re-samples the first 12 and compares each image's exact match, `test_subset_exact` in `metrics.json`):
+  single exact {100 * metrics["test_subset"]["single"]["exact"]:.1f}%, two-object exact {100 * metrics["test_subset"]["two"]["exact"]:.1f}%.
+- Sampling the 64-image grid took {t["grid_64_s"]:.1f} s.
+
+## Grid
+
+![grid](grid.png)
+
+Held-out captions, row-major, 8 per row:
+
+```
+{grid_list}
+```
+"""
+    path = out / "MODEL_CARD.md"
+    path.write_text(text)
+    return path
+
+
+def _flux_shift(model: dict) -> float:
+    from slimdiff.toy.flux import ToyFluxConfig
+
+    return ToyFluxConfig(**model).scheduler_shift

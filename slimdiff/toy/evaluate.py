@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from slimdiff.toy.data import caption_kind, caption_slot_labels, label_to_attributes
+from slimdiff.toy.data import IMAGE_SIZE, caption_kind, caption_slot_labels, label_to_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ def sample_images(
     batch_size: int = 64,
     progress: bool = False,
 ) -> np.ndarray:
-    """Generate one image per caption: uint8 (N, 32, 32, 3). Deterministic given ``seed``."""
+    """Generate one image per caption: uint8 (N, 32, 32, 3). Deterministic given ``seed``. The
+    guidance is applied the pipeline family's way (:func:`slimdiff.evaluation.pipeline_call_kwargs`:
+    true CFG with an empty negative prompt for the toy FLUX)."""
+    from slimdiff.evaluation import pipeline_call_kwargs
+
     pipe.set_progress_bar_config(disable=not progress)
     generator = torch.Generator("cpu").manual_seed(seed)
     out = []
@@ -105,7 +109,9 @@ def sample_images(
         result = pipe(
             batch,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            **pipeline_call_kwargs(pipe, guidance_scale, len(batch)),
+            height=IMAGE_SIZE,  # the SD pipelines' default here; FluxPipeline's is 128 latents
+            width=IMAGE_SIZE,
             generator=generator,
             output_type="np",
         )

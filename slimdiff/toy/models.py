@@ -215,9 +215,14 @@ def save_pipeline_fp16(pipe, out_dir: str | Path) -> Path:
 def transformer_share(model) -> float:
     """Fraction of the denoiser's parameters inside the modules SlimDiff compresses (every unit's
     attention and feed-forward module, norms and biases included). An MMDiT is counted directly over
-    its joint blocks (:func:`joint_block_share`)."""
+    its joint blocks (:func:`joint_block_share`), a FLUX transformer over its double and single blocks
+    (:func:`slimdiff.toy.flux.flux_block_share`: the single blocks' ``proj_out`` included)."""
     if _joint_blocks(model):
         return joint_block_share(model)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from slimdiff.toy.flux import flux_block_share
+
+        return flux_block_share(model)
     from slimdiff.adapter import compression_units, count_parameters
 
     modules = {}
