@@ -48,8 +48,8 @@ from slimdiff.arch.base import (
     randn,
     register_adapter,
 )
-from slimdiff.arch.mmdit import CONTEXT_FFN
-from slimdiff.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key, ffn_key
+from slimdiff.arch.mmdit import CONTEXT_FFN, _ffn
+from slimdiff.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 
 #: text tokens the FLUX pipelines give the transformer by default (``max_sequence_length``)
 FLUX_TEXT_LEN = 512
@@ -107,25 +107,6 @@ def _attention(model: nn.Module, block: str, single: bool) -> list[UnitInfo]:
         rope=True,
     )
     return attention_units(model, block, "attn", layout)
-
-
-def _double_ffn(model: nn.Module, block: str, name: str) -> UnitInfo:
-    from diffusers.models.activations import GELU
-
-    ff = model.get_submodule(f"{block}.{name}")
-    if not isinstance(ff.net[0], GELU):
-        raise UnsupportedModelError(
-            f"{block}.{name}: expected a GELU feed-forward, got {type(ff.net[0]).__name__}"
-        )
-    key = ffn_key(block) if name == "ff" else f"{block}.{name}.hidden"
-    layout = FFNLayout(
-        f"{block}.{name}.net.0.proj",
-        f"{block}.{name}.net.{len(ff.net) - 1}",
-        False,
-        key,
-        "image" if name == "ff" else "text",
-    )
-    return ffn_unit(model, f"{block}.{name}", block, layout)
 
 
 def _single_ffn(model: nn.Module, block: str) -> UnitInfo:
@@ -390,8 +371,8 @@ class FluxAdapter(ModelAdapter):
                 units += _attention(model, name, True)
                 units.append(_single_ffn(model, name))
             else:
-                units.append(_double_ffn(model, name, "ff"))
-                units.append(_double_ffn(model, name, CONTEXT_FFN))
+                units.append(_ffn(model, name, "ff"))
+                units.append(_ffn(model, name, CONTEXT_FFN))
                 units += _attention(model, name, False)
         return {u.name: u for u in units}
 
