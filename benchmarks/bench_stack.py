@@ -130,7 +130,9 @@ class FirstBlockCache:
     def enable(self, pipe) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-        apply_first_block_cache(getattr(pipe, self.attr), FirstBlockCacheConfig(threshold=self.threshold))
+        model = getattr(pipe, self.attr)
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=self.threshold))
+        forget_child_registries(model)
 
     @contextlib.contextmanager
     def around_call(self, pipe):
@@ -144,6 +146,16 @@ class FirstBlockCache:
             yield
         finally:
             _set_cache_context(model, None)
+
+
+def forget_child_registries(model) -> None:
+    """diffusers 0.42 caches a model's list of hooked submodules the first time a cache context is set
+    (``HookRegistry._get_child_registries``) and never refreshes it: a pipeline call made before the
+    cache was applied (FluxPipeline sets ``cache_context("cond")`` on every call) leaves the blocks'
+    new hooks without a context ("No cache context is set"). Drop the stale list."""
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(model)._child_registries_cache = None
 
 
 class PyramidAttentionBroadcast:
@@ -180,6 +192,7 @@ class PyramidAttentionBroadcast:
             current_timestep_callback=lambda: self._t[0],
         )
         apply_pyramid_attention_broadcast(model, config)
+        forget_child_registries(model)
 
     @contextlib.contextmanager
     def around_call(self, pipe):

@@ -272,7 +272,7 @@ def build_flux_slice() -> torch.nn.Module:
 @functools.cache
 def toy_pipe(source: str = "toy"):
     """The committed toy pipeline of ``source`` ("toy": SD-architecture UNet, "toy-mmdit": SD3-class
-    MMDiT), loaded once per process."""
+    MMDiT, "toy-flux": FLUX.1-class), loaded once per process."""
     from slimdiff.models import load_pipeline
 
     return load_pipeline(source)
@@ -394,5 +394,14 @@ SPECS: dict[str, DenoiserSpec] = {
         32,
         64,
         toy_stats_of("toy-mmdit"),
+    ),
+    "toy-flux": DenoiserSpec(
+        "toy-flux",
+        "the committed toy FLUX (FluxTransformer2DModel), trained weights, calibrated as `slimdiff run` does",
+        toy_build("toy-flux"),
+        toy_inputs_of("toy-flux"),
+        32,
+        64,
+        toy_stats_of("toy-flux"),
     ),
 }
