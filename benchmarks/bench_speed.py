@@ -337,6 +337,11 @@ def parse_args(argv):
         help="also time original and compressed under torch.compile (for the first plan kind's budgets)",
     )
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/speed_<model>_<device>.md")
+    ap.add_argument(
+        "--tag",
+        default="",
+        help="results file speed_<model>[_<tag>]_<device>.md: a run of some plans beside the full table",
+    )
     args = ap.parse_args(argv)
     on_cpu = torch.device(args.device).type == "cpu"
     args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 3)
@@ -490,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(report)
     if args.write:
-        out = ROOT / "benchmarks" / "results" / f"speed_{spec.name}_{device.type}.md"
+        out = (
+            ROOT
+            / "benchmarks"
+            / "results"
+            / f"speed_{spec.name}{'_' + args.tag if args.tag else ''}_{device.type}.md"
+        )
         out.write_text(report + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
         print(f"wrote {out}")
@@ -518,12 +528,16 @@ def render(
     lines = [
         f"# Speed: {spec.description}",
         "",
+        f"Written by `python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`.",
+        "",
         f"batch {batch}, {resolution} px, {args.dtype} on {device.type} ({hw}, torch {torch.__version__}, "
         f"{args.threads} threads pinned); {args.warmup} warm-up forward(s) per model, then {args.reps} interleaved "
         "pairs (ABBA), wall clock. speedup = median original / median compressed, [range of the per-pair "
         "ratios]; bound = FLOPs before / after (slimdiff.flops; attention matmuls at the widths that run); "
         f"target: measured >= {TARGET_EFFICIENCY:.0%} of the bound and >= 1.0x. Plans: `error` = the committed "
-        "params.yaml allocation; statistics "
+        "params.yaml allocation (parameter budget), `error-flops` = the same allocation with the budget in "
+        "FLOPs of one forward at the timed shape (each fraction = that share of the compressible FLOPs "
+        "removed); statistics "
         + (
             f"not collected ({no_stats[0]}): uniform plans only"
             + (f" (skipped: {', '.join(no_stats[1])})" if no_stats[1] else "")

@@ -74,12 +74,18 @@ class Variant:
     # "joint": one allocation over all units; "per-stream": image, text and joint units each remove
     # the budget's fraction of their own parameters (slimdiff.streams.plan_per_group)
     split: Literal["joint", "per-stream"] = "joint"
+    # what the allocation spends when the config's budgets count FLOPs (``AblationConfig.budget_kind``):
+    # "budget": FLOPs directly (mode error only: the exact solver costs each option in FLOPs);
+    # "params": a parameter budget, set to remove the same FLOPs (the smallest such parameter budget)
+    spend: Literal["budget", "params"] = "budget"
 
     def __post_init__(self) -> None:
         if self.split not in ("joint", "per-stream"):
             raise ValueError(
                 f"Variant {self.name}: split must be 'joint' or 'per-stream', got {self.split!r}"
             )
+        if self.spend not in ("budget", "params"):
+            raise ValueError(f"Variant {self.name}: spend must be 'budget' or 'params', got {self.spend!r}")
         if self.mode not in (None, "error", "influence", "uniform"):
             raise ValueError(
                 f"Variant {self.name}: mode must be 'error', 'influence' or 'uniform', got {self.mode!r}"
@@ -192,6 +198,27 @@ def flux_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, 
     )
 
 
+def cost_variants(base_n: int = 64) -> tuple[Variant, ...]:
+    """Rows at equal FLOPs (issue 25, ``AblationConfig(budget_kind="flops")``): the error-driven
+    allocation spending FLOPs at the serving shape, the same allocation under the parameter budget
+    that removes as many FLOPs (the committed default's currency), and uniform ranks removing as
+    many FLOPs."""
+    base = f"fps-{base_n}"
+    return (
+        Variant("error-flops", "method", "error-driven, FLOPs at the serving shape as the budget", base),
+        Variant(
+            "error-params",
+            "method",
+            "error-driven under a parameter budget, sized to remove the same FLOPs",
+            base,
+            spend="params",
+        ),
+        Variant(
+            "uniform-allocation", "method", "same keep ratio for every unit, same FLOPs", base, mode="uniform"
+        ),
+    )
+
+
 def mmdit_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
     """The MMDiT rows (issue 15): the default (RMSNorm-aware QK selection, one joint allocation),
     the two other QK options (projection after the norms; QK left whole), uniform allocation, a
@@ -247,11 +274,19 @@ class AblationConfig:
     multiple: int = 8
     damping: float = 1e-2
     ffn_selection: str = "shared"
+    # what a budget is a share of: the compressible parameters ("params") or the compressible FLOPs
+    # of one denoiser forward at the serving shape ("flops": every row of a budget removes the same
+    # FLOPs, see Variant.spend); serving: allocation.serving (height, width, batch, text_len)
+    budget_kind: Literal["params", "flops"] = "params"
+    serving: tuple[int | None, int | None, int, int | None] = (None, None, 2, None)
 
     def __post_init__(self) -> None:
+        if self.budget_kind not in ("params", "flops"):
+            raise ValueError(f"budget_kind must be 'params' or 'flops', got {self.budget_kind!r}")
+        what = "parameters" if self.budget_kind == "params" else "FLOPs"
         for b in (*self.budgets, self.slimset_budget, self.module_budget):
             if not 0.0 < b < 1.0:
-                raise ValueError(f"budgets are shares of compressible parameters removed, in (0, 1); got {b}")
+                raise ValueError(f"budgets are shares of the compressible {what} removed, in (0, 1); got {b}")
         names = [c.name for c in self.calibration_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"calibration_sets names must be unique, got {names}")
@@ -323,6 +358,44 @@ def calibration_prompts(
         raise ValueError(f"{spec.name}: n={n} exceeds the {len(candidates)} candidate prompts")
     idx = np.random.default_rng(seed).choice(len(candidates), size=n, replace=False)
     return [candidates[i] for i in sorted(idx.tolist())]
+
+
+def removed_flops_share(plan, units: Mapping, costs) -> float:
+    """Share of the compressible FLOPs of ``units`` (at ``costs``' serving shape) that ``plan`` removes."""
+    zero = costs.plan_flops({n: 0 for n in units})
+    after = costs.plan_flops({n: u.rank for n, u in plan.units.items() if n in units})
+    return (costs.total - after) / (costs.total - zero)
+
+
+def plan_matching_flops(by_params: Callable[[int], Any], units: Mapping, costs, share: float):
+    """The plan of the smallest parameter removal (``by_params(removed_params)``) that removes at
+    least ``share`` of the compressible FLOPs: bisection on the removed parameters, whose FLOPs are
+    close to monotone (ranks only fall as the parameter budget shrinks, except where the exact
+    solver trades one unit for another); the returned plan is checked, not assumed, to reach the
+    share. InfeasibleBudgetError when even the largest removal does not."""
+    from slimdiff.allocation import InfeasibleBudgetError
+
+    def reaches(plan) -> bool:
+        return removed_flops_share(plan, units, costs) >= share - 1e-12
+
+    lo, hi = 0, sum(u.full_params for u in units.values()) - 1
+    best = None
+    while lo <= hi:  # invariant: every removal < lo fails; best (if any) reaches the share
+        mid = (lo + hi) // 2
+        try:
+            plan = by_params(mid)
+        except InfeasibleBudgetError:
+            hi = mid - 1  # too much removed for r_min: search lower
+            continue
+        if reaches(plan):
+            best, hi = plan, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        raise InfeasibleBudgetError(
+            f"no parameter budget removes {100 * share:.0f}% of the compressible FLOPs of these units"
+        )
+    return best
 
 
 def with_unet(pipe, unet):
@@ -477,6 +550,19 @@ def run_ablation(
     images: dict[str, np.ndarray] = {"original": original.images} if keep_images else {}
     keep = {(name, round(b, 6)) for name, b in keep_images}
 
+    # FLOP cost models at the serving shape, one per (QK option, unit set) (budget_kind "flops")
+    cost_cache: dict = {}
+
+    def flop_costs(qk_norm: str, units: dict):
+        from slimdiff.flops import serving_shape, unit_flop_costs
+
+        key = (qk_norm, tuple(sorted(units)))
+        if key not in cost_cache:
+            h, w, batch, text_len = cfg.serving
+            shape = serving_shape(pipe, height=h, width=w, batch=batch, text_len=text_len)
+            cost_cache[key] = unit_flop_costs(denoiser, shape, qk_norm, units)
+        return cost_cache[key]
+
     # 4. every (variant, budget)
     rows: list[dict] = []
     protocol: dict = {}
@@ -508,17 +594,30 @@ def run_ablation(
                 profiles=profiles[(v.calibration, v.weighting)],
             )
             scores = influence[(v.calibration, v.weighting)].score_of()
-            try:
+
+            def by_params(removed_params: int, units=units, scores=scores, solver=solver, v=v):
                 if v.split == "per-stream":  # each group its share of the whole budget's removal
-                    plan = plan_per_group(
+                    return plan_per_group(
                         denoiser,
                         units,
-                        removed / sum(u.full_params for u in units.values()),
+                        removed_params / sum(u.full_params for u in units.values()),
                         influence=scores,
                         **solver,
                     )
+                return plan_ranks(scores, units, Budget(removed_params=removed_params), **solver)
+
+            try:
+                if cfg.budget_kind == "params":
+                    plan = by_params(removed)
                 else:
-                    plan = plan_ranks(scores, units, Budget(removed_params=removed), **solver)
+                    costs = flop_costs(v.qk_norm, units)
+                    if row["mode"] == "error" and v.spend == "budget" and v.split == "joint":
+                        plan = plan_ranks(
+                            scores, units, Budget(removed_flops_fraction=budget), costs=costs, **solver
+                        )
+                    else:
+                        plan = plan_matching_flops(by_params, units, costs, budget)
+                    row["flops_removed_share"] = removed_flops_share(plan, units, costs)
             except InfeasibleBudgetError as err:
                 row.update(status="infeasible", message=str(err))
                 logger.info("%s @ %.0f%%: infeasible", v.name, 100 * budget)
@@ -595,7 +694,7 @@ def _num(v: float | None, digits: int) -> str:
 TABLE_COLUMNS = (
     "variant",
     "removed",
-    "UNet params",
+    "denoiser params",
     "exact %",
     "1-obj exact %",
     "2-obj exact %",
@@ -684,6 +783,11 @@ def _original_row(original: dict, fd_cls: bool = False) -> list[str]:
     return _with_fd_cls(cells, _num(original.get("fd_cls"), 1), fd_cls)
 
 
+def budget_currency(config: Mapping) -> str:
+    """What the result's budgets are shares of: "parameters" or "FLOPs" (``AblationConfig.budget_kind``)."""
+    return "FLOPs" if config.get("budget_kind", "params") == "flops" else "parameters"
+
+
 def ablation_table(result: AblationResult) -> str:
     """Markdown: one table per budget (original first), then the SlimSet and module sections.
     The "FD cls" column (classifier-feature FD) appears when the result measured it."""
@@ -694,10 +798,11 @@ def ablation_table(result: AblationResult) -> str:
     out: list[str] = []
     sections: list[tuple[str, Callable[[dict], bool]]] = []
     budgets = result.config["budgets"]
+    currency = budget_currency(result.config)
     for b in budgets:
         sections.append(
             (
-                f"### {100 * b:.0f}% of the compressible parameters removed: methods",
+                f"### {100 * b:.0f}% of the compressible {currency} removed: methods",
                 lambda r, b=b: r["group"] == "method" and r["budget"] == b,
             )
         )
@@ -886,12 +991,12 @@ def readme_summary(
     p, orig = result.protocol, result.original
     o_exact = (orig.get("accuracy") or {}).get("all", {}).get("exact")
     lines = [
-        f"### Ablation on {what} (equal parameter budgets)",
+        f"### Ablation on {what} (equal {'FLOP' if budget_currency(result.config) == 'FLOPs' else 'parameter'} budgets)",
         "",
         f"`{command}` compresses {what} ({result.config['unet_params']:,} parameters, "
         f"{result.config['compressible_params']:,} in the compressible set) at "
         + ", ".join(f"{100 * b:.0f}%" for b in result.config["budgets"])
-        + " of the compressible parameters removed and evaluates every variant against the original on the "
+        + f" of the compressible {budget_currency(result.config)} removed and evaluates every variant against the original on the "
         f"{p.get('n_prompts')} held-out captions ({p.get('images_per_prompt')} images each, seeds {p.get('seed')}+k, "
         f"{p.get('num_inference_steps')} steps {p.get('sampler', '')}, guidance {p.get('guidance_scale')}). "
         f"It took {result.seconds['total'] / 60:.1f} min on this machine.",

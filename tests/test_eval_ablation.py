@@ -214,3 +214,95 @@ def test_default_variants_cover_the_issue():
     AblationConfig().resolved_variants()  # every default variant names a known calibration set
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         AblationConfig(budgets=(0.0,))
+
+
+# -- budgets in FLOPs (issue 25): rows compared at equal FLOPs ------------------------------------------
+class _Costs:
+    """A FLOP cost model with known answers: each unit costs ``per_rank`` FLOPs per kept rank on top
+    of a fixed ``rest``."""
+
+    def __init__(self, full: dict[str, int], per_rank: dict[str, int], rest: int):
+        self.full, self.per_rank, self.rest = full, per_rank, rest
+        self.total = self.plan_flops(full)
+
+    def plan_flops(self, ranks):
+        return self.rest + sum(self.per_rank[n] * int(ranks.get(n, self.full[n])) for n in self.full)
+
+
+def test_plan_matching_flops_finds_the_smallest_parameter_removal_that_removes_the_flops():
+    """Against brute force over every parameter removal: a uniform-ratio 'allocator' over three
+    units whose FLOPs per parameter differ, so the FLOPs removed are monotone but not proportional
+    to the parameters removed."""
+    from types import SimpleNamespace
+
+    from slimdiff.ablation import plan_matching_flops, removed_flops_share
+
+    full = {"a": 64, "b": 32, "c": 16}
+    cost_per_rank = {"a": 10, "b": 40, "c": 5}  # parameters per rank
+    costs = _Costs(full, per_rank={"a": 7, "b": 300, "c": 1}, rest=5000)
+    units = {n: SimpleNamespace(full_params=full[n] * cost_per_rank[n]) for n in full}
+    total_params = sum(u.full_params for u in units.values())
+
+    def by_params(removed: int):
+        keep = 1.0 - removed / total_params
+        return SimpleNamespace(units={n: SimpleNamespace(rank=int(full[n] * keep)) for n in full})
+
+    for share in (0.1, 0.37, 0.5, 0.9):
+        got = plan_matching_flops(by_params, units, costs, share)
+        brute = next(
+            p for p in range(total_params) if removed_flops_share(by_params(p), units, costs) >= share
+        )
+        assert {n: u.rank for n, u in got.units.items()} == {
+            n: u.rank for n, u in by_params(brute).units.items()
+        }
+        assert removed_flops_share(got, units, costs) >= share
+    # every unit at rank 0 removes exactly the compressible FLOPs: share 1 is not reachable below
+    # the whole compressible set
+    assert (
+        removed_flops_share(SimpleNamespace(units={n: SimpleNamespace(rank=0) for n in full}), units, costs)
+        == 1.0
+    )
+
+
+def test_equal_flops_rows_remove_the_same_flops(judges):
+    """budget_kind="flops" on the tiny pipeline: every row removes at least the budget's share of the
+    compressible FLOPs at the serving shape, and the FLOP-spending row overshoots by less than one
+    rank step (``multiple`` ranks) of the unit whose step costs the most FLOPs."""
+    from slimdiff.ablation import cost_variants
+
+    pipe = tiny_toy_pipeline()
+    cfg = AblationConfig(
+        budgets=(0.4,),
+        calibration_sets=(CalibrationSet("fps-6", "fps", 6),),
+        variants=tuple(
+            Variant(v.name, v.group, v.description, "fps-6", mode=v.mode, spend=v.spend)
+            for v in cost_variants()
+        ),
+        calibration_steps=2,
+        n_buckets=2,
+        calibration_batch_size=3,
+        budget_kind="flops",
+    )
+    result = run_ablation(
+        pipe,
+        POOL,
+        EVAL_PROMPTS,
+        eval_params(latency_repeats=1),
+        cfg,
+        embedder=PipelineTextEmbedder(pipe),
+        judges=judges,
+    )
+    rows = {r["variant"]: r for r in result.rows}
+    assert set(rows) == {"error-flops", "error-params", "uniform-allocation"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["flops_removed_share"] >= 0.4 - 1e-12
+    from slimdiff.adapter import compression_units, denoiser_of
+    from slimdiff.flops import serving_shape, unit_flop_costs
+
+    model = denoiser_of(pipe)
+    units = compression_units(model)
+    costs = unit_flop_costs(model, serving_shape(pipe), "select", units)
+    compressible = costs.total - costs.plan_flops({n: 0 for n in units})
+    step = max(cfg.multiple * costs.per_rank[n] for n in units if n in costs.per_rank) / compressible
+    assert rows["error-flops"]["flops_removed_share"] < 0.4 + step
