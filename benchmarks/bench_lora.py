@@ -40,6 +40,27 @@ into ``data/toy-mmdit/lora/`` and the results into ``lora_toy_mmdit.md`` / ``_gr
 ``.json``. Sampling the MMDiT costs more than the UNet (272 text tokens: the 256 zero T5 tokens),
 so to stay near 10 minutes its defaults (``SOURCES``) grade 40 of the 88 toy held-out captions;
 the new-color captions (40 x 2 images) and the training (800 steps) are the UNet's.
+
+``--source toy-flux``: the same measurement for the toy FLUX (``data/toy-flux``, FLUX.1
+architecture: ``FluxTransformer2DModel``, issue 24), ``OMP_NUM_THREADS=1 python
+benchmarks/bench_lora.py --source toy-flux --threads 1 --write``: about 10 minutes on 2 idle cores (the
+``--quick`` smoke run: under a minute). Its defaults (``FLUX_DEFAULTS``) use that the toy FLUX samples
+fast (16 image + 16 text tokens): 1600 training steps (twice the UNet's), all 82 held-out new-color
+captions x 2 images and all 88 toy held-out captions. The LoRA goes on
+every double block's joint attention (``attn.to_q/to_k/to_v/to_out.0`` and the text stream's
+``add_q_proj/add_k_proj/add_v_proj/to_add_out``) and both FFNs (``ff`` and ``ff_context``
+``net.0.proj`` / ``net.2``), and on every single block's ``attn.to_q/to_k/to_v``, ``proj_mlp`` and
+``proj_out`` (the output projection of the packed [attention | MLP] input, which the projection maps
+block by block: ``slimdiff.lora.PackedMap``): every linear of the blocks the compression rewrites. It
+is trained with the transformer and both text encoders frozen (their states computed once) by the
+objective of ``slimdiff.toy.train_flux`` with the committed toy's settings (``data/toy-flux/
+metrics.json``): rectified flow on 2x2-packed latents with RoPE position ids, velocity target, the
+transformer gets ``t = s`` in [0, 1] (FLUX's convention), logit-normal ``s`` shifted as the sampler
+shifts it at 16 image tokens, caption dropout to ``""`` for both encoders (true CFG); same data mix,
+caption split, new color and rule. The toy FLUX is sampled as everywhere in slimdiff
+(``slimdiff.evaluation.pipeline_call_kwargs``: FluxPipeline's true classifier-free guidance with
+``negative_prompt=""`` and ``max_sequence_length=16``). Written as ``transformer.<module>.lora_A.weight``
+into ``data/toy-flux/lora/``, the results into ``lora_toy_flux.md`` / ``_grid.png`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -98,7 +119,34 @@ MMDIT_TARGET_SUFFIXES = (
     "ff_context.net.0.proj",
     "ff_context.net.2",
 )
+#: the FLUX's: every linear of a double block (both streams' attention and FFNs) ...
+FLUX_DOUBLE_SUFFIXES = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+#: ... and of a single block (q, k, v, the MLP's input and the shared, packed output projection)
+FLUX_SINGLE_SUFFIXES = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+#: as ``lora_targets`` matches them (``.proj_out`` names only the single blocks' layer, not the
+#: transformer's final ``proj_out``; ``attn.to_q/to_k/to_v`` match in both kinds of block)
+FLUX_TARGET_SUFFIXES = FLUX_DOUBLE_SUFFIXES + tuple(
+    s for s in FLUX_SINGLE_SUFFIXES if s not in FLUX_DOUBLE_SUFFIXES
+)
 LORA_FILE = "orange.safetensors"
+#: the toy FLUX samples fast (32 tokens: 16 image + 16 text, ~0.1 s per image with true CFG on one
+#: thread), so within ~10 minutes it grades all 82 held-out new-color captions (4 single + 78
+#: two-object, 2 images each) and all 88 toy held-out captions, and trains twice the UNet's steps
+#: (1600, ~0.2 s each: ~5 of the ~10 minutes)
+FLUX_DEFAULTS = {"steps": 1600, "new_prompts": 82, "images_per_prompt": 2, "old_prompts": None}
 
 #: per --source: LoRA prefix and targets, output names, and the defaults of the arguments left
 #: unset (the MMDiT samples slower than the UNet: fewer held-out images to stay near 10 minutes)
@@ -117,6 +165,13 @@ SOURCES = {
         "lora_dir": ROOT / "data" / "toy-mmdit" / "lora",
         "defaults": {"steps": 800, "new_prompts": 40, "images_per_prompt": 2, "old_prompts": 40},
     },
+    "toy-flux": {
+        "prefix": "transformer",
+        "targets": FLUX_TARGET_SUFFIXES,
+        "stem": "lora_toy_flux",
+        "lora_dir": ROOT / "data" / "toy-flux" / "lora",
+        "defaults": FLUX_DEFAULTS,
+    },
 }
 
 
@@ -128,12 +183,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--source",
         default="toy",
         choices=sorted(SOURCES),
-        help="toy world: the UNet (default) or the MMDiT (SD3 family)",
+        help="toy world: the UNet (default), the MMDiT (SD3 family) or the FLUX (FLUX.1 family)",
     )
     ap.add_argument("--write", action="store_true", help="write the results (and the LoRA) into --out")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument(
-        "--lora-dir", type=Path, default=None, help="default: data/toy/lora, data/toy-mmdit/lora (MMDiT)"
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="default: data/toy/lora, data/toy-mmdit/lora (MMDiT), data/toy-flux/lora (FLUX)",
     )
     ap.add_argument("--lora", type=Path, default=None, help="use this LoRA file instead of training one")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -142,22 +200,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     # training
     ap.add_argument("--rank", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="default: 800")
+    ap.add_argument("--steps", type=int, default=None, help="default: 800 (FLUX: 1600)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dataset", type=int, default=4096, help="rendered training images (half new-color)")
     ap.add_argument("--new-share", type=float, default=0.5, help="share of new-color images in training")
     # evaluation
-    ap.add_argument("--new-prompts", type=int, default=None, help="held-out new-color captions (default 40)")
+    ap.add_argument(
+        "--new-prompts", type=int, default=None, help="held-out new-color captions (default 40; FLUX: all 82)"
+    )
     ap.add_argument("--images-per-prompt", type=int, default=None, help="images per new-color caption (2)")
     ap.add_argument(
-        "--old-prompts", type=int, default=None, help="toy held-out captions (default: all 88; MMDiT: 40)"
+        "--old-prompts",
+        type=int,
+        default=None,
+        help="toy held-out captions (default: all 88; MMDiT: 40)",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, one budget, 8 + 16 captions")
     ap.add_argument(
         "--rerender",
         action="store_true",
-        help="only rewrite lora_toy[_mmdit].md (and the LoRA card) from --out/lora_toy[_mmdit].json; "
+        help="only rewrite lora_toy[_mmdit|_flux].md (and the LoRA card) from --out/lora_toy[_mmdit|_flux].json; "
         "no model runs",
     )
     args = ap.parse_args(argv)
@@ -438,6 +501,94 @@ def train_lora_mmdit(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
     return state, info
 
 
+def flux_train_config():
+    """The toy FLUX's own training settings (``data/toy-flux/metrics.json``: noise-level sampling,
+    caption dropout, text length; the scheduler shift follows from its model config), defaults if
+    it is missing."""
+    from slimdiff.models import toy_flux_pipeline_dir
+    from slimdiff.toy.train_flux import FluxTrainConfig
+
+    metrics = toy_flux_pipeline_dir().parent / "metrics.json"
+    config = json.loads(metrics.read_text()).get("config") if metrics.is_file() else None
+    return FluxTrainConfig(**config) if config else FluxTrainConfig()
+
+
+@torch.no_grad()
+def flux_text_states(pipe, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both frozen encoders' outputs as FluxPipeline's ``encode_prompt`` builds them (one toy
+    tokenizer, ``max_sequence_length`` = ``max_length``): T5's last hidden states and CLIP's pooled
+    output, ((N, L, D), (N, P))."""
+    from slimdiff.toy.flux import encode_prompt_ids
+
+    tok = pipe.tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    return encode_prompt_ids(pipe.text_encoder, pipe.text_encoder_2, tok.input_ids)
+
+
+def train_lora_flux(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the LoRA on the ORIGINAL toy FLUX transformer (left unchanged) with the objective of
+    ``slimdiff.toy.train_flux`` and the committed toy's settings: rectified flow on 2x2-packed
+    latents (FLUX's latent normalisation) with the pipeline's RoPE position ids, velocity target,
+    the transformer gets ``t = s`` in [0, 1] (FLUX's convention), logit-normal ``s`` with the
+    sampler's shift, caption dropout to the ``""`` states of both encoders (true CFG). The text
+    encoders are frozen, so their states are computed once. Returns (fp16 state dict, info)."""
+    from slimdiff.toy.flux import pack_latents, position_ids
+    from slimdiff.toy.train_mmdit import flow_matching_pair, sample_sigmas
+
+    cfg = flux_train_config()
+    max_length = cfg.model.max_length
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    means, stds, cap_idx, unique, _ = training_data(pipe, args.dataset, args.new_share, args.seed)
+    states, pooled = flux_text_states(pipe, unique, max_length)  # (U, L, D), (U, P)
+    u_states, u_pooled = flux_text_states(pipe, [""], max_length)  # the negative prompt of true CFG
+    t_data = time.perf_counter() - t0
+    transformer = pipe.transformer
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    targets = lora_targets(transformer, FLUX_TARGET_SUFFIXES)
+    hooks = LoraHooks(transformer, targets, args.rank, args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    shift, scale = float(pipe.vae.config.shift_factor), float(pipe.vae.config.scaling_factor)
+    img_ids, txt_ids = position_ids(max_length)
+
+    def batch_loss(_step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+        mean, std = means[idx], stds[idx]
+        x0 = pack_latents((mean + std * torch.randn(mean.shape, generator=gen) - shift) * scale)
+        st, po = states[cap_idx[idx]].clone(), pooled[cap_idx[idx]].clone()
+        drop = torch.from_numpy(rng.random(args.batch) < cfg.caption_dropout)
+        st[drop], po[drop] = u_states[0], u_pooled[0]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(cfg, args.batch, gen)
+        noisy, target = flow_matching_pair(x0, noise, sigma)
+        pred = transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=st,
+            pooled_projections=po,
+            timestep=sigma,  # FluxPipeline passes timestep / 1000 = sigma
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=None,
+        ).sample
+        return F.mse_loss(pred, target)
+
+    losses, t_train = optimise(hooks, args, batch_loss)
+    state = hooks.state_dict(torch.float16, prefix="transformer")
+    info = training_info(args, targets, state, losses, t_data, t_train, FLUX_TARGET_SUFFIXES)
+    info["objective"] = {
+        "timestep_sampling": cfg.timestep_sampling,
+        "logit_mean": cfg.logit_mean,
+        "logit_std": cfg.logit_std,
+        "scheduler_shift": cfg.model.scheduler_shift,
+        "caption_dropout": cfg.caption_dropout,
+        "max_sequence_length": max_length,
+    }
+    return state, info
+
+
 def save_lora(state: dict[str, torch.Tensor], info: dict, folder: Path, source: str = "toy") -> Path:
     from safetensors.torch import save_file
 
@@ -446,10 +597,17 @@ def save_lora(state: dict[str, torch.Tensor], info: dict, folder: Path, source: 
     src = SOURCES[source]
     prefix = src["prefix"]
     # scale 1 (alpha = r): diffusers' convention without alphas; the metadata says so explicitly
+    # PEFT matches target_modules by name suffix: FLUX's "proj_out" would also name the
+    # transformer's final layer, so the FLUX LoRA lists its module paths
+    targets = list(src["targets"])
+    if source == "toy-flux":
+        targets = sorted(
+            k[len(prefix) + 1 : -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")
+        )
     meta = {
         f"{prefix}.r": info["rank"],
         f"{prefix}.lora_alpha": info["rank"],
-        f"{prefix}.target_modules": list(src["targets"]),
+        f"{prefix}.target_modules": targets,
     }
     save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
     write_card(info, folder, source)
@@ -460,6 +618,8 @@ def write_card(info: dict, folder: Path, source: str = "toy") -> Path:
     """The LoRA's card (``README.md`` next to it) from the training info."""
     if source == "toy-mmdit":
         return write_card_mmdit(info, folder)
+    if source == "toy-flux":
+        return write_card_flux(info, folder)
     kinds = ", ".join(f"`{k}`" for k in TARGET_SUFFIXES)
     card = f"""# orange: a LoRA teaching the toy UNet a fifth color
 
@@ -521,6 +681,54 @@ color position. It is the LoRA of `benchmarks/bench_lora.py --source toy-mmdit` 
 """
     (folder / "README.md").write_text(card)
     return folder / "README.md"
+
+
+def write_card_flux(info: dict, folder: Path) -> Path:
+    """The FLUX LoRA's card."""
+    obj = info.get("objective", {})
+    card = f"""# orange: a LoRA teaching the toy FLUX a fifth color
+
+A diffusers/PEFT-format LoRA (`transformer.<module>.lora_A.weight` / `lora_B.weight`, fp16, scale 1)
+for the committed toy FLUX (`data/toy-flux/pipeline`, FLUX.1 architecture: `FluxTransformer2DModel`
+with double- and single-stream blocks, per-head q/k RMSNorms, rotary position embeddings, no
+guidance embedding). It teaches the model to draw "orange" (RGB (240, 145, 35),
+`slimdiff.toy.newcolor`), a color the toy data set does not have; the toy tokenizer (both encoders')
+reads the word as `<unk>`, so the LoRA draws orange for `<unk>` in a color position. It is the LoRA
+of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lora_toy_flux.md`).
+
+- Targets: {info["targets"]} linears: {flux_target_text()}; rank {info["rank"]},
+  {info["lora_params"]:,} parameters. The single blocks' `proj_out` reads the packed
+  [attention output | MLP hidden] input; a compressed model gets each column block through its own
+  unit's map (`slimdiff.lora.PackedMap`).
+- Training: transformer and both text encoders frozen (their states computed once); {info["dataset"]}
+  rendered images (a share of {info["new_share"]:g} new-color captions of the training split of
+  `slimdiff.toy.newcolor`, the rest ordinary toy training captions, 75% two-object), VAE posterior
+  samples with FLUX's latent normalisation; {info["steps"]} steps x {info["batch"]}, AdamW lr
+  {info["lr"]:g} (5% warmup, cosine to 10%), the base model's objective (`slimdiff.toy.train_flux`,
+  its settings from `data/toy-flux/metrics.json`: rectified flow on 2x2-packed latents with the
+  pipeline's RoPE position ids, `x_t = (1 - s) x0 + s noise`, velocity target `noise - x0`, the
+  transformer gets `t = s` in [0, 1] as FluxPipeline passes it, {obj.get("timestep_sampling", "?")}
+  `s` (mean {obj.get("logit_mean", "?")}, std {obj.get("logit_std", "?")}) shifted by
+  {obj.get("scheduler_shift", float("nan")):.3f} (the sampler's dynamic shift at 16 image tokens),
+  {100 * obj.get("caption_dropout", 0):g}% caption dropout to the `""` states of both encoders, the
+  {obj.get("max_sequence_length", "?")} T5 tokens the toy is sampled with), seed {info["seed"]},
+  {info["threads"]} CPU thread(s), {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f}
+  (first 50 steps) -> {info["loss_last_50"]:.4f} (last 50).
+- Use: FluxPipeline with true classifier-free guidance (`true_cfg_scale`, `negative_prompt=""`,
+  `max_sequence_length=16`, 32 x 32 px), as `slimdiff.evaluation.pipeline_call_kwargs` sets it.
+- Reproduce: `python benchmarks/bench_lora.py --source toy-flux --threads {info["threads"]} --write`
+  (trains it again; the thread count changes the order of floating-point reductions, so the
+  weights are reproducible only with the same thread count).
+"""
+    (folder / "README.md").write_text(card)
+    return folder / "README.md"
+
+
+def flux_target_text() -> str:
+    """Which layers of the toy FLUX the LoRA targets, in words."""
+    double = ", ".join(f"`{k}`" for k in FLUX_DOUBLE_SUFFIXES)
+    single = ", ".join(f"`{k}`" for k in FLUX_SINGLE_SUFFIXES)
+    return f"every double block's {double} and every single block's {single}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,7 +865,29 @@ def _db(v) -> str:
 
 
 def _texts(source: str) -> dict[str, str]:
-    """The words of the report that differ between the toy UNet and the toy MMDiT."""
+    """The words of the report that differ between the toy UNet, MMDiT and FLUX."""
+    if source == "toy-flux":
+        return {
+            "title": "# LoRA on the compressed toy FLUX",
+            "command": "python benchmarks/bench_lora.py --source toy-flux",
+            "model": "toy FLUX (`data/toy-flux`, FLUX.1 architecture: `FluxTransformer2DModel`, double-stream "
+            "blocks with joint attention and single-stream blocks with parallel attention + MLP, per-head "
+            "q/k RMSNorms, rotary position embeddings, no guidance embedding)",
+            "params": "transformer params",
+            "denoiser": "FLUX transformer",
+            "blocks": None,  # two kinds of block: flux_target_text
+            "frozen": "transformer and both text encoders frozen (their states computed once)",
+            "objective": "the base model's objective and settings (`slimdiff.toy.train_flux`, "
+            "`data/toy-flux/metrics.json`: rectified flow on 2x2-packed latents with the pipeline's RoPE "
+            "position ids, velocity target, `t = s` in [0, 1] as FluxPipeline passes it, logit-normal noise "
+            "levels with the sampler's shift at 16 image tokens)",
+            "dropout_to": ' (both encoders get the `""` states: true CFG)',
+            "unk_state": "T5 token state (and its effect on CLIP's pooled output)",
+            "sampler": "flow-matching Euler (FLUX's dynamic shift) with FluxPipeline's true classifier-free "
+            'guidance (`true_cfg_scale`, `negative_prompt=""`, `max_sequence_length=16`: '
+            "`slimdiff.evaluation.pipeline_call_kwargs`),",
+            "stem": "lora_toy_flux",
+        }
     if source == "toy-mmdit":
         return {
             "title": "# LoRA on the compressed toy MMDiT",
@@ -696,28 +926,55 @@ def coverage_lines(cov: dict | None) -> list[str]:
         for kind, names in cov["linears"].items()
     )
     unmappable = "; ".join(f"`{k}`: {r}" for k, r in cov["unmappable"].items()) or "none"
+    single = any(n.startswith("single.") for names in cov["linears"].values() for n in names)
+    packed = (
+        " Names `single.*` are the single blocks' layers, the other block names the double blocks'; "
+        "`cols_packed`: a single block's `proj_out`, whose input columns are [attention output | MLP "
+        "hidden], each column block through its own unit's map (`slimdiff.lora.PackedMap`)."
+        if single
+        else ""
+    )
     return [
         f"- What the projection can map, per linear layer of the transformer (the maps of the "
         f"{cov['removed']} model): {kinds}. Unmappable (no map recorded): {unmappable}. A LoRA on an "
         "`identity` layer carries over as it is: layers of units this plan keeps whole (here the "
         "attention linears listed under identity) and those compression never touches (adaLN "
         "modulations, embedders, the output layer). Not LoRA targets at all: the per-head q/k RMSNorm gains "
-        f"({cov['norms']} norms; the QK coordinate selection rewrites them), which are not linear layers.",
+        f"({cov['norms']} norms; the QK coordinate selection rewrites them), which are not linear layers."
+        + packed,
     ]
 
 
 def layer_coverage(model: nn.Module, label: str) -> dict:
     """Per linear layer of a compressed ``model``: the kind of its recorded LoRA map (or
-    "identity"), grouped by the layer's name inside its block; unmappable layers with the reason."""
+    "identity"; "cols_packed" for a linear whose column blocks have maps of their own, a FLUX single
+    block's ``proj_out``), grouped by the layer's name inside its block (a FLUX single block's:
+    ``single.<name>``); unmappable layers with the reason."""
+    from slimdiff.arch.base import split_path
     from slimdiff.lora import maps_of
 
     maps = maps_of(model)
+    packed: dict[str, list[str]] = {}
+    for key in (*maps.layers, *maps.unmappable):
+        base, cols = split_path(key)
+        if cols is not None:
+            packed.setdefault(base, []).append(key)
     linears: dict[str, dict[str, int]] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or name in maps.unmappable:
             continue
-        kind = maps.layers[name].kind if name in maps.layers else "identity"
-        short = name.split(".", 2)[2] if name.startswith("transformer_blocks.") else name
+        if any(k in maps.unmappable for k in packed.get(name, ())):
+            continue
+        if name in maps.layers:
+            kind = maps.layers[name].kind
+        else:
+            kind = "cols_packed" if name in packed else "identity"
+        if name.startswith("transformer_blocks."):
+            short = name.split(".", 2)[2]
+        elif name.startswith("single_transformer_blocks."):
+            short = "single." + name.split(".", 2)[2]
+        else:
+            short = name
         linears.setdefault(kind, {})
         linears[kind][short] = linears[kind].get(short, 0) + 1
     norms = sum(
@@ -791,20 +1048,27 @@ def render_md(res: dict) -> str:
         "",
         "## Protocol",
         "",
-        f"- LoRA: rank {tr['rank']} on {tr['targets']} linears (every {w['blocks']} "
-        f"{', '.join(tr['target_kinds'])}), {tr['lora_params']:,} parameters, stored fp16 "
+        f"- LoRA: rank {tr['rank']} on {tr['targets']} linears ("
+        + (
+            flux_target_text().replace("`", "")
+            if source == "toy-flux"
+            else f"every {w['blocks']} {', '.join(tr['target_kinds'])}"
+        )
+        + f"), {tr['lora_params']:,} parameters, stored fp16 "
         f"(`{p['lora_file']}`) and used upcast to fp32. "
         + (
             f"Trained here: {w['frozen']}, {tr['dataset']} renders ({tr['new_share']:g} "
             f"orange captions of the training split, the rest ordinary training captions, 75% two-object), "
-            f"{tr['steps']} steps x {tr['batch']}, AdamW lr {tr['lr']:g}, {w['objective']}, 10% caption dropout, "
+            f"{tr['steps']} steps x {tr['batch']}, AdamW lr {tr['lr']:g}, {w['objective']}, "
+            f"{100 * (tr.get('objective') or {}).get('caption_dropout', 0.1):g}% caption dropout"
+            f"{w.get('dropout_to', '')}, "
             f"seed {tr['seed']}; loss {tr['loss_first_50']:.4f} (first 50 steps) -> {tr['loss_last_50']:.4f} "
             "(last 50)."
             if tr.get("steps")
             else "Loaded from the file (not retrained in this run)."
         ),
-        '- "orange" is not a word of the toy tokenizer: it is read as `<unk>`, whose frozen text-encoder '
-        "state the LoRA learns to draw as orange.",
+        '- "orange" is not a word of the toy tokenizer: it is read as `<unk>`, whose frozen '
+        f"{w.get('unk_state', 'text-encoder state')} the LoRA learns to draw as orange.",
         f"- New-color captions: {p['new_prompts']} held-out captions ({p['new_single']} single, "
         f"{p['new_two']} two-object; the split of `slimdiff.toy.newcolor`, never trained on) x "
         f"{p['new_images_per_prompt']} images.",
@@ -823,7 +1087,7 @@ def render_md(res: dict) -> str:
         + ".",
         *coverage_lines(res.get("layer_coverage")),
         f"- Run: {res['seconds']['total'] / 60:.1f} min on {p['threads']} CPU thread(s) of {p['machine']} "
-        f"(nice 19, next to other jobs): "
+        + (f"(nice {p['nice']}): " if "nice" in p else "(nice 19, next to other jobs): ")
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items() if k != "total")
         + ".",
         "",
@@ -847,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     src = SOURCES[args.source]
-    stem, mmdit = src["stem"], args.source == "toy-mmdit"
+    stem, mmdit = src["stem"], args.source != "toy"  # mmdit: a transformer toy (MMDiT or FLUX)
     if args.rerender:
         result = json.loads((args.out / f"{stem}.json").read_text())
         (args.out / f"{stem}.md").write_text(render_md(result))
@@ -871,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     if mmdit:
         from slimdiff.models import load_pipeline
 
-        pipe = load_pipeline("toy-mmdit")
+        pipe = load_pipeline(args.source)
     else:
         pipe = load_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -917,7 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
         info["lora_params"] = sum(v.numel() for v in state.values())
         lora_file = args.lora
     else:
-        state, info = (train_lora_mmdit if mmdit else train_lora)(pipe, args)
+        trainer = {"toy": train_lora, "toy-mmdit": train_lora_mmdit, "toy-flux": train_lora_flux}
+        state, info = trainer[args.source](pipe, args)
         lora_file = args.lora_dir / LORA_FILE
         if args.write:
             lora_file = save_lora(state, info, args.lora_dir, args.source)
@@ -1061,6 +1326,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f", qk_norm {params.compression.qk_norm}" if mmdit else ""),
             "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()}-core",
+            "nice": os.nice(0),
             "quick": args.quick,
             **({"source": args.source} if mmdit else {}),
         },
