@@ -294,7 +294,9 @@ def is_attention_module(m: nn.Module) -> bool:
 
 #: the processors that pad q/k and v heads to one width (``padded_sdpa``)
 def pads_heads(processor: Any) -> bool:
-    return isinstance(processor, SlimAttnProcessor | SlimJointAttnProcessor | SlimFluxAttnProcessor)
+    return isinstance(
+        processor, SlimAttnProcessor | SlimJointAttnProcessor | SlimFluxAttnProcessor | SlimQwenAttnProcessor
+    )
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -369,6 +371,98 @@ class SlimFluxAttnProcessor:
         n_text = encoder_hidden_states.shape[1]
         c_out, out = out[:, :n_text], out[:, n_text:]
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(c_out.contiguous())
+
+
+def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent coordinate pairs (2i, 2i+1) of x (B, H, N, r), read as complex numbers
+    x_2i + i x_2i+1, by the unit complex table ``freqs`` (H or 1, N, r / 2) (or (N, r / 2)), in
+    float32: the arithmetic of Qwen-Image's ``apply_rotary_emb_qwen(use_real=False)``."""
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+
+
+class SlimQwenAttnProcessor:
+    """diffusers ``QwenDoubleStreamAttnProcessor2_0`` (Qwen-Image's joint attention) for compressed
+    per-head widths, with the rotary tables narrowed to each head's kept pairs.
+
+    Image tokens are projected by ``to_q/to_k/to_v``, text tokens by ``add_q_proj/add_k_proj/
+    add_v_proj`` at the compressed widths (r_qk, r_vo per head), split into heads (B, H, N, r) and
+    normalised by the per-head norms (stock ``RMSNorm`` or ``HeadwiseRMSNorm`` after pair
+    selection). Both streams get their own rotary table (``image_rotary_emb`` = (image, text)
+    complex tables (N, d_h / 2): Qwen-Image gives text tokens positions too), gathered at the kept
+    pairs of the attention's ``slim_rope_index`` (H, r_qk) when its QK was narrowed. The streams are
+    concatenated [text; image] as the stock processor does, the padded text tokens
+    (``encoder_hidden_states_mask`` False) are masked out of the keys with the stock processor's
+    joint mask, attention runs through ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h), and the
+    output is split again and returned as (image output after ``to_out``, text output after
+    ``to_add_out``)."""
+
+    slimdiff_supported = True
+
+    def __init__(self, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
+        self.scale = float(scale)
+
+    def __repr__(self) -> str:
+        return f"SlimQwenAttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if encoder_hidden_states is None:
+            raise ValueError("SlimQwenAttnProcessor requires encoder_hidden_states (the text stream)")
+        if attention_mask is not None:
+            raise ValueError(
+                "SlimQwenAttnProcessor does not accept an external attention_mask (as the stock "
+                "QwenDoubleStreamAttnProcessor2_0): pass encoder_hidden_states_mask"
+            )
+        batch_size, heads, n_text = hidden_states.shape[0], attn.heads, encoder_hidden_states.shape[1]
+        if encoder_hidden_states_mask is not None:  # the stock joint mask: [text mask | every image token]
+            image_mask = torch.ones(
+                (batch_size, hidden_states.shape[1]), dtype=torch.bool, device=hidden_states.device
+            )
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, heads*r) -> (B, heads, N, r)
+            return x.view(batch_size, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        def norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+            return x if module is None else module(x)
+
+        query = norm(attn.norm_q, split(attn.to_q(hidden_states)))
+        key = norm(attn.norm_k, split(attn.to_k(hidden_states)))
+        value = split(attn.to_v(hidden_states))
+        c_query = norm(attn.norm_added_q, split(attn.add_q_proj(encoder_hidden_states)))
+        c_key = norm(attn.norm_added_k, split(attn.add_k_proj(encoder_hidden_states)))
+        c_value = split(attn.add_v_proj(encoder_hidden_states))
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb  # complex (N_image, d_h / 2), (N_text, d_h / 2)
+            index = getattr(attn, "slim_rope_index", None)
+            if index is not None:  # (H, r) whole pairs (2p, 2p+1) -> (H, N, r / 2) tables of pairs p
+                pairs = index[:, 0::2].to(img_freqs.device) // 2
+                img_freqs = img_freqs[:, pairs].permute(1, 0, 2)
+                txt_freqs = txt_freqs[:, pairs].permute(1, 0, 2)
+            query, key = apply_rope_complex(query, img_freqs), apply_rope_complex(key, img_freqs)
+            c_query, c_key = apply_rope_complex(c_query, txt_freqs), apply_rope_complex(c_key, txt_freqs)
+        # text tokens first, as the stock processor
+        query = torch.cat([c_query, query], dim=2)
+        key = torch.cat([c_key, key], dim=2)
+        value = torch.cat([c_value, value], dim=2)
+
+        out = padded_sdpa(query, key, value, scale=self.scale, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch_size, -1, heads * value.shape[-1]).to(query.dtype)
+        c_out, out = out[:, :n_text], out[:, n_text:]
+        out = attn.to_out[0](out.contiguous())
+        if len(attn.to_out) > 1:
+            out = attn.to_out[1](out)  # dropout
         return out, attn.to_add_out(c_out.contiguous())
 
 

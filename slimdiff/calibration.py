@@ -14,7 +14,9 @@ only the upper triangle at half the flops, or one GEMM on accelerators; one batc
 for attention) and added to the float64 sums, so memory is fixed by the model, never by the number
 of prompts or steps. The collector must be created after the model is on its device. Tokens are counted, not batches: cross-attention keys see the text tokens,
 everything else the image tokens, and both classifier-free-guidance branches count because both
-pass through the UNet.
+pass through the UNet. Padded tokens are never counted: a site whose layout names a padding mask
+(PixArt's masked cross-attention keys; ``arch.base.TokenMask``, e.g. Qwen-Image's padded text
+tokens) keeps only the tokens the mask of the current call lets through.
 
 The timestep bucket comes from the UNet's own ``timestep`` argument (a forward pre-hook with kwargs
 on the UNet), mapped through ``scheduler.timesteps``: this works however the pipeline batches the
@@ -27,6 +29,7 @@ per-prompt generator seeded from ``seed + global prompt index``, so sharded runs
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -209,7 +212,8 @@ class ActivationCollector:
         self._schedule: list[float] | None = None  # unique timesteps of the sampler, in order
         self._schedule_src: torch.Tensor | None = None
         self._step_of_t: dict[float, int] = {}
-        self._masks: dict[str, torch.Tensor | None] = {}  # attention path -> its current attention_mask
+        # (module path, argument) -> the mask of its current call (``StatSite.mask_module``, ``.mask_arg``)
+        self._masks: dict[tuple[str, str], torch.Tensor | None] = {}
         self.meta: dict = {}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -229,10 +233,10 @@ class ActivationCollector:
                 self._handles.append(
                     self.model.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True)
                 )
-            for path in sorted({s.mask_module for s in self._sites if s.mask_module}):
+            for path, arg in sorted({(s.mask_module, s.mask_arg) for s in self._sites if s.mask_module}):
                 self._handles.append(
                     self.model.get_submodule(path).register_forward_pre_hook(
-                        self._mask_hook(path), with_kwargs=True
+                        self._mask_hook(path, arg), with_kwargs=True
                     )
                 )
             for site in self._sites:
@@ -296,9 +300,18 @@ class ActivationCollector:
         self._bucket = value
 
     # -- hooks ------------------------------------------------------------------------------
-    def _mask_hook(self, path: str) -> Callable:
+    def _mask_hook(self, path: str, arg: str) -> Callable:
+        """Record the ``arg`` argument of every call of the module at ``path`` (by keyword, or by its
+        position in the module's forward signature: ``attention_mask`` is an attention's third)."""
+        params = list(inspect.signature(self.model.get_submodule(path).forward).parameters)
+        position = params.index(arg) if arg in params else None
+
         def hook(module, args, kwargs):
-            self._masks[path] = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+            if arg in kwargs:
+                self._masks[(path, arg)] = kwargs[arg]
+            else:
+                given = position is not None and position < len(args)
+                self._masks[(path, arg)] = args[position] if given else None
 
         return hook
 
@@ -308,6 +321,7 @@ class ActivationCollector:
         host = None if self._host is None else self._host[key]
         upper_only = site.key in self._upper_only
         mask_module, head_major, cols = site.mask_module, site.head_major, site.cols
+        mask_key = (site.mask_module, site.mask_arg)
 
         def record(x: torch.Tensor) -> None:
             if self._muted:
@@ -319,8 +333,8 @@ class ActivationCollector:
                     x = x.flatten(2)
                 if cols is not None:  # a packed linear's input: this statistic's columns only
                     x = x[..., cols[0] : cols[1]]
-                if mask_module is not None:  # padded key tokens never enter the statistics
-                    keep = _kept_tokens(self._masks.get(mask_module), x.shape[-2])
+                if mask_module is not None:  # padded tokens never enter the statistics
+                    keep = _kept_tokens(self._masks.get(mask_key), x.shape[-2])
                     if keep is not None:
                         x = x[keep.to(x.device)]  # (kept tokens, features)
                 if heads:

@@ -332,3 +332,112 @@ def tiny_flux_pipeline(tmp: Path, seed: int = 0):
         tokenizer_2=tokenizer_2,
         transformer=tiny_flux_transformer(seed),
     )
+
+
+# -- Qwen-Image ------------------------------------------------------------------------------------
+QWEN_HW = 32  # px: latents 1/2 of it (VAE scale factor 2), packed in 2x2 patches -> 8x8 = 64 image tokens
+QWEN_TEXT_DIM = 16  # the text encoder's hidden size = the transformer's joint_attention_dim
+QWEN_TOKENIZER_LEN = 128  # the tokenizer's model_max_length (the pipeline passes max_length itself)
+QWEN_LATENT_CHANNELS = 16  # as Qwen-Image's VAE (z_dim)
+#: the words of QwenImagePipeline's prompt template; with "\n" as a token its prefix (system message
+#: and "<|im_start|>user\n") is 34 tokens, the pipeline's ``prompt_template_encode_start_idx``,
+#: as with the real Qwen2 tokenizer, and 5 template tokens follow the prompt
+QWEN_TEMPLATE_WORDS = [
+    *("system", "Describe", "the", "image", "by", "detailing", "color", ",", "shape", "size"),
+    *("texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and"),
+    *("background", ":", "user", "assistant"),
+]
+
+
+def qwen_tokenizer(path: Path, max_len: int = QWEN_TOKENIZER_LEN):
+    """A word-level fast tokenizer with Qwen2's chat special tokens and "\\n" as a token (the
+    template's newlines), no BOS / EOS appended (as Qwen2's), saved to ``path`` and reloaded."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]  # pad, chat markers, unk
+    words = list(dict.fromkeys(["\n", *QWEN_TEMPLATE_WORDS, *WORDS]))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]+"), behavior="removed", invert=True)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=max_len,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+    ).save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def tiny_qwenimage_transformer(seed: int = 0, joint_attention_dim: int = QWEN_TEXT_DIM):
+    """A Qwen-Image-shaped QwenImageTransformer2DModel: 2 double-stream blocks, 2 heads x 16 (inner
+    dim 32), RoPE axes (4, 6, 6) (Qwen-Image: 16 + 56 + 56 = 128), 2x2 packed 16-channel latents."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * QWEN_LATENT_CHANNELS,
+        out_channels=QWEN_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_qwenimage_pipeline(tmp: Path, seed: int = 0):
+    """A tiny ``QwenImagePipeline``: a one-layer Qwen2.5-VL text encoder (``Qwen2_5_VLForConditional
+    Generation`` from config, hidden size 16 = joint_attention_dim; its one-block vision tower is
+    never called for text prompts), the tokenizer of ``qwen_tokenizer``, a one-level
+    AutoencoderKLQwenImage (16 latent channels, scale factor 2) and ``tiny_qwenimage_transformer``.
+    The pipeline wraps each prompt in its chat template, drops the template's first 34 tokens and
+    pads a batch to its longest prompt, passing ``encoder_hidden_states_mask`` when a batch has
+    padding. Call it with ``height=width=QWEN_HW`` (the default is 128 x scale factor = 256 px).
+    ``tmp`` holds the tokenizer."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer(Path(tmp) / "tokenizer")
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=QWEN_TEXT_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=QWEN_TEXT_DIM,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            window_size=4,
+            fullatt_block_indexes=[0],
+        ),
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=QWEN_LATENT_CHANNELS, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False]
+    ).eval()
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=tiny_qwenimage_transformer(seed),
+    )

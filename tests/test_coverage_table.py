@@ -91,6 +91,13 @@ def expected_flux() -> dict[str, int]:
     return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
 
 
+def expected_qwenimage() -> dict[str, int]:
+    from diffusers import QwenImageTransformer2DModel
+
+    n = defaults(QwenImageTransformer2DModel)["num_layers"]
+    return {"ffn": 2 * n, "qk": n, "vo": n}  # img_mlp and txt_mlp, one joint attention per block
+
+
 @pytest.mark.parametrize(
     "name, family, expected",
     [
@@ -98,6 +105,7 @@ def expected_flux() -> dict[str, int]:
         ("PixArtTransformer2DModel", "PixArt-alpha / PixArt-Sigma", expected_pixart),
         ("SD3Transformer2DModel", "SD3 / SD3.5 MMDiT", expected_sd3),
         ("FluxTransformer2DModel", "FLUX.1", expected_flux),
+        ("QwenImageTransformer2DModel", "Qwen-Image", expected_qwenimage),
     ],
 )
 def test_supported_families_and_their_unit_counts(coverage, name, family, expected):

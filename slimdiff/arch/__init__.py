@@ -6,12 +6,13 @@ layouts, build example inputs), import it below, and add its tests. Stages, stor
 do not change.
 """
 
-from slimdiff.arch import flux, mmdit, pixart, unet  # noqa: F401  (registration order = lookup order)
+from slimdiff.arch import flux, mmdit, pixart, qwenimage, unet  # noqa: F401  (registration order = lookup order)
 from slimdiff.arch.base import (
     AttentionLayout,
     FFNLayout,
     ModelAdapter,
     StatSite,
+    TokenMask,
     UnitInfo,
     UnsupportedModelError,
     adapter_for,
@@ -27,6 +28,7 @@ __all__ = [
     "FFNLayout",
     "ModelAdapter",
     "StatSite",
+    "TokenMask",
     "UnitInfo",
     "UnsupportedModelError",
     "adapter_for",

@@ -45,6 +45,17 @@ class UnsupportedModelError(ValueError):
 # Layouts and units
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TokenMask:
+    """Where a token stream's padding mask is: the ``arg`` argument of every call of the module at
+    ``module``, a (B, N) mask of the stream's N tokens, boolean (True: a real token) or additive
+    (0: a real token, large negative: padding). The statistics of that stream keep only the real
+    tokens (Qwen-Image: the blocks' boolean ``encoder_hidden_states_mask`` marks padded text)."""
+
+    module: str
+    arg: str
+
+
+@dataclass(frozen=True)
 class FFNLayout:
     proj_in: str  # nn.Linear d -> inner (gated: d -> 2 * inner, rows [hidden | gate])
     proj_out: str  # nn.Linear inner -> d
@@ -52,6 +63,8 @@ class FFNLayout:
     hidden_key: str  # statistic: second moment of proj_out's input (the intermediate h)
     # the token stream the FFN acts on: "image" (the latent tokens) or "text" (MMDiT's ff_context)
     stream: str = "image"
+    # the padding mask of that stream (None: every token is real)
+    token_mask: TokenMask | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ class AttentionLayout:
     # rotary position embeddings rotate coordinate pairs (2i, 2i+1) of q and k after the norms
     # (FLUX and its descendants): the QK unit is compressed by keeping whole pairs (METHOD.md "RoPE")
     rope: bool = False
+    # padding mask of the text stream (None: every text token is real): the statistics of the text
+    # linears (and of the text stream's q/k norms) keep only real tokens, so padded text tokens
+    # enter neither the text queries nor the keys image queries see nor the text attention output
+    text_mask: TokenMask | None = None
 
     @property
     def qk_norm(self) -> bool:
@@ -134,9 +151,10 @@ class StatSite:
     kind: Literal["pre", "post"]
     heads: int  # 0: one full gram; else per-head grams
     shape: tuple[int, ...]
-    mask_module: str | None = None  # attention module whose attention_mask selects the tokens
+    mask_module: str | None = None  # module whose calls carry the mask that selects the tokens
     head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
     cols: tuple[int, int] | None = None  # a packed linear's input: only features [start, stop) are this key's
+    mask_arg: str = "attention_mask"  # the argument of mask_module's calls that holds the mask
 
 
 def packed_path(path: str, start: int, stop: int | None = None) -> str:
@@ -262,37 +280,83 @@ def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLa
     ]
 
 
+def _mask_of(mask: TokenMask | None) -> dict:
+    """StatSite keyword arguments for the tokens ``mask`` selects (none: every token)."""
+    return {} if mask is None else {"mask_module": mask.module, "mask_arg": mask.arg}
+
+
+def _stream_mask(lay: AttentionLayout, path: str) -> dict:
+    """StatSite mask arguments of an attention linear's tokens: its stream's padding mask."""
+    return _mask_of(lay.text_mask) if path in lay.text_linears else {}
+
+
+def _key_mask(lay: AttentionLayout, path: str) -> dict:
+    """... of a key linear's tokens: the attention's own mask under ``masked_keys``."""
+    return {"mask_module": lay.module} if lay.masked_keys else _stream_mask(lay, path)
+
+
 def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
     """The statistics every unit's decomposition reads, as hook sites (derived from the layouts):
     FFN: proj_out's input; QK: the query and key linears' outputs, per head; VO: the out linears'
-    inputs, per head. Several linears feeding one key (two token streams) add into one sum."""
+    inputs, per head. Several linears feeding one key (two token streams) add into one sum. Padded
+    tokens are left out where the layout names a mask: keys under ``masked_keys`` (the attention's
+    ``attention_mask``), the text stream's sites under ``text_mask``, an FFN under ``token_mask``."""
     sites: list[StatSite] = []
     for u in units.values():
         lay = u.layout
         if isinstance(lay, FFNLayout):
             inner = u.full_rank
             module, cols = _site(model, lay.proj_out)
-            sites.append(StatSite(lay.hidden_key, module, "pre", 0, (inner, inner), cols=cols))
-        elif u.kind == "qk":
-            shape = (lay.heads, lay.head_dim, lay.head_dim)
-            sites += [StatSite(lay.query_key, p, "post", lay.heads, shape) for p in lay.query]
-            mask = lay.module if lay.masked_keys else None
-            sites += [StatSite(lay.key_key, p, "post", lay.heads, shape, mask) for p in lay.key]
-            # after the per-head norms; the last norm of norms_q belongs to unused queries when the
-            # attention has some (MMDiT's last block): only the measured streams' norms count
-            for p in lay.norms_q[: len(lay.query)]:
-                sites.append(
-                    StatSite(lay.query_normed_key, p, "post", lay.heads, shape, None, lay.norms_head_major)
+            sites.append(
+                StatSite(
+                    lay.hidden_key, module, "pre", 0, (inner, inner), cols=cols, **_mask_of(lay.token_mask)
                 )
-            for p in lay.norms_k:
+            )
+            continue
+        shape = (lay.heads, lay.head_dim, lay.head_dim)
+        if u.kind == "qk":
+            sites += [
+                StatSite(lay.query_key, p, "post", lay.heads, shape, **_stream_mask(lay, p))
+                for p in lay.query
+            ]
+            sites += [
+                StatSite(lay.key_key, p, "post", lay.heads, shape, **_key_mask(lay, p)) for p in lay.key
+            ]
+            # after the per-head norms (aligned with the streams' query / key linears); the last norm
+            # of norms_q belongs to unused queries when the attention has some (MMDiT's last block):
+            # only the measured streams' norms count
+            for p, q in zip(lay.norms_q[: len(lay.query)], lay.query, strict=False):
                 sites.append(
-                    StatSite(lay.key_normed_key, p, "post", lay.heads, shape, mask, lay.norms_head_major)
+                    StatSite(
+                        lay.query_normed_key,
+                        p,
+                        "post",
+                        lay.heads,
+                        shape,
+                        head_major=lay.norms_head_major,
+                        **_stream_mask(lay, q),
+                    )
+                )
+            for p, k in zip(lay.norms_k, lay.key, strict=False):
+                sites.append(
+                    StatSite(
+                        lay.key_normed_key,
+                        p,
+                        "post",
+                        lay.heads,
+                        shape,
+                        head_major=lay.norms_head_major,
+                        **_key_mask(lay, k),
+                    )
                 )
         elif u.kind == "vo":
-            shape = (lay.heads, lay.head_dim, lay.head_dim)
             for p in lay.out:
                 module, cols = _site(model, p)
-                sites.append(StatSite(lay.attnout_key, module, "pre", lay.heads, shape, cols=cols))
+                sites.append(
+                    StatSite(
+                        lay.attnout_key, module, "pre", lay.heads, shape, cols=cols, **_stream_mask(lay, p)
+                    )
+                )
     return sites
 
 
@@ -443,7 +507,6 @@ UNSUPPORTED_BLOCKS = {
     "AuraFlowJointTransformerBlock": "AuraFlow",
     "AuraFlowSingleTransformerBlock": "AuraFlow",
     "WanTransformerBlock": "Wan",
-    "QwenImageTransformerBlock": "Qwen-Image",
 }
 
 
