@@ -369,33 +369,14 @@ def removed_flops_share(plan, units: Mapping, costs) -> float:
 
 def plan_matching_flops(by_params: Callable[[int], Any], units: Mapping, costs, share: float):
     """The plan of the smallest parameter removal (``by_params(removed_params)``) that removes at
-    least ``share`` of the compressible FLOPs: bisection on the removed parameters, whose FLOPs are
-    close to monotone (ranks only fall as the parameter budget shrinks, except where the exact
-    solver trades one unit for another); the returned plan is checked, not assumed, to reach the
-    share. InfeasibleBudgetError when even the largest removal does not."""
-    from slimdiff.allocation import InfeasibleBudgetError
+    least ``share`` of the compressible FLOPs (``slimdiff.allocation.smallest_params_plan``: a
+    bisection whose result is checked to reach the share). InfeasibleBudgetError when even the
+    largest removal does not."""
+    from slimdiff.allocation import smallest_params_plan
 
-    def reaches(plan) -> bool:
-        return removed_flops_share(plan, units, costs) >= share - 1e-12
-
-    lo, hi = 0, sum(u.full_params for u in units.values()) - 1
-    best = None
-    while lo <= hi:  # invariant: every removal < lo fails; best (if any) reaches the share
-        mid = (lo + hi) // 2
-        try:
-            plan = by_params(mid)
-        except InfeasibleBudgetError:
-            hi = mid - 1  # too much removed for r_min: search lower
-            continue
-        if reaches(plan):
-            best, hi = plan, mid - 1
-        else:
-            lo = mid + 1
-    if best is None:
-        raise InfeasibleBudgetError(
-            f"no parameter budget removes {100 * share:.0f}% of the compressible FLOPs of these units"
-        )
-    return best
+    return smallest_params_plan(
+        by_params, units, lambda plan: removed_flops_share(plan, units, costs) >= share - 1e-12
+    )
 
 
 def with_unet(pipe, unet):

@@ -98,8 +98,8 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -1264,6 +1264,67 @@ def check_feasible(
     return target
 
 
+def smallest_params_plan(
+    by_params: Callable[[int], RankPlan], units: Mapping[str, UnitInfo], meets: Callable[[RankPlan], bool]
+) -> RankPlan:
+    """The plan ``by_params(removed_params)`` of the smallest parameter removal whose plan ``meets``
+    a condition (a cost target: FLOPs or latency at a serving shape), by bisection over the removed
+    parameters. Costs fall as more parameters go, though not strictly (a rounding or an exact
+    solver may trade one unit for another), so the returned plan is checked, not assumed, to meet
+    the condition; removals the allocator finds infeasible count as too large.
+    InfeasibleBudgetError when no removal meets it."""
+    lo, hi = 0, sum(u.full_params for u in units.values()) - 1
+    best = None
+    while lo <= hi:  # every removal below lo fails; best (if any) meets the condition
+        mid = (lo + hi) // 2
+        try:
+            plan = by_params(mid)
+        except InfeasibleBudgetError:
+            hi = mid - 1
+            continue
+        if meets(plan):
+            best, hi = plan, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        raise InfeasibleBudgetError("no parameter budget of these units meets the cost target")
+    return best
+
+
+def _plan_by_params_to_cost(influence, units, budget, costs, **opts) -> RankPlan:
+    """Modes "uniform" / "influence" under a FLOP or latency budget: their ratios are rounded under
+    a parameter count, so the count is the smallest one whose plan fits the cost budget."""
+    tie = opts.pop("tie_qk_vo")
+    target = check_feasible(
+        units, budget, opts["r_min"], opts["multiple"], opts["model_params"], costs=costs, tie_qk_vo=tie
+    )
+    limit = target + costs.plan_cost(dict.fromkeys(units, 0))
+
+    def by_params(removed: int) -> RankPlan:
+        return plan_ranks(
+            influence, units, Budget(removed_params=removed), costs=costs, tie_qk_vo=tie, **opts
+        )
+
+    def fits(plan: RankPlan) -> bool:
+        return costs.plan_cost({n: u.rank for n, u in plan.units.items()}) <= limit
+
+    try:
+        plan = smallest_params_plan(by_params, units, fits)
+    except InfeasibleBudgetError as err:
+        raise InfeasibleBudgetError(f"budget {budget.to_dict()}: {err}") from err
+    record = dict(plan.cost_model)
+    if costs.kind == "flops":
+        record.update(cost="flops", target_flops=limit)
+    else:
+        record.update(cost="latency", target_latency_s=costs.seconds(limit))
+    solver = {
+        **plan.solver,
+        "cost_search": "the smallest parameter budget whose plan fits the cost budget (bisection)",
+        "removed_params": plan.budget.get("removed_params"),
+    }
+    return replace(plan, budget=budget.to_dict(), target_params=None, solver=solver, cost_model=record)
+
+
 def plan_ranks(
     influence: Mapping[str, float] | None,
     units: Mapping[str, UnitInfo],
@@ -1310,12 +1371,21 @@ def plan_ranks(
                 else f"budget {budget.to_dict()} counts latency: plan_ranks needs costs="
                 "slimdiff.latency.unit_latency_costs(model, ServingShape(...)) (a measured latency table)"
             )
-        if mode != "error":
-            raise ValueError(
-                f"{'FLOP' if budget.in_flops else 'latency'} budgets are solved by mode 'error' only (mode "
-                f"{mode!r} rounds continuous ratios under a parameter count)"
-            )
         _check_cost_kind(budget, costs)
+        if mode != "error":  # ratios rounded under a parameter count: the smallest count that meets the cost
+            return _plan_by_params_to_cost(
+                influence,
+                units,
+                budget,
+                costs,
+                tau=tau,
+                r_min=r_min,
+                multiple=multiple,
+                mode=mode,
+                model_params=model_params,
+                profiles=profiles,
+                tie_qk_vo=tie_qk_vo,
+            )
     if mode == "influence":
         if not tau > 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a positive finite number for mode='influence', got {tau!r}")

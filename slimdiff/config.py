@@ -205,14 +205,6 @@ class AllocationParams(_Group):
     def _tau_for_mode(self) -> AllocationParams:
         if self.mode == "influence" and self.tau <= 0:
             raise ValueError(f"tau: mode 'influence' needs tau > 0 (softmax temperature), got {self.tau}")
-        if self.budget.in_flops and self.mode != "error":
-            raise ValueError(
-                f"budget.kind: {self.budget.kind} (a FLOP budget) needs mode 'error', got mode {self.mode!r}"
-            )
-        if self.budget.in_latency and self.mode != "error":
-            raise ValueError(
-                f"budget.kind: {self.budget.kind} (a latency budget) needs mode 'error', got mode {self.mode!r}"
-            )
         return self
 
     @field_validator("modules")

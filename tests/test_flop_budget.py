@@ -218,8 +218,6 @@ def test_flop_budgets_need_the_cost_model_and_name_the_feasible_range():
     with pytest.raises(ValueError, match="needs costs="):
         plan_ranks(None, units, Budget(removed_flops_fraction=0.4), profiles=profiles)
     costs = unit_flop_costs(unet, TINY)
-    with pytest.raises(ValueError, match="mode 'error' only"):
-        plan_ranks(None, units, Budget(removed_flops_fraction=0.4), mode="uniform", costs=costs)
     with pytest.raises(InfeasibleBudgetError, match=r"removed_flops_fraction in \[0\.000000, 0\.768017\]"):
         plan_ranks(None, units, Budget(removed_flops_fraction=0.99), profiles=profiles, costs=costs)
     with pytest.raises(InfeasibleBudgetError, match="total_flops in"):
@@ -361,10 +359,6 @@ def test_flop_budget_plans_equal_brute_force(bounded, device, monkeypatch):
             {"allocation.budget.kind": "removed_flops_fraction", "allocation.budget.value": 1.5},
             "allocation.budget: value: removed_flops_fraction must be in (0, 1)",
         ),
-        (
-            {"allocation.budget.kind": "removed_flops_fraction", "allocation.mode": "uniform"},
-            "budget.kind: removed_flops_fraction (a FLOP budget) needs mode 'error'",
-        ),
     ],
 )
 def test_bad_serving_shape_or_flop_budget_is_rejected_naming_the_key(overrides, expected):
@@ -498,3 +492,27 @@ def test_sd15_flop_budget_removes_more_flops_than_the_parameter_budget(seed, par
     compressible = by_flops.cost_model["compressible_flops"]
     assert compressible == 718_543_257_600
     assert by_flops.flops_before - by_flops.flops_after >= 0.4 * compressible
+
+
+@pytest.mark.parametrize("mode", ["uniform", "influence"])
+def test_rounded_modes_meet_a_flop_budget_with_the_smallest_parameter_count(mode):
+    """uniform / influence round ratios under a parameter count: under a FLOP budget the count is
+    the smallest whose plan fits the FLOPs: that plan fits, and the plan of one parameter fewer
+    removed does not."""
+    from slimdiff.allocation import Budget as B
+
+    unet = make_tiny_unet()
+    units = compression_units(unet)
+    costs = unit_flop_costs(unet, TINY)
+    scores = {n: 1.0 + (i % 3) for i, n in enumerate(units)}
+    opts = {"mode": mode, "tau": 1.0 if mode == "influence" else 0.0, "costs": costs}
+    zero = costs.plan_flops(dict.fromkeys(units, 0))
+    for share in (0.2, 0.45):
+        plan = plan_ranks(scores, units, B(removed_flops_fraction=share), **opts)
+        limit = costs.total - share * (costs.total - zero)
+        assert plan.flops_after <= limit + 1  # integer FLOP target: at most the rounding of the share
+        assert plan.budget == {"removed_flops_fraction": share} and plan.cost_model["cost"] == "flops"
+        removed = plan.solver["removed_params"]
+        # one parameter fewer removed no longer fits (the bisection's answer is the smallest)
+        fewer = plan_ranks(scores, units, B(removed_params=removed - 1), **opts)
+        assert fewer.flops_after > limit

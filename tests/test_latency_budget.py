@@ -359,8 +359,11 @@ def test_bad_latency_budgets_and_tables_are_rejected_with_messages(tmp_path):
         plan_ranks(None, units, Budget(removed_latency_fraction=0.4), profiles=profiles, costs=flops)
     with pytest.raises(ValueError, match="counts FLOPs but costs is a latency table"):
         plan_ranks(None, units, Budget(removed_flops_fraction=0.4), profiles=profiles, costs=lat)
-    with pytest.raises(ValueError, match="latency budgets are solved by mode 'error' only"):
-        plan_ranks(None, units, Budget(removed_latency_fraction=0.4), mode="uniform", costs=lat)
+    # uniform ranks under a latency budget: the smallest parameter count whose plan fits the latency
+    uni = plan_ranks(None, units, Budget(removed_latency_fraction=0.4), mode="uniform", costs=lat, **GRID)
+    zero = lat.plan_cost(dict.fromkeys(units, 0))
+    assert lat.plan_cost(uni.ranks()) <= lat.total - 0.4 * (lat.total - zero) + 1
+    assert uni.cost_model["cost"] == "latency" and uni.budget == {"removed_latency_fraction": 0.4}
     with pytest.raises(InfeasibleBudgetError, match=r"removed_latency_fraction in \[0\.000000, 0\.\d+\]"):
         plan_ranks(None, units, Budget(removed_latency_fraction=0.99), profiles=profiles, costs=lat, **GRID)
     with pytest.raises(
@@ -407,10 +410,6 @@ def test_bad_latency_budgets_and_tables_are_rejected_with_messages(tmp_path):
         (
             {"allocation.budget.kind": "removed_latency_fraction", "allocation.budget.value": 1.5},
             "allocation.budget: value: removed_latency_fraction must be in (0, 1)",
-        ),
-        (
-            {"allocation.budget.kind": "removed_latency_fraction", "allocation.mode": "uniform"},
-            "budget.kind: removed_latency_fraction (a latency budget) needs mode 'error'",
         ),
     ],
 )
