@@ -137,6 +137,9 @@ class Budget:
       [0, 1) (needs ``costs`` in ``plan_ranks``: ``slimdiff.flops.unit_flop_costs``);
     * ``total_flops``: FLOPs of one forward of the whole denoiser at the serving shape after
       compression (needs ``costs``);
+    * ``flops_speedup``: the whole forward's FLOPs at the serving shape divided by this factor
+      (> 1; 1.35 = the model runs at most 1 / 1.35 of its FLOPs: the speedup's FLOP bound), the
+      same target whatever share of the model the compressible layers are (needs ``costs``);
     * ``removed_latency_fraction``: share of the compressible latency of one forward at a serving
       shape on a device removed, in [0, 1) (needs ``costs``: ``slimdiff.latency.unit_latency_costs``,
       a measured latency table).
@@ -155,14 +158,19 @@ class Budget:
     removed_flops_fraction: float | None = None
     total_flops: int | None = None
     removed_latency_fraction: float | None = None
+    flops_speedup: float | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in asdict(self).items() if v is not None}
         if len(given) != 1:
             raise ValueError(
                 "Budget needs exactly one of kept_params, removed_params, removed_fraction, total_params, "
-                f"removed_flops_fraction, total_flops, removed_latency_fraction; got {sorted(given) or 'none'}"
+                "removed_flops_fraction, total_flops, flops_speedup, removed_latency_fraction; got "
+                f"{sorted(given) or 'none'}"
             )
+        v = self.flops_speedup
+        if v is not None and (isinstance(v, bool) or not math.isfinite(float(v)) or float(v) <= 1.0):
+            raise ValueError(f"Budget.flops_speedup must be a finite number > 1, got {v!r}")
         for key in ("kept_params", "removed_params", "total_params", "total_flops"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -175,7 +183,7 @@ class Budget:
     @property
     def in_flops(self) -> bool:
         """Whether the budget counts FLOPs at a serving shape (else parameters)."""
-        return self.removed_flops_fraction is not None or self.total_flops is not None
+        return any(v is not None for v in (self.removed_flops_fraction, self.total_flops, self.flops_speedup))
 
     @property
     def in_latency(self) -> bool:
@@ -209,9 +217,12 @@ class Budget:
             raise ValueError(
                 "Budget(total_params=...) needs plan_ranks(..., model_params=<UNet parameter count>)"
                 if self.total_params is not None
-                else "Budget(total_flops=...) needs the model's FLOPs (plan_ranks(..., costs=...))"
+                else f"Budget({next(iter(self.to_dict()))}=...) needs the model's FLOPs (plan_ranks(..., costs=...))"
             )
-        total = self.total_params if self.total_params is not None else self.total_flops
+        if self.flops_speedup is not None:
+            total = math.floor(model_params / float(self.flops_speedup))
+        else:
+            total = self.total_params if self.total_params is not None else self.total_flops
         return total - (model_params - compressible_params)
 
     def describe_range(self, lo: int, hi: int, compressible_params: int, model_params: int | None) -> str:
@@ -226,6 +237,9 @@ class Budget:
             if getattr(self, key) is not None and model_params is not None:
                 rest = model_params - compressible_params
                 return f"{key} in [{rest + lo}, {rest + hi}]"
+        if self.flops_speedup is not None and model_params is not None:
+            rest = model_params - compressible_params
+            return f"flops_speedup in [{model_params / (rest + hi):.4f}, {model_params / max(rest + lo, 1):.4f}]"
         what = "kept_flops" if self.in_flops else "kept_latency_quanta" if self.in_latency else "kept_params"
         return f"{what} in [{lo}, {hi}]"
 

@@ -100,7 +100,7 @@ class SlimReport:
 def budget_of(params: Params) -> Budget:
     """The budget of ``params.allocation.budget`` (as the plan stage builds it)."""
     b = params.allocation.budget
-    if b.kind in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction"):
+    if b.kind in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction", "flops_speedup"):
         return Budget(**{b.kind: b.value})
     return Budget(**{b.kind: int(b.value)})
 

@@ -487,10 +487,13 @@ ROPE_INDEX = "slim_rope_index"
 
 
 def set_rope_index(attn: nn.Module, index: torch.Tensor) -> None:
-    """Register (or replace) the attention's kept-coordinate index (saved with its state dict)."""
+    """Register (or replace) the attention's kept-coordinate index (saved with its state dict). A
+    meta-device index (a skeleton built under ``torch.device("meta")``, e.g. for FLOP counting)
+    stays on meta: it has no values to move."""
     if ROPE_INDEX in attn._buffers:
         del attn._buffers[ROPE_INDEX]
-    attn.register_buffer(ROPE_INDEX, index.to(torch.int64).cpu().clone())
+    index = index.to(torch.int64)
+    attn.register_buffer(ROPE_INDEX, (index if index.is_meta else index.cpu()).clone())
 
 
 def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +139,8 @@ class BudgetParams(_Group):
     # total_params: target size of the whole UNet
     # removed_flops_fraction: share of the compressible FLOPs at allocation.serving to remove (0..1)
     # total_flops: FLOPs of one denoiser forward at allocation.serving after compression
+    # flops_speedup: one forward at allocation.serving runs at most 1/value of its FLOPs (> 1: the
+    #   speedup's FLOP bound; infeasible where the compressible layers hold too little of the FLOPs)
     # removed_latency_fraction: share of the compressible latency of one forward at
     #   allocation.serving removed, from a measured latency table (slimdiff.latency) (0..1)
     kind: Literal[
@@ -147,23 +150,27 @@ class BudgetParams(_Group):
         "total_params",
         "removed_flops_fraction",
         "total_flops",
+        "flops_speedup",
         "removed_latency_fraction",
-    ] = "removed_fraction"
-    value: float = 0.4
+    ] = "removed_flops_fraction"
+    value: float = 0.55
 
     @model_validator(mode="after")
     def _value_in_range(self) -> BudgetParams:
         fraction = self.kind in ("removed_fraction", "removed_flops_fraction", "removed_latency_fraction")
         if fraction and not 0.0 < self.value < 1.0:
             raise ValueError(f"value: {self.kind} must be in (0, 1), got {self.value}")
-        if not fraction and self.value <= 0:
+        if self.kind == "flops_speedup":
+            if not (self.value > 1.0 and math.isfinite(self.value)):
+                raise ValueError(f"value: flops_speedup must be a finite number > 1, got {self.value}")
+        elif not fraction and self.value <= 0:
             what = "FLOP count" if self.kind == "total_flops" else "parameter count"
             raise ValueError(f"value: {self.kind} must be a positive {what}, got {self.value}")
         return self
 
     @property
     def in_flops(self) -> bool:
-        return self.kind in ("removed_flops_fraction", "total_flops")
+        return self.kind in ("removed_flops_fraction", "total_flops", "flops_speedup")
 
     @property
     def in_latency(self) -> bool:

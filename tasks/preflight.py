@@ -59,8 +59,64 @@ def denoiser_units(params: Params):
     return units, sum(p.numel() for p in skeleton.parameters())
 
 
+def _config_only_pipe(params: Params, skeleton):
+    """What ``slimdiff.flops.serving_shape`` reads of a pipeline, from the pipeline folder's config
+    files alone: the meta-device denoiser, its tokenizers' ``model_max_length`` and the VAE's
+    downsampling factor. None when the folder does not hold them (the plan stage judges then)."""
+    import json
+    from types import SimpleNamespace
+
+    from slimdiff.arch.base import adapter_for
+
+    config_dir = _denoiser_config_dir(params)
+    folder = config_dir.parent if config_dir is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return None
+    pipe = SimpleNamespace(**{adapter_for(skeleton).pipeline_attr: skeleton})
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        cfg = folder / name / "tokenizer_config.json"
+        if cfg.is_file():
+            length = json.loads(cfg.read_text()).get("model_max_length")
+            setattr(pipe, name, SimpleNamespace(model_max_length=int(length) if length else 77))
+    vae = folder / "vae" / "config.json"
+    if vae.is_file():
+        pipe.vae_scale_factor = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) - 1)
+    return pipe
+
+
+def _flop_costs(params: Params):
+    """The FLOP cost model the plan stage will spend a FLOP budget in (``slimdiff.api.cost_model``:
+    one meta-device trace at ``allocation.serving``), from the config files alone; None when they
+    do not give it."""
+    from slimdiff.adapter import compression_units
+    from slimdiff.arch.base import skeleton_from_config
+    from slimdiff.flops import serving_shape, unit_flop_costs
+
+    config_dir = _denoiser_config_dir(params)
+    skeleton = skeleton_from_config(config_dir) if config_dir is not None else None
+    pipe = _config_only_pipe(params, skeleton) if skeleton is not None else None
+    if pipe is None:
+        return None
+    s = params.allocation.serving
+    try:
+        shape = serving_shape(
+            pipe,
+            height=s.height,
+            width=s.width,
+            batch=s.batch,
+            text_len=s.text_len,
+            device=params.model.device,
+        )
+        return unit_flop_costs(skeleton, shape, params.compression.qk_norm, compression_units(skeleton))
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a family reading more of the pipeline
+        return None
+
+
 def check_budget(params: Params) -> None:
-    """Raise StageInputError (one line, the key named) when allocation.budget cannot be met."""
+    """Raise StageInputError (one line, the key named) when allocation.budget cannot be met. A FLOP
+    budget is judged on the FLOP trace at ``allocation.serving`` the plan stage will make, built
+    from the config files (nothing is loaded or run); a latency budget is left to the plan stage
+    (it needs the measured table)."""
     from slimdiff.allocation import InfeasibleBudgetError, check_feasible
 
     found = denoiser_units(params)
@@ -68,8 +124,16 @@ def check_budget(params: Params) -> None:
         return
     units, model_params = found
     cfg = params.allocation
+    budget = budget_from_params(params)
+    costs = None
+    if budget.in_flops:
+        costs = _flop_costs(params)
+        if costs is None:
+            return
+    elif budget.in_latency:
+        return
     try:
-        check_feasible(units, budget_from_params(params), cfg.r_min, cfg.multiple, model_params)
+        check_feasible(units, budget, cfg.r_min, cfg.multiple, model_params, costs=costs)
     except InfeasibleBudgetError as err:
         raise StageInputError(f"allocation.budget: {err}") from None
 

@@ -92,14 +92,17 @@ def test_slim_is_the_staged_calls_with_the_params_defaults(toy_runs):
     one_call, report, reference, plan, compression = toy_runs
     assert isinstance(report, SlimReport) and report.params == Params() == load_params(ROOT / "params.yaml")
     assert report.plan.digest == plan.digest and report.plan == plan
-    assert report.plan.mode == "error" and report.plan.budget == {"removed_fraction": 0.4}
+    assert report.plan.mode == "error" and report.plan.budget == {"removed_flops_fraction": 0.55}
     assert_same_weights(one_call.unet, reference.unet)
     assert report.compression.to_dict() == compression.to_dict()
     assert report.params_before == compression.params_before == 3_881_252  # the toy UNet
     assert (
         report.params_after == compression.params_after == sum(p.numel() for p in one_call.unet.parameters())
     )
-    assert 0 < report.removed_fraction < 0.4 and report.plan.digest[:12] in report.summary()
+    cost = (
+        report.plan.cost_model
+    )  # 55% of the compressible FLOPs at the serving shape, not more than a rank step over
+    assert cost["flops_after"] <= cost["target_flops"] and report.plan.digest[:12] in report.summary()
     assert report.store is None and report.reused_statistics is False
 
 

@@ -371,7 +371,7 @@ def test_serving_params_defaults_and_the_stage_key():
     from slimdiff.config import STAGE_PARAMS, load_params
 
     p = Params()
-    assert p.allocation.budget.kind == "removed_fraction"  # the committed default stays a parameter budget
+    assert p.allocation.budget.kind == "removed_flops_fraction"  # the committed default is a FLOP budget
     assert p.allocation.serving.model_dump() == {"height": None, "width": None, "batch": 2, "text_len": None}
     from pathlib import Path
 

@@ -310,6 +310,24 @@ def test_saved_model_loads_to_the_same_outputs(calibrated, tmp_path):
     assert torch.equal(run(loaded, x), run(slim, x))
 
 
+def test_a_loaded_model_with_narrowed_rope_qk_counts_its_flops(calibrated, tmp_path):
+    """Counting a loaded Slim model's FLOPs builds a meta copy of its class, the narrowed rotary
+    index included (that copy once failed moving the meta index to the CPU): the count is the
+    plan's, exactly."""
+    from slimdiff.io import load_compressed, save_compressed
+
+    model, cov = calibrated
+    units = compression_units(model)
+    ranks = {n: u.full_rank // 2 if u.kind == "qk" else u.full_rank for n, u in units.items()}
+    plan = RankPlan.from_ranks(units, ranks)
+    slim = copy.deepcopy(model)
+    compress_(slim, plan, cov)
+    save_compressed(slim, tmp_path / "flux")
+    loaded = load_compressed(tmp_path / "flux")
+    costs = unit_flop_costs(model, ServingShape(HW, batch=2, text_len=TEXT))
+    assert denoiser_flops(loaded, 2, HW, TEXT).total == costs.plan_flops(ranks) < costs.total
+
+
 def test_plan_flops_are_the_flop_count():
     model = tiny_flux()
     shape = ServingShape(HW, batch=2, text_len=TEXT)

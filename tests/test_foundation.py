@@ -23,7 +23,7 @@ def test_committed_params_load_and_match_defaults():
     params = load_params(ROOT / "params.yaml")
     # params.yaml spells out every default: the file and the code cannot drift apart silently
     assert params == Params()
-    assert params.allocation.budget.kind == "removed_fraction"
+    assert (params.allocation.budget.kind, params.allocation.budget.value) == ("removed_flops_fraction", 0.55)
     assert params.flat()["allocation.tau"] == 0.0 and params.flat()["allocation.mode"] == "error"
 
 
@@ -33,7 +33,7 @@ def test_committed_params_load_and_match_defaults():
         (lambda d: d["allocation"].update(tao=0.5), "allocation.tao: unknown key"),
         (
             lambda d: d["allocation"]["budget"].update(value=-0.4),
-            "allocation.budget: value: removed_fraction must be in (0, 1)",
+            "allocation.budget: value: removed_flops_fraction must be in (0, 1)",
         ),
         (
             lambda d: d["allocation"]["budget"].update(kind="removed_params", value=-5.0),
