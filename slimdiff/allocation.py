@@ -239,7 +239,9 @@ class Budget:
                 return f"{key} in [{rest + lo}, {rest + hi}]"
         if self.flops_speedup is not None and model_params is not None:
             rest = model_params - compressible_params
-            return f"flops_speedup in [{model_params / (rest + hi):.4f}, {model_params / max(rest + lo, 1):.4f}]"
+            return (
+                f"flops_speedup in [{model_params / (rest + hi):.4f}, {model_params / max(rest + lo, 1):.4f}]"
+            )
         what = "kept_flops" if self.in_flops else "kept_latency_quanta" if self.in_latency else "kept_params"
         return f"{what} in [{lo}, {hi}]"
 
