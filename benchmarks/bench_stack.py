@@ -50,12 +50,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from bench_speed import make_plans, sharing_copy  # benchmarks/ is on sys.path when run as a script
+from bench_speed import (  # benchmarks/ is on sys.path when run as a script
+    make_plans,
+    serving_of,
+    sharing_copy,
+)
 from denoisers import SPECS, toy_pipe
 
 from slimdiff.adapter import compression_units, count_parameters
 from slimdiff.compress import CompressionError, compress_
 from slimdiff.config import load_params
+from slimdiff.flops import unit_flop_costs
 from slimdiff.influence import compute_influence
 from slimdiff.spectra import error_profiles
 
@@ -344,8 +349,17 @@ def build_slim(spec, base, fraction: float | None, plan_kind: str = "error"):
     covariances = influence.aggregate(stats)
     units = compression_units(base)
     profiles = error_profiles(base, covariances, damping=damping)
+    # the committed budget's own currency: a FLOP budget is spent at allocation.serving's batch, the
+    # model's resolution and the inputs' text length (as the plan stage does)
+    kind, costs = "error", None
+    if alloc.budget.kind == "removed_flops_fraction":
+        x = spec.inputs(base, alloc.serving.batch, spec.default_resolution)
+        kind, costs = (
+            "error-flops",
+            unit_flop_costs(base, serving_of(base, x, "cpu"), params.compression.qk_norm),
+        )
     plan = make_plans(
-        "error", units, [fraction], profiles, influence.score_of(), alloc, count_parameters(base)
+        kind, units, [fraction], profiles, influence.score_of(), alloc, count_parameters(base), costs
     )[fraction]
     slim = sharing_copy(base)
     report = compress_(slim, plan, covariances, damping=damping, qk_norm=params.compression.qk_norm)
@@ -497,7 +511,9 @@ def render(args, spec, plan, fraction, cache, rows, refusal, toy, total_s, repor
             else "Compressed: a uniform plan (one keep ratio; no statistics here: the weight-only rewrite at its "
             "ranks, the same layer shapes as SlimDiff's)"
         )
-        + f" at {fraction:.0%} of the compressible parameters removed "
+        + f" at {fraction:.0%} of the compressible "
+        + ("FLOPs" if plan.budget.get("removed_flops_fraction") is not None else "parameters")
+        + " removed "
         f"({plan.params_before:,} -> {plan.params_after:,} compressible parameters). int8: dynamic int8 of every "
         f"nn.Linear (torch.ao.quantization.quantize_dynamic). cache: {cache.describe()}.",
         "",
