@@ -278,15 +278,26 @@ def test_store_flipped_bit_in_the_totals_is_found_and_recollecting_restores_the_
 # -- params checked before any stage ------------------------------------------------------------
 def test_budget_feasibility_from_the_config_alone_agrees_with_the_planner():
     from slimdiff.allocation import InfeasibleBudgetError, plan_ranks
+    from slimdiff.api import cost_model
+    from slimdiff.arch import denoiser_of
+    from slimdiff.models import load_pipeline
     from tasks.preflight import check_budget, denoiser_units
     from tasks.stages import StageInputError, budget_from_params
 
+    params_budget = {"allocation.budget.kind": "removed_fraction"}
+    pipe = load_pipeline("toy")  # the plan stage's FLOP trace is made on the loaded pipeline
     for overrides, feasible in [
-        ({"allocation.budget.value": 0.4}, True),
-        ({"allocation.budget.value": 0.99}, False),
-        ({"allocation.budget.value": 0.8, "allocation.r_min": 64}, False),
+        ({**params_budget, "allocation.budget.value": 0.4}, True),
+        ({**params_budget, "allocation.budget.value": 0.99}, False),
+        ({**params_budget, "allocation.budget.value": 0.8, "allocation.r_min": 64}, False),
         ({"allocation.budget.kind": "kept_params", "allocation.budget.value": 1_000_000}, True),
         ({"allocation.budget.kind": "total_params", "allocation.budget.value": 1_000_000}, False),
+        # the default FLOP budget: judged on the config files' trace, the planner on the pipeline's
+        ({}, True),
+        ({"allocation.budget.value": 0.99}, False),
+        ({"allocation.budget.value": 0.6, "allocation.r_min": 64}, False),
+        ({"allocation.budget.kind": "flops_speedup", "allocation.budget.value": 1.2}, True),
+        ({"allocation.budget.kind": "flops_speedup", "allocation.budget.value": 3.0}, False),
     ]:
         params = Params().with_overrides(overrides)
         units, model_params = denoiser_units(params)
@@ -300,6 +311,7 @@ def test_budget_feasibility_from_the_config_alone_agrees_with_the_planner():
                 r_min=cfg.r_min,
                 multiple=cfg.multiple,
                 model_params=model_params,
+                costs=cost_model(pipe, denoiser_of(pipe), params, units),
             )
             planner_ok = True
         except InfeasibleBudgetError:
