@@ -567,8 +567,8 @@ def test_publishable_folder_has_a_hub_card_loads_plainly_and_pushes_up_to_the_up
 
 
 def test_budget_search_reuses_cached_points_and_registers_the_pick(flow_env, first_run):
-    """A sweep calibrates and scores once; a budget already run (the first run's 0.4) is a cache
-    hit, a new one (0.8, near the toy's feasible maximum of 0.82) runs only its plan / compress /
+    """A sweep calibrates and scores once; a budget already run (the first run's default 0.55 of
+    the FLOPs) is a cache hit, a new one (0.75, near the toy's feasible maximum of 0.796) runs only its plan / compress /
     evaluate; a value beyond the maximum is recorded as infeasible. The pick rule "removed"
     registers the passing point that removes most, i.e. the compressed model of that point."""
     from mlflow import MlflowClient
@@ -576,18 +576,18 @@ def test_budget_search_reuses_cached_points_and_registers_the_pick(flow_env, fir
     from tasks.tracking import setup_tracking
 
     root, params = flow_env
-    assert params.allocation.budget.value == 0.4
-    result = _run(params.with_overrides({"search.values": [0.4, 0.8, 0.95]}))
+    assert params.allocation.budget.value == 0.55
+    result = _run(params.with_overrides({"search.values": [0.55, 0.75, 0.95]}))
     first, second, third = result["points"]
-    assert first["value"] == 0.4 and set(first["stages"].values()) == {"cached"}, first
-    assert second["value"] == 0.8 and set(second["stages"].values()) == {"ran"}, second
-    assert third["value"] == 0.95 and third["status"] == "infeasible" and "0.82" in third["message"]
+    assert first["value"] == 0.55 and set(first["stages"].values()) == {"cached"}, first
+    assert second["value"] == 0.75 and set(second["stages"].values()) == {"ran"}, second
+    assert third["value"] == 0.95 and third["status"] == "infeasible" and "0.796" in third["message"]
     s = result["status"]
     assert [s[k] for k in ("slimset", "calibrate", "influence")] == ["cached"] * 3, s
     assert first["compressed_digest"] == first_run["manifests"]["compress"]["digest"]
     assert second["params_kept"] < first["params_kept"]
     passing = [p for p in (first, second) if p["gate_passed"]]
-    assert first in passing  # the first run passed the gate at 0.4
+    assert first in passing  # the first run passed the gate at 0.55
     chosen = max(passing, key=lambda p: p["params_removed"])
     assert [p for p in (first, second) if p.get("chosen")] == [chosen]
     assert result["manifests"]["compress"]["digest"] == chosen["compressed_digest"]
@@ -601,7 +601,7 @@ def test_budget_search_reuses_cached_points_and_registers_the_pick(flow_env, fir
         [client.get_experiment_by_name(params.tracking.experiment).experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'",
     )
-    assert sorted(r.data.params["allocation.budget.value"] for r in children) == ["0.4", "0.8"]
+    assert sorted(r.data.params["allocation.budget.value"] for r in children) == ["0.55", "0.75"]
 
 
 def test_budget_search_with_no_passing_point_registers_nothing(flow_env, first_run, monkeypatch):
