@@ -335,6 +335,8 @@ def render_stages(r: dict) -> str:
         ]
     if r.get("stages_not_run"):
         lines += ["", f"Not run: {', '.join(r['stages_not_run'])}. {r.get('note', '')}".rstrip()]
+    elif r.get("note"):
+        lines += ["", r["note"]]
     load = r["stages"].get("load", {})
     if load.get("exit_code") == 0:
         last = [ln for ln in load["log_tail"].replace("\r", "\n").splitlines() if ln.strip()][-1]
@@ -735,6 +737,9 @@ def main() -> None:
             (RESULTS / f"memory_{args.slice}_slice_cpu.md").write_text(text)
     if args.model and args.render:
         r = json.loads((RESULTS / f"memory_{args.model}_cpu.json").read_text())
+        if args.note:  # a sentence about the run, recorded with its numbers
+            r["note"] = args.note
+            (RESULTS / f"memory_{args.model}_cpu.json").write_text(json.dumps(r, indent=2))
         (RESULTS / f"memory_{args.model}_cpu.md").write_text(render_stages(r))
         return
     if args.model:
