@@ -516,3 +516,22 @@ def test_rounded_modes_meet_a_flop_budget_with_the_smallest_parameter_count(mode
         # one parameter fewer removed no longer fits (the bisection's answer is the smallest)
         fewer = plan_ranks(scores, units, B(removed_params=removed - 1), **opts)
         assert fewer.flops_after > limit
+
+
+def test_flops_speedup_is_the_whole_forwards_flop_bound():
+    """Budget(flops_speedup=s): the compressed forward runs at most total / s FLOPs (the same target
+    as total_flops = floor(total / s)); s <= 1 is refused, and a bound beyond what the compressible
+    layers can give names the feasible range of s."""
+    unet = make_tiny_unet()
+    units = compression_units(unet)
+    profiles = decreasing_profiles(units)
+    costs = unit_flop_costs(unet, TINY)
+    plan = plan_ranks(None, units, Budget(flops_speedup=1.15), profiles=profiles, costs=costs)
+    same = plan_ranks(
+        None, units, Budget(total_flops=int(costs.total // 1.15)), profiles=profiles, costs=costs
+    )
+    assert plan.ranks() == same.ranks() and plan.flops_after <= costs.total / 1.15
+    with pytest.raises(ValueError, match="flops_speedup must be a finite number > 1"):
+        Budget(flops_speedup=1.0)
+    with pytest.raises(InfeasibleBudgetError, match=r"flops_speedup in \[1\.0000, "):
+        plan_ranks(None, units, Budget(flops_speedup=50.0), profiles=profiles, costs=costs)
