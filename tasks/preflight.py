@@ -89,25 +89,16 @@ def _flop_costs(params: Params):
     one meta-device trace at ``allocation.serving``), from the config files alone; None when they
     do not give it."""
     from slimdiff.adapter import compression_units
+    from slimdiff.api import cost_model
     from slimdiff.arch.base import skeleton_from_config
-    from slimdiff.flops import serving_shape, unit_flop_costs
 
     config_dir = _denoiser_config_dir(params)
     skeleton = skeleton_from_config(config_dir) if config_dir is not None else None
     pipe = _config_only_pipe(params, skeleton) if skeleton is not None else None
     if pipe is None:
         return None
-    s = params.allocation.serving
     try:
-        shape = serving_shape(
-            pipe,
-            height=s.height,
-            width=s.width,
-            batch=s.batch,
-            text_len=s.text_len,
-            device=params.model.device,
-        )
-        return unit_flop_costs(skeleton, shape, params.compression.qk_norm, compression_units(skeleton))
+        return cost_model(pipe, skeleton, params, compression_units(skeleton))
     except (AttributeError, TypeError, ValueError, RuntimeError):  # a family reading more of the pipeline
         return None
 
