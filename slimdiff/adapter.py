@@ -65,7 +65,7 @@ def planned_units(units: dict[str, UnitInfo], modules, qk_norm: str = "select") 
 def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -> int:
     """Parameters of the compressible set counted on the live layers of ``model`` (compressed or
     not; ``units`` are those of the original architecture): the rank-dependent tensors of each
-    unit's cost model -- FFN proj_in (weight, bias) and proj_out weight; QK query/key linears
+    unit's cost model -- FFN proj_in and gate (weight, bias) and proj_out weight; QK query/key linears
     (weight, bias); VO value linears (weight, bias) and out linears' weight. On an uncompressed
     model it equals the sum of the units' full_params."""
     seen: set[str] = set()
@@ -84,6 +84,8 @@ def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -
         lay = u.layout
         if isinstance(lay, FFNLayout):
             add(lay.proj_in, True)
+            if lay.gate:
+                add(lay.gate, True)
             add(lay.proj_out, False)
         elif u.kind == "qk":
             for p in (*lay.all_query, *lay.key):

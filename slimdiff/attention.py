@@ -189,6 +189,20 @@ class HeadwiseRMSNorm(nn.Module):
         return (x.to(self.weight.dtype) * self.weight[None, :, None, :]).to(x.dtype)
 
 
+class AcrossHeadsRMSNorm(HeadwiseRMSNorm):
+    """ONE RMSNorm over all heads' kept coordinates together: what a stock ``RMSNorm(heads * d_h)``
+    applied before the head split (Wan's q/k norms) becomes after RMSNorm-aware selection keeps r
+    coordinates of every head. Parameters as ``HeadwiseRMSNorm`` (weight (heads, r), eps (heads,),
+    every head's eps the same: ``linalg.rms_norm_correction_across_heads`` gives one correction per
+    norm); input and output (..., heads * r), head-major as the projections' outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype  # kept: q / k must stay in v's dtype for SDPA (half-precision models)
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps[0])
+        return (x.to(self.weight.dtype) * self.weight.reshape(-1)).to(dtype)
+
+
 class QKPostProjection(nn.Module):
     """Per-head projections applied to q and k AFTER their norms (``compression.qk_norm:
     project``): logits n(q) T_q T_k^T n(k)^T of width r instead of d_h. ``t_q``, ``t_k``
@@ -294,6 +308,8 @@ def is_attention_module(m: nn.Module) -> bool:
 
 #: the processors that pad q/k and v heads to one width (``padded_sdpa``)
 def pads_heads(processor: Any) -> bool:
+    if getattr(processor, "slimdiff_pads_heads", False) is True:  # processors defined with their family (Wan)
+        return True
     return isinstance(
         processor, SlimAttnProcessor | SlimJointAttnProcessor | SlimFluxAttnProcessor | SlimQwenAttnProcessor
     )

@@ -220,7 +220,7 @@ def resolve_methods(method: str | Mapping[str, str], kinds: set[str]) -> dict[st
 
 # -- FFN methods ------------------------------------------------------------------------------
 def _check_selection(ctx: UnitContext) -> None:
-    if ctx.ffn_selection == "separate" and ctx.layout.gated:
+    if ctx.ffn_selection == "separate" and (ctx.layout.gated or ctx.layout.gate):
         raise NotImplementedError(
             f"{ctx.unit.name}: ffn_selection='separate' (independent hidden/gate row sets) is not implemented: "
             "a kept hidden row paired with another neuron's gate row makes a new neuron whose correlation "
@@ -250,6 +250,8 @@ def _ffn_magnitude(ctx: UnitContext) -> FFNRewrite:
     inner = ctx.unit.full_rank
     w_in = ctx.weight(ctx.layout.proj_in)
     rows = torch.cat([w_in[:inner], w_in[inner:]], dim=1) if ctx.layout.gated else w_in  # (inner, 2d | d)
+    if ctx.layout.gate:  # a separate gate linear: its rows score with the neuron's
+        rows = torch.cat([rows, ctx.weight(ctx.layout.gate)], dim=1)
     w_out = ctx.weight(ctx.layout.proj_out)
     keep = linalg.magnitude_select(linalg.magnitude_neuron_scores(rows, w_out), ctx.rank)
     return FFNRewrite(keep, keep, w_out[:, keep].contiguous())
@@ -316,24 +318,31 @@ def _rms_select(
             "allocation.r_min and allocation.multiple must be even)"
         )
     phases = adapter_for(ctx.model).rope_phases(ctx.model) if lay.rope else None
+    sels = []
     for h in range(heads):
         # the raw moments also give the predicted error its renormalisation term
         if phases is not None:
             sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *phases, cq[h], ck[h])
         else:
             sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r, cq[h], ck[h])
+        sels.append(sel)
         t[h, sel.keep, torch.arange(r)] = 1.0  # one-hot columns: the new head keeps those rows
         c_q[h] = linalg.rms_norm_correction(cq[h], sel.keep)
         c_k[h] = linalg.rms_norm_correction(ck[h], sel.keep)
         error += float(sel.errors[r])
         energy += sel.energy
     keep = t.argmax(dim=1)  # (H, r) kept coordinate of every new column
+    if lay.norms_across_heads:  # one q and one k norm over ALL heads' kept coordinates (Wan)
+        c_q[:] = linalg.rms_norm_correction_across_heads(cq, keep)
+        c_k[:] = linalg.rms_norm_correction_across_heads(ck, keep)
+        error = float(linalg.selection_errors_across_heads(sels, cqn, ckn, cq, ck, phases)[r])
     norms = {}
     for paths, c in ((lay.norms_q, c_q), (lay.norms_k, c_k)):
         for path in paths:
             norm = ctx.model.get_submodule(path)
             g = norm.weight.detach().to("cpu", F64) if norm.weight is not None else torch.ones(d, dtype=F64)
-            norms[path] = (g[keep] / c.sqrt()[:, None], float(norm.eps) / c)
+            g = g.view(heads, d).gather(1, keep) if lay.norms_across_heads else g[keep]
+            norms[path] = (g / c.sqrt()[:, None], float(norm.eps) / c)
     return QKRewrite(t, t.clone(), error, energy, [], norms, keep if lay.rope else None)
 
 
@@ -365,7 +374,9 @@ def _normed_gram(ctx: UnitContext, paths: tuple[str, ...], norms: tuple[str, ...
         gain = ctx.model.get_submodule(norm).weight
         if gain is not None:
             g = gain.detach().to("cpu", F64)
-            gram = gram * g[:, None] * g[None, :]
+            if ctx.layout.norms_across_heads:  # gains of all heads: (H * d_h,) -> (H, d_h)
+                g = g.view(ctx.layout.heads, -1)
+            gram = gram * g[..., :, None] * g[..., None, :]
         total = total + gram
     return total
 
@@ -442,6 +453,11 @@ def _apply_ffn(model: nn.Module, unit: UnitInfo, rw: FFNRewrite) -> None:
     else:
         rows = rw.keep_value
     replace_module(model, lay.proj_in, _linear(w[rows], None if b is None else b[rows], proj))
+    if lay.gate:  # a separate gate linear (SwiGLU): the kept neurons' gate rows
+        gate = linear(model, lay.gate)
+        gw, gb = gate.weight.detach().to("cpu", F64), gate.bias
+        gb = gb.detach().to("cpu", F64)[rw.keep_gate] if gb is not None else None
+        replace_module(model, lay.gate, _linear(gw[rw.keep_gate], gb, gate))
     out_bias = out.bias.detach().to("cpu", F64) if out.bias is not None else None
     replace_module(model, lay.proj_out, _linear(rw.out_weight, out_bias, out))
 
@@ -465,7 +481,7 @@ def _project_all(model: nn.Module, paths: tuple[str, ...], t: torch.Tensor) -> N
 
 
 def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
-    from slimdiff.attention import HeadwiseRMSNorm
+    from slimdiff.attention import AcrossHeadsRMSNorm, HeadwiseRMSNorm
 
     _project_all(model, unit.layout.all_query, rw.t_q)
     _project_all(model, unit.layout.key, rw.t_k)
@@ -474,7 +490,8 @@ def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
     for path, (weight, eps) in rw.norms.items():
         old = model.get_submodule(path)
         like = old.weight if old.weight is not None else next(model.parameters())
-        norm = HeadwiseRMSNorm(*weight.shape, device=like.device, dtype=like.dtype)
+        cls = AcrossHeadsRMSNorm if unit.layout.norms_across_heads else HeadwiseRMSNorm
+        norm = cls(*weight.shape, device=like.device, dtype=like.dtype)
         with torch.no_grad():
             norm.weight.copy_(weight)
             norm.eps.copy_(eps)
@@ -836,7 +853,7 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
     shapes and set the processors, without any decomposition: weights are loaded afterwards
     (``slimdiff.io.load_compressed``). New layers live on the skeleton's device. ``qk_norm`` is the
     mode the model was compressed with (it decides the norm and projection modules' shapes)."""
-    from slimdiff.attention import HeadwiseRMSNorm, QKPostProjection
+    from slimdiff.attention import AcrossHeadsRMSNorm, HeadwiseRMSNorm, QKPostProjection
 
     plan.validate_against(model)
     adapter = adapter_for(model)
@@ -861,13 +878,16 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
         lay, r = units[name].layout, p.rank
         if p.kind == "ffn":
             shrink(lay.proj_in, out_f=2 * r if lay.gated else r)
+            if lay.gate:
+                shrink(lay.gate, out_f=r)
             shrink(lay.proj_out, in_f=r)
             continue
         if p.kind == "qk":
             for path in (*lay.all_query, *lay.key):
                 shrink(path, out_f=lay.heads * r)
             for path in (*lay.norms_q, *lay.norms_k):  # coordinate selection: per-head norms over r
-                replace_module(model, path, HeadwiseRMSNorm(lay.heads, r, device=device, dtype=dtype))
+                cls = AcrossHeadsRMSNorm if lay.norms_across_heads else HeadwiseRMSNorm
+                replace_module(model, path, cls(lay.heads, r, device=device, dtype=dtype))
             if lay.rope:  # the kept rotary coordinates: values come with the state dict
                 set_rope_index(model.get_submodule(lay.module), torch.zeros(lay.heads, r, dtype=torch.int64))
         else:

@@ -140,6 +140,10 @@ def meta_copy(unet: nn.Module) -> nn.Module:
             set_rope_index(skel.get_submodule(name), mod._buffers[ROPE_INDEX])
     if hasattr(unet, "attn_processors"):
         skel.set_attn_processor(dict(unet.attn_processors))
+    else:  # a model without diffusers' AttentionMixin (Z-Image): attention by attention
+        for name, mod in unet.named_modules():
+            if callable(getattr(mod, "set_processor", None)) and getattr(mod, "processor", None) is not None:
+                skel.get_submodule(name).set_processor(mod.processor)
     return skel
 
 
@@ -193,7 +197,8 @@ def forward_flops(
         split_path(p)[0]
         for u in adapter.units(stock).values()
         if u.kind == "ffn"
-        for p in (u.layout.proj_in, u.layout.proj_out)
+        for p in (u.layout.proj_in, u.layout.proj_out, u.layout.gate)
+        if p
     }
 
     def linear_hook(mod: nn.Linear, args, out, name: str) -> None:
@@ -219,8 +224,11 @@ def forward_flops(
     def attn_hook(mod: nn.Module, args, kwargs, name: str) -> None:
         b, n_q, n_k = adapter.attention_tokens(mod, args, kwargs)
         heads = mod.heads
-        r_qk = mod.to_q.out_features // heads
-        r_vo = mod.to_v.out_features // heads
+        if getattr(mod, "to_q", None) is None:  # fused projections (FLUX.2 single blocks): never narrowed
+            r_qk = r_vo = mod.head_dim
+        else:
+            r_qk = mod.to_q.out_features // heads
+            r_vo = mod.to_v.out_features // heads
         which = "attn2" if name.endswith("attn2") else "attn1"  # MMDiT: joint "attn" counts as attn1
         post = getattr(mod, "slim_qk_post", None)
         if post is not None:  # qk_norm "project": q and k (width d_h) projected to r after the norms
@@ -498,6 +506,8 @@ def unit_flop_costs(
         full_rank[name] = u.full_rank
         if isinstance(lay, FFNLayout):
             per_rank[name] = per(lay.proj_in, u.full_rank) + per(lay.proj_out, u.full_rank)
+            if lay.gate:  # a separate gate linear (SwiGLU)
+                per_rank[name] += per(lay.gate, u.full_rank)
             continue
         unit_attention[name] = (lay.module, u.kind)
         if lay.module not in attentions:

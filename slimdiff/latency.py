@@ -574,11 +574,15 @@ def _operations(
             table = {}
             for r in grid:
                 ins, outs = out_rank(lay.proj_in, g * r), in_rank(lay.proj_out, r)
+                if lay.gate:  # a separate gate linear (SwiGLU): timed with proj_in as one linear of
+                    # both row sets (the same FLOPs; one kernel launch fewer than the model's two)
+                    ins = [(rows, i, o + r, b) for rows, i, o, b in ins]
                 if len(ins) != len(outs):
                     raise ValueError(f"{name}: proj_in runs {len(ins)} times, proj_out {len(outs)}")
                 linears = tuple(x for pair in zip(ins, outs, strict=True) for x in pair)
-                op = LatencyOp("ffn", linears, gated=lay.gated)
-                table[r] = LatencyOp("ffn", linears, gated=lay.gated, make=_linear_make(op))
+                gated = lay.gated or bool(lay.gate)
+                op = LatencyOp("ffn", linears, gated=gated)
+                table[r] = LatencyOp("ffn", linears, gated=gated, make=_linear_make(op))
             ffn[name] = table
             continue
         if qk_norm == "project" and lay.qk_norm:

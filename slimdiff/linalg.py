@@ -678,3 +678,102 @@ def rms_norm_correction(cov_pre: torch.Tensor, keep: torch.Tensor) -> float:
     total = float(diag.sum())
     rho = float(diag[keep].sum()) / total if total > 0 else keep.numel() / diag.numel()
     return keep.numel() / (max(rho, 1e-12) * diag.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# q/k RMSNorm ACROSS heads (Wan: one norm over all H heads' coordinates, before the head split)
+# --------------------------------------------------------------------------------------------
+def rms_norm_correction_across_heads(cov_pre: torch.Tensor, keep: torch.Tensor) -> float:
+    """``rms_norm_correction`` for ONE RMSNorm over all H heads' d coordinates together (D = H d)
+    when head h keeps coordinates ``keep[h]`` (``keep`` (H, r), |S| = H r): c = |S| / (rho D) with
+    rho = sum_h E||x_{h,S_h}||^2 / sum_h E||x_h||^2 from the per-head pre-norm second moments
+    ``cov_pre`` (H, d, d) (only their diagonals are read). The norm reads mean_D(x^2) ~ c mean_S(x^2),
+    so it becomes one RMSNorm over the H r kept coordinates with weight g_S / sqrt(c) and eps / c:
+    one c per norm, shared by every head. Exact at r = d, and when every token's kept share is
+    rho; H = 1 is ``rms_norm_correction``."""
+    diag = torch.diagonal(cov_pre.to(F64), dim1=-2, dim2=-1)  # (H, d)
+    total = float(diag.sum())
+    kept = float(diag.gather(1, keep.to(torch.int64)).sum())
+    rho = kept / total if total > 0 else keep.numel() / diag.numel()
+    return keep.numel() / (max(rho, 1e-12) * diag.numel())
+
+
+def kept_share_moments_across_heads(
+    cov_pre: torch.Tensor,
+    kept_orders: torch.Tensor,
+    samples: int = RENORM_SAMPLES,
+    seed: int = RENORM_SEED,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kept_share_moments`` for one norm across heads: rho(x) = sum_h ||x_{h,S_h}||^2 /
+    sum_h ||x_h||^2, every head keeping the first k of its own ``kept_orders[h]`` ((H, d)) at
+    k = 0..d. Heads are sampled independently, head h ~ N(0, cov_pre[h]) (the statistics hold only
+    per-head blocks, so cross-head correlations are not modelled). Returns (mu1, mu2), each (d+1,);
+    H = 1 gives ``kept_share_moments`` bit for bit (same draws)."""
+    heads, d = kept_orders.shape
+    ones = torch.ones(d + 1, dtype=F64)
+    gen = torch.Generator().manual_seed(seed)
+    zero = torch.zeros(1, dtype=F64)
+    total, dcum = None, torch.zeros(d + 1, dtype=F64)
+    for h in range(heads):
+        c = _sym(cov_pre[h])
+        diag = torch.diagonal(c)[kept_orders[h]].clamp_min(0.0)
+        dcum = dcum + torch.cat([zero, diag.cumsum(0)])
+        root, info = torch.linalg.cholesky_ex(c)
+        if int(info) != 0:
+            evals, evecs = torch.linalg.eigh(c)
+            root = evecs * evals.clamp_min(0.0).sqrt()
+        x = torch.randn(samples, d, generator=gen, dtype=F64) @ root.T
+        cum = x[:, kept_orders[h]].square_().cumsum(1)  # (N, d)
+        total = cum if total is None else total + cum
+    if float(dcum[-1]) <= 0.0:
+        return ones, ones.clone()
+    rho = total / total[:, -1:].clamp_min(torch.finfo(F64).tiny)
+    mean_rho = torch.cat([zero, rho.mean(0)])
+    mean_sqrt = torch.cat([zero, rho.sqrt_().mean(0)])
+    rho_bar = dcum / dcum[-1]
+    live = mean_rho > 0
+    safe = torch.where(live, mean_rho, ones)
+    mu1 = torch.where(live, rho_bar.sqrt() * mean_sqrt / safe, ones)
+    mu2 = torch.where(live, rho_bar / safe, ones)
+    mu1[0] = mu2[0] = 1.0
+    mu1[d] = mu2[d] = 1.0
+    return mu1, mu2
+
+
+def selection_errors_across_heads(
+    selections: list[CoordinateSelection],
+    cov_qn: torch.Tensor,
+    cov_kn: torch.Tensor,
+    cov_q: torch.Tensor,
+    cov_k: torch.Tensor,
+    phases: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(d+1,) predicted logit error, summed over the H heads, at every rank of per-head selections
+    (``rms_coordinate_selection`` / ``rope_pair_selection`` of each head, made without raw moments)
+    whose q and k norms act ACROSS heads: sum_h 1_D^T M_h 1_D plus the renormalisation term with
+    ONE factor s(x) = sqrt(rho_bar / rho(x)) per token shared by every head (rho over all heads'
+    kept coordinates): sum_h K_h(S_h) V(S), V from ``kept_share_moments_across_heads`` of the raw
+    (H, d, d) moments ``cov_q`` / ``cov_k``. Odd ranks under RoPE carry the next lower even rank's
+    value. H = 1 equals the per-head errors."""
+    heads, d = cov_qn.shape[0], cov_qn.shape[-1]
+    dropped = sum(sel.dropped for sel in selections)
+    if phases is None:
+        ms = [_sym(cov_qn[h]) * _sym(cov_kn[h]) for h in range(heads)]
+        orders = torch.stack([sel.drop_order for sel in selections])  # (H, d) coordinates
+        coords, width = None, 1
+    else:
+        ms = [rope_pair_error_matrix(cov_qn[h], cov_kn[h], *phases) for h in range(heads)]
+        orders = torch.stack([sel.drop_order[0::2] // 2 for sel in selections])  # (H, d/2) pairs
+        coords, width = torch.arange(d).view(d // 2, 2), 2
+    n = orders.shape[1]
+    kept_items = orders.flip(1)
+    kept_coords = kept_items if coords is None else coords[kept_items].reshape(heads, -1)
+    mq1, mq2 = kept_share_moments_across_heads(cov_q, kept_coords, seed=RENORM_SEED)
+    mk1, mk2 = kept_share_moments_across_heads(cov_k, kept_coords, seed=RENORM_SEED + 1)
+    at = torch.arange(n + 1) * width
+    v = (mq2[at] * mk2[at] - 2.0 * mq1[at] * mk1[at] + 1.0).clamp_min(0.0)
+    term = sum(kept_energy_prefix(ms[h], kept_items[h]) for h in range(heads)) * v
+    term[0] = term[n] = 0.0
+    if width > 1:
+        term = term.repeat_interleave(width)[: d + 1]
+    return dropped + term

@@ -291,6 +291,16 @@ def maps_from_rewrites(
                 (rows.numel(), o_in),
                 {"index": rows.to(torch.int64).clone()},
             )
+            if lay.gate:  # a separate gate linear (SwiGLU): the kept neurons' rows
+                o_out, o_in = shape(lay.gate)
+                maps.layers[lay.gate] = LayerMap(
+                    lay.gate,
+                    name,
+                    "rows_index",
+                    (o_out, o_in),
+                    (rw.keep_gate.numel(), o_in),
+                    {"index": rw.keep_gate.to(torch.int64).clone()},
+                )
             o_out, o_in = shape(lay.proj_out)
             k = rw.keep_value.numel()
             if rw.refit_rest is not None:

@@ -53,6 +53,7 @@ from slimdiff.linalg import (
     damped_cholesky,
     rms_coordinate_selection,
     rope_pair_selection,
+    selection_errors_across_heads,
 )
 
 F64 = torch.float64
@@ -184,6 +185,7 @@ def qk_select_error_curve(
     phases: tuple[torch.Tensor, torch.Tensor] | None = None,
     cov_q: torch.Tensor | None = None,
     cov_k: torch.Tensor | None = None,
+    across_heads: bool = False,
 ) -> list[float]:
     """Relative logit error e(r), r = 0..d_h, of RMSNorm-aware coordinate selection for a QK under
     per-head q/k norms, from the (H, d_h, d_h) second moments of the normalised q and k
@@ -192,17 +194,22 @@ def qk_select_error_curve(
     the term of the per-token renormalisation of the kept coordinates
     (``linalg.renormalisation_term``). With ``phases`` (RoPE: ``linalg.rope_phase_moments``) whole
     rotary pairs are selected (``linalg.rope_pair_selection``; odd ranks carry the next lower even
-    rank's error)."""
+    rank's error). ``across_heads``: the norms act across heads (Wan), one renormalisation factor
+    per token for all heads (``linalg.selection_errors_across_heads``; needs ``cov_q``, ``cov_k``)."""
     d = cov_qn.shape[-1]
     errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
+    sels = []
     for h in range(cov_qn.shape[0]):
-        raw = (None, None) if cov_q is None or cov_k is None else (cov_q[h], cov_k[h])
+        raw = (None, None) if cov_q is None or cov_k is None or across_heads else (cov_q[h], cov_k[h])
         if phases is None:
             sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d, *raw)
         else:
             sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *phases, *raw)
         errors += sel.errors
         energy += sel.energy
+        sels.append(sel)
+    if across_heads and cov_q is not None and cov_k is not None:
+        errors = selection_errors_across_heads(sels, cov_qn, cov_kn, cov_q, cov_k, phases)
     return _relative(errors, energy)
 
 
@@ -234,6 +241,7 @@ def error_profiles(
                 phases if lay.rope else None,
                 _need(covariances, keys[0], name),
                 _need(covariances, keys[1], name),
+                lay.norms_across_heads,
             )
         elif unit.kind == "qk":
             curve = qk_error_curve(

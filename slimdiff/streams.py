@@ -50,10 +50,13 @@ def linear_costs(model: nn.Module, unit: UnitInfo) -> dict[str, tuple[str, int]]
 
     if isinstance(lay, FFNLayout):
         gate = 2 if lay.gated else 1  # a gated neuron owns a hidden and a gate row of proj_in
-        return {
+        costs = {
             lay.proj_in: (lay.stream, rows(lay.proj_in, gate)),
             lay.proj_out: (lay.stream, cols(lay.proj_out)),
         }
+        if lay.gate:  # a separate gate linear (SwiGLU): a row per neuron
+            costs[lay.gate] = (lay.stream, rows(lay.gate))
+        return costs
     text = set(lay.text_linears)
 
     def stream(path: str) -> str:

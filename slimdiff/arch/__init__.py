@@ -6,7 +6,7 @@ layouts, build example inputs), import it below, and add its tests. Stages, stor
 do not change.
 """
 
-from slimdiff.arch import flux, mmdit, pixart, qwenimage, unet  # noqa: F401  (registration order = lookup order)
+from slimdiff.arch import flux, flux2, mmdit, pixart, qwenimage, unet, wan, zimage  # noqa: F401  (registration order = lookup order)
 from slimdiff.arch.base import (
     AttentionLayout,
     FFNLayout,

@@ -11,7 +11,7 @@ Units (one rank each, METHOD.md stage 4):
 
 * ``ffn``: rank = kept intermediate neurons. ``FFNLayout(proj_in, proj_out, gated)``: proj_in
   produces the intermediate (gated: its rows are [hidden | gate] halves, one shared selection),
-  proj_out consumes it.
+  proj_out consumes it; ``gate`` names a separate gate linear (SwiGLU), its rows kept with proj_in's.
 * ``qk``: rank = per-head query/key width. ``AttentionLayout.query`` / ``.key``: the linears whose
   outputs are split into query / key heads (one per token stream: MMDiT has two).
 * ``vo``: rank = per-head value width. ``.value``: linears producing value heads; ``.out``: the
@@ -65,6 +65,9 @@ class FFNLayout:
     stream: str = "image"
     # the padding mask of that stream (None: every token is real)
     token_mask: TokenMask | None = None
+    # a separate gate linear d -> inner (SwiGLU's w1: h = act(gate x) * proj_in x), its rows
+    # selected with proj_in's (one selection); "" when there is none
+    gate: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class AttentionLayout:
     # linears (and of the text stream's q/k norms) keep only real tokens, so padded text tokens
     # enter neither the text queries nor the keys image queries see nor the text attention output
     text_mask: TokenMask | None = None
+    # the q/k RMSNorms act ACROSS heads (one norm over all heads * head_dim coordinates, before the
+    # head split: Wan): a selection's norm correction and renormalisation use all heads' kept
+    # coordinates together, and each norm becomes one ``AcrossHeadsRMSNorm``
+    norms_across_heads: bool = False
 
     @property
     def qk_norm(self) -> bool:
@@ -243,7 +250,8 @@ def _in_cost(layer: nn.Linear) -> int:
 
 def ffn_unit(model: nn.Module, name: str, block: str, layout: FFNLayout) -> UnitInfo:
     """The FFN unit of ``layout`` with its cost per kept neuron: the neuron's row(s) of proj_in
-    (weights and biases; both halves when gated) and its column of proj_out."""
+    (weights and biases; both halves when gated), its row of a separate gate linear and its column
+    of proj_out."""
     proj_in, proj_out = linear(model, layout.proj_in), linear(model, layout.proj_out)
     inner = proj_out.in_features
     if proj_in.out_features != (2 * inner if layout.gated else inner):
@@ -252,6 +260,11 @@ def ffn_unit(model: nn.Module, name: str, block: str, layout: FFNLayout) -> Unit
             f"(the input width of {layout.proj_out})"
         )
     cost = _in_cost(proj_in) * (2 if layout.gated else 1) + proj_out.out_features
+    if layout.gate:
+        gate = linear(model, layout.gate)
+        if gate.out_features != inner:
+            raise UnsupportedModelError(f"{layout.gate}: {gate.out_features} outputs, expected {inner}")
+        cost += _in_cost(gate)
     return UnitInfo(name, "ffn", block, None, inner, cost, layout)
 
 
@@ -498,15 +511,12 @@ _ADAPTERS: list[ModelAdapter] = []
 
 #: transformer blocks of families that are not supported, by class name: refused with the family named
 UNSUPPORTED_BLOCKS = {
-    "Flux2TransformerBlock": "FLUX.2 (double-stream block with fused projections)",
-    "Flux2SingleTransformerBlock": "FLUX.2 (single-stream block with fused projections)",
     "SanaTransformerBlock": "Sana (linear attention)",
     "HunyuanDiTBlock": "Hunyuan-DiT",
     "LuminaNextDiTBlock": "Lumina-Next",
     "CogVideoXBlock": "CogVideoX",
     "AuraFlowJointTransformerBlock": "AuraFlow",
     "AuraFlowSingleTransformerBlock": "AuraFlow",
-    "WanTransformerBlock": "Wan",
 }
 
 
