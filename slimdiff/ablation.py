@@ -8,7 +8,7 @@ type is compressed (``Budget(removed_params=...)``), so rows of one budget are d
 Work is shared where the math allows it: calibration runs once per SlimSet variant (its statistics
 are per timestep bucket, so every weighting is a pure re-aggregation, ``ActivationStats.aggregate``);
 influence once per (SlimSet, weighting); the original pipeline is sampled and featurised once
-(``slimdiff.evaluation.PairEvaluator``) and every compressed variant is compared against it on the
+(``slimdiff.evaluation.evaluate.PairEvaluator``) and every compressed variant is compared against it on the
 same prompts and seeds. A budget a variant cannot reach (e.g. 40% of all compressible parameters
 from the QK units alone) is reported as infeasible, not silently changed.
 
@@ -62,7 +62,7 @@ class Variant:
     group: Literal["method", "module", "slimset"]
     description: str
     calibration: str = "fps-64"  # CalibrationSet.name
-    weighting: str = "spectral"  # timestep weighting (slimdiff.influence)
+    weighting: str = "spectral"  # timestep weighting (slimdiff.planning.influence)
     mode: Literal["error", "influence", "uniform"] | None = None  # rank allocation; None: the config's
     tau: float | None = None  # allocation temperature; None: the config's
     methods: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METHODS))
@@ -72,7 +72,7 @@ class Variant:
     # (a projection after the norms at the VO rank) or "keep" (left whole); see compress_
     qk_norm: Literal["select", "project", "keep"] = "select"
     # "joint": one allocation over all units; "per-stream": image, text and joint units each remove
-    # the budget's fraction of their own parameters (slimdiff.streams.plan_per_group)
+    # the budget's fraction of their own parameters (slimdiff.planning.streams.plan_per_group)
     split: Literal["joint", "per-stream"] = "joint"
     # what the allocation spends when the config's budgets count FLOPs (``AblationConfig.budget_kind``):
     # "budget": FLOPs directly (mode error only: the exact solver costs each option in FLOPs);
@@ -340,7 +340,7 @@ def calibration_prompts(
     """The prompts of one calibration set: FPS SlimSet, or a seeded random subset of the same
     deduplicated candidates (evaluation prompts excluded in both). ``n`` overrides ``spec.n`` (a
     random set matches the size its FPS counterpart really reached)."""
-    from slimdiff.slimset import build_slimset, prepare_pool
+    from slimdiff.calibration.slimset import build_slimset, prepare_pool
 
     n = spec.n if n is None else n
     if spec.selection == "fps":
@@ -369,10 +369,10 @@ def removed_flops_share(plan, units: Mapping, costs) -> float:
 
 def plan_matching_flops(by_params: Callable[[int], Any], units: Mapping, costs, share: float):
     """The plan of the smallest parameter removal (``by_params(removed_params)``) that removes at
-    least ``share`` of the compressible FLOPs (``slimdiff.allocation.smallest_params_plan``: a
+    least ``share`` of the compressible FLOPs (``slimdiff.planning.allocation.smallest_params_plan``: a
     bisection whose result is checked to reach the share). InfeasibleBudgetError when even the
     largest removal does not."""
-    from slimdiff.allocation import smallest_params_plan
+    from slimdiff.planning.allocation import smallest_params_plan
 
     return smallest_params_plan(
         by_params, units, lambda plan: removed_flops_share(plan, units, costs) >= share - 1e-12
@@ -381,7 +381,7 @@ def plan_matching_flops(by_params: Callable[[int], Any], units: Mapping, costs, 
 
 def with_unet(pipe, unet):
     """A pipeline sharing every component of ``pipe`` but the denoiser (UNet or transformer)."""
-    from slimdiff.arch.base import denoiser_attr
+    from slimdiff.families.base import denoiser_attr
 
     components = {**pipe.components, denoiser_attr(pipe): unet}
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
@@ -443,14 +443,14 @@ def run_ablation(
     ``pool`` is the calibration prompt pool (the evaluation prompts are excluded from it),
     ``embedder`` the SlimSet embedder, ``judges`` the toy judges (None: the committed ones).
     ``keep_images`` lists (variant, budget) pairs whose samples are kept in ``result.images``."""
-    from slimdiff.adapter import compression_units, count_parameters, denoiser_of, planned_units
-    from slimdiff.allocation import Budget, InfeasibleBudgetError, plan_ranks
-    from slimdiff.calibration import collect_stats
-    from slimdiff.compress import compress_
-    from slimdiff.evaluation import PairEvaluator
-    from slimdiff.influence import compute_influence
-    from slimdiff.spectra import error_profiles
-    from slimdiff.streams import plan_per_group, stream_summary
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.evaluation.evaluate import PairEvaluator
+    from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+    from slimdiff.planning.allocation import Budget, InfeasibleBudgetError, plan_ranks
+    from slimdiff.planning.influence import compute_influence
+    from slimdiff.planning.spectra import error_profiles
+    from slimdiff.planning.streams import plan_per_group, stream_summary
+    from slimdiff.surgery.compress import compress_
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -535,7 +535,7 @@ def run_ablation(
     cost_cache: dict = {}
 
     def flop_costs(qk_norm: str, units: dict):
-        from slimdiff.flops import serving_shape, unit_flop_costs
+        from slimdiff.planning.flops import serving_shape, unit_flop_costs
 
         key = (qk_norm, tuple(sorted(units)))
         if key not in cost_cache:
@@ -855,7 +855,7 @@ def ablation_table(result: AblationResult) -> str:
 
 def stream_table(rows: Sequence[dict]) -> list[str]:
     """Markdown lines: how each method row's plan splits the removed parameters between the image
-    and the text stream (``slimdiff.streams.stream_summary``); nothing for one-stream families."""
+    and the text stream (``slimdiff.planning.streams.stream_summary``); nothing for one-stream families."""
     rows = [r for r in rows if r["status"] == "ok" and r["group"] == "method" and r.get("streams")]
     if not rows or not any(r["streams"]["compressible"]["text"] for r in rows):
         return []

@@ -11,11 +11,11 @@ are equal), so the one call and the pipeline cannot drift apart:
    weighted covariances ``influence.aggregate(stats)``;
 3. ``error_profiles(denoiser, covariances, damping=params.compression.damping)``;
 4. ``plan_ranks(scores, planned_units(...), budget, **params.allocation.solver_options())``, with
-   the FLOP cost model at ``allocation.serving`` for a FLOP budget (``slimdiff.flops``);
+   the FLOP cost model at ``allocation.serving`` for a FLOP budget (``slimdiff.planning.flops``);
 5. ``compress_(denoiser, plan, covariances, **params.compression.compress_options())``.
 
 What it does not do: choose the prompts. The pipeline's SlimSet stage selects them from a pool
-(``slimdiff.slimset.build_slimset``); here the caller passes them (keep evaluation prompts out).
+(``slimdiff.calibration.slimset.build_slimset``); here the caller passes them (keep evaluation prompts out).
 
 Statistics stay in memory unless ``store`` names a folder: then each statistic is written there as
 soon as its sampling pass ends and read back one at a time (host memory holds one pass, not all
@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from slimdiff.allocation import Budget, RankPlan
-from slimdiff.compress import CompressionReport, single_thread
 from slimdiff.config import ConfigError, Params
+from slimdiff.planning.allocation import Budget, RankPlan
+from slimdiff.surgery.compress import CompressionReport, single_thread
 
 __all__ = ["SlimReport", "budget_of", "cost_model", "slim"]
 
@@ -120,7 +120,7 @@ def slim(
     params: Params | None = None,
 ) -> tuple[Any, SlimReport]:
     """Compress ``pipe``'s denoiser (``pipe.unet`` or ``pipe.transformer``) in place, calibrated on
-    ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.io.save_compressed``.
+    ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.formats.io.save_compressed``.
 
     Every setting not given is the one of ``params`` (default :class:`slimdiff.Params`, i.e. the
     committed ``params.yaml``: 20 sampling steps at guidance 4.0, spectral timestep weighting,
@@ -139,12 +139,12 @@ def slim(
     * ``params``: a whole :class:`slimdiff.Params` (e.g. ``slimdiff.load_params("params.yaml")``)
       for anything else: sampling steps, guidance, buckets, weighting, methods, damping, modules.
     """
-    from slimdiff.adapter import compression_units, count_parameters, denoiser_of, planned_units
-    from slimdiff.allocation import check_feasible, plan_ranks
-    from slimdiff.calibration import collect_stats
-    from slimdiff.compress import PLAN_ATTRIBUTE, compress_
-    from slimdiff.influence import compute_influence
-    from slimdiff.spectra import error_profiles
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+    from slimdiff.planning.allocation import check_feasible, plan_ranks
+    from slimdiff.planning.influence import compute_influence
+    from slimdiff.planning.spectra import error_profiles
+    from slimdiff.surgery.compress import PLAN_ATTRIBUTE, compress_
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string")
@@ -257,11 +257,11 @@ def _settings(
 def cost_model(pipe, denoiser, params: Params, units):
     """The cost model ``allocation.budget`` is spent in, as the plan stage and ``slim`` make it:
     None for parameter budgets; for a FLOP budget one meta-device trace of the uncompressed
-    denoiser at ``allocation.serving`` (``slimdiff.flops``); for a latency budget the per-unit
-    latency table at that shape on ``model.device`` (``slimdiff.latency``: measured once per
+    denoiser at ``allocation.serving`` (``slimdiff.planning.flops``); for a latency budget the per-unit
+    latency table at that shape on ``model.device`` (``slimdiff.planning.latency``: measured once per
     device and shape, then read from its cache). ValueError names ``allocation.serving`` when the
     model cannot run at that shape."""
-    from slimdiff.flops import serving_shape, unit_flop_costs
+    from slimdiff.planning.flops import serving_shape, unit_flop_costs
 
     budget = params.allocation.budget
     if not (budget.in_flops or budget.in_latency):
@@ -278,7 +278,7 @@ def cost_model(pipe, denoiser, params: Params, units):
         )
         if budget.in_flops:
             return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
-        from slimdiff.latency import unit_latency_costs
+        from slimdiff.planning.latency import unit_latency_costs
 
         return unit_latency_costs(
             denoiser,
@@ -405,7 +405,7 @@ class _StatsFolder:
     def _lazy(self, index: dict):
         from safetensors import safe_open
 
-        from slimdiff.stats import LazyActivationStats
+        from slimdiff.core.stats import LazyActivationStats
 
         files = {k: self.path / v for k, v in index["files"].items()}
 
@@ -439,7 +439,7 @@ class _StatsFolder:
         return _StatsWriter(self.path)
 
     def finish(self, writer: _StatsWriter, collected) -> Any:
-        from slimdiff.evaluation import jsonable
+        from slimdiff.evaluation.evaluate import jsonable
 
         index = {
             "format": STATS_FORMAT,

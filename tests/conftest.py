@@ -74,7 +74,7 @@ def make_tiny_pixart(
 
 def transformer_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """(path, module) of every diffusers BasicTransformerBlock: the tests' own view of the layout
-    (the library finds blocks only through slimdiff.arch)."""
+    (the library finds blocks only through slimdiff.families)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]

@@ -1,4 +1,4 @@
-"""Rank allocation (slimdiff.allocation): budget exactness, limits of tau, infeasibility, plan files."""
+"""Rank allocation (slimdiff.planning.allocation): budget exactness, limits of tau, infeasibility, plan files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from slimdiff.adapter import UnitInfo, compression_units, count_parameters
-from slimdiff.allocation import (
+from slimdiff.families.units import UnitInfo, compression_units, count_parameters
+from slimdiff.planning.allocation import (
     Budget,
     InfeasibleBudgetError,
     PlanValidationError,

@@ -1,4 +1,4 @@
-"""Mode "error" beyond the grid DP's state limit (slimdiff.allocation.bounded_allocate): the plan is
+"""Mode "error" beyond the grid DP's state limit (slimdiff.planning.allocation.bounded_allocate): the plan is
 the optimum on the rank grid, or comes with a proved bound on its distance to it.
 
 References: brute force over every rank combination (small cases, non-monotone curves, the
@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from slimdiff import allocation
-from slimdiff.adapter import UnitInfo
-from slimdiff.allocation import (
+from slimdiff.families.units import UnitInfo
+from slimdiff.planning import allocation
+from slimdiff.planning.allocation import (
     OBJECTIVE_RTOL,
     Budget,
     DPResult,
@@ -318,7 +318,7 @@ def test_sd15_shapes_are_solved_exactly_in_seconds(fraction, tie, caplog):
     profiles = synthetic_profiles(units, 1)
     compressible = sum(u.full_params for u in units.values())
     target = math.floor((1 - fraction) * compressible)
-    caplog.set_level(logging.INFO, logger="slimdiff.allocation")
+    caplog.set_level(logging.INFO, logger="slimdiff.planning.allocation")
     t0 = time.perf_counter()
     plan = plan_ranks(
         None,

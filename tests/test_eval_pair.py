@@ -16,7 +16,7 @@ from eval_helpers import (
     tiny_toy_pipeline,
 )
 
-from slimdiff.evaluation import (
+from slimdiff.evaluation.evaluate import (
     MissingWeightsError,
     PairEvaluator,
     RealMetricsOptions,
@@ -165,7 +165,7 @@ def test_missing_toy_judges_say_how_to_provide_them(tmp_path, monkeypatch):
 
 
 def test_peak_memory_sees_a_cpu_allocation():
-    from slimdiff.evaluation import peak_memory
+    from slimdiff.evaluation.evaluate import peak_memory
 
     with peak_memory(torch.device("cpu")) as mem:
         x = torch.ones(16 * 2**20)  # 16 Mi float32 = 64 MiB, every page touched
@@ -175,7 +175,7 @@ def test_peak_memory_sees_a_cpu_allocation():
 
 
 def test_interleaved_latency_times_every_model_every_repeat():
-    from slimdiff.evaluation import interleaved_latency
+    from slimdiff.evaluation.evaluate import interleaved_latency
 
     order = []
 

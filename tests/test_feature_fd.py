@@ -11,8 +11,8 @@ import pytest
 import torch
 from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
 
-from slimdiff import metrics as M
-from slimdiff.evaluation import Measured, PairEvaluator
+from slimdiff.evaluation import metrics as M
+from slimdiff.evaluation.evaluate import Measured, PairEvaluator
 from slimdiff.toy.classifier import load_toy_classifier
 from slimdiff.toy.data import heldout_captions, render, to_tensor_range, train_captions
 
@@ -215,7 +215,7 @@ def test_ablation_table_gains_the_fd_cls_column_and_stays_as_before_without_it()
 
 
 def test_report_rows_and_headline_carry_fd_cls():
-    from slimdiff.report import headline, metrics_table
+    from slimdiff.evaluation.report import headline, metrics_table
 
     metrics = {
         "original": {"unet_params": 1000, "fd_cls": 500.0},

@@ -223,7 +223,7 @@ def transformer_share(model) -> float:
         from slimdiff.toy.flux import flux_block_share
 
         return flux_block_share(model)
-    from slimdiff.adapter import compression_units, count_parameters
+    from slimdiff.families.units import compression_units, count_parameters
 
     modules = {}
     for u in compression_units(model).values():
