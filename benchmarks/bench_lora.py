@@ -20,7 +20,7 @@
    same captions (must be 100%) and on red renders (must be 0%) is reported as its validity check.
 3. Compress the original at each budget exactly as the pipeline does (params.yaml: SlimSet,
    calibration, influence, error profiles, ``plan_ranks`` at ``removed_fraction``, ``compress_``,
-   which records the LoRA maps) and load the LoRA with ``slimdiff.surgery.lora.load_lora_into`` (projected,
+   which records the LoRA maps) and load the LoRA with ``slimdiff.formats.lora.load_lora_into`` (projected,
    fused; peft is not needed). Every model samples the same captions with the same seeds.
 
 Reported per model: new-color accuracy (color / color+shape / exact), kept = that accuracy over
@@ -51,14 +51,14 @@ every double block's joint attention (``attn.to_q/to_k/to_v/to_out.0`` and the t
 ``add_q_proj/add_k_proj/add_v_proj/to_add_out``) and both FFNs (``ff`` and ``ff_context``
 ``net.0.proj`` / ``net.2``), and on every single block's ``attn.to_q/to_k/to_v``, ``proj_mlp`` and
 ``proj_out`` (the output projection of the packed [attention | MLP] input, which the projection maps
-block by block: ``slimdiff.surgery.lora.PackedMap``): every linear of the blocks the compression rewrites. It
+block by block: ``slimdiff.formats.lora.PackedMap``): every linear of the blocks the compression rewrites. It
 is trained with the transformer and both text encoders frozen (their states computed once) by the
 objective of ``slimdiff.toy.train_flux`` with the committed toy's settings (``data/toy-flux/
 metrics.json``): rectified flow on 2x2-packed latents with RoPE position ids, velocity target, the
 transformer gets ``t = s`` in [0, 1] (FLUX's convention), logit-normal ``s`` shifted as the sampler
 shifts it at 16 image tokens, caption dropout to ``""`` for both encoders (true CFG); same data mix,
 caption split, new color and rule. The toy FLUX is sampled as everywhere in slimdiff
-(``slimdiff.evaluation.evaluate.pipeline_call_kwargs``: FluxPipeline's true classifier-free guidance with
+(``slimdiff.families.units.pipeline_call_kwargs``: FluxPipeline's true classifier-free guidance with
 ``negative_prompt=""`` and ``max_sequence_length=16``). Written as ``transformer.<module>.lora_A.weight``
 into ``data/toy-flux/lora/``, the results into ``lora_toy_flux.md`` / ``_grid.png`` / ``.json``.
 """
@@ -699,7 +699,7 @@ of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lo
 - Targets: {info["targets"]} linears: {flux_target_text()}; rank {info["rank"]},
   {info["lora_params"]:,} parameters. The single blocks' `proj_out` reads the packed
   [attention output | MLP hidden] input; a compressed model gets each column block through its own
-  unit's map (`slimdiff.surgery.lora.PackedMap`).
+  unit's map (`slimdiff.formats.lora.PackedMap`).
 - Training: transformer and both text encoders frozen (their states computed once); {info["dataset"]}
   rendered images (a share of {info["new_share"]:g} new-color captions of the training split of
   `slimdiff.toy.newcolor`, the rest ordinary toy training captions, 75% two-object), VAE posterior
@@ -715,7 +715,7 @@ of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lo
   {info["threads"]} CPU thread(s), {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f}
   (first 50 steps) -> {info["loss_last_50"]:.4f} (last 50).
 - Use: FluxPipeline with true classifier-free guidance (`true_cfg_scale`, `negative_prompt=""`,
-  `max_sequence_length=16`, 32 x 32 px), as `slimdiff.evaluation.evaluate.pipeline_call_kwargs` sets it.
+  `max_sequence_length=16`, 32 x 32 px), as `slimdiff.families.units.pipeline_call_kwargs` sets it.
 - Reproduce: `python benchmarks/bench_lora.py --source toy-flux --threads {info["threads"]} --write`
   (trains it again; the thread count changes the order of floating-point reductions, so the
   weights are reproducible only with the same thread count).
@@ -885,7 +885,7 @@ def _texts(source: str) -> dict[str, str]:
             "unk_state": "T5 token state (and its effect on CLIP's pooled output)",
             "sampler": "flow-matching Euler (FLUX's dynamic shift) with FluxPipeline's true classifier-free "
             'guidance (`true_cfg_scale`, `negative_prompt=""`, `max_sequence_length=16`: '
-            "`slimdiff.evaluation.evaluate.pipeline_call_kwargs`),",
+            "`slimdiff.families.units.pipeline_call_kwargs`),",
             "stem": "lora_toy_flux",
         }
     if source == "toy-mmdit":
@@ -930,7 +930,7 @@ def coverage_lines(cov: dict | None) -> list[str]:
     packed = (
         " Names `single.*` are the single blocks' layers, the other block names the double blocks'; "
         "`cols_packed`: a single block's `proj_out`, whose input columns are [attention output | MLP "
-        "hidden], each column block through its own unit's map (`slimdiff.surgery.lora.PackedMap`)."
+        "hidden], each column block through its own unit's map (`slimdiff.formats.lora.PackedMap`)."
         if single
         else ""
     )
@@ -951,7 +951,7 @@ def layer_coverage(model: nn.Module, label: str) -> dict:
     block's ``proj_out``), grouped by the layer's name inside its block (a FLUX single block's:
     ``single.<name>``); unmappable layers with the reason."""
     from slimdiff.families.base import split_path
-    from slimdiff.surgery.lora import maps_of
+    from slimdiff.formats.lora import maps_of
 
     maps = maps_of(model)
     packed: dict[str, list[str]] = {}
@@ -997,7 +997,7 @@ def render_md(res: dict) -> str:
         "",
         f"A LoRA trained on the ORIGINAL {w['model']} to draw a color the toy world does not have "
         '("orange", RGB (240, 145, 35)), loaded into models compressed by the default pipeline '
-        "with `slimdiff.surgery.lora.load_lora_into` (the closed-form projection, fused).",
+        "with `slimdiff.formats.lora.load_lora_into` (the closed-form projection, fused).",
         "",
         f"| model | removed | {w['params']} | orange % | orange + shape % | orange exact % | kept (orange) "
         "| held-out exact %, no LoRA | held-out exact %, with LoRA | PSNR to orig+LoRA, orange dB "
@@ -1125,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from slimdiff.config import load_params
     from slimdiff.evaluation.evaluate import PSNR_CAP_DB
-    from slimdiff.surgery.lora import load_lora_file, load_lora_into
+    from slimdiff.formats.lora import load_lora_file, load_lora_into
     from slimdiff.toy import load_toy_pipeline, newcolor
     from slimdiff.toy.classifier import load_toy_classifier
     from slimdiff.toy.data import caption_kind, heldout_captions

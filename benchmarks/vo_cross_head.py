@@ -22,11 +22,11 @@ import torch
 from denoisers import SPECS
 
 from slimdiff.config import load_params
-from slimdiff.families.units import compression_units
+from slimdiff.families.units import compression_units, out_heads
 from slimdiff.planning.allocation import Budget, plan_ranks
 from slimdiff.planning.influence import compute_influence
 from slimdiff.planning.spectra import error_profiles
-from slimdiff.surgery.compress import compress_, out_heads
+from slimdiff.surgery.compress import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = torch.float64

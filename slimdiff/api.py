@@ -39,9 +39,18 @@ from typing import Any
 
 import torch
 
+from slimdiff.calibration.collect import collect_stats
 from slimdiff.config import ConfigError, Params
-from slimdiff.planning.allocation import Budget, RankPlan
-from slimdiff.surgery.compress import CompressionReport, single_thread
+from slimdiff.core.stats import LazyActivationStats
+from slimdiff.evaluation.evaluate import jsonable
+from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+from slimdiff.planning.allocation import Budget, RankPlan, check_feasible, plan_ranks
+from slimdiff.planning.flops import serving_shape, unit_flop_costs
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.latency import unit_latency_costs
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import CompressionReport, compress_, single_thread
+from slimdiff.surgery.maps import PLAN_ATTRIBUTE
 
 __all__ = ["SlimReport", "budget_of", "cost_model", "slim"]
 
@@ -139,12 +148,6 @@ def slim(
     * ``params``: a whole :class:`slimdiff.Params` (e.g. ``slimdiff.load_params("params.yaml")``)
       for anything else: sampling steps, guidance, buckets, weighting, methods, damping, modules.
     """
-    from slimdiff.calibration.collect import collect_stats
-    from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
-    from slimdiff.planning.allocation import check_feasible, plan_ranks
-    from slimdiff.planning.influence import compute_influence
-    from slimdiff.planning.spectra import error_profiles
-    from slimdiff.surgery.compress import PLAN_ATTRIBUTE, compress_
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string")
@@ -261,7 +264,6 @@ def cost_model(pipe, denoiser, params: Params, units):
     latency table at that shape on ``model.device`` (``slimdiff.planning.latency``: measured once per
     device and shape, then read from its cache). ValueError names ``allocation.serving`` when the
     model cannot run at that shape."""
-    from slimdiff.planning.flops import serving_shape, unit_flop_costs
 
     budget = params.allocation.budget
     if not (budget.in_flops or budget.in_latency):
@@ -278,7 +280,6 @@ def cost_model(pipe, denoiser, params: Params, units):
         )
         if budget.in_flops:
             return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
-        from slimdiff.planning.latency import unit_latency_costs
 
         return unit_latency_costs(
             denoiser,
@@ -405,8 +406,6 @@ class _StatsFolder:
     def _lazy(self, index: dict):
         from safetensors import safe_open
 
-        from slimdiff.core.stats import LazyActivationStats
-
         files = {k: self.path / v for k, v in index["files"].items()}
 
         def read_key(key: str) -> torch.Tensor:
@@ -439,7 +438,6 @@ class _StatsFolder:
         return _StatsWriter(self.path)
 
     def finish(self, writer: _StatsWriter, collected) -> Any:
-        from slimdiff.evaluation.evaluate import jsonable
 
         index = {
             "format": STATS_FORMAT,

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimdiff.core.memory import parse_bytes
+
 CONFIG_VERSION = 1
 
 
@@ -98,7 +100,6 @@ class CalibrationParams(_Group):
     @field_validator("max_memory")
     @classmethod
     def _parse_memory(cls, v):
-        from slimdiff.core.memory import parse_bytes
 
         if not (isinstance(v, str) and v.strip().lower() == "auto"):
             parse_bytes(v)  # raises naming the accepted forms

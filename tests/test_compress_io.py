@@ -9,16 +9,12 @@ import torch
 from compress_helpers import capture_covariances, run, unet_inputs
 from conftest import make_tiny_unet
 
+from slimdiff.families.attention import SlimAttnProcessor
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.formats.io import (
-    SIDECAR_NAME,
-    WEIGHTS_NAME,
-    CompressedModelError,
-    load_compressed,
-    save_compressed,
-)
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.formats.sidecar import SIDECAR_NAME, WEIGHTS_NAME, CompressedModelError
 from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.surgery.compress import SlimAttnProcessor, compress_
+from slimdiff.surgery.compress import compress_
 
 
 def compressed_tiny(**cfg):

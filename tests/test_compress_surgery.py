@@ -12,16 +12,11 @@ from conftest import make_tiny_unet
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.attention import SlimAttnProcessor
+from slimdiff.families.units import compression_units, count_parameters, out_heads
 from slimdiff.planning.allocation import Budget, PlanValidationError, RankPlan, plan_ranks
 from slimdiff.planning.spectra import error_profiles
-from slimdiff.surgery.compress import (
-    CompressionError,
-    SlimAttnProcessor,
-    available_methods,
-    compress_,
-    out_heads,
-)
+from slimdiff.surgery.compress import CompressionError, available_methods, compress_
 
 CONFIGS = {
     "1head": dict(heads=1),

@@ -20,7 +20,8 @@ from compress_helpers import capture_covariances, unet_inputs
 from test_calib_collector import make_tiny_pipeline
 
 from slimdiff.families.units import compression_units
-from slimdiff.formats.io import CompressedModelError, load_compressed, save_compressed
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.formats.sidecar import CompressedModelError
 from slimdiff.planning.allocation import Budget, plan_ranks
 from slimdiff.surgery.compress import compress_
 

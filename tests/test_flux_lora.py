@@ -1,4 +1,4 @@
-"""LoRAs for FLUX.1 projected onto compressed FLUX transformers (``slimdiff.surgery.lora.project_lora``),
+"""LoRAs for FLUX.1 projected onto compressed FLUX transformers (``slimdiff.formats.lora.project_lora``),
 and the community (kohya / ai-toolkit / ComfyUI, "BFL"-named) LoRA format converter
 (``FluxAdapter.convert_lora``), on the tiny FLUX of ``test_flux.py`` (inner dim 32 = 2 heads x 16,
 MLP 128, 2 double + 2 single blocks; random weights, fixed seeds).
@@ -29,12 +29,13 @@ from test_flux import covariances, inputs, rel, run, tiny_flux
 from torch import nn
 
 from slimdiff.families import adapter_for
-from slimdiff.families.base import linear, split_path
+from slimdiff.families.base import LoraError, linear, split_path
 from slimdiff.families.units import compression_units
+from slimdiff.formats.lora import project_lora
 from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_
-from slimdiff.surgery.lora import LORA_MAPS_ATTRIBUTE, LoraError, project_lora
+from slimdiff.surgery.maps import LORA_MAPS_ATTRIBUTE
 
 F64 = torch.float64
 P = "transformer"

@@ -267,7 +267,7 @@ def test_training_input_is_what_the_pipeline_feeds(pipe):
 
 
 def test_call_kwargs_give_true_cfg_and_the_trained_text_length(pipe):
-    from slimdiff.evaluation.evaluate import pipeline_call_kwargs
+    from slimdiff.families.units import pipeline_call_kwargs
 
     assert pipeline_call_kwargs(pipe, 4.0, 3) == {
         "true_cfg_scale": 4.0,

@@ -41,6 +41,7 @@ from torch import nn
 from slimdiff.core.memory import StatsMemoryPlan, plan_stats_memory
 from slimdiff.core.stats import ActivationStats
 from slimdiff.families.base import StatSite, UnsupportedModelError, adapter_for, denoiser_of
+from slimdiff.families.basic import check_attention_processor
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,6 @@ def per_head_gram_fp32(x: torch.Tensor, heads: int) -> torch.Tensor:
 def check_attention_supported(name: str, attn: nn.Module) -> None:
     """Raise UnsupportedModelError (naming ``name``) if the statistics hooks would not see what
     this BasicTransformerBlock attention really uses (kept for callers of the old API)."""
-    from slimdiff.families.basic import check_attention_processor
 
     check_attention_processor(name, attn)
 

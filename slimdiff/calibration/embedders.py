@@ -13,13 +13,14 @@ the exact model) and ``.embed(prompts, batch_size) -> Tensor (N, d)``. Two imple
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from slimdiff.core.digests import file_sha256, state_dict_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +36,6 @@ class PromptEmbedder(Protocol):
 
 class EmbedderWeightsNotFound(FileNotFoundError):
     """The embedder's weights are not available offline; the message says how to provide them."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """Content digest of a module's weights (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _resolve_open_clip_weights(model_name: str, pretrained: str | None) -> tuple[str | None, str]:

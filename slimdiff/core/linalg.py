@@ -186,7 +186,7 @@ class NystromResult:
     diagnostics: FactorDiagnostics
     # rows of the refit map M = C~_:J C~_JJ^-1 (out_weight = W_2 M) for the neurons NOT kept, in
     # ascending neuron order, (inner - k, k); rows J of M are the identity. Only with ``with_map``
-    # (what slimdiff.surgery.lora needs to carry a weight delta of ff.net.2 into the compressed layer).
+    # (what slimdiff.formats.lora needs to carry a weight delta of ff.net.2 into the compressed layer).
     refit_rest: torch.Tensor | None = None
 
 
@@ -333,7 +333,7 @@ class VOResult:
     energy: float
     diagnostics: FactorDiagnostics
     # (d_h, r) input map of the head's out block: out_block = s_out^T w_o (= U_r^T R_a W_o,h), so
-    # the new out linear's column block is W_o[:, head] @ s_out (slimdiff.surgery.lora maps deltas with it)
+    # the new out linear's column block is W_o[:, head] @ s_out (slimdiff.formats.lora maps deltas with it)
     s_out: torch.Tensor | None = None
 
 

@@ -54,7 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimdiff.calibration.embedders import EmbedderWeightsNotFound, _resolve_open_clip_weights
+from slimdiff.core.digests import file_sha256
 from slimdiff.evaluation import metrics as M
+from slimdiff.evaluation.report import comparison_grid, tile_images
+from slimdiff.families.base import adapter_for, denoiser_of
+from slimdiff.families.units import compressible_parameter_count as count
+from slimdiff.families.units import compression_units, pipeline_call_kwargs
+from slimdiff.planning.flops import denoiser_flops
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,6 @@ class ToyJudges:
     def load(cls, toy_dir: str | Path | None = None) -> ToyJudges:
         """The committed judges under ``data/toy`` (or ``toy_dir``); FileNotFoundError names the
         missing file and the command that trains it."""
-        from slimdiff.calibration.embedders import file_sha256
         from slimdiff.toy import toy_data_dir
         from slimdiff.toy.classifier import WEIGHTS_NAME, load_toy_classifier
         from slimdiff.toy.clip import CHECKPOINT_NAME, load_toy_clip
@@ -166,8 +172,6 @@ class ClipJudge:
 
     def __init__(self, model_name: str, pretrained: str | None, device: torch.device) -> None:
         import open_clip
-
-        from slimdiff.calibration.embedders import EmbedderWeightsNotFound, _resolve_open_clip_weights
 
         try:
             path, tag = _resolve_open_clip_weights(model_name, pretrained)
@@ -255,8 +259,6 @@ class InceptionFeatures:
             )
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        from slimdiff.calibration.embedders import file_sha256
-
         self.model = NoTrainInceptionV3(
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
         ).to(device)
@@ -281,7 +283,6 @@ def compressible_parameter_count(model: nn.Module, units: dict | None = None) ->
     """Parameters of the compressible set, counted on the live layers (works on compressed models,
     where the adapter's shape checks no longer hold: pass the original's ``units``, or the plan the
     model carries supplies them). On an uncompressed model it equals the sum of the units' full_params."""
-    from slimdiff.families.units import compressible_parameter_count as count
 
     return count(model, compression_units_of(model) if units is None else units)
 
@@ -295,7 +296,6 @@ def _skeleton_of(model: nn.Module) -> nn.Module:
 def unet_flops(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int) -> dict:
     """Analytic FLOPs of one denoiser forward on one latent (batch 1, one classifier-free-guidance
     branch) from ``slimdiff.planning.flops``, with the per-category breakdown."""
-    from slimdiff.planning.flops import denoiser_flops
 
     report = denoiser_flops(unet, batch=1, latent_hw=latent_size, text_len=text_len)
     return {"total": int(report.total), "by_category": report.by_category()}
@@ -311,14 +311,12 @@ FLOPS_METHOD = (
 # Sampling
 # --------------------------------------------------------------------------------------------
 def _denoiser(pipe) -> nn.Module:
-    from slimdiff.families.base import denoiser_of
 
     return denoiser_of(pipe)
 
 
 def compression_units_of(model: nn.Module) -> dict:
     """The units of ``model``'s original architecture (its skeleton when it is compressed)."""
-    from slimdiff.families.units import compression_units
 
     return compression_units(
         _skeleton_of(model) if getattr(model, "slimdiff_plan", None) is not None else model
@@ -329,21 +327,6 @@ def image_seeds(seed: int, n_images: int) -> list[int]:
     """Image k (prompt k // images_per_prompt) gets ``seed + k``: a sample does not depend on the
     batch it lands in, and both pipelines start from the same latent."""
     return [seed + k for k in range(n_images)]
-
-
-def pipeline_call_kwargs(pipe, guidance_scale: float, batch: int) -> dict:
-    """The sampling kwargs that make the pipeline run its denoiser the way its family does
-    (``ModelAdapter.pipeline_kwargs``, the same calibration uses: ``guidance_scale`` for UNets, SD3
-    and FLUX.1-dev; FluxPipeline's true classifier-free guidance for FLUX without a guidance
-    embedding, and ``max_sequence_length`` = its T5 tokenizer's length below 512, as for the toy
-    FLUX); pipelines whose denoiser slimdiff does not know get ``guidance_scale`` as given."""
-    from slimdiff.families.base import UnsupportedModelError, adapter_for, denoiser_of
-
-    try:
-        kwargs, _ = adapter_for(denoiser_of(pipe)).pipeline_kwargs(pipe, guidance_scale, batch)
-    except UnsupportedModelError:
-        return {"guidance_scale": guidance_scale}
-    return kwargs
 
 
 @torch.no_grad()
@@ -385,7 +368,6 @@ def sample_pipeline(
 
 
 def pipeline_resolution(pipe) -> tuple[int, int]:
-    from slimdiff.families.base import adapter_for, denoiser_of
 
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
     model = denoiser_of(pipe)
@@ -416,7 +398,6 @@ def _sync(device: torch.device) -> None:
 def unet_inputs_like(pipe, n_prompts: int, guidance_scale: float, seed: int = 0) -> tuple[tuple, dict]:
     """Fixed random denoiser inputs of the sampling shapes, as (args, kwargs) of one forward:
     ``2 * n_prompts`` rows under classifier-free guidance, as the sampler feeds them."""
-    from slimdiff.families.base import adapter_for, denoiser_of
 
     model = denoiser_of(pipe)
     adapter = adapter_for(model)
@@ -786,7 +767,6 @@ class PairEvaluator:
         """Sizes, FLOPs, latency, memory, fidelity, deltas and the gate of one compressed pipeline."""
         cfg = self.cfg
         height, width = self._resolution or pipeline_resolution(original_pipe)
-        from slimdiff.families.base import adapter_for
 
         text_len = adapter_for(_denoiser(original_pipe)).text_len(original_pipe)
         sides = {"original": (original_pipe, original), "compressed": (compressed_pipe, compressed)}
@@ -989,7 +969,6 @@ def flatten_numbers(d: dict, prefix: str = "") -> dict[str, float]:
 def write_grids(original: np.ndarray, compressed: np.ndarray, out_dir: Path) -> dict[str, str]:
     """PNG grids into ``out_dir``: the first ``GRID_MAX_IMAGES`` images, original row above the
     compressed row of the same seeds (``grid_compare.png``), and each side alone."""
-    from slimdiff.evaluation.report import comparison_grid, tile_images
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n = min(GRID_MAX_IMAGES, len(original))

@@ -563,3 +563,18 @@ def sdpa_backends(
             if not (event.cpu_parent is not None and _backend_of(event.cpu_parent.name) == label):
                 calls.append(label)
     return names
+
+
+#: buffer of a RoPE attention whose QK kept a subset of rotary pairs: (H, r) original coordinate of
+#: every kept coordinate; the processor gathers the rotary tables with it
+ROPE_INDEX = "slim_rope_index"
+
+
+def set_rope_index(attn: nn.Module, index: torch.Tensor) -> None:
+    """Register (or replace) the attention's kept-coordinate index (saved with its state dict). A
+    meta-device index (a skeleton built under ``torch.device("meta")``, e.g. for FLOP counting)
+    stays on meta: it has no values to move."""
+    if ROPE_INDEX in attn._buffers:
+        del attn._buffers[ROPE_INDEX]
+    index = index.to(torch.int64)
+    attn.register_buffer(ROPE_INDEX, (index if index.is_meta else index.cpu()).clone())

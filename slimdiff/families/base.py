@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from slimdiff.families.attention import SlimAttnProcessor
+
 logger = logging.getLogger(__name__)
 
 UnitKind = Literal["ffn", "qk", "vo"]
@@ -405,7 +407,6 @@ class ModelAdapter:
     def processor(self, attn: nn.Module, layout: AttentionLayout) -> Any:
         """The attention processor for a compressed attention (widths per head from its linears,
         softmax scale 1/sqrt(original d_h))."""
-        from slimdiff.families.attention import SlimAttnProcessor
 
         return SlimAttnProcessor(scale=layout.head_dim**-0.5)
 
@@ -476,9 +477,9 @@ class ModelAdapter:
     ) -> Mapping[str, torch.Tensor]:
         """A LoRA state dict written for this family's ORIGINAL code base (community formats that
         name the reference implementation's layers) with its keys rewritten into a form
-        ``slimdiff.surgery.lora`` parses (diffusers/PEFT ``<prefix>.<module>.lora_A.weight`` / ``lora_B``
+        ``slimdiff.formats.lora`` parses (diffusers/PEFT ``<prefix>.<module>.lora_A.weight`` / ``lora_B``
         / ``alpha``). Keys already in such a form pass through unchanged; unknown keys of the
-        family's own format raise ``slimdiff.surgery.lora.LoraError`` naming them. ``original_shapes``:
+        family's own format raise ``slimdiff.formats.lora.LoraError`` naming them. ``original_shapes``:
         (out, in) of layers ``model`` holds narrowed (a compressed model: its LoRA maps' original
         shapes); the others are read off ``model``. Default: ``state_dict`` itself, unchanged."""
         return state_dict
@@ -601,3 +602,7 @@ def denoiser_of(pipe) -> nn.Module:
 def denoiser_attr(pipe) -> str:
     model = denoiser_of(pipe)
     return next(a for a in ("unet", "transformer") if getattr(pipe, a, None) is model)
+
+
+class LoraError(ValueError):
+    """A LoRA cannot be projected onto this model (bad file, unknown layer, other base model)."""

@@ -18,6 +18,7 @@ from slimdiff.families.base import (
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    _block_types,
     attention_units,
     ffn_unit,
 )
@@ -126,8 +127,6 @@ class BasicBlocksAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks = transformer_blocks(model)
         if not blocks:
-            from slimdiff.families.base import _block_types
-
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no diffusers BasicTransformerBlock (its blocks: "
                 f"{', '.join(_block_types(model)) or 'none'}): SlimDiff compresses the attention and "

@@ -22,7 +22,7 @@ Community LoRAs (kohya sd-scripts, ai-toolkit, ComfyUI) name the reference imple
 layers ("BFL" names: ``double_blocks.{i}.img_attn.qkv``, ``single_blocks.{i}.linear1``, ...) with
 fused q|k|v (and q|k|v|MLP) rows; ``FluxAdapter.convert_lora`` renames and splits them into the
 diffusers layers at the widths of the model at hand (``BFL_DOUBLE`` / ``BFL_SINGLE`` /
-``BFL_GLOBAL``), so ``slimdiff.surgery.lora.project_lora`` accepts them directly.
+``BFL_GLOBAL``), so ``slimdiff.formats.lora.project_lora`` accepts them directly.
 
 Refused: fused ``to_qkv`` projections (``fuse_qkv_projections()``: unfuse first), processors other
 than ``FluxAttnProcessor`` (IP-Adapter), FLUX.2 blocks.
@@ -36,10 +36,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
+from slimdiff.families.attention import SlimFluxAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
+    LoraError,
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
@@ -238,7 +241,6 @@ def convert_bfl_lora(
     by part, chunks A; the deltas are the same. Raises LoraError naming the keys that are not
     FLUX.1 linears, miss a factor, name a block the model does not have, do not fit the widths,
     or collide with another key for the same layer."""
-    from slimdiff.surgery.lora import LoraError
 
     shapes = dict(original_shapes or {})
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -388,7 +390,6 @@ class FluxAdapter(ModelAdapter):
                 )
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
-        from slimdiff.families.attention import SlimFluxAttnProcessor
 
         return SlimFluxAttnProcessor(scale=layout.head_dim**-0.5)
 
@@ -454,7 +455,6 @@ class FluxAdapter(ModelAdapter):
         return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
 
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        from slimdiff.core.linalg import rope_phase_moments
 
         return rope_phase_moments(self.rope_angles(model))
 

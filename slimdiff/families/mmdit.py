@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key, ffn_key
+from slimdiff.families.attention import SlimJointAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -162,7 +163,6 @@ class MMDiTAdapter(ModelAdapter):
                     )
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
-        from slimdiff.families.attention import SlimJointAttnProcessor
 
         return SlimJointAttnProcessor(scale=layout.head_dim**-0.5)
 

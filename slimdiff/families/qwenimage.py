@@ -43,7 +43,9 @@ import inspect
 import torch
 from torch import nn
 
+from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
+from slimdiff.families.attention import SlimQwenAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -174,7 +176,6 @@ class QwenImageAdapter(ModelAdapter):
                 )
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
-        from slimdiff.families.attention import SlimQwenAttnProcessor
 
         return SlimQwenAttnProcessor(scale=layout.head_dim**-0.5)
 
@@ -236,7 +237,6 @@ class QwenImageAdapter(ModelAdapter):
         return torch.angle(torch.cat([txt, img]).cpu().to(torch.complex128))
 
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        from slimdiff.core.linalg import rope_phase_moments
 
         return rope_phase_moments(self.rope_angles(model))
 

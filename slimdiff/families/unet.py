@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimdiff.families.base import randn, register_adapter
+from slimdiff.families.base import UnsupportedModelError, randn, register_adapter
 from slimdiff.families.basic import BasicBlocksAdapter
 
 
@@ -44,8 +44,6 @@ class UNetAdapter(BasicBlocksAdapter):
                 "time_ids": randn((batch, 6), device, dtype, generator),
             }
         elif cfg.addition_embed_type is not None:
-            from slimdiff.families.base import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"UNet addition_embed_type={cfg.addition_embed_type!r}: example inputs are only known for "
                 "SD 1.x/2.x (none) and SDXL ('text_time')"

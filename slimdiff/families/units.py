@@ -29,6 +29,8 @@ from slimdiff.families.base import (
     linear,
 )
 
+F64 = torch.float64
+
 __all__ = [
     "AttentionLayout",
     "FFNLayout",
@@ -125,3 +127,23 @@ def count_parameters(model: nn.Module) -> int:
 
 def parameter_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def out_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """to_out.0 weight (d_out, H*d_h) -> (H, d_h, d_out): head h's block in row-vector form."""
+    w = weight.detach().to("cpu", F64)
+    return w.view(w.shape[0], heads, w.shape[1] // heads).permute(1, 2, 0)
+
+
+def pipeline_call_kwargs(pipe, guidance_scale: float, batch: int) -> dict:
+    """The sampling kwargs that make the pipeline run its denoiser the way its family does
+    (``ModelAdapter.pipeline_kwargs``, the same calibration uses: ``guidance_scale`` for UNets, SD3
+    and FLUX.1-dev; FluxPipeline's true classifier-free guidance for FLUX without a guidance
+    embedding, and ``max_sequence_length`` = its T5 tokenizer's length below 512, as for the toy
+    FLUX); pipelines whose denoiser slimdiff does not know get ``guidance_scale`` as given."""
+
+    try:
+        kwargs, _ = adapter_for(denoiser_of(pipe)).pipeline_kwargs(pipe, guidance_scale, batch)
+    except UnsupportedModelError:
+        return {"guidance_scale": guidance_scale}
+    return kwargs

@@ -12,7 +12,7 @@ rank plan, so the skeleton is built at the compressed shapes before the weights 
                                                   dtype, sha256 of the weights file, plan digest,
                                                   and "lora_maps": index + sha256 of the file below
     <dir>/slimdiff_lora_maps.safetensors          the linear maps of the rewritten layers, for
-                                                  projecting LoRAs of the original (slimdiff.surgery.lora)
+                                                  projecting LoRAs of the original (slimdiff.formats.lora)
 
 For a pipeline, ``<dir>`` is a normal ``save_pretrained`` folder whose denoiser subfolder
 (``unet/`` or ``transformer/``) has the layout above and whose ``model_index.json`` names the
@@ -36,23 +36,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimdiff.calibration.embedders import file_sha256
+from slimdiff.core.digests import file_sha256
 from slimdiff.families.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
+from slimdiff.formats import loading
+from slimdiff.formats.loading import to_slim_
+from slimdiff.formats.sidecar import (
+    CONFIG_KEY,
+    SIDECAR_FORMAT_VERSION,
+    SIDECAR_NAME,
+    WEIGHTS_NAME,
+    CompressedModelError,
+    compare_shapes,
+    null_components,
+    read_lora_maps,
+    read_sidecar,
+    verify_lora_maps,
+)
 from slimdiff.planning.allocation import PlanValidationError, RankPlan
-from slimdiff.surgery.compress import COMPRESSION_ATTRIBUTE, PLAN_ATTRIBUTE, apply_plan_shapes_
-from slimdiff.surgery.lora import FOLDER_ATTRIBUTE, LORA_MAPS_NAME
-from slimdiff.surgery.lora import SIDECAR_KEY as LORA_SIDECAR_KEY
+from slimdiff.surgery.compress import apply_plan_shapes_
+from slimdiff.surgery.maps import (
+    COMPRESSION_ATTRIBUTE,
+    FOLDER_ATTRIBUTE,
+    LORA_MAPS_ATTRIBUTE,
+    LORA_MAPS_NAME,
+    PLAN_ATTRIBUTE,
+    LoraMapsMissingError,
+)
+from slimdiff.surgery.maps import SIDECAR_KEY as LORA_SIDECAR_KEY
 
 logger = logging.getLogger(__name__)
-
-SIDECAR_NAME = "slimdiff.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SIDECAR_FORMAT_VERSION = 2  # 1: plan only in the sidecar, stock class in config.json
-READABLE_SIDECAR_VERSIONS = (1, 2)
-
-
-class CompressedModelError(ValueError):
-    """A compressed-model folder is inconsistent (sidecar, plan, config and weights disagree)."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -69,12 +81,6 @@ def _is_pipeline(obj: Any) -> bool:
 def _lora_maps_for_save(unet: nn.Module):
     """The LoraMaps to write with ``unet``: those compress_ recorded, else those of the folder it
     was loaded from; None (folder saved without maps) when there are none."""
-    from slimdiff.surgery.lora import (
-        FOLDER_ATTRIBUTE,
-        LORA_MAPS_ATTRIBUTE,
-        LoraMapsMissingError,
-        read_lora_maps,
-    )
 
     maps = getattr(unet, LORA_MAPS_ATTRIBUTE, None)
     if maps is None and getattr(unet, FOLDER_ATTRIBUTE, None):
@@ -92,8 +98,6 @@ def _lora_maps_for_save(unet: nn.Module):
 
 def _save_unet(unet: nn.Module, directory: Path, plan: RankPlan, extra: dict | None) -> Path:
     from safetensors.torch import save_file
-
-    from slimdiff.formats.loading import to_slim_
 
     directory.mkdir(parents=True, exist_ok=True)
     to_slim_(unet)  # its slimdiff class: config.json then carries the plan and names that class
@@ -148,8 +152,6 @@ def save_compressed(
             "no rank plan: pass plan=... or save a UNet returned by compress_ (it records unet.slimdiff_plan)"
         )
     if _is_pipeline(pipeline_or_unet):
-        from slimdiff.formats.loading import to_slim_
-
         sub = denoiser_attr(pipeline_or_unet)
         setattr(pipeline_or_unet, sub, to_slim_(unet))  # model_index.json names the slimdiff class
         pipeline_or_unet.save_pretrained(directory, safe_serialization=True)
@@ -167,22 +169,6 @@ def save_compressed(
         (directory / SIDECAR_NAME).write_text(json.dumps(top, indent=1) + "\n")
         return directory
     return _save_unet(unet, directory, plan, extra)
-
-
-# --------------------------------------------------------------------------------------------
-# Load
-# --------------------------------------------------------------------------------------------
-def read_sidecar(directory: str | Path) -> dict:
-    path = Path(directory) / SIDECAR_NAME
-    if not path.is_file():
-        raise CompressedModelError(f"{path} not found: {directory} is not a SlimDiff-compressed UNet folder")
-    data = json.loads(path.read_text())
-    if data.get("format_version") not in READABLE_SIDECAR_VERSIONS:
-        raise CompressedModelError(
-            f"{path}: format_version {data.get('format_version')!r} is not supported (this slimdiff reads "
-            f"{list(READABLE_SIDECAR_VERSIONS)})"
-        )
-    return data
 
 
 def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.dtype | None) -> nn.Module:
@@ -230,11 +216,11 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
 
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     recorded = {k: tuple(v["shape"]) for k, v in sidecar["tensors"].items()}
-    _compare_shapes(expected, recorded, "the plan applied to config.json", "the sidecar", directory)
+    compare_shapes(expected, recorded, "the plan applied to config.json", "the sidecar", directory)
     state = {}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        _compare_shapes(expected, stored, "the plan applied to config.json", "the weights file", directory)
+        compare_shapes(expected, stored, "the plan applied to config.json", "the weights file", directory)
         for k in stored:
             state[k] = f.get_tensor(k)
     unet.load_state_dict(state, strict=True, assign=True)
@@ -247,39 +233,8 @@ def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.d
     unet.to(device)
     setattr(
         unet, FOLDER_ATTRIBUTE, str(directory)
-    )  # slimdiff.surgery.lora reads (and verifies) maps from here
+    )  # slimdiff.formats.lora reads (and verifies) maps from here
     return unet
-
-
-def verify_lora_maps(directory: Path, sidecar: dict) -> None:
-    """When the sidecar records LoRA maps: the file is there and matches its sha256."""
-    entry = sidecar.get(LORA_SIDECAR_KEY)
-    if not entry:
-        return
-    maps = directory / str(entry.get("file", LORA_MAPS_NAME))
-    if not maps.is_file():
-        raise CompressedModelError(f"{maps} not found (named by {directory / SIDECAR_NAME})")
-    digest = file_sha256(maps)
-    if digest != entry.get("sha256"):
-        raise CompressedModelError(
-            f"{maps}: sha256 {digest[:12]}... does not match the sidecar's {str(entry.get('sha256'))[:12]}...: "
-            "the LoRA maps were changed or truncated after saving"
-        )
-
-
-def _compare_shapes(expected: dict, got: dict, what_expected: str, what_got: str, directory: Path) -> None:
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or extra:
-        raise CompressedModelError(
-            f"{directory}: {what_got} and {what_expected} disagree on tensor names: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}"
-        )
-    for k in expected:
-        if expected[k] != got[k]:
-            raise CompressedModelError(
-                f"{directory}: tensor {k} has shape {list(got[k])} in {what_got} but {list(expected[k])} per "
-                f"{what_expected} (wrong ranks?)"
-            )
 
 
 def load_compressed(
@@ -301,7 +256,6 @@ def load_compressed(
 
         top = read_sidecar(directory) if (directory / SIDECAR_NAME).is_file() else {}
         sub = top.get("unet_subfolder", "unet")
-        from slimdiff.formats.models import null_components
 
         cls = pipeline_class or DiffusionPipeline
         # components saved as absent (SD3 without T5): diffusers fills in only its optional ones
@@ -324,8 +278,6 @@ def load_compressed(
         pipe = cls.from_pretrained(directory, **{sub: unet}, **kwargs)
         return pipe.to(device)
     if _is_slim_folder(directory):
-        from slimdiff.formats import loading
-
         config = json.loads((directory / "config.json").read_text())
         model = getattr(loading, config["_class_name"]).from_pretrained(directory, torch_dtype=torch_dtype)
         return model.eval().to(device)
@@ -334,7 +286,6 @@ def load_compressed(
 
 def _is_slim_folder(directory: Path) -> bool:
     """A denoiser folder of the current format (its config names a slimdiff class)."""
-    from slimdiff.formats.loading import CONFIG_KEY
 
     config = directory / "config.json"
     if not config.is_file():

@@ -28,9 +28,20 @@ from typing import Any
 
 from torch import nn
 
-#: key of the slimdiff section in a compressed denoiser's config.json
-CONFIG_KEY = "slimdiff"
-CONFIG_FORMAT_VERSION = 2
+from slimdiff.core.digests import file_sha256
+from slimdiff.families.base import adapter_for, registered_adapters
+from slimdiff.formats.sidecar import (
+    CONFIG_FORMAT_VERSION,
+    CONFIG_KEY,
+    SIDECAR_NAME,
+    CompressedModelError,
+    compare_shapes,
+    read_sidecar,
+    verify_lora_maps,
+)
+from slimdiff.planning.allocation import PlanValidationError, RankPlan
+from slimdiff.surgery.compress import apply_plan_shapes_
+from slimdiff.surgery.maps import COMPRESSION_ATTRIBUTE, FOLDER_ATTRIBUTE, PLAN_ATTRIBUTE
 
 _SLIM_CLASSES: dict[str, type] = {}
 
@@ -41,9 +52,6 @@ def _slim_init(base: type):
     def __init__(self, *args, slimdiff: dict | None = None, **kwargs):
         base_init(self, *args, **kwargs)
         if slimdiff:
-            from slimdiff.planning.allocation import RankPlan
-            from slimdiff.surgery.compress import apply_plan_shapes_
-
             apply_plan_shapes_(
                 self, RankPlan.from_dict(slimdiff["plan"]), **dict(slimdiff.get("compression") or {})
             )
@@ -72,9 +80,7 @@ def slim_class(base: type) -> type:
             if folder.is_dir():  # a local folder: verify before loading (hub repos: after download)
                 verify_folder(folder)
             model = super(cls, cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-            if folder.is_dir():  # where slimdiff.surgery.lora finds this model's LoRA maps
-                from slimdiff.surgery.lora import FOLDER_ATTRIBUTE
-
+            if folder.is_dir():  # where slimdiff.formats.lora finds this model's LoRA maps
                 setattr(model, FOLDER_ATTRIBUTE, str(folder))
             return model
 
@@ -103,17 +109,6 @@ def verify_folder(folder: Path) -> None:
     sha256; and the tensor shapes in the weights file are those the plan builds from config.json
     (checked on a meta-device skeleton, so nothing is allocated)."""
     from safetensors import safe_open
-
-    from slimdiff.calibration.embedders import file_sha256
-    from slimdiff.formats.io import (
-        SIDECAR_NAME,
-        CompressedModelError,
-        _compare_shapes,
-        read_sidecar,
-        verify_lora_maps,
-    )
-    from slimdiff.planning.allocation import PlanValidationError, RankPlan
-    from slimdiff.surgery.compress import apply_plan_shapes_
 
     if not (folder / SIDECAR_NAME).is_file():
         raise CompressedModelError(
@@ -172,14 +167,12 @@ def verify_folder(folder: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    _compare_shapes(expected, stored, "the plan applied to config.json", "the weights file", folder)
+    compare_shapes(expected, stored, "the plan applied to config.json", "the weights file", folder)
 
 
 def to_slim_(model: nn.Module) -> nn.Module:
     """Turn a model ``compress_`` rewrote into an instance of its slimdiff class, in place, with the
     plan and layout options recorded in its config (what ``save_pretrained`` then writes)."""
-    from slimdiff.families.base import adapter_for
-    from slimdiff.surgery.compress import COMPRESSION_ATTRIBUTE, PLAN_ATTRIBUTE
 
     plan = getattr(model, PLAN_ATTRIBUTE, None)
     if plan is None:
@@ -217,8 +210,6 @@ def __getattr__(name: str) -> type:
 
         return ModelMixin
     if name.startswith("Slim"):
-        from slimdiff.families.base import registered_adapters
-
         for adapter in registered_adapters():
             base = adapter.denoiser_class()
             if name == f"Slim{base.__name__}":

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from slimdiff.formats.io import load_compressed
+from slimdiff.formats.sidecar import null_components
+
 log = logging.getLogger(__name__)
 
 TOY_SOURCE = "toy"
@@ -168,8 +171,6 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         folder = Path(source).expanduser()
     if folder.exists():
         if (folder / "slimdiff.json").is_file():
-            from slimdiff.formats.io import load_compressed
-
             pipe = load_compressed(folder, device=device, torch_dtype=torch_dtype)
             pipe.set_progress_bar_config(disable=True)
             return pipe
@@ -186,17 +187,6 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def null_components(folder: Path) -> dict[str, None]:
-    """Components a saved pipeline records as absent (``[null, null]`` in ``model_index.json``, e.g.
-    SD3 without T5: ``text_encoder_3``, ``tokenizer_3``), to pass as ``None`` to ``from_pretrained``
-    (diffusers only fills in its optional components by itself)."""
-    index = Path(folder) / "model_index.json"
-    if not index.is_file():
-        return {}
-    entries = json.loads(index.read_text())
-    return {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _quiet_loading() -> None:

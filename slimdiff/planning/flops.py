@@ -34,6 +34,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from slimdiff.families.attention import (
+    ROPE_INDEX,
+    common_head_width,
+    is_attention_module,
+    pads_heads,
+    set_rope_index,
+)
+from slimdiff.families.base import FFNLayout, adapter_for, column_range, denoiser_of, linear, split_path
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ("conv", "attn1_proj", "attn1_matmul", "attn2_proj", "attn2_matmul", "ffn", "other_linear")
@@ -133,7 +142,6 @@ def meta_copy(unet: nn.Module) -> nn.Module:
             parent[int(child)] = new
         else:
             setattr(parent, child, new)
-    from slimdiff.surgery.compress import ROPE_INDEX, set_rope_index
 
     for name, mod in unet.named_modules():  # the kept rotary coordinates of narrowed RoPE heads
         if ROPE_INDEX in mod._buffers:
@@ -159,7 +167,6 @@ def denoiser_flops(
 ) -> FlopsReport:
     """Analytic forward FLOPs of any supported denoiser (``slimdiff.families``) at ``batch`` samples
     of ``latent_hw`` latents and ``text_len`` text tokens: the family adapter builds the meta inputs."""
-    from slimdiff.families.base import adapter_for
 
     hw = (latent_hw, latent_hw) if isinstance(latent_hw, int) else tuple(latent_hw)
     args, kwargs = adapter_for(model).example_inputs(model, batch, hw, text_len, device="meta")
@@ -177,8 +184,6 @@ def forward_flops(
     Attention matmuls are counted at the widths that really run: a compressed head with
     r_qk != r_vo is padded to one width (``slimdiff.families.attention.common_head_width``, which depends on
     the ``device`` the model will run on)."""
-    from slimdiff.families.attention import common_head_width, is_attention_module, pads_heads
-    from slimdiff.families.base import adapter_for, split_path
 
     skel = meta_copy(model)
     rows: list[FlopsRow] = []
@@ -322,7 +327,6 @@ def serving_shape(
     """The ``ServingShape`` of a diffusers pipeline: ``height`` / ``width`` in pixels (None: the
     denoiser's configured resolution, e.g. 512 px for SD v1.5), ``text_len`` None: the family's
     text length (77 for SD 1.x / XL, 333 for SD3, the tokenizer's for PixArt)."""
-    from slimdiff.families.base import adapter_for, denoiser_of
 
     model = denoiser_of(pipe)
     adapter = adapter_for(model)
@@ -372,7 +376,6 @@ class AttentionCost:
     device: str = "cpu"
 
     def flops(self, r_qk: int, r_vo: int) -> int:
-        from slimdiff.families.attention import common_head_width
 
         d = self.head_dim
         extra = 0
@@ -464,7 +467,6 @@ def unit_flop_costs(
     rows, so that ``FlopCosts.plan_flops`` reproduces ``forward_flops`` of any compressed model
     exactly. ``qk_norm`` is ``compression.qk_norm`` ("project" adds post-norm projections to a
     normed attention whose VO is cut)."""
-    from slimdiff.families.base import FFNLayout, adapter_for, column_range, linear, split_path
 
     adapter = adapter_for(model)
     units = adapter.units(model) if units is None else units

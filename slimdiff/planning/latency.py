@@ -62,6 +62,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from slimdiff.families.attention import common_head_width, padded_sdpa
+from slimdiff.families.base import FFNLayout, adapter_for, linear, split_path
+from slimdiff.planning.allocation import rank_grid
 from slimdiff.planning.flops import ServingShape, forward_flops
 
 logger = logging.getLogger(__name__)
@@ -195,7 +198,6 @@ def _linear_make(op: LatencyOp) -> Callable[[torch.device, torch.dtype], Callabl
 
 def _sdpa_make(op: LatencyOp) -> Callable[[torch.device, torch.dtype], Callable[[], object]]:
     def make(device: torch.device, dtype: torch.dtype) -> Callable[[], object]:
-        from slimdiff.families.attention import padded_sdpa
 
         gen = torch.Generator().manual_seed(0)
 
@@ -327,7 +329,6 @@ def _interp(points: Mapping[int, int], x: int) -> int:
 def sdpa_class(r_qk: int, r_vo: int, head_dim: int, device: str) -> tuple[int, bool, bool]:
     """(common width, q/k padded, v padded) of ``padded_sdpa`` at this pair; the uncompressed pair
     (d_h, d_h) runs unpadded (the stock processor)."""
-    from slimdiff.families.attention import common_head_width
 
     if r_qk >= head_dim and r_vo >= head_dim:
         return head_dim, False, False
@@ -528,8 +529,6 @@ class _Plan:
 def _operations(
     model: nn.Module, shape: ServingShape, units, r_min: int, multiple: int, qk_norm: str
 ) -> _Plan:
-    from slimdiff.families.base import FFNLayout, adapter_for, linear, split_path
-    from slimdiff.planning.allocation import rank_grid
 
     adapter = adapter_for(model)
     args, kwargs = adapter.example_inputs(model, shape.batch, shape.latent_hw, shape.text_len, device="meta")
@@ -643,7 +642,6 @@ def unit_latency_costs(
     the model's), measured by ``timer`` (default ``MeasuredTimer(shape.device, dtype)``) at the
     points of every unit's rank grid (``r_min``, ``multiple``: use the allocation's), or read from
     the cache (``cache_dir``, default ``default_cache_dir()``) where the same key was measured."""
-    from slimdiff.families.base import adapter_for
 
     if r_min < 1 or multiple < 1:
         raise ValueError(f"r_min and multiple must be >= 1, got r_min={r_min}, multiple={multiple}")

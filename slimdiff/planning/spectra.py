@@ -52,8 +52,7 @@ from slimdiff.core.linalg import (
     rope_pair_selection,
 )
 from slimdiff.families import adapter_for
-from slimdiff.families.units import UnitInfo, compression_units, linear
-from slimdiff.surgery.compress import out_heads
+from slimdiff.families.units import UnitInfo, compression_units, linear, out_heads
 
 F64 = torch.float64
 

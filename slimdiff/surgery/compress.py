@@ -36,13 +36,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from slimdiff.core import linalg
-from slimdiff.families.attention import SlimAttnProcessor  # noqa: F401  (re-exported: the processor's old home)
+from slimdiff.families.attention import (
+    HeadwiseRMSNorm,
+    QKPostProjection,
+    SlimAttnProcessor,  # noqa: F401  (re-exported: the processor's old home)
+    set_rope_index,
+)
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -51,65 +56,27 @@ from slimdiff.families.base import (
     linear,
     replace_module,
 )
-from slimdiff.families.units import count_parameters
+from slimdiff.families.units import count_parameters, out_heads
 from slimdiff.planning.allocation import RankPlan
+from slimdiff.surgery.maps import (
+    COMPRESSION_ATTRIBUTE,
+    LORA_MAPS_ATTRIBUTE,
+    PLAN_ATTRIBUTE,
+    FFNRewrite,
+    QKRewrite,
+    VORewrite,
+    maps_from_rewrites,
+)
 
 logger = logging.getLogger(__name__)
 
 F64 = torch.float64
 
-#: attribute set on a compressed UNet: the RankPlan it was compressed with (read by slimdiff.formats.io)
-PLAN_ATTRIBUTE = "slimdiff_plan"
-#: ... and the options that change its layer layout beyond the plan's ranks (``{"qk_norm": mode}``)
-COMPRESSION_ATTRIBUTE = "slimdiff_compression"
 QK_NORM_MODES = ("select", "keep", "project")
 
 
 class CompressionError(ValueError):
     """Compression cannot proceed (missing statistics, unknown method, already compressed)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Rewrites (what a method returns) and the method registry
-# --------------------------------------------------------------------------------------------
-@dataclass
-class FFNRewrite:
-    keep_value: torch.Tensor  # (k,) kept rows of the hidden half of proj (GELU: of proj)
-    keep_gate: torch.Tensor  # (k,) kept rows of the gate half (GEGLU); == keep_value when shared
-    out_weight: torch.Tensor  # (d, k) new ff.net.2 weight, float64
-    error: float | None = None
-    energy: float | None = None
-    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
-    # out_weight = W_2 M with M (inner, k): rows keep_value of M are the identity, these are the
-    # others (ascending neuron order), (inner - k, k). None: no refit (out_weight = W_2[:, keep]).
-    # Recorded for slimdiff.surgery.lora (a delta of ff.net.2 maps to delta @ M).
-    refit_rest: torch.Tensor | None = None
-
-
-@dataclass
-class QKRewrite:
-    t_q: torch.Tensor  # (H, d_h, r): new query head h = q_h @ t_q[h]
-    t_k: torch.Tensor  # (H, d_h, r)
-    error: float | None = None
-    energy: float | None = None
-    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
-    # q/k RMSNorm modules replaced after coordinate selection: path -> (weight (H, r), eps (H,))
-    norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # RoPE: (H, r) original coordinate of every kept coordinate, for narrowing the rotary tables
-    rope_index: torch.Tensor | None = None
-
-
-@dataclass
-class VORewrite:
-    t_v: torch.Tensor  # (H, d_h, r): new value head h = v_h @ t_v[h]
-    out_blocks: torch.Tensor  # (H, r, sum d_out): head h's new rows of the out linear(s), side by side
-    error: float | None = None
-    energy: float | None = None
-    diagnostics: list[linalg.FactorDiagnostics] = field(default_factory=list)
-    # (H, d_h, r): out_blocks[h] = s_out[h]^T W_o,h, i.e. the out linears' new column block h is
-    # W_o[:, head h] @ s_out[h]. None when a method does not provide it: LoRA deltas of the out
-    # linears then cannot be mapped (slimdiff.surgery.lora warns).
-    s_out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +90,7 @@ class UnitContext:
     damping: float
     ffn_selection: str
     qk_norm: str = "select"  # how a QK under per-head RMSNorms is compressed (compress_)
-    lora_maps: bool = False  # also compute the maps slimdiff.surgery.lora needs (FFN refit map: extra solve)
+    lora_maps: bool = False  # also compute the maps slimdiff.formats.lora needs (FFN refit map: extra solve)
 
     @property
     def layout(self) -> FFNLayout | AttentionLayout:
@@ -260,12 +227,6 @@ def _heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """(H*d_h, d_in) Linear weight -> (H, d_h, d_in) per-head rows, float64 on CPU."""
     w = weight.detach().to("cpu", F64)
     return w.view(heads, w.shape[0] // heads, w.shape[1])
-
-
-def out_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """to_out.0 weight (d_out, H*d_h) -> (H, d_h, d_out): head h's block in row-vector form."""
-    w = weight.detach().to("cpu", F64)
-    return w.view(w.shape[0], heads, w.shape[1] // heads).permute(1, 2, 0)
 
 
 def _qk_rewrite(results: list[linalg.QKResult]) -> QKRewrite:
@@ -465,7 +426,6 @@ def _project_all(model: nn.Module, paths: tuple[str, ...], t: torch.Tensor) -> N
 
 
 def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
-    from slimdiff.families.attention import HeadwiseRMSNorm
 
     _project_all(model, unit.layout.all_query, rw.t_q)
     _project_all(model, unit.layout.key, rw.t_k)
@@ -479,21 +439,6 @@ def _apply_qk(model: nn.Module, unit: UnitInfo, rw: QKRewrite) -> None:
             norm.weight.copy_(weight)
             norm.eps.copy_(eps)
         replace_module(model, path, norm)
-
-
-#: buffer of a RoPE attention whose QK kept a subset of rotary pairs: (H, r) original coordinate of
-#: every kept coordinate; the processor gathers the rotary tables with it
-ROPE_INDEX = "slim_rope_index"
-
-
-def set_rope_index(attn: nn.Module, index: torch.Tensor) -> None:
-    """Register (or replace) the attention's kept-coordinate index (saved with its state dict). A
-    meta-device index (a skeleton built under ``torch.device("meta")``, e.g. for FLOP counting)
-    stays on meta: it has no values to move."""
-    if ROPE_INDEX in attn._buffers:
-        del attn._buffers[ROPE_INDEX]
-    index = index.to(torch.int64)
-    attn.register_buffer(ROPE_INDEX, (index if index.is_meta else index.cpu()).clone())
 
 
 def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:
@@ -547,7 +492,6 @@ def _post_norm_projections(
     """qk_norm "project": for every attention with q/k norms whose VO unit the plan cuts to r, a
     whitening-SVD of the NORMALISED q/k statistics at rank r (``linalg.qk_whitened_svd``),
     applied after the norms; the QK unit itself must be at full rank in the plan."""
-    from slimdiff.families.attention import QKPostProjection
 
     out = {}
     for name, u in units.items():
@@ -681,7 +625,7 @@ def compress_(
     width r while to_q / to_k keep their size and the projections add 2 H d_h r parameters).
     The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.formats.io.save_compressed``.
     ``lora_maps`` (default on) also records, on ``unet.slimdiff_lora_maps``, the linear map every
-    rewritten layer applied to the original weights (``slimdiff.surgery.lora.LoraMaps``: per-head T of
+    rewritten layer applied to the original weights (``slimdiff.formats.lora.LoraMaps``: per-head T of
     q/k/v, per-head S of the out linears, the FFN's kept rows J and refit map M), so that a LoRA
     made for the original model can be projected onto this one; ``save_compressed`` writes them.
     Their size is small for attention (H d_h r per linear) but (inner - k) k floats per FFN."""
@@ -749,8 +693,6 @@ def compress_(
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
     post = _post_norm_projections(unet, units, plan, covariances, damping) if qk_norm == "project" else {}
     if lora_maps:  # from the ORIGINAL layers (shapes, weights), before anything is swapped
-        from slimdiff.surgery.lora import maps_from_rewrites
-
         maps = maps_from_rewrites(unet, units, rewrites, plan.digest)
 
     attentions: dict[str, AttentionLayout] = {}
@@ -798,8 +740,6 @@ def compress_(
     setattr(unet, PLAN_ATTRIBUTE, plan)
     setattr(unet, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})
     if lora_maps:
-        from slimdiff.surgery.lora import LORA_MAPS_ATTRIBUTE
-
         setattr(unet, LORA_MAPS_ATTRIBUTE, maps)
     params_after = count_parameters(unet)
     report = CompressionReport(
@@ -836,7 +776,6 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
     shapes and set the processors, without any decomposition: weights are loaded afterwards
     (``slimdiff.formats.io.load_compressed``). New layers live on the skeleton's device. ``qk_norm`` is the
     mode the model was compressed with (it decides the norm and projection modules' shapes)."""
-    from slimdiff.families.attention import HeadwiseRMSNorm, QKPostProjection
 
     plan.validate_against(model)
     adapter = adapter_for(model)
