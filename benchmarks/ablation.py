@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs model creation on the root logger
-    for name in ("ablation", "slimdiff.ablation"):
+    for name in ("ablation", "benchmarks/ablation_runner.py"):
         logging.getLogger(name).setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
 
-    from slimdiff.ablation import (
+    from ablation_runner import (
         AblationConfig,
         CalibrationSet,
         ablation_table,
@@ -127,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         readme_summary,
         run_ablation,
     )
+
     from slimdiff.calibration.embedders import OpenClipEmbedder
     from slimdiff.config import load_params
-    from slimdiff.evaluation.evaluate import ToyJudges, jsonable
+    from slimdiff.evaluation.evaluate import jsonable
+    from slimdiff.evaluation.judges import ToyJudges
     from slimdiff.evaluation.report import comparison_grid
     from slimdiff.families import denoiser_of
     from slimdiff.toy import load_toy_pipeline
@@ -159,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = {"toy": "ablation", "toy-mmdit": "ablation_mmdit", "toy-flux": "ablation_flux"}[args.source]
     flag = "" if args.source == "toy" else f" --source {args.source}"
     if mmdit:
-        from slimdiff.ablation import flux_variants, mmdit_variants
+        from ablation_runner import flux_variants, mmdit_variants
 
         budgets = (0.4,) if args.quick else tuple(b for b in budgets if b <= 0.6)
         sets = (sets[0],) if not args.quick else (CalibrationSet(f"fps-{base_n}", "fps", base_n),)
         variants = (flux_variants if args.source == "toy-flux" else mmdit_variants)(budgets, base_n)
     elif args.quick:  # the default method/module rows, SlimSet rows for the small sets above
-        from slimdiff.ablation import Variant, default_variants
+        from ablation_runner import Variant, default_variants
 
         variants = (
             *(v for v in default_variants(budgets, 0.4, 0.1, 16) if v.group != "slimset"),
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             Variant("slimset-32", "slimset", "FPS SlimSet of 32", "fps-32", budgets=(0.4,)),
         )
     if args.budget_kind == "flops":  # equal-FLOPs rows, one calibration set (the SlimSet)
-        from slimdiff.ablation import cost_variants
+        from ablation_runner import cost_variants
 
         budgets = (0.4,) if args.quick else tuple(b for b in budgets if b <= 0.6)
         sets = (CalibrationSet(f"fps-{base_n}", "fps", base_n),)

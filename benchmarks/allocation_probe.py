@@ -25,7 +25,8 @@ import torch
 from slimdiff.evaluation import metrics as M
 from slimdiff.families.units import compression_units
 from slimdiff.formats.models import load_pipeline
-from slimdiff.planning.allocation import Budget, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.influence import Influence
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_

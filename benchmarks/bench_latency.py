@@ -40,7 +40,8 @@ from denoisers import SPECS
 
 from slimdiff.config import load_params
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.planning.allocation import Budget, flop_feasible_range, plan_ranks
+from slimdiff.planning.allocation import flop_feasible_range, plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import unit_flop_costs
 from slimdiff.planning.latency import MeasuredTimer, device_label, unit_latency_costs
 from slimdiff.surgery.compress import compress_

@@ -777,7 +777,8 @@ def calibrate(pipe, params):
 def compressed_unet(unet, params, influence, covariances, profiles, fraction: float):
     """The plan and compression stages at ``removed_fraction`` (the committed allocation)."""
     from slimdiff.families.units import compression_units, planned_units
-    from slimdiff.planning.allocation import Budget, plan_ranks
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import Budget
     from slimdiff.surgery.compress import compress_
 
     alloc, comp = params.allocation, params.compression
@@ -1234,7 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     slimset_n, influence, covariances, profiles = calibrate(pipe, params)
     seconds["calibration"] = time.perf_counter() - t0
-    from slimdiff.ablation import with_unet
+    from slimdiff.formats.models import with_unet
 
     projection_kinds: dict[str, int] = {}
     dropped: list[str] = []

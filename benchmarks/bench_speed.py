@@ -63,7 +63,8 @@ from slimdiff.config import load_params
 from slimdiff.families.attention import sdpa_backends
 from slimdiff.families.base import split_path
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.planning.allocation import Budget, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import ServingShape, format_breakdown, forward_flops, unit_flop_costs
 from slimdiff.planning.influence import compute_influence
 from slimdiff.planning.spectra import error_profiles

@@ -227,7 +227,7 @@ class PipelineRunner:
     """Toy models: the stock pipeline with the combination's denoiser (quality and speed)."""
 
     def __init__(self, source: str, denoiser, cache, args):
-        from slimdiff.ablation import with_unet
+        from slimdiff.formats.models import with_unet
 
         self.pipe = with_unet(toy_pipe(source), denoiser)
         self.cache = cache
@@ -236,7 +236,7 @@ class PipelineRunner:
         self.args = args
 
     def sample(self, prompts, seeds) -> np.ndarray:
-        from slimdiff.evaluation.evaluate import pipeline_resolution, sample_pipeline
+        from slimdiff.evaluation.sampling import pipeline_resolution, sample_pipeline
 
         h, w = pipeline_resolution(self.pipe)
         out = []

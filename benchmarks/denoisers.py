@@ -303,9 +303,9 @@ def toy_stats_of(source: str) -> Callable:
         """The default calibration of ``slimdiff run`` (params.yaml: SlimSet size, steps, guidance,
         buckets) through the toy pipeline's own sampler, on its training captions (never the
         held-out evaluation captions)."""
-        from slimdiff.ablation import with_unet
         from slimdiff.calibration.collect import collect_stats
         from slimdiff.config import load_params
+        from slimdiff.formats.models import with_unet
         from slimdiff.toy.data import train_captions
 
         params = load_params(_repo_root() / "params.yaml")

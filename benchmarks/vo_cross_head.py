@@ -23,7 +23,8 @@ from denoisers import SPECS
 
 from slimdiff.config import load_params
 from slimdiff.families.units import compression_units, out_heads
-from slimdiff.planning.allocation import Budget, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.influence import compute_influence
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_

@@ -79,7 +79,8 @@ def _exit_code(err: BaseException) -> int:
     ):
         return EXIT_INPUT  # a registered model / version / alias that does not exist
     try:
-        from slimdiff.planning.allocation import InfeasibleBudgetError, PlanValidationError
+        from slimdiff.planning.budget import InfeasibleBudgetError
+        from slimdiff.planning.plan import PlanValidationError
 
         if isinstance(err, InfeasibleBudgetError | PlanValidationError):
             return EXIT_INPUT

@@ -323,7 +323,7 @@ def _search(
     statistics, influence and the original's evaluation samples are shared; each point's stages are
     cached under their own keys, so a value added later runs only its point). Every point is an
     MLflow child run; returns the chosen point's (params, plan, compressed, evaluation)."""
-    from slimdiff.planning.allocation import InfeasibleBudgetError
+    from slimdiff.planning.budget import InfeasibleBudgetError
     from tasks.preflight import check_budget
 
     logger = get_run_logger()

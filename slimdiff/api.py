@@ -44,10 +44,12 @@ from slimdiff.config import ConfigError, Params
 from slimdiff.core.stats import LazyActivationStats
 from slimdiff.evaluation.evaluate import jsonable
 from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
-from slimdiff.planning.allocation import Budget, RankPlan, check_feasible, plan_ranks
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import serving_shape, unit_flop_costs
 from slimdiff.planning.influence import compute_influence
 from slimdiff.planning.latency import unit_latency_costs
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import CompressionReport, compress_, single_thread
 from slimdiff.surgery.maps import PLAN_ATTRIBUTE

@@ -108,7 +108,8 @@ def check_budget(params: Params) -> None:
     budget is judged on the FLOP trace at ``allocation.serving`` the plan stage will make, built
     from the config files (nothing is loaded or run); a latency budget is left to the plan stage
     (it needs the measured table)."""
-    from slimdiff.planning.allocation import InfeasibleBudgetError, check_feasible
+    from slimdiff.planning.allocation import check_feasible
+    from slimdiff.planning.budget import InfeasibleBudgetError
 
     found = denoiser_units(params)
     if found is None:

@@ -46,7 +46,7 @@ def publish_folder(ref: str, params: Params, run_params: Params | None = None) -
     from slimdiff.families.units import adapter_for, denoiser_of
     from slimdiff.formats.modelcard import CardInfo, model_card, source_license
     from slimdiff.formats.models import load_pipeline
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
     from tasks.stages import PLAN_FILE
     from tasks.tracking import resolve_version
 

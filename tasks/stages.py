@@ -536,7 +536,9 @@ def run_plan(
     cost model and the FLOPs before and after. Parameter budgets make the same plan as before
     (no FLOP record: its digest equals the library's, ``slimdiff.api.slim``)."""
     from slimdiff.families.units import compression_units, denoiser_of
-    from slimdiff.planning.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import InfeasibleBudgetError
+    from slimdiff.planning.plan import plot_rank_plan
     from slimdiff.planning.spectra import plot_error_profiles
 
     cfg = params.allocation
@@ -592,7 +594,7 @@ def run_compress(
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
     from slimdiff.families.units import denoiser_of
     from slimdiff.formats.io import save_compressed
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
     from slimdiff.surgery.compress import compress_, single_thread
 
     cfg = params.compression

@@ -18,17 +18,10 @@ import pytest
 
 from slimdiff.families.units import UnitInfo
 from slimdiff.planning import allocation
-from slimdiff.planning.allocation import (
-    OBJECTIVE_RTOL,
-    Budget,
-    DPResult,
-    RankPlan,
-    _spend_slack,
-    bounded_allocate,
-    dp_allocate,
-    plan_ranks,
-    rank_grid,
-)
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan, rank_grid
+from slimdiff.planning.solver import OBJECTIVE_RTOL, DPResult, _spend_slack, bounded_allocate, dp_allocate
 
 # Objectives here are sums of at most a few hundred float64 terms of size <= 1: their round-off is
 # < 1e-13. The solver treats differences below OBJECTIVE_RTOL x (sum of each group's largest
@@ -303,7 +296,7 @@ def test_sd15_shapes_are_in_the_bounded_regime():
         [(r * u.cost_per_rank, profiles[n][r]) for r in rank_grid(u.full_rank, 8, 8)]
         for n, u in units.items()
     ]
-    assert target // allocation._cost_gcd(options) > allocation.DP_MAX_STATES
+    assert target // allocation.cost_gcd(options) > allocation.DP_MAX_STATES
     assert -(-target // allocation.DP_MAX_STATES) == 555  # dp_allocate's rounded quantum there
 
 

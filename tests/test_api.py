@@ -22,7 +22,7 @@ from test_calib_collector import PROMPTS, make_tiny_pipeline
 import slimdiff
 from slimdiff.api import SlimReport, budget_of, slim
 from slimdiff.config import ConfigError, Params, load_params
-from slimdiff.planning.allocation import Budget, InfeasibleBudgetError
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_PROMPTS = 4  # one calibration batch (batch_size 16): the toy world's first training captions

@@ -32,8 +32,10 @@ from slimdiff.families import adapter_for, denoiser_of
 from slimdiff.families.attention import SlimAttnProcessor
 from slimdiff.families.units import UnsupportedModelError, compression_units, count_parameters
 from slimdiff.formats.io import load_compressed, save_compressed
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_
 

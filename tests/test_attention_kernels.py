@@ -19,8 +19,8 @@ from diffusers.models.attention_processor import Attention
 
 from slimdiff.families.attention import SlimAttnProcessor, common_head_width, padded_sdpa, sdpa_backends
 from slimdiff.families.units import compression_units
-from slimdiff.planning.allocation import RankPlan
 from slimdiff.planning.flops import unet_flops
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 
 

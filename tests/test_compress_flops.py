@@ -7,8 +7,8 @@ from compress_helpers import capture_covariances, unet_inputs
 from conftest import make_tiny_unet
 
 from slimdiff.families.units import compression_units
-from slimdiff.planning.allocation import RankPlan
 from slimdiff.planning.flops import format_breakdown, unet_flops
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 
 

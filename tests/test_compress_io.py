@@ -13,7 +13,9 @@ from slimdiff.families.attention import SlimAttnProcessor
 from slimdiff.families.units import compression_units, count_parameters
 from slimdiff.formats.io import load_compressed, save_compressed
 from slimdiff.formats.sidecar import SIDECAR_NAME, WEIGHTS_NAME, CompressedModelError
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 
 

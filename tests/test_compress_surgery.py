@@ -14,7 +14,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from slimdiff.families.attention import SlimAttnProcessor
 from slimdiff.families.units import compression_units, count_parameters, out_heads
-from slimdiff.planning.allocation import Budget, PlanValidationError, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import PlanValidationError, RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import CompressionError, available_methods, compress_
 

@@ -22,7 +22,8 @@ from test_calib_collector import make_tiny_pipeline
 from slimdiff.families.units import compression_units
 from slimdiff.formats.io import load_compressed, save_compressed
 from slimdiff.formats.sidecar import CompressedModelError
-from slimdiff.planning.allocation import Budget, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.surgery.compress import compress_
 
 DATA = Path(__file__).parent / "data"

@@ -21,7 +21,9 @@ from conftest import make_tiny_unet
 from diffusers.models.attention_processor import Attention
 
 from slimdiff.families.units import compression_units, out_heads
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_
 

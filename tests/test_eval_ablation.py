@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
-
-import slimdiff.calibration.collect as calibration
-from slimdiff.ablation import (
+from ablation_runner import (
     AblationConfig,
     CalibrationSet,
     Variant,
@@ -19,6 +16,9 @@ from slimdiff.ablation import (
     readme_summary,
     run_ablation,
 )
+from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
+
+import slimdiff.calibration.collect as calibration
 from slimdiff.calibration.embedders import PipelineTextEmbedder
 from slimdiff.toy.data import heldout_captions, train_captions
 
@@ -235,7 +235,7 @@ def test_plan_matching_flops_finds_the_smallest_parameter_removal_that_removes_t
     to the parameters removed."""
     from types import SimpleNamespace
 
-    from slimdiff.ablation import plan_matching_flops, removed_flops_share
+    from ablation_runner import plan_matching_flops, removed_flops_share
 
     full = {"a": 64, "b": 32, "c": 16}
     cost_per_rank = {"a": 10, "b": 40, "c": 5}  # parameters per rank
@@ -268,7 +268,7 @@ def test_equal_flops_rows_remove_the_same_flops(judges):
     """budget_kind="flops" on the tiny pipeline: every row removes at least the budget's share of the
     compressible FLOPs at the serving shape, and the FLOP-spending row overshoots by less than one
     rank step (``multiple`` ranks) of the unit whose step costs the most FLOPs."""
-    from slimdiff.ablation import cost_variants
+    from ablation_runner import cost_variants
 
     pipe = tiny_toy_pipeline()
     cfg = AblationConfig(

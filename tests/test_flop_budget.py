@@ -24,14 +24,8 @@ from test_mmdit import tiny_sd3
 from slimdiff.config import ConfigError, Params
 from slimdiff.families.units import UnitInfo, compression_units, planned_units
 from slimdiff.planning import allocation
-from slimdiff.planning.allocation import (
-    Budget,
-    InfeasibleBudgetError,
-    RankPlan,
-    check_feasible,
-    plan_ranks,
-    rank_grid,
-)
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
 from slimdiff.planning.flops import (
     AttentionCost,
     FlopCosts,
@@ -40,6 +34,7 @@ from slimdiff.planning.flops import (
     serving_shape,
     unit_flop_costs,
 )
+from slimdiff.planning.plan import RankPlan, rank_grid
 from slimdiff.surgery.compress import apply_plan_shapes_
 
 B, N_TOP, N_MID, T = 2, 8 * 8, 4 * 4, 5  # batch, tokens at 8x8 and at the 4x4 mid block, text tokens
@@ -499,7 +494,7 @@ def test_rounded_modes_meet_a_flop_budget_with_the_smallest_parameter_count(mode
     """uniform / influence round ratios under a parameter count: under a FLOP budget the count is
     the smallest whose plan fits the FLOPs: that plan fits, and the plan of one parameter fewer
     removed does not."""
-    from slimdiff.planning.allocation import Budget as B
+    from slimdiff.planning.budget import Budget as B
 
     unet = make_tiny_unet()
     units = compression_units(unet)

@@ -30,8 +30,10 @@ from slimdiff.calibration.collect import ActivationCollector
 from slimdiff.core import linalg
 from slimdiff.families import UnsupportedModelError, adapter_for
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import CompressionError, apply_plan_shapes_, compress_
 

@@ -32,7 +32,9 @@ from slimdiff.families import adapter_for
 from slimdiff.families.base import LoraError, linear, split_path
 from slimdiff.families.units import compression_units
 from slimdiff.formats.lora import project_lora
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import compress_
 from slimdiff.surgery.maps import LORA_MAPS_ATTRIBUTE

@@ -20,16 +20,11 @@ from test_mmdit import tiny_sd3
 
 from slimdiff.config import ConfigError, Params
 from slimdiff.families.units import compression_units, planned_units
-from slimdiff.planning.allocation import (
-    Budget,
-    InfeasibleBudgetError,
-    RankPlan,
-    check_feasible,
-    plan_ranks,
-    rank_grid,
-)
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
 from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
 from slimdiff.planning.latency import QUANTUM_S, CostModel, LatencyCosts, LatencyOp, unit_latency_costs
+from slimdiff.planning.plan import RankPlan, rank_grid
 
 B, T = 2, 5
 TINY = ServingShape((8, 8), batch=B, text_len=T)

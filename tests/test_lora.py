@@ -18,7 +18,7 @@ from slimdiff.families.units import compression_units
 from slimdiff.formats.io import load_compressed, save_compressed
 from slimdiff.formats.lora import load_lora_into, project_lora
 from slimdiff.formats.sidecar import SIDECAR_NAME, CompressedModelError, read_lora_maps
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 from slimdiff.surgery.maps import LORA_MAPS_NAME, LoraMapsMissingError
 

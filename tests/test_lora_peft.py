@@ -27,7 +27,7 @@ from test_lora import (
 from slimdiff.families.units import compression_units
 from slimdiff.formats.io import save_compressed
 from slimdiff.formats.lora import load_lora_into, project_lora
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 
 pytest.importorskip("peft")

@@ -164,7 +164,7 @@ def test_full_rank_projection_of_the_committed_lora_reproduces_original_plus_lor
 
     from slimdiff.families.units import compression_units
     from slimdiff.formats.lora import load_lora_into
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
     from slimdiff.surgery.compress import compress_
 
     pipe, lora, _ = toy
@@ -279,7 +279,7 @@ def test_full_rank_projection_of_the_committed_mmdit_lora_reproduces_original_pl
     from slimdiff.calibration.collect import ActivationCollector
     from slimdiff.families.units import compression_units
     from slimdiff.formats.lora import load_lora_into
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
     from slimdiff.surgery.compress import compress_
 
     pipe, lora, _ = toy_mmdit

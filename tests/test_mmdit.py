@@ -18,7 +18,9 @@ from slimdiff.core import linalg
 from slimdiff.families import adapter_for
 from slimdiff.families.attention import HeadwiseRMSNorm, SlimJointAttnProcessor, sdpa_backends
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 from tasks.stages import planned_units

@@ -30,7 +30,7 @@ from test_flux import covariances, tiny_flux
 from slimdiff.core import linalg
 from slimdiff.families import adapter_for
 from slimdiff.families.units import compression_units
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles, qk_select_error_curve
 from slimdiff.surgery.compress import compress_
 

@@ -32,8 +32,10 @@ from slimdiff.calibration.collect import ActivationCollector
 from slimdiff.families import TokenMask, UnsupportedModelError, adapter_for
 from slimdiff.families.attention import SlimQwenAttnProcessor, sdpa_backends
 from slimdiff.families.units import compression_units, count_parameters
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
 from slimdiff.planning.spectra import error_profiles
 from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 

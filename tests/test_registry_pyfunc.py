@@ -38,7 +38,7 @@ def compressed_dir(tmp_path) -> Path:
     """A tiny toy-world pipeline with one FFN cut to rank 8 (weight-only baseline), saved."""
     from slimdiff.families.units import compression_units
     from slimdiff.formats.io import save_compressed
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
     from slimdiff.surgery.compress import compress_
 
     pipe = tiny_toy_pipeline()

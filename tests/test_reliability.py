@@ -280,7 +280,8 @@ def test_budget_feasibility_from_the_config_alone_agrees_with_the_planner():
     from slimdiff.api import cost_model
     from slimdiff.families import denoiser_of
     from slimdiff.formats.models import load_pipeline
-    from slimdiff.planning.allocation import InfeasibleBudgetError, plan_ranks
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import InfeasibleBudgetError
     from tasks.preflight import check_budget, denoiser_units
     from tasks.stages import StageInputError, budget_from_params
 

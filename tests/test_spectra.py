@@ -16,7 +16,9 @@ from compress_helpers import capture_covariances, unet_inputs
 from slimdiff.config import ConfigError, Params
 from slimdiff.core import linalg
 from slimdiff.families.units import UnitInfo, compression_units
-from slimdiff.planning.allocation import Budget, RankPlan, plan_ranks, rank_grid
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan, rank_grid
 from slimdiff.planning.spectra import (
     error_profiles,
     ffn_error_curve,
@@ -254,7 +256,7 @@ def test_dp_on_a_coarse_quantum_never_exceeds_the_budget():
     """Budgets too fine for the state limit are solved on rounded-up costs: within budget, the
     exact optimum of the rounded problem, and no worse than the exact optimum of the budget minus
     the slack the rounding can cost (n_groups * (q - 1): every plan that fits that fits rounded)."""
-    from slimdiff.planning.allocation import dp_allocate
+    from slimdiff.planning.solver import dp_allocate
 
     options = [[(c * 7, 1.0 / (1 + c)) for c in range(1, 30)] for _ in range(5)]
     exact = dp_allocate(options, 500)

@@ -188,7 +188,7 @@ def test_float32_accumulated_run_gives_the_same_plan_and_the_same_model(tmp_path
     product (measured: one to_v differs by 1.9x its largest entry). So the compressed denoisers are
     compared by what they compute: outputs within 1e-5 relative (measured 1.8e-7)."""
     from slimdiff.formats.models import load_pipeline
-    from slimdiff.planning.allocation import RankPlan
+    from slimdiff.planning.plan import RankPlan
 
     _, _, _, plan_a, comp_a = _stage_run(tmp_path / "f64", "toy", **{"calibration.accumulate": "float64"})
     _, _, _, plan_b, comp_b = _stage_run(

@@ -35,498 +35,47 @@ reasons it failed; ``fd_cls`` is reported only, never gated.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import math
-import os
 import platform
-import resource
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from slimdiff.calibration.embedders import EmbedderWeightsNotFound, _resolve_open_clip_weights
-from slimdiff.core.digests import file_sha256
 from slimdiff.evaluation import metrics as M
+from slimdiff.evaluation.judges import ClipJudge, InceptionFeatures, RealMetricsOptions, ToyJudges
 from slimdiff.evaluation.report import comparison_grid, tile_images
+from slimdiff.evaluation.sampling import (
+    FLOPS_METHOD,
+    compressible_parameter_count,
+    compression_units_of,
+    image_seeds,
+    is_toy_prompt_set,
+    pipeline_resolution,
+    sample_pipeline,
+    unet_flops,
+)
+from slimdiff.evaluation.timing import (
+    LATENCY_MAX_PROMPTS,
+    LATENCY_TIMESTEP,
+    interleaved_latency,
+    parameter_bytes,
+    unet_forward_peak_memory,
+    unet_inputs_like,
+)
 from slimdiff.families.base import adapter_for, denoiser_of
-from slimdiff.families.units import compressible_parameter_count as count
-from slimdiff.families.units import compression_units, pipeline_call_kwargs
-from slimdiff.planning.flops import denoiser_flops
 
 logger = logging.getLogger(__name__)
 
 #: per-image PSNR is capped here before averaging (identical images are +inf dB)
 PSNR_CAP_DB = 100.0
-#: at most this many prompts per UNet latency batch (x2 under classifier-free guidance)
-LATENCY_MAX_PROMPTS = 8
-#: the timestep every latency forward runs at (the cost does not depend on it)
-LATENCY_TIMESTEP = 500
 #: at most this many images (original row + compressed row, same seeds) in the comparison grid
 GRID_MAX_IMAGES = 32
 GRID_COLUMNS = 8
-
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
-)
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A model the evaluation protocol names is not available locally; the message says which
-    file is missing and how to provide it."""
-
-
-# --------------------------------------------------------------------------------------------
-# Judges: the models that grade images
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ToyJudges:
-    """The toy world's graders: attribute classifier (``predict(uint8 (N,32,32,3)) -> (N, 5)``;
-    its ``penultimate_features`` are the ``fd_cls`` feature space, and a stand-in classifier
-    without that method leaves ``fd_cls`` unmeasured) and the toy CLIP (open_clip model +
-    tokenizer). Tests pass randomly initialised ones."""
-
-    classifier: Any
-    clip_model: nn.Module
-    clip_tokenizer: Callable
-    classifier_id: str = "toy-classifier"
-    clip_id: str = "open_clip:toy-clip-tiny"
-
-    @classmethod
-    def load(cls, toy_dir: str | Path | None = None) -> ToyJudges:
-        """The committed judges under ``data/toy`` (or ``toy_dir``); FileNotFoundError names the
-        missing file and the command that trains it."""
-        from slimdiff.toy import toy_data_dir
-        from slimdiff.toy.classifier import WEIGHTS_NAME, load_toy_classifier
-        from slimdiff.toy.clip import CHECKPOINT_NAME, load_toy_clip
-
-        root = Path(toy_dir) if toy_dir is not None else toy_data_dir()
-        for sub, name in (("classifier", WEIGHTS_NAME), ("clip", CHECKPOINT_NAME)):
-            if not (root / sub / name).is_file():
-                raise MissingWeightsError(
-                    f"toy evaluation needs {root / sub / name}; it is committed with the repository under "
-                    "data/toy (or retrain with `python -m slimdiff.toy.train --out data/toy`, or set "
-                    "SLIMDIFF_TOY_DIR to a folder that holds it)"
-                )
-        classifier = load_toy_classifier(root / "classifier")
-        model, _, tokenizer = load_toy_clip(root / "clip")
-        return cls(
-            classifier=classifier,
-            clip_model=model,
-            clip_tokenizer=tokenizer,
-            classifier_id=f"toy-classifier:sha256={file_sha256(root / 'classifier' / WEIGHTS_NAME)[:16]}",
-            clip_id=f"open_clip:toy-clip-tiny:sha256={file_sha256(root / 'clip' / CHECKPOINT_NAME)[:16]}",
-        )
-
-
-@dataclass(frozen=True)
-class RealMetricsOptions:
-    """How the real-model path measures CLIP score and FID (recorded in the protocol).
-
-    Read from ``cfg`` attributes of the same names when the evaluation params carry them
-    (``evaluation.clip_model`` ...), else these defaults. ``clip_model=None`` turns CLIP score off
-    (recorded as off); a named model whose weights are not local is an error, never a fallback."""
-
-    clip_model: str | None = "ViT-L-14"
-    clip_pretrained: str | None = "openai"  # open_clip tag already in the local cache, or a checkpoint path
-    clip_score_kind: str = "100*max(cos,0)"
-    fid_feature: Literal["clip", "inception"] = "clip"
-    inception_weights: str | None = None  # local path of INCEPTION_WEIGHTS_FILE (fid_feature="inception")
-    reference_images: str | None = None  # folder of real images for FID vs real (None: no such FID)
-
-    def __post_init__(self) -> None:
-        if self.clip_score_kind not in M.CLIP_SCORE_KINDS:
-            raise ValueError(
-                f"clip_score_kind must be one of {M.CLIP_SCORE_KINDS}, got {self.clip_score_kind!r}"
-            )
-        if self.fid_feature not in ("clip", "inception"):
-            raise ValueError(f"fid_feature must be 'clip' or 'inception', got {self.fid_feature!r}")
-        if self.fid_feature == "clip" and self.clip_model is None:
-            raise ValueError(
-                "fid_feature='clip' needs clip_model; set clip_model or use fid_feature='inception'"
-            )
-        if self.fid_feature == "inception" and not self.inception_weights:
-            raise ValueError(
-                f"fid_feature='inception' needs inception_weights: the local path of {INCEPTION_WEIGHTS_FILE} "
-                f"(download it once from {INCEPTION_WEIGHTS_URL} on a machine with network access)"
-            )
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> RealMetricsOptions:
-        defaults = cls.__dataclass_fields__
-        return cls(**{k: getattr(cfg, k, f.default) for k, f in defaults.items()})
-
-
-class ClipJudge:
-    """An open_clip model for CLIP score / CLIP-feature FID on real images, loaded offline only."""
-
-    def __init__(self, model_name: str, pretrained: str | None, device: torch.device) -> None:
-        import open_clip
-
-        try:
-            path, tag = _resolve_open_clip_weights(model_name, pretrained)
-        except EmbedderWeightsNotFound as err:
-            raise MissingWeightsError(f"CLIP score model: {err}") from err
-        if path is None and not model_name.startswith("local-dir:"):
-            raise MissingWeightsError(
-                f"CLIP score model {model_name}: no weights file resolved for {pretrained!r}"
-            )
-        self.model = (
-            open_clip.create_model(
-                model_name,
-                pretrained=path,
-                device=device,
-                pretrained_image=False,
-                pretrained_text=False,
-                require_pretrained=path is not None,
-            )
-            .float()
-            .eval()
-        )
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.device = device
-        self.id = f"open_clip:{model_name}:{tag}"
-        cfg = self.model.visual.preprocess_cfg
-        size = self.model.visual.image_size
-        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-
-    def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> normalised float32 (N, 3, S, S): shortest side to S (bicubic,
-        antialiased, torch), centre crop, CLIP mean/std. Batched and deterministic."""
-        x = M.uint8_to_float(images).float()  # (N, 3, H, W)
-        return (resize_shortest_center_crop(x, self.image_size) - self.mean) / self.std
-
-    @torch.no_grad()
-    def image_embeds(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-        out = [
-            self.model.encode_image(self.preprocess(images[i : i + batch_size]).to(self.device)).float().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def text_embeds(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        out = [
-            self.model.encode_text(self.tokenizer(list(prompts[i : i + batch_size])).to(self.device))
-            .float()
-            .cpu()
-            for i in range(0, len(prompts), batch_size)
-        ]
-        return torch.cat(out)
-
-
-def resize_shortest_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """float (N, C, H, W) -> (N, C, size, size): bicubic antialiased resize of the shortest side,
-    then a centre crop; values clamped to [0, 1] (bicubic overshoots)."""
-    _, _, h, w = x.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(
-            0.0, 1.0
-        )
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, :, top : top + size, left : left + size]
-
-
-class InceptionFeatures:
-    """Inception-v3 2048-d pool features as torchmetrics' FID uses them, from a local weights file."""
-
-    def __init__(self, weights: str, device: torch.device) -> None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise MissingWeightsError(
-                f"FID feature model: Inception weights {path} not found. Download {INCEPTION_WEIGHTS_URL} on a "
-                "machine with network access, copy it here and set evaluation.inception_weights to its path "
-                "(or use fid_feature='clip')"
-            )
-        if importlib.util.find_spec("torch_fidelity") is None:
-            raise MissingWeightsError(
-                "FID feature model 'inception' needs the torch-fidelity package (pip install torch-fidelity, "
-                "or torchmetrics[image]); or use fid_feature='clip'"
-            )
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.model = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
-        ).to(device)
-        self.device = device
-        self.id = f"inception-v3-compat:pool-2048:sha256={file_sha256(path)[:16]}"
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(
-                0, 3, 1, 2
-            )  # (B, 3, H, W) uint8
-            out.append(self.model(x.to(self.device)).double().cpu())
-        return torch.cat(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------
-def compressible_parameter_count(model: nn.Module, units: dict | None = None) -> int:
-    """Parameters of the compressible set, counted on the live layers (works on compressed models,
-    where the adapter's shape checks no longer hold: pass the original's ``units``, or the plan the
-    model carries supplies them). On an uncompressed model it equals the sum of the units' full_params."""
-
-    return count(model, compression_units_of(model) if units is None else units)
-
-
-def _skeleton_of(model: nn.Module) -> nn.Module:
-    """The uncompressed architecture of ``model`` on the meta device (from its config)."""
-    with torch.device("meta"):
-        return type(model).from_config(model.config)
-
-
-def unet_flops(unet: nn.Module, latent_size: int | tuple[int, int], text_len: int) -> dict:
-    """Analytic FLOPs of one denoiser forward on one latent (batch 1, one classifier-free-guidance
-    branch) from ``slimdiff.planning.flops``, with the per-category breakdown."""
-
-    report = denoiser_flops(unet, batch=1, latent_hw=latent_size, text_len=text_len)
-    return {"total": int(report.total), "by_category": report.by_category()}
-
-
-FLOPS_METHOD = (
-    "slimdiff.planning.flops.denoiser_flops: analytic, batch 1 (one CFG branch), Linear + Conv2d + attention matmuls, "
-    "multiply-add = 2 FLOPs; biases, norms, softmax and activations not counted"
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-def _denoiser(pipe) -> nn.Module:
-
-    return denoiser_of(pipe)
-
-
-def compression_units_of(model: nn.Module) -> dict:
-    """The units of ``model``'s original architecture (its skeleton when it is compressed)."""
-
-    return compression_units(
-        _skeleton_of(model) if getattr(model, "slimdiff_plan", None) is not None else model
-    )
-
-
-def image_seeds(seed: int, n_images: int) -> list[int]:
-    """Image k (prompt k // images_per_prompt) gets ``seed + k``: a sample does not depend on the
-    batch it lands in, and both pipelines start from the same latent."""
-    return [seed + k for k in range(n_images)]
-
-
-@torch.no_grad()
-def sample_pipeline(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    batch_size: int,
-    height: int,
-    width: int,
-) -> np.ndarray:
-    """One image per (prompt, seed) pair: uint8 (N, H, W, 3). Per-image CPU generators, so results
-    do not depend on ``batch_size`` or the device the pipeline runs on."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
-    saved = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = list(prompts[i : i + batch_size])
-            result = pipe(
-                prompt=batch,
-                num_inference_steps=num_inference_steps,
-                **pipeline_call_kwargs(pipe, guidance_scale, len(batch)),
-                height=height,
-                width=width,
-                generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]],
-                output_type="np",
-            )
-            images = np.asarray(result.images)  # (B, H, W, 3) float in [0, 1]
-            out.append(np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8))
-    finally:
-        pipe.set_progress_bar_config(**saved)
-    return np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)
-
-
-def pipeline_resolution(pipe) -> tuple[int, int]:
-
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    model = denoiser_of(pipe)
-    h, w = adapter_for(model).sample_size(model)
-    return int(h) * vae_scale, int(w) * vae_scale
-
-
-def is_toy_prompt_set(prompts: Sequence[str]) -> bool:
-    """True when every prompt is a toy-world caption (the toy quality path applies)."""
-    from slimdiff.toy.data import parse_caption
-
-    for p in prompts:
-        try:
-            parse_caption(p)
-        except ValueError:
-            return False
-    return bool(prompts)
-
-
-# --------------------------------------------------------------------------------------------
-# Latency and memory
-# --------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def unet_inputs_like(pipe, n_prompts: int, guidance_scale: float, seed: int = 0) -> tuple[tuple, dict]:
-    """Fixed random denoiser inputs of the sampling shapes, as (args, kwargs) of one forward:
-    ``2 * n_prompts`` rows under classifier-free guidance, as the sampler feeds them."""
-
-    model = denoiser_of(pipe)
-    adapter = adapter_for(model)
-    p = next(model.parameters())
-    rows = n_prompts * (2 if guidance_scale > 1.0 else 1)
-    h, w = pipeline_resolution(pipe)
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    g = torch.Generator("cpu").manual_seed(seed)
-    return adapter.example_inputs(
-        model,
-        rows,
-        (h // vae_scale, w // vae_scale),
-        adapter.text_len(pipe),
-        device=p.device,
-        dtype=p.dtype,
-        generator=g,
-    )
-
-
-@torch.no_grad()
-def interleaved_latency(
-    unets: dict[str, nn.Module], inputs, repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of one UNet forward per model and repeat, the models alternating within
-    each repeat so that machine-load drift hits all of them alike."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    times: dict[str, list[float]] = {k: [] for k in unets}
-    args, kwargs = inputs
-    for r in range(warmup + repeats):
-        for name, unet in unets.items():
-            device = next(unet.parameters()).device
-            _sync(device)
-            start = time.perf_counter()
-            unet(*args, **kwargs)
-            _sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _rss_bytes() -> int | None:
-    """Current resident set size from /proc (Linux); None elsewhere."""
-    statm = Path("/proc/self/statm")
-    if not statm.is_file():
-        return None
-    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _malloc_trim() -> bool:
-    """Return freed heap memory to the OS (glibc ``malloc_trim(0)``), so that the RSS of the next
-    block shows its own allocations instead of reusing pages an earlier forward left in the heap.
-    False where the C library has no malloc_trim (then RSS deltas under-count)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "malloc_trim"):
-        return False
-    libc.malloc_trim(0)
-    return True
-
-
-@contextmanager
-def peak_memory(device: torch.device, poll_s: float = 0.0005) -> Iterator[dict]:
-    """Peak memory above the starting level while the block runs, in bytes: ``out["bytes"]``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the resident set size polled
-    from /proc/self/statm by a background thread (torch's CPU allocations are invisible to
-    tracemalloc); without /proc, the ru_maxrss delta (only growth beyond the process's previous
-    high-water mark shows). Before a CPU measurement the heap is trimmed (glibc ``malloc_trim``):
-    without it, a forward reuses pages an earlier one freed and its RSS delta reads ~0.
-    ``out["method"]`` names which one was used."""
-    out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out["bytes"] = int(torch.cuda.max_memory_allocated(device) - base)
-        out["method"] = "torch.cuda.max_memory_allocated - memory_allocated before"
-        return
-    trimmed = _malloc_trim()
-    base = _rss_bytes()
-    if base is None:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        yield out
-        out["bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-        out["method"] = "resource ru_maxrss delta"
-        return
-    peak = [base]
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes() or 0)
-            stop.wait(poll_s)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes() or 0)
-        out["bytes"] = int(peak[0] - base)
-        out["method"] = f"RSS from /proc/self/statm polled every {poll_s * 1000:g} ms, peak - start" + (
-            " (after glibc malloc_trim(0))"
-            if trimmed
-            else " (no malloc_trim: freed memory may be reused unseen)"
-        )
-
-
-@torch.no_grad()
-def unet_forward_peak_memory(unet: nn.Module, inputs) -> dict:
-    device = next(unet.parameters()).device
-    args, kwargs = inputs
-    with peak_memory(device) as mem:
-        unet(*args, **kwargs)
-    return mem
-
-
-def parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +231,7 @@ class PairEvaluator:
 
     # -- per pipeline --------------------------------------------------------------------------
     def measure(self, pipe) -> Measured:
-        device = next(_denoiser(pipe).parameters()).device
+        device = next(denoiser_of(pipe).parameters()).device
         height, width = pipeline_resolution(pipe)
         if self._resolution is None:
             self._resolution = (height, width)
@@ -768,14 +317,14 @@ class PairEvaluator:
         cfg = self.cfg
         height, width = self._resolution or pipeline_resolution(original_pipe)
 
-        text_len = adapter_for(_denoiser(original_pipe)).text_len(original_pipe)
+        text_len = adapter_for(denoiser_of(original_pipe)).text_len(original_pipe)
         sides = {"original": (original_pipe, original), "compressed": (compressed_pipe, compressed)}
         result: dict = {}
         vae_scale = int(getattr(original_pipe, "vae_scale_factor", 8))
         latent_hw = (height // vae_scale, width // vae_scale)
-        units = compression_units_of(_denoiser(original_pipe))
+        units = compression_units_of(denoiser_of(original_pipe))
         for side, (pipe, measured) in sides.items():
-            model = _denoiser(pipe)
+            model = denoiser_of(pipe)
             flops = unet_flops(model, latent_hw, text_len)
             result[side] = {
                 "unet_params": sum(p.numel() for p in model.parameters()),
@@ -791,14 +340,14 @@ class PairEvaluator:
             n_prompts = min(int(cfg.batch_size), LATENCY_MAX_PROMPTS)
             inputs = unet_inputs_like(original_pipe, n_prompts, float(cfg.guidance_scale))
             times = interleaved_latency(
-                {"original": _denoiser(original_pipe), "compressed": _denoiser(compressed_pipe)},
+                {"original": denoiser_of(original_pipe), "compressed": denoiser_of(compressed_pipe)},
                 inputs,
                 int(cfg.latency_repeats),
             )
             for side in sides:
                 result[side]["unet_latency_ms"] = 1000.0 * M.median(times[side])
                 result[side]["unet_latency_ms_all"] = [1000.0 * t for t in times[side]]
-                mem = unet_forward_peak_memory(_denoiser(sides[side][0]), inputs)
+                mem = unet_forward_peak_memory(denoiser_of(sides[side][0]), inputs)
                 result[side]["unet_forward_peak_memory_mb"] = mem["bytes"] / 2**20
             first = inputs[0][0]
             latency_info = {
@@ -852,7 +401,7 @@ class PairEvaluator:
         height, width = self._resolution or pipeline_resolution(pipe)
         scheduler = pipe.scheduler
         sched_cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-        p = next(_denoiser(pipe).parameters())
+        p = next(denoiser_of(pipe).parameters())
         proto: dict = {
             "path": self.path,
             "n_prompts": len(self.prompts),

@@ -39,7 +39,7 @@ from slimdiff.formats.sidecar import (
     read_sidecar,
     verify_lora_maps,
 )
-from slimdiff.planning.allocation import PlanValidationError, RankPlan
+from slimdiff.planning.plan import PlanValidationError, RankPlan
 from slimdiff.surgery.compress import apply_plan_shapes_
 from slimdiff.surgery.maps import COMPRESSION_ATTRIBUTE, FOLDER_ATTRIBUTE, PLAN_ATTRIBUTE
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 
 
 @dataclass

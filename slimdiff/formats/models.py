@@ -16,6 +16,7 @@ the content digest of a local folder) and a digest that changes whenever the wei
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from slimdiff.families.base import denoiser_attr
 from slimdiff.formats.io import load_compressed
 from slimdiff.formats.sidecar import null_components
 
@@ -196,3 +198,13 @@ def _quiet_loading() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+def with_unet(pipe, unet):
+    """A pipeline sharing every component of ``pipe`` but the denoiser (UNet or transformer)."""
+    components = {**pipe.components, denoiser_attr(pipe): unet}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        components["requires_safety_checker"] = False
+    new = type(pipe)(**components)
+    new.set_progress_bar_config(disable=True)
+    return new

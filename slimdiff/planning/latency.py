@@ -64,8 +64,8 @@ from torch import nn
 
 from slimdiff.families.attention import common_head_width, padded_sdpa
 from slimdiff.families.base import FFNLayout, adapter_for, linear, split_path
-from slimdiff.planning.allocation import rank_grid
 from slimdiff.planning.flops import ServingShape, forward_flops
+from slimdiff.planning.plan import rank_grid
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,9 @@ from torch import nn
 
 from slimdiff.families.base import FFNLayout, UnitInfo
 from slimdiff.families.units import linear
-from slimdiff.planning.allocation import Budget, RankPlan, UnitPlan, influence_digest, plan_ranks
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan, UnitPlan, influence_digest
 
 STREAMS = ("image", "text")
 

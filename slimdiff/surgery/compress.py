@@ -57,7 +57,7 @@ from slimdiff.families.base import (
     replace_module,
 )
 from slimdiff.families.units import count_parameters, out_heads
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.maps import (
     COMPRESSION_ATTRIBUTE,
     LORA_MAPS_ATTRIBUTE,

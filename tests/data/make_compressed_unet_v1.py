@@ -8,7 +8,7 @@ from conftest import make_tiny_unet
 from compress_helpers import capture_covariances, unet_inputs
 from safetensors.torch import save_file
 from slimdiff.families.units import compression_units
-from slimdiff.planning.allocation import RankPlan
+from slimdiff.planning.plan import RankPlan
 from slimdiff.surgery.compress import compress_
 from slimdiff.formats.io import save_compressed
 unet = make_tiny_unet(heads=2, block_out_channels=(16, 32))

@@ -1,4 +1,5 @@
-"""Baselines and ablations at equal parameter budget, on one model, with one evaluation protocol.
+"""The ablation runner behind `benchmarks/ablation.py`: baselines and ablations at equal budget, on one
+model, with one evaluation protocol (an experiment, so it lives with the benchmarks, not in the library).
 
 Every variant changes one thing against the SlimDiff default (error-driven allocation, spectral
 timestep weighting, whitened QK/VO SVD, Nystrom-CPQR FFN, FPS SlimSet) and is compressed to the same
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import logging
 import math
 import time
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from slimdiff.formats.models import with_unet
 
 logger = logging.getLogger(__name__)
 
@@ -379,18 +381,6 @@ def plan_matching_flops(by_params: Callable[[int], Any], units: Mapping, costs, 
     )
 
 
-def with_unet(pipe, unet):
-    """A pipeline sharing every component of ``pipe`` but the denoiser (UNet or transformer)."""
-    from slimdiff.families.base import denoiser_attr
-
-    components = {**pipe.components, denoiser_attr(pipe): unet}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        components["requires_safety_checker"] = False
-    new = type(pipe)(**components)
-    new.set_progress_bar_config(disable=True)
-    return new
-
-
 def _row_metrics(result: dict) -> dict:
     """The flat numbers of one compared variant that the table and curves use."""
     c, s = result["compressed"], result["summary"]
@@ -446,7 +436,8 @@ def run_ablation(
     from slimdiff.calibration.collect import collect_stats
     from slimdiff.evaluation.evaluate import PairEvaluator
     from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
-    from slimdiff.planning.allocation import Budget, InfeasibleBudgetError, plan_ranks
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import Budget, InfeasibleBudgetError
     from slimdiff.planning.influence import compute_influence
     from slimdiff.planning.spectra import error_profiles
     from slimdiff.planning.streams import plan_per_group, stream_summary
