@@ -41,6 +41,7 @@ import torch
 
 from slimdiff.calibration.collect import collect_stats
 from slimdiff.config import ConfigError, Params
+from slimdiff.core.digests import file_sha256
 from slimdiff.core.stats import LazyActivationStats
 from slimdiff.evaluation.evaluate import jsonable
 from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
@@ -314,7 +315,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def _identity(params: Params, prompts: list[str], denoiser: torch.nn.Module) -> dict:
     """What makes stored statistics reusable: the same weights, prompts, calibration settings (not
     the memory limit, which changes no number) and library version."""
-    import slimdiff
+    from slimdiff import __version__
 
     return {
         "denoiser_class": type(denoiser).__name__,
@@ -322,16 +323,8 @@ def _identity(params: Params, prompts: list[str], denoiser: torch.nn.Module) -> 
         "prompts_sha256": _sha256_json(prompts),
         "n_prompts": len(prompts),
         "calibration": params.identity_section("calibration"),
-        "slimdiff_version": slimdiff.__version__,
+        "slimdiff_version": __version__,
     }
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _StatsWriter:
@@ -350,7 +343,7 @@ class _StatsWriter:
         path = self.folder / name
         save_file({"moments": moments.detach().cpu().contiguous()}, str(path))
         self.files[key], self.tokens[key] = name, [int(t) for t in tokens.tolist()]
-        self.digests[key] = _file_sha256(path)
+        self.digests[key] = file_sha256(path)
 
 
 class _StatsFolder:
@@ -397,7 +390,7 @@ class _StatsFolder:
         self._check_identity(index)
         for key, name in index["files"].items():
             path = self.path / name
-            if not path.is_file() or _file_sha256(path) != index["sha256"][key]:
+            if not path.is_file() or file_sha256(path) != index["sha256"][key]:
                 raise ValueError(
                     f"{path} (statistic {key}) is missing or does not match its recorded sha256: "
                     f"remove {self.path} to collect again"
