@@ -10,7 +10,7 @@ the SlimDiff default, METHOD.md's influence-softmax allocation, uniform rank all
 uniform timestep weighting, and each module type alone (also at 10%, the most that QK or VO alone
 can reach); and, at 40%, SlimSet FPS vs a random subset of the same size and SlimSet sizes 16/64/256.
 Each variant is evaluated against the original on the toy held-out captions (unseen compositions),
-same seeds, with ``slimdiff.evaluation`` (attribute accuracy, toy-CLIP FID vs real renders, the
+same seeds, with ``slimdiff.evaluation.evaluate`` (attribute accuracy, toy-CLIP FID vs real renders, the
 classifier-feature FD "FD cls" vs the same renders with its real-vs-real noise floor, CLIP score,
 PSNR/SSIM to the original, FLOPs, UNet latency ratio). Calibration, allocation, compression and
 evaluation settings come from params.yaml (``--params``), so the table describes the pipeline's own
@@ -87,7 +87,7 @@ def budgets_sentence(config: dict) -> str:
         )
         return (
             "- Budgets: share of the compressible FLOPs of one denoiser forward removed (serving shape: "
-            f"{at}; slimdiff.flops); every row of a budget removes at least that share: `error-flops` "
+            f"{at}; slimdiff.planning.flops); every row of a budget removes at least that share: `error-flops` "
             "spends FLOPs in the exact solver, `error-params` and `uniform-allocation` take the smallest "
             "parameter budget that removes as many FLOPs (the FLOPs x column is the whole forward's ratio)."
         )
@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs model creation on the root logger
-    for name in ("ablation", "slimdiff.ablation"):
+    for name in ("ablation", "benchmarks/ablation_runner.py"):
         logging.getLogger(name).setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
 
-    from slimdiff.ablation import (
+    from ablation_runner import (
         AblationConfig,
         CalibrationSet,
         ablation_table,
@@ -127,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         readme_summary,
         run_ablation,
     )
-    from slimdiff.arch import denoiser_of
+
+    from slimdiff.calibration.embedders import OpenClipEmbedder
     from slimdiff.config import load_params
-    from slimdiff.embedders import OpenClipEmbedder
-    from slimdiff.evaluation import ToyJudges, jsonable
-    from slimdiff.report import comparison_grid
+    from slimdiff.evaluation.evaluate import jsonable
+    from slimdiff.evaluation.judges import ToyJudges
+    from slimdiff.evaluation.report import comparison_grid
+    from slimdiff.families import denoiser_of
     from slimdiff.toy import load_toy_pipeline
     from slimdiff.toy.clip import CHECKPOINT_NAME, register_toy_clip_config, toy_clip_dir
     from slimdiff.toy.data import heldout_captions, train_captions
@@ -159,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = {"toy": "ablation", "toy-mmdit": "ablation_mmdit", "toy-flux": "ablation_flux"}[args.source]
     flag = "" if args.source == "toy" else f" --source {args.source}"
     if mmdit:
-        from slimdiff.ablation import flux_variants, mmdit_variants
+        from ablation_runner import flux_variants, mmdit_variants
 
         budgets = (0.4,) if args.quick else tuple(b for b in budgets if b <= 0.6)
         sets = (sets[0],) if not args.quick else (CalibrationSet(f"fps-{base_n}", "fps", base_n),)
         variants = (flux_variants if args.source == "toy-flux" else mmdit_variants)(budgets, base_n)
     elif args.quick:  # the default method/module rows, SlimSet rows for the small sets above
-        from slimdiff.ablation import Variant, default_variants
+        from ablation_runner import Variant, default_variants
 
         variants = (
             *(v for v in default_variants(budgets, 0.4, 0.1, 16) if v.group != "slimset"),
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             Variant("slimset-32", "slimset", "FPS SlimSet of 32", "fps-32", budgets=(0.4,)),
         )
     if args.budget_kind == "flops":  # equal-FLOPs rows, one calibration set (the SlimSet)
-        from slimdiff.ablation import cost_variants
+        from ablation_runner import cost_variants
 
         budgets = (0.4,) if args.quick else tuple(b for b in budgets if b <= 0.6)
         sets = (CalibrationSet(f"fps-{base_n}", "fps", base_n),)
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
 
     pipe = load_toy_pipeline() if not mmdit else load_pipeline(args.source)
     judges = ToyJudges.load()

@@ -4,7 +4,7 @@ Compresses the committed toy UNet at 20%, 40% and 60% of the compressible parame
 rank plans from: METHOD.md's softmax of the influence scores (more rank to high TRQ), the same
 scores normalised within each module type, the negated scores (more rank to low TRQ), uniform
 allocation, and the error-driven allocation (``mode: error``, the default: least
-parameter-weighted relative truncation error, ``slimdiff.spectra``) at tau 0 and 0.05; reports
+parameter-weighted relative truncation error, ``slimdiff.planning.spectra``) at tau 0 and 0.05; reports
 PSNR of 88 held-out captions against the original on the same seeds, the share of parameters
 each module type keeps, and the plan's parameter-weighted predicted relative error. Uses the
 statistics and influence of a previous `make run` (artifacts/calibrate, artifacts/influence).
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from slimdiff import metrics as M
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import Budget, plan_ranks
-from slimdiff.compress import compress_
-from slimdiff.influence import Influence
-from slimdiff.models import load_pipeline
-from slimdiff.spectra import error_profiles
+from slimdiff.evaluation import metrics as M
+from slimdiff.families.units import compression_units
+from slimdiff.formats.models import load_pipeline
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.influence import Influence
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
 from slimdiff.toy.data import heldout_captions
 from tasks.store import CovarianceStore
 

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from denoisers import SD15_UNET_CONFIG  # benchmarks/ is on sys.path when run as a script
 
-from slimdiff.calibration import ActivationCollector
+from slimdiff.calibration.collect import ActivationCollector
 
 
 def sync(device: torch.device) -> None:

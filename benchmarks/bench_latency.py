@@ -1,4 +1,4 @@
-"""Latency budgets: the measured latency table (``slimdiff.latency``) of a denoiser on this device,
+"""Latency budgets: the measured latency table (``slimdiff.planning.latency``) of a denoiser on this device,
 and how well a plan's predicted latency matches a measured forward.
 
 1. The table: every unit at every grid rank of params.yaml's allocation (r_min, multiple), timed
@@ -38,12 +38,13 @@ import torch
 from bench_speed import interleaved, serving_of, sharing_copy  # benchmarks/ is on sys.path as a script
 from denoisers import SPECS
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, flop_feasible_range, plan_ranks
-from slimdiff.compress import compress_
 from slimdiff.config import load_params
-from slimdiff.flops import unit_flop_costs
-from slimdiff.latency import MeasuredTimer, device_label, unit_latency_costs
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import flop_feasible_range, plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import unit_flop_costs
+from slimdiff.planning.latency import MeasuredTimer, device_label, unit_latency_costs
+from slimdiff.surgery.compress import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     x_cpu = spec.inputs(base, batch, resolution, 0)
     shape = serving_of(base, x_cpu, args.device)
     if args.profiles == "measured":
-        from slimdiff.influence import compute_influence
-        from slimdiff.spectra import error_profiles
+        from slimdiff.planning.influence import compute_influence
+        from slimdiff.planning.spectra import error_profiles
 
         method = "slimdiff"
         stats = spec.calibrate(base, resolution)

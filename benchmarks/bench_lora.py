@@ -20,7 +20,7 @@
    same captions (must be 100%) and on red renders (must be 0%) is reported as its validity check.
 3. Compress the original at each budget exactly as the pipeline does (params.yaml: SlimSet,
    calibration, influence, error profiles, ``plan_ranks`` at ``removed_fraction``, ``compress_``,
-   which records the LoRA maps) and load the LoRA with ``slimdiff.lora.load_lora_into`` (projected,
+   which records the LoRA maps) and load the LoRA with ``slimdiff.formats.lora.load_lora_into`` (projected,
    fused; peft is not needed). Every model samples the same captions with the same seeds.
 
 Reported per model: new-color accuracy (color / color+shape / exact), kept = that accuracy over
@@ -51,14 +51,14 @@ every double block's joint attention (``attn.to_q/to_k/to_v/to_out.0`` and the t
 ``add_q_proj/add_k_proj/add_v_proj/to_add_out``) and both FFNs (``ff`` and ``ff_context``
 ``net.0.proj`` / ``net.2``), and on every single block's ``attn.to_q/to_k/to_v``, ``proj_mlp`` and
 ``proj_out`` (the output projection of the packed [attention | MLP] input, which the projection maps
-block by block: ``slimdiff.lora.PackedMap``): every linear of the blocks the compression rewrites. It
+block by block: ``slimdiff.formats.lora.PackedMap``): every linear of the blocks the compression rewrites. It
 is trained with the transformer and both text encoders frozen (their states computed once) by the
 objective of ``slimdiff.toy.train_flux`` with the committed toy's settings (``data/toy-flux/
 metrics.json``): rectified flow on 2x2-packed latents with RoPE position ids, velocity target, the
 transformer gets ``t = s`` in [0, 1] (FLUX's convention), logit-normal ``s`` shifted as the sampler
 shifts it at 16 image tokens, caption dropout to ``""`` for both encoders (true CFG); same data mix,
 caption split, new color and rule. The toy FLUX is sampled as everywhere in slimdiff
-(``slimdiff.evaluation.pipeline_call_kwargs``: FluxPipeline's true classifier-free guidance with
+(``slimdiff.families.units.pipeline_call_kwargs``: FluxPipeline's true classifier-free guidance with
 ``negative_prompt=""`` and ``max_sequence_length=16``). Written as ``transformer.<module>.lora_A.weight``
 into ``data/toy-flux/lora/``, the results into ``lora_toy_flux.md`` / ``_grid.png`` / ``.json``.
 """
@@ -423,7 +423,7 @@ def train_lora(pipe, args) -> tuple[dict[str, torch.Tensor], dict]:
 def mmdit_train_config():
     """The toy MMDiT's own training settings (``data/toy-mmdit/metrics.json``: noise-level
     sampling, caption dropout, scheduler shift, T5 token count), defaults if it is missing."""
-    from slimdiff.models import toy_mmdit_pipeline_dir
+    from slimdiff.formats.models import toy_mmdit_pipeline_dir
     from slimdiff.toy.train_mmdit import MMDiTTrainConfig
 
     metrics = toy_mmdit_pipeline_dir().parent / "metrics.json"
@@ -505,7 +505,7 @@ def flux_train_config():
     """The toy FLUX's own training settings (``data/toy-flux/metrics.json``: noise-level sampling,
     caption dropout, text length; the scheduler shift follows from its model config), defaults if
     it is missing."""
-    from slimdiff.models import toy_flux_pipeline_dir
+    from slimdiff.formats.models import toy_flux_pipeline_dir
     from slimdiff.toy.train_flux import FluxTrainConfig
 
     metrics = toy_flux_pipeline_dir().parent / "metrics.json"
@@ -699,7 +699,7 @@ of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lo
 - Targets: {info["targets"]} linears: {flux_target_text()}; rank {info["rank"]},
   {info["lora_params"]:,} parameters. The single blocks' `proj_out` reads the packed
   [attention output | MLP hidden] input; a compressed model gets each column block through its own
-  unit's map (`slimdiff.lora.PackedMap`).
+  unit's map (`slimdiff.formats.lora.PackedMap`).
 - Training: transformer and both text encoders frozen (their states computed once); {info["dataset"]}
   rendered images (a share of {info["new_share"]:g} new-color captions of the training split of
   `slimdiff.toy.newcolor`, the rest ordinary toy training captions, 75% two-object), VAE posterior
@@ -715,7 +715,7 @@ of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lo
   {info["threads"]} CPU thread(s), {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f}
   (first 50 steps) -> {info["loss_last_50"]:.4f} (last 50).
 - Use: FluxPipeline with true classifier-free guidance (`true_cfg_scale`, `negative_prompt=""`,
-  `max_sequence_length=16`, 32 x 32 px), as `slimdiff.evaluation.pipeline_call_kwargs` sets it.
+  `max_sequence_length=16`, 32 x 32 px), as `slimdiff.families.units.pipeline_call_kwargs` sets it.
 - Reproduce: `python benchmarks/bench_lora.py --source toy-flux --threads {info["threads"]} --write`
   (trains it again; the thread count changes the order of floating-point reductions, so the
   weights are reproducible only with the same thread count).
@@ -737,12 +737,12 @@ def flux_target_text() -> str:
 def calibrate(pipe, params):
     """SlimSet (toy CLIP, evaluation prompts excluded), statistics, influence, covariances and
     error profiles: the pipeline's slimset, calibrate and influence stages."""
-    from slimdiff.arch.base import denoiser_of
-    from slimdiff.calibration import collect_stats
-    from slimdiff.embedders import OpenClipEmbedder
-    from slimdiff.influence import compute_influence
-    from slimdiff.slimset import build_slimset
-    from slimdiff.spectra import error_profiles
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.calibration.embedders import OpenClipEmbedder
+    from slimdiff.calibration.slimset import build_slimset
+    from slimdiff.families.base import denoiser_of
+    from slimdiff.planning.influence import compute_influence
+    from slimdiff.planning.spectra import error_profiles
     from slimdiff.toy.clip import CHECKPOINT_NAME, register_toy_clip_config, toy_clip_dir
     from slimdiff.toy.data import heldout_captions, train_captions
 
@@ -776,9 +776,10 @@ def calibrate(pipe, params):
 
 def compressed_unet(unet, params, influence, covariances, profiles, fraction: float):
     """The plan and compression stages at ``removed_fraction`` (the committed allocation)."""
-    from slimdiff.adapter import compression_units, planned_units
-    from slimdiff.allocation import Budget, plan_ranks
-    from slimdiff.compress import compress_
+    from slimdiff.families.units import compression_units, planned_units
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import Budget
+    from slimdiff.surgery.compress import compress_
 
     alloc, comp = params.allocation, params.compression
     units = planned_units(compression_units(unet), alloc.modules, comp.qk_norm)
@@ -832,8 +833,8 @@ class Sampler:
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    from slimdiff.evaluation import PSNR_CAP_DB
-    from slimdiff.metrics import capped_mean_psnr, psnr, uint8_to_float
+    from slimdiff.evaluation.evaluate import PSNR_CAP_DB
+    from slimdiff.evaluation.metrics import capped_mean_psnr, psnr, uint8_to_float
 
     return capped_mean_psnr(psnr(uint8_to_float(a), uint8_to_float(b)), PSNR_CAP_DB)
 
@@ -885,7 +886,7 @@ def _texts(source: str) -> dict[str, str]:
             "unk_state": "T5 token state (and its effect on CLIP's pooled output)",
             "sampler": "flow-matching Euler (FLUX's dynamic shift) with FluxPipeline's true classifier-free "
             'guidance (`true_cfg_scale`, `negative_prompt=""`, `max_sequence_length=16`: '
-            "`slimdiff.evaluation.pipeline_call_kwargs`),",
+            "`slimdiff.families.units.pipeline_call_kwargs`),",
             "stem": "lora_toy_flux",
         }
     if source == "toy-mmdit":
@@ -930,7 +931,7 @@ def coverage_lines(cov: dict | None) -> list[str]:
     packed = (
         " Names `single.*` are the single blocks' layers, the other block names the double blocks'; "
         "`cols_packed`: a single block's `proj_out`, whose input columns are [attention output | MLP "
-        "hidden], each column block through its own unit's map (`slimdiff.lora.PackedMap`)."
+        "hidden], each column block through its own unit's map (`slimdiff.formats.lora.PackedMap`)."
         if single
         else ""
     )
@@ -950,8 +951,8 @@ def layer_coverage(model: nn.Module, label: str) -> dict:
     "identity"; "cols_packed" for a linear whose column blocks have maps of their own, a FLUX single
     block's ``proj_out``), grouped by the layer's name inside its block (a FLUX single block's:
     ``single.<name>``); unmappable layers with the reason."""
-    from slimdiff.arch.base import split_path
-    from slimdiff.lora import maps_of
+    from slimdiff.families.base import split_path
+    from slimdiff.formats.lora import maps_of
 
     maps = maps_of(model)
     packed: dict[str, list[str]] = {}
@@ -997,7 +998,7 @@ def render_md(res: dict) -> str:
         "",
         f"A LoRA trained on the ORIGINAL {w['model']} to draw a color the toy world does not have "
         '("orange", RGB (240, 145, 35)), loaded into models compressed by the default pipeline '
-        "with `slimdiff.lora.load_lora_into` (the closed-form projection, fused).",
+        "with `slimdiff.formats.lora.load_lora_into` (the closed-form projection, fused).",
         "",
         f"| model | removed | {w['params']} | orange % | orange + shape % | orange exact % | kept (orange) "
         "| held-out exact %, no LoRA | held-out exact %, with LoRA | PSNR to orig+LoRA, orange dB "
@@ -1124,8 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
 
     from slimdiff.config import load_params
-    from slimdiff.evaluation import PSNR_CAP_DB
-    from slimdiff.lora import load_lora_file, load_lora_into
+    from slimdiff.evaluation.evaluate import PSNR_CAP_DB
+    from slimdiff.formats.lora import load_lora_file, load_lora_into
     from slimdiff.toy import load_toy_pipeline, newcolor
     from slimdiff.toy.classifier import load_toy_classifier
     from slimdiff.toy.data import caption_kind, heldout_captions
@@ -1133,14 +1134,14 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     ev = params.evaluation
     if mmdit:
-        from slimdiff.models import load_pipeline
+        from slimdiff.formats.models import load_pipeline
 
         pipe = load_pipeline(args.source)
     else:
         pipe = load_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
     classifier = load_toy_classifier()
-    from slimdiff.arch.base import denoiser_of
+    from slimdiff.families.base import denoiser_of
 
     unet = denoiser_of(pipe)  # the UNet, or the MMDiT's transformer
 
@@ -1234,7 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     slimset_n, influence, covariances, profiles = calibrate(pipe, params)
     seconds["calibration"] = time.perf_counter() - t0
-    from slimdiff.ablation import with_unet
+    from slimdiff.formats.models import with_unet
 
     projection_kinds: dict[str, int] = {}
     dropped: list[str] = []
@@ -1338,7 +1339,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(text)
     labelled_grid(grid_rows, new_prompts[:columns]).save(args.out / f"{stem}_grid.png")
-    from slimdiff.evaluation import jsonable
+    from slimdiff.evaluation.evaluate import jsonable
 
     (args.out / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
     log.info(

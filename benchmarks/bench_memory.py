@@ -352,7 +352,7 @@ def model_sites(kind: str) -> list[tuple[str, tuple[int, ...]]]:
     """Statistics sites of a real-shaped denoiser, from the adapter, on the meta device."""
     from denoisers import SPECS
 
-    from slimdiff.adapter import adapter_for
+    from slimdiff.families.units import adapter_for
 
     spec = SPECS[kind]
     with torch.device("meta"):
@@ -366,7 +366,7 @@ def flux_dev_sites() -> list[tuple[str, tuple[int, ...]]]:
     from denoisers import FLUX_DEV_BLOCKS, FLUX_DEV_SLICE_CONFIG
     from diffusers import FluxTransformer2DModel
 
-    from slimdiff.adapter import adapter_for
+    from slimdiff.families.units import adapter_for
 
     cfg = dict(
         FLUX_DEV_SLICE_CONFIG,
@@ -409,9 +409,9 @@ def slice_child(kind: str, double: int, single: int, out: Path) -> None:
     batch 1, within SLICE_LIMIT, one forward per bucket and pass."""
     from denoisers import adapter_inputs
 
-    from slimdiff.adapter import adapter_for
-    from slimdiff.calibration import ActivationCollector, module_bytes
-    from slimdiff.memory import plan_stats_memory
+    from slimdiff.calibration.collect import ActivationCollector, module_bytes
+    from slimdiff.core.memory import plan_stats_memory
+    from slimdiff.families.units import adapter_for
 
     model = build_slice(kind, double, single).eval()
     sites = [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
@@ -519,7 +519,7 @@ NAMES = {
 
 
 def memory_table() -> dict:
-    from slimdiff.memory import plan_stats_memory
+    from slimdiff.core.memory import plan_stats_memory
 
     rows = {}
     for kind in ("sd15", "sdxl", "sd35-medium", "flux-dev"):
@@ -608,7 +608,7 @@ def toy_overhead(repeats: int) -> dict:
     """``run_calibrate`` on the toy world with the committed params (64 prompts, 20 steps, 5 buckets,
     2 shards: the merge runs), unbounded vs a limit that one pass fits vs limits that force about 2
     and 4 passes; interleaved rounds after a warm-up, fresh store each run, wall clock."""
-    from slimdiff.calibration import plan_for_model
+    from slimdiff.calibration.collect import plan_for_model
     from slimdiff.config import load_params
     from tasks import stages
 
@@ -617,7 +617,7 @@ def toy_overhead(repeats: int) -> dict:
     base = base.with_overrides({"tracking.artifact_root": str(work / "artifacts")})
     model = stages.model_manifest(base)
     slimset = stages.run_slimset(base, work / "slimset", model=model)
-    from slimdiff.adapter import denoiser_of
+    from slimdiff.families.units import denoiser_of
 
     denoiser = denoiser_of(stages._cached_pipe(base, model))
     n_buckets = base.calibration.n_buckets

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.slimset import farthest_point_sampling, geometric_median, l2_normalise, select_indices
+from slimdiff.calibration.slimset import (
+    farthest_point_sampling,
+    geometric_median,
+    l2_normalise,
+    select_indices,
+)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ Protocol: torch threads pinned (``--threads``, interop 1), one warm-up forward p
 ``--reps`` interleaved pairs (original, compressed, compressed, original, ... so drift cancels),
 wall clock. Reported: median latency of each and the speedup as the ratio of the medians, with the
 range of the per-pair ratios; the conv / attention / FFN split of the same timed forwards (module
-hooks); the analytic FLOPs bound (``slimdiff.flops``, attention matmuls at the widths that run);
+hooks); the analytic FLOPs bound (``slimdiff.planning.flops``, attention matmuls at the widths that run);
 measured / bound (target >= 85%, and never below 1.0x); and which SDPA backend every attention
 of the compressed model ran, next to the original's.
 
@@ -58,16 +58,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from denoisers import SPECS, Inputs  # benchmarks/ is on sys.path when run as a script
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, plan_ranks
-from slimdiff.arch.base import split_path
-from slimdiff.attention import sdpa_backends
-from slimdiff.calibration import stat_shapes
-from slimdiff.compress import compress_
+from slimdiff.calibration.collect import stat_shapes
 from slimdiff.config import load_params
-from slimdiff.flops import ServingShape, format_breakdown, forward_flops, unit_flop_costs
-from slimdiff.influence import compute_influence
-from slimdiff.spectra import error_profiles
+from slimdiff.families.attention import sdpa_backends
+from slimdiff.families.base import split_path
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, format_breakdown, forward_flops, unit_flop_costs
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_EFFICIENCY = 0.85
@@ -87,7 +88,7 @@ class SplitTimer:
     def __init__(self, model: torch.nn.Module, device: torch.device, ffn_paths: frozenset[str] = frozenset()):
         from diffusers.models.attention import FeedForward
 
-        from slimdiff.attention import is_attention_module
+        from slimdiff.families.attention import is_attention_module
 
         self.device, self.spent, self._depth, self._t0 = device, defaultdict(float), 0, 0.0
         self.handles = []
@@ -533,7 +534,7 @@ def render(
         f"batch {batch}, {resolution} px, {args.dtype} on {device.type} ({hw}, torch {torch.__version__}, "
         f"{args.threads} threads pinned); {args.warmup} warm-up forward(s) per model, then {args.reps} interleaved "
         "pairs (ABBA), wall clock. speedup = median original / median compressed, [range of the per-pair "
-        "ratios]; bound = FLOPs before / after (slimdiff.flops; attention matmuls at the widths that run); "
+        "ratios]; bound = FLOPs before / after (slimdiff.planning.flops; attention matmuls at the widths that run); "
         f"target: measured >= {TARGET_EFFICIENCY:.0%} of the bound and >= 1.0x. Plans: `error` = the committed "
         "params.yaml allocation (parameter budget), `error-flops` = the same allocation with the budget in "
         "FLOPs of one forward at the timed shape (each fraction = that share of the compressible FLOPs "

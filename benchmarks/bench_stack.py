@@ -57,12 +57,12 @@ from bench_speed import (  # benchmarks/ is on sys.path when run as a script
 )
 from denoisers import SPECS, toy_pipe
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.compress import CompressionError, compress_
 from slimdiff.config import load_params
-from slimdiff.flops import unit_flop_costs
-from slimdiff.influence import compute_influence
-from slimdiff.spectra import error_profiles
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.flops import unit_flop_costs
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import CompressionError, compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 COMBOS = (
@@ -227,7 +227,7 @@ class PipelineRunner:
     """Toy models: the stock pipeline with the combination's denoiser (quality and speed)."""
 
     def __init__(self, source: str, denoiser, cache, args):
-        from slimdiff.ablation import with_unet
+        from slimdiff.formats.models import with_unet
 
         self.pipe = with_unet(toy_pipe(source), denoiser)
         self.cache = cache
@@ -236,7 +236,7 @@ class PipelineRunner:
         self.args = args
 
     def sample(self, prompts, seeds) -> np.ndarray:
-        from slimdiff.evaluation import pipeline_resolution, sample_pipeline
+        from slimdiff.evaluation.sampling import pipeline_resolution, sample_pipeline
 
         h, w = pipeline_resolution(self.pipe)
         out = []
@@ -417,8 +417,8 @@ def main(argv=None) -> int:
 
     quality = {}
     if toy:
-        from slimdiff import metrics as M
-        from slimdiff.evaluation import PairEvaluator
+        from slimdiff.evaluation import metrics as M
+        from slimdiff.evaluation.evaluate import PairEvaluator
         from slimdiff.toy.data import heldout_captions
 
         prompts = heldout_captions()[: args.prompts]

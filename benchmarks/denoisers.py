@@ -183,7 +183,7 @@ def adapter_inputs(
     """One forward's inputs at ``resolution`` px (latents 1/``vae_scale`` of it), built by the
     family adapter: random latents and text states from a CPU generator seeded ``seed``, timestep
     500 (for a UNet the same tensors, in the same order, as the hand-written inputs of before)."""
-    from slimdiff.arch import adapter_for
+    from slimdiff.families import adapter_for
 
     latent = resolution // vae_scale
     g = torch.Generator().manual_seed(seed)
@@ -206,7 +206,7 @@ def random_input_stats(model, inputs_at: Callable[[int, int], Inputs], timesteps
     """Activation statistics of a random-weight model on random inputs at a few timesteps, one
     bucket: what the benchmark's error- and influence-driven plans are made from when no real
     weights (hence no real activations) exist."""
-    from slimdiff.calibration import ActivationCollector
+    from slimdiff.calibration.collect import ActivationCollector
 
     collector = ActivationCollector(model, n_buckets=1)
     with collector, torch.inference_mode():
@@ -273,14 +273,14 @@ def build_flux_slice() -> torch.nn.Module:
 def toy_pipe(source: str = "toy"):
     """The committed toy pipeline of ``source`` ("toy": SD-architecture UNet, "toy-mmdit": SD3-class
     MMDiT, "toy-flux": FLUX.1-class), loaded once per process."""
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
 
     return load_pipeline(source)
 
 
 def toy_build(source: str) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
-        from slimdiff.arch.base import denoiser_of
+        from slimdiff.families.base import denoiser_of
 
         return denoiser_of(toy_pipe(source)).eval()
 
@@ -289,7 +289,7 @@ def toy_build(source: str) -> Callable[[], torch.nn.Module]:
 
 def toy_inputs_of(source: str) -> Callable[..., Inputs]:
     def inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
-        from slimdiff.arch.base import adapter_for
+        from slimdiff.families.base import adapter_for
 
         pipe = toy_pipe(source)
         text_len = adapter_for(model).text_len(pipe)
@@ -303,9 +303,9 @@ def toy_stats_of(source: str) -> Callable:
         """The default calibration of ``slimdiff run`` (params.yaml: SlimSet size, steps, guidance,
         buckets) through the toy pipeline's own sampler, on its training captions (never the
         held-out evaluation captions)."""
-        from slimdiff.ablation import with_unet
-        from slimdiff.calibration import collect_stats
+        from slimdiff.calibration.collect import collect_stats
         from slimdiff.config import load_params
+        from slimdiff.formats.models import with_unet
         from slimdiff.toy.data import train_captions
 
         params = load_params(_repo_root() / "params.yaml")

@@ -9,7 +9,7 @@ autoregressive decoder): the document lists them under "left out". Everything el
 denoisers of other modalities (audio, video, protein structure) and diffusion priors too.
 
 Each row: the class is built on the meta device from its default constructor arguments (no
-weights allocated, nothing downloaded), then ``slimdiff.arch.adapter_for`` picks its family,
+weights allocated, nothing downloaded), then ``slimdiff.families.adapter_for`` picks its family,
 ``adapter.units`` lists its compression units (counted by kind: ffn / qk / vo) and
 ``adapter.check_processors`` checks its default attention processors. Status: ``supported``;
 ``refused`` (an ``UnsupportedModelError``: its first sentence is the reason); ``not buildable``
@@ -108,7 +108,7 @@ def reason_group(reason: str, stage: str, family: str) -> str:
 
 def row(cls: type) -> Row:
     """The coverage row of one class (never raises: a failure is the row's status)."""
-    from slimdiff.arch import UnsupportedModelError, adapter_for
+    from slimdiff.families import UnsupportedModelError, adapter_for
 
     out: Row = {"class": cls.__name__, "module": cls.__module__.rsplit(".", 1)[-1]}
     try:
@@ -206,7 +206,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Every denoiser class the pinned diffusers exports from `diffusers.models.transformers` and "
         "`diffusers.models.unets`, built on the meta device from its default config, then "
-        "`slimdiff.arch.adapter_for`, `adapter.units` and `adapter.check_processors` (the rules: "
+        "`slimdiff.families.adapter_for`, `adapter.units` and `adapter.check_processors` (the rules: "
         "`benchmarks/family_coverage.py`). Units: compression units by kind at the default config (a "
         "published checkpoint may have other sizes). A stage in parentheses: an adapter took the "
         "class, then that step refused it.",

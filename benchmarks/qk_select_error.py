@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from slimdiff import linalg
+from slimdiff.core import linalg
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = torch.float64
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from slimdiff.adapter import compression_units
-    from slimdiff.arch.base import denoiser_of
-    from slimdiff.models import load_pipeline
+    from slimdiff.families.base import denoiser_of
+    from slimdiff.families.units import compression_units
+    from slimdiff.formats.models import load_pipeline
     from slimdiff.toy.data import train_captions
 
     t0 = time.perf_counter()

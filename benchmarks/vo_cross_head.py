@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from denoisers import SPECS
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import Budget, plan_ranks
-from slimdiff.compress import compress_, out_heads
 from slimdiff.config import load_params
-from slimdiff.influence import compute_influence
-from slimdiff.spectra import error_profiles
+from slimdiff.families.units import compression_units, out_heads
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = torch.float64

@@ -53,9 +53,9 @@ def _err(msg: str) -> None:
 
 
 def _exit_code(err: BaseException) -> int:
-    from slimdiff.adapter import UnsupportedModelError
     from slimdiff.config import ConfigError
-    from slimdiff.models import ModelLoadError
+    from slimdiff.families.units import UnsupportedModelError
+    from slimdiff.formats.models import ModelLoadError
     from tasks.artifacts import ArtifactError, StageBusyError
     from tasks.stages import NoBudgetPassesError, StageInputError
     from tasks.tracking import TrackingUnavailableError
@@ -79,7 +79,8 @@ def _exit_code(err: BaseException) -> int:
     ):
         return EXIT_INPUT  # a registered model / version / alias that does not exist
     try:
-        from slimdiff.allocation import InfeasibleBudgetError, PlanValidationError
+        from slimdiff.planning.budget import InfeasibleBudgetError
+        from slimdiff.planning.plan import PlanValidationError
 
         if isinstance(err, InfeasibleBudgetError | PlanValidationError):
             return EXIT_INPUT
@@ -616,7 +617,7 @@ def compare(
 
     def body():
         cfg = load_cli_params(params, None)
-        from slimdiff.report import compare_table
+        from slimdiff.evaluation.report import compare_table
         from tasks.tracking import registered_metrics, setup_tracking
 
         setup_tracking(cfg)

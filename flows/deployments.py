@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import slimdiff_flow
 from slimdiff.config import Params
-from slimdiff.models import resolve_release
+from slimdiff.formats.models import resolve_release
 from tasks.stages import NoBudgetPassesError
 from tasks.tracking import registered_model_name, setup_tracking, tracking_call
 

@@ -270,7 +270,7 @@ def _run_all(
     }
     mlflow.set_tags(lineage)
     summary = metrics.get("summary", {})
-    from slimdiff.models import ModelRelease
+    from slimdiff.formats.models import ModelRelease
 
     result.registered = register_compressed(
         cfg,
@@ -323,7 +323,7 @@ def _search(
     statistics, influence and the original's evaluation samples are shared; each point's stages are
     cached under their own keys, so a value added later runs only its point). Every point is an
     MLflow child run; returns the chosen point's (params, plan, compressed, evaluation)."""
-    from slimdiff.allocation import InfeasibleBudgetError
+    from slimdiff.planning.budget import InfeasibleBudgetError
     from tasks.preflight import check_budget
 
     logger = get_run_logger()
@@ -381,7 +381,7 @@ def _search(
     passing = [p for p in ok if p["gate_passed"]]
     mlflow.log_dict({"points": result.points}, "search/points.json")
     if not passing:
-        from slimdiff.report import plot_pareto
+        from slimdiff.evaluation.report import plot_pareto
 
         out = Path(cfg.tracking.artifact_root) / "reports" / mlflow.active_run().info.run_id
         mlflow.log_artifact(str(plot_pareto(result.points, out / "pareto.png")), artifact_path="search")
@@ -409,7 +409,7 @@ def _search(
 
 def _write_report(params: Params, result: FlowResult, run_id: str) -> str:
     """One report per flow run (outside the content-addressed stage folders, which stay immutable)."""
-    from slimdiff.report import plot_pareto, search_table, write_report
+    from slimdiff.evaluation.report import plot_pareto, search_table, write_report
 
     m = result.manifests
     out = Path(params.tracking.artifact_root) / "reports" / run_id

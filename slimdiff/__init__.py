@@ -20,28 +20,28 @@ _EXPORTS = {
     "Params": "config",
     "ConfigError": "config",
     "load_params": "config",
-    "ActivationStats": "stats",
-    "merge": "stats",
-    "compression_units": "adapter",
-    "describe_unet": "adapter",
-    "UnsupportedModelError": "adapter",
-    "build_slimset": "slimset",
-    "SlimSet": "slimset",
-    "collect_stats": "calibration",
-    "compute_influence": "influence",
-    "Influence": "influence",
-    "Budget": "allocation",
-    "RankPlan": "allocation",
-    "plan_ranks": "allocation",
-    "compress_": "compress",
-    "save_compressed": "io",
-    "load_compressed": "io",
-    "to_slim_": "loading",
-    "load_pipeline": "models",
-    "unet_flops": "flops",
-    "evaluate_pair": "evaluation",
-    "write_report": "report",
-    "compare_table": "report",
+    "ActivationStats": "core.stats",
+    "merge": "core.stats",
+    "compression_units": "families.units",
+    "describe_unet": "families.units",
+    "UnsupportedModelError": "families.units",
+    "build_slimset": "calibration.slimset",
+    "SlimSet": "calibration.slimset",
+    "collect_stats": "calibration.collect",
+    "compute_influence": "planning.influence",
+    "Influence": "planning.influence",
+    "Budget": "planning.budget",
+    "RankPlan": "planning.plan",
+    "plan_ranks": "planning.allocation",
+    "compress_": "surgery.compress",
+    "save_compressed": "formats.io",
+    "load_compressed": "formats.io",
+    "to_slim_": "formats.loading",
+    "load_pipeline": "formats.models",
+    "unet_flops": "planning.flops",
+    "evaluate_pair": "evaluation.evaluate",
+    "write_report": "evaluation.report",
+    "compare_table": "evaluation.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -50,9 +50,9 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None and (name.startswith("Slim") or name == "ModelMixin"):
-        # SlimUNet2DConditionModel, ... (slimdiff.loading); diffusers' loader also asks the module
+        # SlimUNet2DConditionModel, ... (slimdiff.formats.loading); diffusers' loader also asks the module
         # of a component for its loadable base class, ModelMixin
-        return getattr(importlib.import_module("slimdiff.loading"), name)
+        return getattr(importlib.import_module("slimdiff.formats.loading"), name)
     if module is None:
         raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"slimdiff.{module}"), name)

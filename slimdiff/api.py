@@ -11,11 +11,11 @@ are equal), so the one call and the pipeline cannot drift apart:
    weighted covariances ``influence.aggregate(stats)``;
 3. ``error_profiles(denoiser, covariances, damping=params.compression.damping)``;
 4. ``plan_ranks(scores, planned_units(...), budget, **params.allocation.solver_options())``, with
-   the FLOP cost model at ``allocation.serving`` for a FLOP budget (``slimdiff.flops``);
+   the FLOP cost model at ``allocation.serving`` for a FLOP budget (``slimdiff.planning.flops``);
 5. ``compress_(denoiser, plan, covariances, **params.compression.compress_options())``.
 
 What it does not do: choose the prompts. The pipeline's SlimSet stage selects them from a pool
-(``slimdiff.slimset.build_slimset``); here the caller passes them (keep evaluation prompts out).
+(``slimdiff.calibration.slimset.build_slimset``); here the caller passes them (keep evaluation prompts out).
 
 Statistics stay in memory unless ``store`` names a folder: then each statistic is written there as
 soon as its sampling pass ends and read back one at a time (host memory holds one pass, not all
@@ -39,9 +39,21 @@ from typing import Any
 
 import torch
 
-from slimdiff.allocation import Budget, RankPlan
-from slimdiff.compress import CompressionReport, single_thread
+from slimdiff.calibration.collect import collect_stats
 from slimdiff.config import ConfigError, Params
+from slimdiff.core.digests import file_sha256
+from slimdiff.core.stats import LazyActivationStats
+from slimdiff.evaluation.evaluate import jsonable
+from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import serving_shape, unit_flop_costs
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.latency import unit_latency_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import CompressionReport, compress_, single_thread
+from slimdiff.surgery.maps import PLAN_ATTRIBUTE
 
 __all__ = ["SlimReport", "budget_of", "cost_model", "slim"]
 
@@ -120,7 +132,7 @@ def slim(
     params: Params | None = None,
 ) -> tuple[Any, SlimReport]:
     """Compress ``pipe``'s denoiser (``pipe.unet`` or ``pipe.transformer``) in place, calibrated on
-    ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.io.save_compressed``.
+    ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.formats.io.save_compressed``.
 
     Every setting not given is the one of ``params`` (default :class:`slimdiff.Params`, i.e. the
     committed ``params.yaml``: 20 sampling steps at guidance 4.0, spectral timestep weighting,
@@ -139,12 +151,6 @@ def slim(
     * ``params``: a whole :class:`slimdiff.Params` (e.g. ``slimdiff.load_params("params.yaml")``)
       for anything else: sampling steps, guidance, buckets, weighting, methods, damping, modules.
     """
-    from slimdiff.adapter import compression_units, count_parameters, denoiser_of, planned_units
-    from slimdiff.allocation import check_feasible, plan_ranks
-    from slimdiff.calibration import collect_stats
-    from slimdiff.compress import PLAN_ATTRIBUTE, compress_
-    from slimdiff.influence import compute_influence
-    from slimdiff.spectra import error_profiles
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string")
@@ -257,11 +263,10 @@ def _settings(
 def cost_model(pipe, denoiser, params: Params, units):
     """The cost model ``allocation.budget`` is spent in, as the plan stage and ``slim`` make it:
     None for parameter budgets; for a FLOP budget one meta-device trace of the uncompressed
-    denoiser at ``allocation.serving`` (``slimdiff.flops``); for a latency budget the per-unit
-    latency table at that shape on ``model.device`` (``slimdiff.latency``: measured once per
+    denoiser at ``allocation.serving`` (``slimdiff.planning.flops``); for a latency budget the per-unit
+    latency table at that shape on ``model.device`` (``slimdiff.planning.latency``: measured once per
     device and shape, then read from its cache). ValueError names ``allocation.serving`` when the
     model cannot run at that shape."""
-    from slimdiff.flops import serving_shape, unit_flop_costs
 
     budget = params.allocation.budget
     if not (budget.in_flops or budget.in_latency):
@@ -278,7 +283,6 @@ def cost_model(pipe, denoiser, params: Params, units):
         )
         if budget.in_flops:
             return unit_flop_costs(denoiser, shape, params.compression.qk_norm, units)
-        from slimdiff.latency import unit_latency_costs
 
         return unit_latency_costs(
             denoiser,
@@ -311,7 +315,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def _identity(params: Params, prompts: list[str], denoiser: torch.nn.Module) -> dict:
     """What makes stored statistics reusable: the same weights, prompts, calibration settings (not
     the memory limit, which changes no number) and library version."""
-    import slimdiff
+    from slimdiff import __version__
 
     return {
         "denoiser_class": type(denoiser).__name__,
@@ -319,16 +323,8 @@ def _identity(params: Params, prompts: list[str], denoiser: torch.nn.Module) -> 
         "prompts_sha256": _sha256_json(prompts),
         "n_prompts": len(prompts),
         "calibration": params.identity_section("calibration"),
-        "slimdiff_version": slimdiff.__version__,
+        "slimdiff_version": __version__,
     }
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _StatsWriter:
@@ -347,7 +343,7 @@ class _StatsWriter:
         path = self.folder / name
         save_file({"moments": moments.detach().cpu().contiguous()}, str(path))
         self.files[key], self.tokens[key] = name, [int(t) for t in tokens.tolist()]
-        self.digests[key] = _file_sha256(path)
+        self.digests[key] = file_sha256(path)
 
 
 class _StatsFolder:
@@ -394,7 +390,7 @@ class _StatsFolder:
         self._check_identity(index)
         for key, name in index["files"].items():
             path = self.path / name
-            if not path.is_file() or _file_sha256(path) != index["sha256"][key]:
+            if not path.is_file() or file_sha256(path) != index["sha256"][key]:
                 raise ValueError(
                     f"{path} (statistic {key}) is missing or does not match its recorded sha256: "
                     f"remove {self.path} to collect again"
@@ -404,8 +400,6 @@ class _StatsFolder:
 
     def _lazy(self, index: dict):
         from safetensors import safe_open
-
-        from slimdiff.stats import LazyActivationStats
 
         files = {k: self.path / v for k, v in index["files"].items()}
 
@@ -439,7 +433,6 @@ class _StatsFolder:
         return _StatsWriter(self.path)
 
     def finish(self, writer: _StatsWriter, collected) -> Any:
-        from slimdiff.evaluation import jsonable
 
         index = {
             "format": STATS_FORMAT,

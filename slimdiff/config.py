@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimdiff.core.memory import parse_bytes
+
 CONFIG_VERSION = 1
 
 
@@ -87,7 +89,7 @@ class CalibrationParams(_Group):
     width: int | None = Field(None, ge=8)
     # memory limit for the statistics' accumulators (bytes, e.g. "16GiB"; auto = half of what the
     # device has available beyond the model's weights; null = no limit): the
-    # sites are split into sampling passes that fit it (slimdiff.memory). It changes no number, so
+    # sites are split into sampling passes that fit it (slimdiff.core.memory). It changes no number, so
     # it is not part of the calibrate stage's cache key or the store's identity.
     max_memory: int | str | None = "auto"
     # auto: float64 running sums on the CPU (exact), float32 sums on accelerators flushed into float64
@@ -98,14 +100,13 @@ class CalibrationParams(_Group):
     @field_validator("max_memory")
     @classmethod
     def _parse_memory(cls, v):
-        from slimdiff.memory import parse_bytes
 
         if not (isinstance(v, str) and v.strip().lower() == "auto"):
             parse_bytes(v)  # raises naming the accepted forms
         return v
 
     def sampler_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``slimdiff.calibration.collect_stats`` these settings fix."""
+        """The keyword arguments of ``slimdiff.calibration.collect.collect_stats`` these settings fix."""
         keys = (
             "num_inference_steps",
             "guidance_scale",
@@ -142,7 +143,7 @@ class BudgetParams(_Group):
     # flops_speedup: one forward at allocation.serving runs at most 1/value of its FLOPs (> 1: the
     #   speedup's FLOP bound; infeasible where the compressible layers hold too little of the FLOPs)
     # removed_latency_fraction: share of the compressible latency of one forward at
-    #   allocation.serving removed, from a measured latency table (slimdiff.latency) (0..1)
+    #   allocation.serving removed, from a measured latency table (slimdiff.planning.latency) (0..1)
     kind: Literal[
         "removed_fraction",
         "removed_params",
@@ -193,7 +194,7 @@ class ServingParams(_Group):
 
 
 class AllocationParams(_Group):
-    # error: least parameter-weighted relative truncation error (slimdiff.spectra);
+    # error: least parameter-weighted relative truncation error (slimdiff.planning.spectra);
     # influence: METHOD.md's softmax of the spectral influence scores; uniform: one keep ratio
     mode: Literal["error", "influence", "uniform"] = "error"
     budget: BudgetParams = BudgetParams()
@@ -205,7 +206,7 @@ class AllocationParams(_Group):
     # module types to compress; the others keep full rank
     modules: tuple[Literal["ffn", "qk", "vo"], ...] = ("ffn", "qk", "vo")
     # mode error: give each attention's qk and vo units one shared rank (an allocation constraint).
-    # Not needed for speed: untied widths are padded to one at run time (slimdiff.attention).
+    # Not needed for speed: untied widths are padded to one at run time (slimdiff.families.attention).
     tie_qk_vo: bool = False
 
     @model_validator(mode="after")
@@ -222,7 +223,7 @@ class AllocationParams(_Group):
         return v
 
     def solver_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``slimdiff.allocation.plan_ranks`` these settings fix."""
+        """The keyword arguments of ``slimdiff.planning.allocation.plan_ranks`` these settings fix."""
         return {
             "tau": self.tau,
             "r_min": self.r_min,
@@ -247,7 +248,7 @@ class CompressionParams(_Group):
     qk_norm: Literal["select", "keep", "project"] = "select"
 
     def compress_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``slimdiff.compress.compress_`` these settings fix."""
+        """The keyword arguments of ``slimdiff.surgery.compress.compress_`` these settings fix."""
         return {
             "qk_method": self.qk_method,
             "vo_method": self.vo_method,

@@ -114,7 +114,7 @@ def get_lineage(ref: str) -> Lineage:
 
 def _recompute(link: Link) -> str:
     if link.name == "source_model":
-        from slimdiff.models import resolve_release
+        from slimdiff.formats.models import resolve_release
 
         return resolve_release(link.uri).digest
     if link.name == "covariance_store":

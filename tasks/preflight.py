@@ -17,8 +17,8 @@ from tasks.stages import StageInputError, budget_from_params, read_prompt_source
 def _denoiser_config_dir(params: Params) -> Path | None:
     """The folder holding the denoiser's config.json (None: a source whose layout is not known
     here, e.g. an already compressed slimdiff folder; its checks stay with the stages)."""
-    from slimdiff.arch.base import registered_adapters
-    from slimdiff.models import toy_source_dir
+    from slimdiff.families.base import registered_adapters
+    from slimdiff.formats.models import toy_source_dir
 
     attrs = list(dict.fromkeys(a.pipeline_attr for a in registered_adapters()))
     source = params.model.source
@@ -43,10 +43,10 @@ def _denoiser_config_dir(params: Params) -> Path | None:
 
 def denoiser_units(params: Params):
     """(compression units the plan stage would allocate, whole-denoiser parameter count) of the
-    source model, from its config alone (``slimdiff.arch.base.skeleton_from_config``); None when
+    source model, from its config alone (``slimdiff.families.base.skeleton_from_config``); None when
     the layout is not known here."""
-    from slimdiff.adapter import compression_units
-    from slimdiff.arch.base import skeleton_from_config
+    from slimdiff.families.base import skeleton_from_config
+    from slimdiff.families.units import compression_units
     from tasks.stages import planned_units
 
     config_dir = _denoiser_config_dir(params)
@@ -60,13 +60,13 @@ def denoiser_units(params: Params):
 
 
 def _config_only_pipe(params: Params, skeleton):
-    """What ``slimdiff.flops.serving_shape`` reads of a pipeline, from the pipeline folder's config
+    """What ``slimdiff.planning.flops.serving_shape`` reads of a pipeline, from the pipeline folder's config
     files alone: the meta-device denoiser, its tokenizers' ``model_max_length`` and the VAE's
     downsampling factor. None when the folder does not hold them (the plan stage judges then)."""
     import json
     from types import SimpleNamespace
 
-    from slimdiff.arch.base import adapter_for
+    from slimdiff.families.base import adapter_for
 
     config_dir = _denoiser_config_dir(params)
     folder = config_dir.parent if config_dir is not None else None
@@ -88,9 +88,9 @@ def _flop_costs(params: Params):
     """The FLOP cost model the plan stage will spend a FLOP budget in (``slimdiff.api.cost_model``:
     one meta-device trace at ``allocation.serving``), from the config files alone; None when they
     do not give it."""
-    from slimdiff.adapter import compression_units
     from slimdiff.api import cost_model
-    from slimdiff.arch.base import skeleton_from_config
+    from slimdiff.families.base import skeleton_from_config
+    from slimdiff.families.units import compression_units
 
     config_dir = _denoiser_config_dir(params)
     skeleton = skeleton_from_config(config_dir) if config_dir is not None else None
@@ -108,7 +108,8 @@ def check_budget(params: Params) -> None:
     budget is judged on the FLOP trace at ``allocation.serving`` the plan stage will make, built
     from the config files (nothing is loaded or run); a latency budget is left to the plan stage
     (it needs the measured table)."""
-    from slimdiff.allocation import InfeasibleBudgetError, check_feasible
+    from slimdiff.planning.allocation import check_feasible
+    from slimdiff.planning.budget import InfeasibleBudgetError
 
     found = denoiser_units(params)
     if found is None:

@@ -2,7 +2,7 @@
 
 ``publish_folder(ref)`` assembles, from the registered version's lineage tags (nothing is
 recomputed): the compressed pipeline (hard links where the file system allows, else copies), a
-model card ``README.md`` with the Hub's front matter (``slimdiff.modelcard``), the comparison grid,
+model card ``README.md`` with the Hub's front matter (``slimdiff.formats.modelcard``), the comparison grid,
 the evaluation metrics and the exact params of the run (``slimdiff_params.yaml``, so the card's
 reproduce command is literal). ``push(ref, repo_id)`` uploads that folder with
 ``huggingface_hub`` (the one network call; tests stop right before it).
@@ -43,10 +43,10 @@ def publish_folder(ref: str, params: Params, run_params: Params | None = None) -
     (rebuilt when it exists: the card follows the registry). Raises LookupError for unknown refs."""
     from mlflow import MlflowClient
 
-    from slimdiff.adapter import adapter_for, denoiser_of
-    from slimdiff.allocation import RankPlan
-    from slimdiff.modelcard import CardInfo, model_card, source_license
-    from slimdiff.models import load_pipeline
+    from slimdiff.families.units import adapter_for, denoiser_of
+    from slimdiff.formats.modelcard import CardInfo, model_card, source_license
+    from slimdiff.formats.models import load_pipeline
+    from slimdiff.planning.plan import RankPlan
     from tasks.stages import PLAN_FILE
     from tasks.tracking import resolve_version
 

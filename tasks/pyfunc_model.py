@@ -4,7 +4,7 @@
 the source into the logged model (``code/pyfunc_model.py``) and runs it when the model is loaded,
 so the registry holds readable code and the diffusers folder, never a pickled object. The compressed
 pipeline itself is the plain artifact ``pipeline`` (safetensors + JSON), loaded by
-``slimdiff.io.load_compressed``. Keep this file self-contained: MLflow executes it on its own, not
+``slimdiff.formats.io.load_compressed``. Keep this file self-contained: MLflow executes it on its own, not
 as part of the ``tasks`` package.
 """
 
@@ -25,7 +25,7 @@ class SlimDiffPipelineModel(PythonModel):
     For Python use, ``tasks.tracking.load_registered_pipeline`` returns the diffusers pipeline itself."""
 
     def load_context(self, context) -> None:
-        from slimdiff.io import load_compressed
+        from slimdiff.formats.io import load_compressed
 
         self.pipeline = load_compressed(context.artifacts["pipeline"])
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 import slimdiff
-from slimdiff.adapter import planned_units  # noqa: F401  (re-exported: the plan stage and preflight use it)
 from slimdiff.config import Params
-from slimdiff.evaluation import jsonable
+from slimdiff.evaluation.evaluate import jsonable
+from slimdiff.families.units import planned_units  # noqa: F401  (re-exported: the plan stage and preflight use it)
 from tasks.artifacts import (
     ArtifactError,
     Manifest,
@@ -128,7 +128,7 @@ def full_verification(params: Params, size_bytes: int | None) -> bool:
 # -- model -----------------------------------------------------------------------------------
 def model_manifest(params: Params) -> Manifest:
     """The source model release as a manifest (digest = weights digest)."""
-    from slimdiff.models import resolve_release
+    from slimdiff.formats.models import resolve_release
 
     release = resolve_release(params.model.source, params.model.revision)
     return Manifest(stage="model", uri=release.source, digest=release.digest, meta=release.to_dict())
@@ -136,7 +136,7 @@ def model_manifest(params: Params) -> Manifest:
 
 def _load_pipe(params: Params, model: Manifest):
     """A fresh pipeline (compress modifies its UNet in place)."""
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
 
     revision = model.meta.get("revision") if model.meta["kind"] == "hub" else None
     return load_pipeline(model.meta["source"], revision, dtype=params.model.dtype, device=params.model.device)
@@ -187,7 +187,7 @@ def read_prompt_source(spec: str) -> list[str]:
 
 
 def _embedder(params: Params, model: Manifest | None):
-    from slimdiff.embedders import OpenClipEmbedder, PipelineTextEmbedder
+    from slimdiff.calibration.embedders import OpenClipEmbedder, PipelineTextEmbedder
 
     e = params.slimset.embedder
     if e.kind == "toy":
@@ -206,7 +206,7 @@ def run_slimset(
     params: Params, out: Path, model: Manifest | None = None, *, replace: bool = True
 ) -> Manifest:
     """SlimSet: the calibration prompts (file + card + projection plot)."""
-    from slimdiff.slimset import select_slimset, slimset_card
+    from slimdiff.calibration.slimset import select_slimset, slimset_card
 
     cfg = params.slimset
     pool = read_prompt_source(cfg.pool)
@@ -259,7 +259,7 @@ def check_no_overlap(calibration_prompts: list[str], evaluation_spec: str) -> No
 
 
 def _load_slimset(slimset: Manifest):
-    from slimdiff.slimset import SlimSet
+    from slimdiff.calibration.slimset import SlimSet
 
     verify(slimset)
     return SlimSet.load(Path(slimset.uri) / SLIMSET_FILE)
@@ -319,10 +319,10 @@ def _damaged_shards(params: Params, store: CovarianceStore) -> dict[int, str]:
 
 
 def statistics_plan(params: Params, denoiser, n_shards: int, reserved_bytes: int | None = None):
-    """The statistics memory plan of this calibration (``slimdiff.memory``); a limit that cannot be
+    """The statistics memory plan of this calibration (``slimdiff.core.memory``); a limit that cannot be
     met is a StageInputError saying what it would take."""
-    from slimdiff.calibration import plan_for_model
-    from slimdiff.memory import MemoryLimitError
+    from slimdiff.calibration.collect import plan_for_model
+    from slimdiff.core.memory import MemoryLimitError
 
     try:
         cfg = params.calibration
@@ -346,8 +346,8 @@ def prepare_calibration(params: Params, model: Manifest, slimset: Manifest, out_
     so exactly the damaged shards are recomputed (all of them when the merged totals are damaged).
     Before any forward pass the statistics memory plan is logged: memory on the device and the
     host, sampling passes, store size."""
-    from slimdiff.adapter import compression_units, denoiser_of
-    from slimdiff.calibration import pipeline_bytes, stat_shapes
+    from slimdiff.calibration.collect import pipeline_bytes, stat_shapes
+    from slimdiff.families.units import compression_units, denoiser_of
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts
@@ -402,7 +402,7 @@ def collect_shard(
     Self-contained (loads its own model and prompts), so any worker process can run it. Each
     statistic goes to the store as soon as its sampling pass ends (``collect_stats(sink=...)``), so
     this process holds one pass's accumulators, never the whole statistics twice."""
-    from slimdiff.calibration import collect_stats
+    from slimdiff.calibration.collect import collect_stats
 
     cfg = params.calibration
     prompts = _load_slimset(slimset).prompts[index * cfg.shard_size : (index + 1) * cfg.shard_size]
@@ -483,9 +483,9 @@ def run_influence(
     params: Params, model: Manifest, stats: Manifest, out: Path, *, replace: bool = True
 ) -> Manifest:
     """Spectral influence per unit and timestep weights (+ heatmap); no forward passes."""
-    from slimdiff.adapter import denoiser_of
-    from slimdiff.influence import compute_influence, plot_influence_heatmap
-    from slimdiff.spectra import error_profiles
+    from slimdiff.families.units import denoiser_of
+    from slimdiff.planning.influence import compute_influence, plot_influence_heatmap
+    from slimdiff.planning.spectra import error_profiles
 
     activation_stats = read_stats(stats)
     pipe = _cached_pipe(params, model)
@@ -516,7 +516,7 @@ def _load_profiles(influence: Manifest) -> dict[str, list[float]]:
 
 
 def _load_influence(influence: Manifest):
-    from slimdiff.influence import Influence
+    from slimdiff.planning.influence import Influence
 
     verify(influence)
     return Influence.from_json((Path(influence.uri) / INFLUENCE_FILE).read_text())
@@ -535,9 +535,11 @@ def run_plan(
     ``allocation.serving`` (one meta-device trace of the denoiser there); its plan records the
     cost model and the FLOPs before and after. Parameter budgets make the same plan as before
     (no FLOP record: its digest equals the library's, ``slimdiff.api.slim``)."""
-    from slimdiff.adapter import compression_units, denoiser_of
-    from slimdiff.allocation import InfeasibleBudgetError, plan_ranks, plot_rank_plan
-    from slimdiff.spectra import plot_error_profiles
+    from slimdiff.families.units import compression_units, denoiser_of
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import InfeasibleBudgetError
+    from slimdiff.planning.plan import plot_rank_plan
+    from slimdiff.planning.spectra import plot_error_profiles
 
     cfg = params.allocation
     scores = _load_influence(influence).score_of()
@@ -590,10 +592,10 @@ def run_compress(
     replace: bool = True,
 ) -> Manifest:
     """Closed-form rebuild of the UNet at the planned ranks; a loadable compressed pipeline folder."""
-    from slimdiff.adapter import denoiser_of
-    from slimdiff.allocation import RankPlan
-    from slimdiff.compress import compress_, single_thread
-    from slimdiff.io import save_compressed
+    from slimdiff.families.units import denoiser_of
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.plan import RankPlan
+    from slimdiff.surgery.compress import compress_, single_thread
 
     cfg = params.compression
     verify(plan)
@@ -628,8 +630,8 @@ def run_evaluate(
     The original model's samples and quality numbers depend only on the model and the evaluation
     params, so they are measured once and reused by every compressed variant (a tau sweep does
     not resample the original); sizes, FLOPs and the latency ratio are measured fresh each time."""
-    from slimdiff.evaluation import PairEvaluator, jsonable
-    from slimdiff.models import load_pipeline
+    from slimdiff.evaluation.evaluate import PairEvaluator, jsonable
+    from slimdiff.formats.models import load_pipeline
 
     verify(compressed)
     original = _cached_pipe(params, model)
@@ -654,7 +656,7 @@ def _original_measurement(params: Params, model: Manifest, evaluator, pipe):
     """The original pipeline's Measured, from a content-keyed cache file when present."""
     import numpy as np
 
-    from slimdiff.evaluation import Measured, jsonable
+    from slimdiff.evaluation.evaluate import Measured, jsonable
 
     key = sha256_json(
         {"model": model.digest, "evaluation": params.section("evaluation"), "code": code_version("evaluate")}

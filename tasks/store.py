@@ -16,7 +16,7 @@ Layout (any fsspec URL: a local folder, ``s3://bucket/stats.zarr``, ...)::
                                     shard indices, "digests": {key: per-bucket sha256}, "tokens",
                                     "files"}
 
-A shard is collected (maybe in several sampling passes, ``slimdiff.memory``), written to its delta
+A shard is collected (maybe in several sampling passes, ``slimdiff.core.memory``), written to its delta
 and marked; then merged: generation N+1 = generation N + the deltas of the next shards in index
 order, written chunk by chunk (one bucket of one statistic in memory) beside generation N; its mark
 is written last, then generation N and the merged deltas are deleted. A kill at any point leaves
@@ -46,7 +46,7 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from slimdiff.stats import ActivationStats, LazyActivationStats
+from slimdiff.core.stats import ActivationStats, LazyActivationStats
 from tasks.artifacts import ArtifactError, sha256_json
 
 log = logging.getLogger(__name__)

@@ -326,7 +326,7 @@ def register_compressed(
 
 def load_registered_pipeline(ref: str, params: Params | None = None):
     """One call from a registry reference ("name@alias", "name/3" or "name") to a diffusers pipeline."""
-    from slimdiff.io import load_compressed
+    from slimdiff.formats.io import load_compressed
 
     # default params: $MLFLOW_TRACKING_URI or ./mlflow.db, as `slimdiff run` uses
     setup_tracking(params if params is not None else Params())

@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from slimdiff.adapter import compression_units
+from slimdiff.families.units import compression_units
 
 F64 = torch.float64
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# experiment runners live with the benchmarks that use them (benchmarks/ablation_runner.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,7 +79,7 @@ def make_tiny_pixart(
 
 def transformer_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """(path, module) of every diffusers BasicTransformerBlock: the tests' own view of the layout
-    (the library finds blocks only through slimdiff.arch)."""
+    (the library finds blocks only through slimdiff.families)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]

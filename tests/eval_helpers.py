@@ -70,7 +70,7 @@ class BrightnessOracle:
 
 
 def random_toy_judges(classifier=None):
-    from slimdiff.evaluation import ToyJudges
+    from slimdiff.evaluation.judges import ToyJudges
     from slimdiff.toy.classifier import ClassifierConfig, ToyAttributeClassifier
     from slimdiff.toy.clip import build_toy_clip
 

@@ -1,4 +1,4 @@
-"""Rank allocation (slimdiff.allocation): budget exactness, limits of tau, infeasibility, plan files."""
+"""Rank allocation (slimdiff.planning.allocation): budget exactness, limits of tau, infeasibility, plan files."""
 
 from __future__ import annotations
 
@@ -7,21 +7,10 @@ import math
 
 import pytest
 
-from slimdiff.adapter import UnitInfo, compression_units, count_parameters
-from slimdiff.allocation import (
-    Budget,
-    InfeasibleBudgetError,
-    PlanValidationError,
-    RankPlan,
-    UnitPlan,
-    _continuous_ratios,
-    feasible_range,
-    normalise_scores,
-    plan_for_model,
-    plan_ranks,
-    plot_rank_plan,
-    rank_grid,
-)
+from slimdiff.families.units import UnitInfo, compression_units, count_parameters
+from slimdiff.planning.allocation import _continuous_ratios, normalise_scores, plan_for_model, plan_ranks
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError, feasible_range
+from slimdiff.planning.plan import PlanValidationError, RankPlan, UnitPlan, plot_rank_plan, rank_grid
 
 
 def sd_like_units() -> dict[str, UnitInfo]:

@@ -1,4 +1,4 @@
-"""Mode "error" beyond the grid DP's state limit (slimdiff.allocation.bounded_allocate): the plan is
+"""Mode "error" beyond the grid DP's state limit (slimdiff.planning.allocation.bounded_allocate): the plan is
 the optimum on the rank grid, or comes with a proved bound on its distance to it.
 
 References: brute force over every rank combination (small cases, non-monotone curves, the
@@ -16,19 +16,12 @@ import time
 
 import pytest
 
-from slimdiff import allocation
-from slimdiff.adapter import UnitInfo
-from slimdiff.allocation import (
-    OBJECTIVE_RTOL,
-    Budget,
-    DPResult,
-    RankPlan,
-    _spend_slack,
-    bounded_allocate,
-    dp_allocate,
-    plan_ranks,
-    rank_grid,
-)
+from slimdiff.families.units import UnitInfo
+from slimdiff.planning import allocation
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan, rank_grid
+from slimdiff.planning.solver import OBJECTIVE_RTOL, DPResult, _spend_slack, bounded_allocate, dp_allocate
 
 # Objectives here are sums of at most a few hundred float64 terms of size <= 1: their round-off is
 # < 1e-13. The solver treats differences below OBJECTIVE_RTOL x (sum of each group's largest
@@ -303,7 +296,7 @@ def test_sd15_shapes_are_in_the_bounded_regime():
         [(r * u.cost_per_rank, profiles[n][r]) for r in rank_grid(u.full_rank, 8, 8)]
         for n, u in units.items()
     ]
-    assert target // allocation._cost_gcd(options) > allocation.DP_MAX_STATES
+    assert target // allocation.cost_gcd(options) > allocation.DP_MAX_STATES
     assert -(-target // allocation.DP_MAX_STATES) == 555  # dp_allocate's rounded quantum there
 
 
@@ -318,7 +311,7 @@ def test_sd15_shapes_are_solved_exactly_in_seconds(fraction, tie, caplog):
     profiles = synthetic_profiles(units, 1)
     compressible = sum(u.full_params for u in units.values())
     target = math.floor((1 - fraction) * compressible)
-    caplog.set_level(logging.INFO, logger="slimdiff.allocation")
+    caplog.set_level(logging.INFO, logger="slimdiff.planning.allocation")
     t0 = time.perf_counter()
     plan = plan_ranks(
         None,

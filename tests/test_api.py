@@ -20,9 +20,9 @@ import torch
 from test_calib_collector import PROMPTS, make_tiny_pipeline
 
 import slimdiff
-from slimdiff.allocation import Budget, InfeasibleBudgetError
 from slimdiff.api import SlimReport, budget_of, slim
 from slimdiff.config import ConfigError, Params, load_params
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_PROMPTS = 4  # one calibration batch (batch_size 16): the toy world's first training captions
@@ -30,12 +30,12 @@ TOY_PROMPTS = 4  # one calibration batch (batch_size 16): the toy world's first 
 
 def staged(pipe, prompts: list[str], params: Params):
     """The library calls of the calibrate, influence, plan and compress stages (tasks/stages.py)."""
-    from slimdiff.adapter import compression_units, denoiser_of, planned_units
-    from slimdiff.allocation import plan_ranks
-    from slimdiff.calibration import collect_stats
-    from slimdiff.compress import compress_
-    from slimdiff.influence import compute_influence
-    from slimdiff.spectra import error_profiles
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.families.units import compression_units, denoiser_of, planned_units
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.influence import compute_influence
+    from slimdiff.planning.spectra import error_profiles
+    from slimdiff.surgery.compress import compress_
     from tasks.stages import budget_from_params
 
     cfg = params.calibration
@@ -47,7 +47,7 @@ def staged(pipe, prompts: list[str], params: Params):
     units = planned_units(all_units, params.allocation.modules, params.compression.qk_norm)
     costs = None
     if params.allocation.budget.in_flops:
-        from slimdiff.flops import serving_shape, unit_flop_costs
+        from slimdiff.planning.flops import serving_shape, unit_flop_costs
 
         s = params.allocation.serving
         shape = serving_shape(pipe, height=s.height, width=s.width, batch=s.batch, text_len=s.text_len)
@@ -76,7 +76,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # -- the one call on the committed toy model ---------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_runs():
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
     from slimdiff.toy.data import train_captions
 
     prompts = train_captions()[:TOY_PROMPTS]
@@ -115,12 +115,12 @@ def test_the_one_call_is_exported_lazily():
 def test_public_verb_defaults_are_the_params_defaults():
     """Each verb's keyword defaults equal the settings Params() (= params.yaml) gives the stage that
     calls it, so a library call without arguments does what the pipeline does."""
-    from slimdiff.adapter import planned_units
-    from slimdiff.allocation import plan_ranks
-    from slimdiff.calibration import collect_stats
-    from slimdiff.compress import PRESETS, compress_
-    from slimdiff.influence import compute_influence
-    from slimdiff.spectra import error_profiles
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.families.units import planned_units
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.influence import compute_influence
+    from slimdiff.planning.spectra import error_profiles
+    from slimdiff.surgery.compress import PRESETS, compress_
 
     params = Params()
     assert params == load_params(ROOT / "params.yaml")
@@ -179,7 +179,7 @@ def fresh(tiny):
 
 
 def test_options_are_params_overrides_and_refusals_come_before_sampling(tiny, monkeypatch):
-    from slimdiff import calibration
+    from slimdiff.calibration import collect as calibration
 
     calls = []
     monkeypatch.setattr(calibration, "collect_stats", lambda *a, **k: calls.append(1))
@@ -226,7 +226,7 @@ def test_store_gives_the_in_memory_result_and_is_reused(tiny, tmp_path, monkeypa
     index = json.loads((store / "stats.json").read_text())
     assert len(index["files"]) == len(list((store / "moments").iterdir())) > 0
 
-    from slimdiff import calibration
+    from slimdiff.calibration import collect as calibration
 
     monkeypatch.setattr(calibration, "collect_stats", lambda *a, **k: pytest.fail("sampled again"))
     again, second = slim(fresh(tiny), PROMPTS, params=params, budget=0.3, store=store, progress=False)

@@ -26,16 +26,18 @@ from family_pipelines import (
 )
 from torch import nn
 
-from slimdiff.adapter import UnsupportedModelError, compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import adapter_for, denoiser_of
-from slimdiff.attention import SlimAttnProcessor
-from slimdiff.calibration import ActivationCollector, collect_stats
-from slimdiff.compress import compress_
-from slimdiff.influence import compute_influence
-from slimdiff.io import load_compressed, save_compressed
-from slimdiff.spectra import error_profiles
-from slimdiff.stats import KEY, QUERY, attn_key
+from slimdiff.calibration.collect import ActivationCollector, collect_stats
+from slimdiff.core.stats import KEY, QUERY, attn_key
+from slimdiff.families import adapter_for, denoiser_of
+from slimdiff.families.attention import SlimAttnProcessor
+from slimdiff.families.units import UnsupportedModelError, compression_units, count_parameters
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.influence import compute_influence
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "pixart": tiny_pixart_pipeline}
@@ -449,7 +451,7 @@ def test_layout_import_detector_on_known_sources():
 
 def test_only_the_adapters_import_diffusers_layout_classes():
     """The adapter registry is the only place that knows a family's layout: outside
-    ``slimdiff/arch/`` no library module imports a diffusers denoiser, block or FFN class.
+    ``slimdiff/families/`` no library module imports a diffusers denoiser, block or FFN class.
     ``slimdiff/toy/`` is allowed: it *builds* the toy model (a UNet2DConditionModel from its
     config) and its pipeline, as any user script would; it never inspects a layout."""
     found = {
@@ -457,9 +459,9 @@ def test_only_the_adapters_import_diffusers_layout_classes():
         for path in sorted((ROOT / "slimdiff").rglob("*.py"))
         if (names := layout_imports(path.read_text()))
     }
-    outside = {p: n for p, n in found.items() if not p.startswith(("slimdiff/arch/", "slimdiff/toy/"))}
-    assert outside == {}, f"modules outside slimdiff/arch import diffusers layout classes: {outside}"
+    outside = {p: n for p, n in found.items() if not p.startswith(("slimdiff/families/", "slimdiff/toy/"))}
+    assert outside == {}, f"modules outside slimdiff/families import diffusers layout classes: {outside}"
     # the detector sees the adapters' own imports (so an empty result above is not vacuous)
-    assert {"BasicTransformerBlock", "GEGLU", "GELU"} <= found["slimdiff/arch/basic.py"]
-    assert "UNet2DConditionModel" in found["slimdiff/arch/unet.py"]
-    assert "PixArtTransformer2DModel" in found["slimdiff/arch/pixart.py"]
+    assert {"BasicTransformerBlock", "GEGLU", "GELU"} <= found["slimdiff/families/basic.py"]
+    assert "UNet2DConditionModel" in found["slimdiff/families/unet.py"]
+    assert "PixArtTransformer2DModel" in found["slimdiff/families/pixart.py"]

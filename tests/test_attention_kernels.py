@@ -1,4 +1,4 @@
-"""Compressed attention stays on the fused SDPA kernel (slimdiff.attention).
+"""Compressed attention stays on the fused SDPA kernel (slimdiff.families.attention).
 
 Untied per-head widths (r_qk != r_vo) make ``F.scaled_dot_product_attention`` fall back to its math
 kernel; the processor pads to one width instead. References: a hand-written softmax attention
@@ -17,11 +17,11 @@ from compress_helpers import capture_covariances, unet_inputs
 from conftest import make_tiny_unet
 from diffusers.models.attention_processor import Attention
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.attention import SlimAttnProcessor, common_head_width, padded_sdpa, sdpa_backends
-from slimdiff.compress import compress_
-from slimdiff.flops import unet_flops
+from slimdiff.families.attention import SlimAttnProcessor, common_head_width, padded_sdpa, sdpa_backends
+from slimdiff.families.units import compression_units
+from slimdiff.planning.flops import unet_flops
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
 
 
 def reference_attention(q, k, v, scale, mask=None):

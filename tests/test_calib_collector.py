@@ -9,9 +9,8 @@ import torch
 from conftest import make_tiny_unet, transformer_blocks
 from torch import nn
 
-from slimdiff import calibration
-from slimdiff.adapter import UnsupportedModelError
-from slimdiff.calibration import (
+from slimdiff.calibration import collect as calibration
+from slimdiff.calibration.collect import (
     ActivationCollector,
     bucket_of_step,
     collect_stats,
@@ -21,7 +20,8 @@ from slimdiff.calibration import (
     symmetrise_upper,
     unique_in_order,
 )
-from slimdiff.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key, merge
+from slimdiff.core.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key, merge
+from slimdiff.families.units import UnsupportedModelError
 
 WORDS = [
     *("a", "an", "the", "photo", "of", "cat", "dog", "on", "red", "blue", "green", "table"),
@@ -373,7 +373,7 @@ def test_timestep_outside_schedule_is_an_error(tiny_pipe):
 
 
 def test_pipeline_text_embedder(tiny_pipe):
-    from slimdiff.embedders import PipelineTextEmbedder
+    from slimdiff.calibration.embedders import PipelineTextEmbedder
 
     emb = PipelineTextEmbedder(tiny_pipe)
     out = emb.embed(PROMPTS[:3], batch_size=2)

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from slimdiff.adapter import compression_units
-from slimdiff.calibration import ActivationCollector
-from slimdiff.influence import (
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.core.stats import ActivationStats, attn_key, ffn_key
+from slimdiff.families.units import compression_units
+from slimdiff.planning.influence import (
     Influence,
     compute_influence,
     plot_influence_heatmap,
@@ -21,7 +22,6 @@ from slimdiff.influence import (
     trq,
     vo_operator,
 )
-from slimdiff.stats import ActivationStats, attn_key, ffn_key
 
 D = torch.float64
 

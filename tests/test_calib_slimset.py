@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from slimdiff.embedders import EmbedderWeightsNotFound, OpenClipEmbedder
-from slimdiff.slimset import (
+from slimdiff.calibration.embedders import EmbedderWeightsNotFound, OpenClipEmbedder
+from slimdiff.calibration.slimset import (
     SlimSet,
     build_slimset,
     dedup_key,

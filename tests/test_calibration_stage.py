@@ -161,7 +161,7 @@ def test_dask_two_workers_match_one_process(tiny_setup, monkeypatch):
 
 
 def test_slimset_overlapping_the_evaluation_prompts_stops_calibration(tiny_setup):
-    from slimdiff.slimset import SlimSet
+    from slimdiff.calibration.slimset import SlimSet
     from slimdiff.toy.data import heldout_captions
     from tasks.artifacts import Manifest, content_digest
     from tasks.stages import SLIMSET_FILE, StageInputError, prepare_calibration
@@ -194,8 +194,8 @@ def test_a_memory_limit_below_the_largest_statistic_stops_before_anything_is_wri
 def test_a_limit_that_forces_passes_gives_the_reference_store_bit_for_bit(tiny_setup):
     """Three shards merged into the totals, sites split into several passes: the same digest (the
     shard digests are over the exact bytes) and the same statistics as the one-pass reference."""
-    from slimdiff.adapter import denoiser_of
-    from slimdiff.calibration import plan_for_model
+    from slimdiff.calibration.collect import plan_for_model
+    from slimdiff.families.units import denoiser_of
     from tasks import stages
 
     root, params, model, slimset, reference = tiny_setup

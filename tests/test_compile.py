@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from compress_helpers import capture_covariances, unet_inputs
 from conftest import make_tiny_unet
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.compress import compress_
+from slimdiff.families.units import compression_units
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
 
 
 def _untied(unet):

@@ -1,4 +1,4 @@
-"""Analytic FLOPs (slimdiff.flops): known answers on a tiny UNet, compressed shapes counted."""
+"""Analytic FLOPs (slimdiff.planning.flops): known answers on a tiny UNet, compressed shapes counted."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import torch
 from compress_helpers import capture_covariances, unet_inputs
 from conftest import make_tiny_unet
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.compress import compress_
-from slimdiff.flops import format_breakdown, unet_flops
+from slimdiff.families.units import compression_units
+from slimdiff.planning.flops import format_breakdown, unet_flops
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
 
 
 def test_known_answers_on_tiny_unet():

@@ -9,10 +9,14 @@ import torch
 from compress_helpers import capture_covariances, run, unet_inputs
 from conftest import make_tiny_unet
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.compress import SlimAttnProcessor, compress_
-from slimdiff.io import SIDECAR_NAME, WEIGHTS_NAME, CompressedModelError, load_compressed, save_compressed
+from slimdiff.families.attention import SlimAttnProcessor
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.formats.sidecar import SIDECAR_NAME, WEIGHTS_NAME, CompressedModelError
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
 
 
 def compressed_tiny(**cfg):

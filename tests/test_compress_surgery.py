@@ -12,16 +12,13 @@ from conftest import make_tiny_unet
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, PlanValidationError, RankPlan, plan_ranks
-from slimdiff.compress import (
-    CompressionError,
-    SlimAttnProcessor,
-    available_methods,
-    compress_,
-    out_heads,
-)
-from slimdiff.spectra import error_profiles
+from slimdiff.families.attention import SlimAttnProcessor
+from slimdiff.families.units import compression_units, count_parameters, out_heads
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import PlanValidationError, RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import CompressionError, available_methods, compress_
 
 CONFIGS = {
     "1head": dict(heads=1),
@@ -422,7 +419,7 @@ def test_plain_gelu_ffn_block():
 
 
 def pixart_inputs(model, batch: int = 2, text_len: int = 6, seed: int = 0):
-    from slimdiff.arch import adapter_for
+    from slimdiff.families import adapter_for
 
     g = torch.Generator().manual_seed(seed)
     return adapter_for(model).example_inputs(model, batch, (8, 8), text_len, device="cpu", generator=g)

@@ -1,7 +1,7 @@
 """benchmarks/family_coverage.py: the coverage table of every diffusers denoiser class (issue 26).
 
 The supported families' unit counts are derived here from each class's default constructor
-arguments and the adapters' unit rules (slimdiff/arch/{basic,unet,pixart,mmdit,flux}.py), not
+arguments and the adapters' unit rules (slimdiff/families/{basic,unet,pixart,mmdit,flux}.py), not
 read off the script:
 
 * a ``BasicTransformerBlock`` (UNet, PixArt) is one ``ff`` unit plus qk and vo units for ``attn1``
@@ -111,7 +111,7 @@ def expected_qwenimage() -> dict[str, int]:
 def test_supported_families_and_their_unit_counts(coverage, name, family, expected):
     import diffusers
 
-    from slimdiff.arch import adapter_for_class
+    from slimdiff.families import adapter_for_class
 
     row = coverage.row(getattr(diffusers, name))
     assert row["status"] == "supported", row
@@ -132,7 +132,7 @@ def test_a_row_never_raises(coverage, monkeypatch):
     """A default config that cannot be built, and a slimdiff bug, are rows, not exceptions."""
     from diffusers import UNet2DConditionModel
 
-    import slimdiff.arch
+    import slimdiff.families
 
     class Broken(UNet2DConditionModel):
         def __init__(self):
@@ -145,7 +145,7 @@ def test_a_row_never_raises(coverage, monkeypatch):
     def crash(model):
         raise KeyError("boom")
 
-    monkeypatch.setattr(slimdiff.arch, "adapter_for", crash)
+    monkeypatch.setattr(slimdiff.families, "adapter_for", crash)
     row = coverage.row(UNet2DConditionModel)
     assert (row["status"], row["stage"], row["detail"]) == ("error", "adapter_for", "KeyError: 'boom'")
 

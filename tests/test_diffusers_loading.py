@@ -19,10 +19,12 @@ import torch
 from compress_helpers import capture_covariances, unet_inputs
 from test_calib_collector import make_tiny_pipeline
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import Budget, plan_ranks
-from slimdiff.compress import compress_
-from slimdiff.io import CompressedModelError, load_compressed, save_compressed
+from slimdiff.families.units import compression_units
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.formats.sidecar import CompressedModelError
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.surgery.compress import compress_
 
 DATA = Path(__file__).parent / "data"
 
@@ -184,7 +186,7 @@ def test_stock_denoiser_class_does_not_load_a_compressed_folder_as_the_readme_sa
 @pytest.fixture(scope="module")
 def saved_sd3(tmp_path_factory):
     """The toy MMDiT (SD3, no T5) compressed with the weight-only baseline and saved."""
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
 
     pipe = load_pipeline("toy-mmdit")
     plan = plan_ranks(None, compression_units(pipe.transformer), Budget(removed_fraction=0.3), mode="uniform")

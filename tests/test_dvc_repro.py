@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimdiff.models import toy_pipeline_dir
+from slimdiff.formats.models import toy_pipeline_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

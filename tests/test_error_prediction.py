@@ -20,10 +20,12 @@ from compress_helpers import capture_covariances, unet_inputs
 from conftest import make_tiny_unet
 from diffusers.models.attention_processor import Attention
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.compress import compress_, out_heads
-from slimdiff.spectra import error_profiles
+from slimdiff.families.units import compression_units, out_heads
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
 
 F64 = torch.float64
 EXACT = 1e-8  # float64 throughout: sums over ~10^3 tokens agree to ~1e-12

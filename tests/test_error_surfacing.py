@@ -81,8 +81,9 @@ def test_an_unreachable_artifact_store_is_not_reported_as_an_older_run(registry)
 
 # -- LoRA: the prefix guess for unsupported models -----------------------------------------------
 def test_lora_prefix_guess_is_only_for_unsupported_models(monkeypatch):
-    import slimdiff.arch.base as base
-    from slimdiff.lora import LoraError, _split, project_lora
+    import slimdiff.families.base as base
+    from slimdiff.families.base import LoraError
+    from slimdiff.formats.lora import _split, project_lora
 
     plain = nn.Linear(4, 4)
     assert _split(plain) == (plain, "unet", None)  # UnsupportedModelError: the "unet" guess

@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
-
-import slimdiff.calibration as calibration
-from slimdiff.ablation import (
+from ablation_runner import (
     AblationConfig,
     CalibrationSet,
     Variant,
@@ -19,7 +16,10 @@ from slimdiff.ablation import (
     readme_summary,
     run_ablation,
 )
-from slimdiff.embedders import PipelineTextEmbedder
+from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
+
+import slimdiff.calibration.collect as calibration
+from slimdiff.calibration.embedders import PipelineTextEmbedder
 from slimdiff.toy.data import heldout_captions, train_captions
 
 EVAL_PROMPTS = heldout_captions("single")[:2] + heldout_captions("two")[:2]
@@ -76,7 +76,7 @@ def result_and_calls(judges):
 
 
 def _frechet_by_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance of two (N, d) feature sets, computed independently of slimdiff.metrics:
+    """Frechet distance of two (N, d) feature sets, computed independently of slimdiff.evaluation.metrics:
     the nonzero eigenvalues of C_a C_b are the squared singular values of A_c B_c^T / sqrt((n_a-1)
     (n_b-1)) (A_c, B_c the centred features), so tr (C_a C_b)^1/2 is that matrix's nuclear norm."""
     ac, bc = a - a.mean(0), b - b.mean(0)
@@ -87,7 +87,7 @@ def _frechet_by_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _fd_tolerance(a: np.ndarray, b: np.ndarray) -> float:
-    """slimdiff.metrics takes tr (C_a^1/2 C_b C_a^1/2)^1/2 from a d x d eigendecomposition: with
+    """slimdiff.evaluation.metrics takes tr (C_a^1/2 C_b C_a^1/2)^1/2 from a d x d eigendecomposition: with
     N < d most of its eigenvalues are zero up to round-off eps * ||M||, whose square roots
     (~1.5e-8 * tr C each, d of them, doubled) are the error; 1e-7 * d * (tr C_a + tr C_b) covers it."""
     return 1e-7 * a.shape[1] * float(np.var(a, 0, ddof=1).sum() + np.var(b, 0, ddof=1).sum())
@@ -235,7 +235,7 @@ def test_plan_matching_flops_finds_the_smallest_parameter_removal_that_removes_t
     to the parameters removed."""
     from types import SimpleNamespace
 
-    from slimdiff.ablation import plan_matching_flops, removed_flops_share
+    from ablation_runner import plan_matching_flops, removed_flops_share
 
     full = {"a": 64, "b": 32, "c": 16}
     cost_per_rank = {"a": 10, "b": 40, "c": 5}  # parameters per rank
@@ -268,7 +268,7 @@ def test_equal_flops_rows_remove_the_same_flops(judges):
     """budget_kind="flops" on the tiny pipeline: every row removes at least the budget's share of the
     compressible FLOPs at the serving shape, and the FLOP-spending row overshoots by less than one
     rank step (``multiple`` ranks) of the unit whose step costs the most FLOPs."""
-    from slimdiff.ablation import cost_variants
+    from ablation_runner import cost_variants
 
     pipe = tiny_toy_pipeline()
     cfg = AblationConfig(
@@ -297,8 +297,8 @@ def test_equal_flops_rows_remove_the_same_flops(judges):
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["flops_removed_share"] >= 0.4 - 1e-12
-    from slimdiff.adapter import compression_units, denoiser_of
-    from slimdiff.flops import serving_shape, unit_flop_costs
+    from slimdiff.families.units import compression_units, denoiser_of
+    from slimdiff.planning.flops import serving_shape, unit_flop_costs
 
     model = denoiser_of(pipe)
     units = compression_units(model)

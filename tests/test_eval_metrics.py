@@ -1,4 +1,4 @@
-"""Known-answer tests of the evaluation math (slimdiff.metrics) and the size counters."""
+"""Known-answer tests of the evaluation math (slimdiff.evaluation.metrics) and the size counters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimdiff import metrics as M
+from slimdiff.evaluation import metrics as M
 
 F64 = torch.float64
 
@@ -148,7 +148,7 @@ def test_clip_score_with_a_tiny_open_clip_model(tmp_path):
     from eval_helpers import register_tiny_clip
     from PIL import Image
 
-    from slimdiff.evaluation import ClipJudge
+    from slimdiff.evaluation.judges import ClipJudge
 
     name, ckpt = register_tiny_clip(tmp_path)
     judge = ClipJudge(name, str(ckpt), torch.device("cpu"))
@@ -170,7 +170,7 @@ def test_clip_score_with_a_tiny_open_clip_model(tmp_path):
 def test_missing_clip_weights_name_the_file_and_the_fix(tmp_path):
     from eval_helpers import register_tiny_clip
 
-    from slimdiff.evaluation import ClipJudge, MissingWeightsError
+    from slimdiff.evaluation.judges import ClipJudge, MissingWeightsError
 
     name, _ = register_tiny_clip(tmp_path)
     missing = tmp_path / "nope" / "clip.safetensors"
@@ -181,7 +181,7 @@ def test_missing_clip_weights_name_the_file_and_the_fix(tmp_path):
 
 
 def test_inception_option_requires_a_local_weights_file(tmp_path):
-    from slimdiff.evaluation import (
+    from slimdiff.evaluation.judges import (
         INCEPTION_WEIGHTS_FILE,
         InceptionFeatures,
         MissingWeightsError,
@@ -223,10 +223,11 @@ def test_median():
 
 # -- sizes --------------------------------------------------------------------------------------
 def test_compressible_count_matches_the_adapter_and_the_plan(tiny_unet):
-    from slimdiff.adapter import compression_units
-    from slimdiff.allocation import Budget, plan_ranks
-    from slimdiff.compress import compress_
-    from slimdiff.evaluation import compressible_parameter_count
+    from slimdiff.evaluation.sampling import compressible_parameter_count
+    from slimdiff.families.units import compression_units
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import Budget
+    from slimdiff.surgery.compress import compress_
 
     units = compression_units(tiny_unet)
     assert compressible_parameter_count(tiny_unet) == sum(u.full_params for u in units.values())

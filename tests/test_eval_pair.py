@@ -16,15 +16,9 @@ from eval_helpers import (
     tiny_toy_pipeline,
 )
 
-from slimdiff.evaluation import (
-    MissingWeightsError,
-    PairEvaluator,
-    RealMetricsOptions,
-    evaluate_pair,
-    image_seeds,
-    is_toy_prompt_set,
-    sample_pipeline,
-)
+from slimdiff.evaluation.evaluate import PairEvaluator, evaluate_pair
+from slimdiff.evaluation.judges import MissingWeightsError, RealMetricsOptions
+from slimdiff.evaluation.sampling import image_seeds, is_toy_prompt_set, sample_pipeline
 from slimdiff.toy.data import heldout_captions
 
 PROMPTS = heldout_captions("single")[:3] + heldout_captions("two")[:3]
@@ -165,7 +159,7 @@ def test_missing_toy_judges_say_how_to_provide_them(tmp_path, monkeypatch):
 
 
 def test_peak_memory_sees_a_cpu_allocation():
-    from slimdiff.evaluation import peak_memory
+    from slimdiff.evaluation.timing import peak_memory
 
     with peak_memory(torch.device("cpu")) as mem:
         x = torch.ones(16 * 2**20)  # 16 Mi float32 = 64 MiB, every page touched
@@ -175,7 +169,7 @@ def test_peak_memory_sees_a_cpu_allocation():
 
 
 def test_interleaved_latency_times_every_model_every_repeat():
-    from slimdiff.evaluation import interleaved_latency
+    from slimdiff.evaluation.timing import interleaved_latency
 
     order = []
 

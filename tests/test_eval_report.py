@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slimdiff.report import (
+from slimdiff.evaluation.report import (
     REPORT_NAME,
     compare_table,
     comparison_grid,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from eval_helpers import eval_params, random_toy_judges, tiny_toy_pipeline
 
-from slimdiff import metrics as M
-from slimdiff.evaluation import Measured, PairEvaluator
+from slimdiff.evaluation import metrics as M
+from slimdiff.evaluation.evaluate import Measured, PairEvaluator
 from slimdiff.toy.classifier import load_toy_classifier
 from slimdiff.toy.data import heldout_captions, render, to_tensor_range, train_captions
 
@@ -168,7 +168,7 @@ def test_a_classifier_without_features_leaves_fd_cls_unmeasured(pipe):
 
 # -- tables and reports ---------------------------------------------------------------------------
 def _ablation_result(fd_cls: bool):
-    from slimdiff.ablation import AblationResult
+    from ablation_runner import AblationResult
 
     acc = {split: {m: 0.9 for m in ("exact", "object", "color", "shape", "position")} for split in ("all",)}
     original = {"unet_params": 1000, "accuracy": acc, "fid": 0.01, "clip_score": 25.0}
@@ -198,7 +198,7 @@ def _ablation_result(fd_cls: bool):
 
 
 def test_ablation_table_gains_the_fd_cls_column_and_stays_as_before_without_it():
-    from slimdiff.ablation import TABLE_COLUMNS, ablation_table
+    from ablation_runner import TABLE_COLUMNS, ablation_table
 
     old = ablation_table(_ablation_result(fd_cls=False))
     assert "| " + " | ".join(TABLE_COLUMNS) + " |" in old and "FD cls" not in old
@@ -215,7 +215,7 @@ def test_ablation_table_gains_the_fd_cls_column_and_stays_as_before_without_it()
 
 
 def test_report_rows_and_headline_carry_fd_cls():
-    from slimdiff.report import headline, metrics_table
+    from slimdiff.evaluation.report import headline, metrics_table
 
     metrics = {
         "original": {"unet_params": 1000, "fd_cls": 500.0},

@@ -1,8 +1,8 @@
-"""Budgets in FLOPs at a serving shape (slimdiff.flops.unit_flop_costs, allocation.budget.kind
+"""Budgets in FLOPs at a serving shape (slimdiff.planning.flops.unit_flop_costs, allocation.budget.kind
 removed_flops_fraction / total_flops).
 
 References: FLOP costs per rank written out by hand for a tiny UNet at a tiny shape; the FLOP
-counter (``slimdiff.flops.denoiser_flops``) of models compressed to random plans (built on the meta
+counter (``slimdiff.planning.flops.denoiser_flops``) of models compressed to random plans (built on the meta
 device by ``apply_plan_shapes_``: the shapes a compression gives, no decomposition); brute force
 over every rank combination for the solver."""
 
@@ -21,19 +21,12 @@ from conftest import make_tiny_pixart, make_tiny_unet
 from test_allocation_exact import synthetic_profiles
 from test_mmdit import tiny_sd3
 
-from slimdiff import allocation
-from slimdiff.adapter import UnitInfo, compression_units, planned_units
-from slimdiff.allocation import (
-    Budget,
-    InfeasibleBudgetError,
-    RankPlan,
-    check_feasible,
-    plan_ranks,
-    rank_grid,
-)
-from slimdiff.compress import apply_plan_shapes_
 from slimdiff.config import ConfigError, Params
-from slimdiff.flops import (
+from slimdiff.families.units import UnitInfo, compression_units, planned_units
+from slimdiff.planning import allocation
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
+from slimdiff.planning.flops import (
     AttentionCost,
     FlopCosts,
     ServingShape,
@@ -41,6 +34,8 @@ from slimdiff.flops import (
     serving_shape,
     unit_flop_costs,
 )
+from slimdiff.planning.plan import RankPlan, rank_grid
+from slimdiff.surgery.compress import apply_plan_shapes_
 
 B, N_TOP, N_MID, T = 2, 8 * 8, 4 * 4, 5  # batch, tokens at 8x8 and at the 4x4 mid block, text tokens
 TINY = ServingShape((8, 8), batch=B, text_len=T)
@@ -396,8 +391,8 @@ def test_plan_stage_spends_a_flop_budget_at_the_serving_shape(tmp_path):
     carry the FLOPs at allocation.serving (null resolution = the model's 32 px, 16 text tokens)."""
     from pathlib import Path
 
-    from slimdiff.adapter import denoiser_of
-    from slimdiff.influence import Influence
+    from slimdiff.families.units import denoiser_of
+    from slimdiff.planning.influence import Influence
     from tasks import stages
 
     params = Params().with_overrides(
@@ -499,7 +494,7 @@ def test_rounded_modes_meet_a_flop_budget_with_the_smallest_parameter_count(mode
     """uniform / influence round ratios under a parameter count: under a FLOP budget the count is
     the smallest whose plan fits the FLOPs: that plan fits, and the plan of one parameter fewer
     removed does not."""
-    from slimdiff.allocation import Budget as B
+    from slimdiff.planning.budget import Budget as B
 
     unet = make_tiny_unet()
     units = compression_units(unet)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from slimdiff.config import Params
-from slimdiff.models import toy_pipeline_dir
+from slimdiff.formats.models import toy_pipeline_dir
 
 pytestmark = [
     pytest.mark.slow,
@@ -129,7 +129,7 @@ def test_first_run_runs_every_stage_and_registers_with_lineage(flow_env, first_r
 def test_registered_model_loads_back_in_one_call(flow_env, first_run):
     import torch
 
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
     from tasks.tracking import load_registered_pipeline
 
     root, params = flow_env
@@ -613,7 +613,7 @@ def test_budget_search_with_no_passing_point_registers_nothing(flow_env, first_r
     from mlflow import MlflowClient
 
     from flows.cli import EXIT_GATE, _exit_code
-    from slimdiff import metrics as M
+    from slimdiff.evaluation import metrics as M
     from tasks.stages import NoBudgetPassesError
     from tasks.tracking import setup_tracking
 

@@ -26,14 +26,16 @@ import pytest
 import torch
 from torch import nn
 
-from slimdiff import linalg
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import UnsupportedModelError, adapter_for
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import CompressionError, apply_plan_shapes_, compress_
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.core import linalg
+from slimdiff.families import UnsupportedModelError, adapter_for
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import CompressionError, apply_plan_shapes_, compress_
 
 HW, TEXT = (8, 8), 6  # latent 8x8 -> 16 packed image tokens, 6 text tokens
 
@@ -290,7 +292,7 @@ def test_compressed_attention_keeps_relative_position_equivariance(calibrated):
 
 
 def test_saved_model_loads_to_the_same_outputs(calibrated, tmp_path):
-    from slimdiff.io import load_compressed, save_compressed
+    from slimdiff.formats.io import load_compressed, save_compressed
 
     model, cov = calibrated
     units = compression_units(model)
@@ -314,7 +316,7 @@ def test_a_loaded_model_with_narrowed_rope_qk_counts_its_flops(calibrated, tmp_p
     """Counting a loaded Slim model's FLOPs builds a meta copy of its class, the narrowed rotary
     index included (that copy once failed moving the meta index to the CPU): the count is the
     plan's, exactly."""
-    from slimdiff.io import load_compressed, save_compressed
+    from slimdiff.formats.io import load_compressed, save_compressed
 
     model, cov = calibrated
     units = compression_units(model)
@@ -390,9 +392,9 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     from diffusers import DiffusionPipeline
     from family_pipelines import FLUX_HW, FLUX_TEXT_LEN, PROMPTS, tiny_flux_pipeline
 
-    from slimdiff.calibration import collect_stats
-    from slimdiff.influence import compute_influence
-    from slimdiff.io import save_compressed
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.influence import compute_influence
 
     pipe = tiny_flux_pipeline(tmp_path / "build")
     steps, prompts = 4, PROMPTS[:2]

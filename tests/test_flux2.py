@@ -28,14 +28,16 @@ import torch
 from flux2_pipelines import FLUX2_HW, FLUX2_TEXT_LEN, tiny_flux2_transformer
 from torch import nn
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import UnsupportedModelError, adapter_for
-from slimdiff.arch.flux2 import SlimFlux2AttnProcessor
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import apply_plan_shapes_, compress_
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.families import UnsupportedModelError, adapter_for
+from slimdiff.families.flux2 import SlimFlux2AttnProcessor
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 
 HW, TEXT = (8, 8), 6  # latent 8x8 -> 4x4 = 16 packed image tokens, 6 text tokens
 N_IMG, D_H, INNER = 16, 16, 96
@@ -371,9 +373,9 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     from family_pipelines import PROMPTS
     from flux2_pipelines import tiny_flux2_pipeline
 
-    from slimdiff.calibration import collect_stats
-    from slimdiff.influence import compute_influence
-    from slimdiff.io import save_compressed
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.influence import compute_influence
 
     pipe = tiny_flux2_pipeline(tmp_path / "build")
     model = pipe.transformer

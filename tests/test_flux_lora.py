@@ -1,4 +1,4 @@
-"""LoRAs for FLUX.1 projected onto compressed FLUX transformers (``slimdiff.lora.project_lora``),
+"""LoRAs for FLUX.1 projected onto compressed FLUX transformers (``slimdiff.formats.lora.project_lora``),
 and the community (kohya / ai-toolkit / ComfyUI, "BFL"-named) LoRA format converter
 (``FluxAdapter.convert_lora``), on the tiny FLUX of ``test_flux.py`` (inner dim 32 = 2 heads x 16,
 MLP 128, 2 double + 2 single blocks; random weights, fixed seeds).
@@ -28,13 +28,16 @@ import torch
 from test_flux import covariances, inputs, rel, run, tiny_flux
 from torch import nn
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import adapter_for
-from slimdiff.arch.base import linear, split_path
-from slimdiff.compress import compress_
-from slimdiff.lora import LORA_MAPS_ATTRIBUTE, LoraError, project_lora
-from slimdiff.spectra import error_profiles
+from slimdiff.families import adapter_for
+from slimdiff.families.base import LoraError, linear, split_path
+from slimdiff.families.units import compression_units
+from slimdiff.formats.lora import project_lora
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import compress_
+from slimdiff.surgery.maps import LORA_MAPS_ATTRIBUTE
 
 F64 = torch.float64
 P = "transformer"
@@ -433,7 +436,7 @@ def test_reloaded_pipeline_projects_like_the_in_memory_model(tmp_path):
     from diffusers import DiffusionPipeline
     from family_pipelines import tiny_flux_pipeline
 
-    from slimdiff.io import save_compressed
+    from slimdiff.formats.io import save_compressed
 
     pipe = tiny_flux_pipeline(tmp_path / "build")
     model = pipe.transformer

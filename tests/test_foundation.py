@@ -103,7 +103,7 @@ def test_slimdiff_imports_without_orchestration_installed(tmp_path):
     for name in ("prefect", "mlflow", "dvc"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed')\n")
-    code = "import slimdiff, slimdiff.config, slimdiff.stats, slimdiff.adapter; print(slimdiff.__version__)"
+    code = "import slimdiff, slimdiff.config, slimdiff.core.stats, slimdiff.families.units; print(slimdiff.__version__)"
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,9 +1,9 @@
-"""Budgets in measured latency (slimdiff.latency, Budget(removed_latency_fraction=...)).
+"""Budgets in measured latency (slimdiff.planning.latency, Budget(removed_latency_fraction=...)).
 
 Every table here is "measured" by a fake timer whose seconds are a known function of the timed
-operation's widths: K seconds per FLOP (as ``slimdiff.flops`` counts them) plus C seconds per
+operation's widths: K seconds per FLOP (as ``slimdiff.planning.flops`` counts them) plus C seconds per
 kernel call (linears, the FFN activation, the attention kernel, each zero-padding). References: the
-FLOP cost model (``slimdiff.flops.unit_flop_costs``) and the FLOP counter of models compressed to
+FLOP cost model (``slimdiff.planning.flops.unit_flop_costs``) and the FLOP counter of models compressed to
 a plan (``denoiser_flops`` on a meta skeleton), both independent of the latency code."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from conftest import make_tiny_unet
 from test_flop_budget import compressed_flops, decreasing_profiles
 from test_mmdit import tiny_sd3
 
-from slimdiff.adapter import compression_units, planned_units
-from slimdiff.allocation import Budget, InfeasibleBudgetError, RankPlan, check_feasible, plan_ranks, rank_grid
 from slimdiff.config import ConfigError, Params
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.latency import QUANTUM_S, CostModel, LatencyCosts, LatencyOp, unit_latency_costs
+from slimdiff.families.units import compression_units, planned_units
+from slimdiff.planning.allocation import check_feasible, plan_ranks
+from slimdiff.planning.budget import Budget, InfeasibleBudgetError
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.latency import QUANTUM_S, CostModel, LatencyCosts, LatencyOp, unit_latency_costs
+from slimdiff.planning.plan import RankPlan, rank_grid
 
 B, T = 2, 5
 TINY = ServingShape((8, 8), batch=B, text_len=T)
@@ -352,7 +354,8 @@ def test_bad_latency_budgets_and_tables_are_rejected_with_messages(tmp_path):
     with pytest.raises(ValueError, match="exactly one of"):
         Budget(removed_latency_fraction=0.2, removed_flops_fraction=0.2)
     with pytest.raises(
-        ValueError, match="counts latency: plan_ranks needs costs=slimdiff.latency.unit_latency_costs"
+        ValueError,
+        match="counts latency: plan_ranks needs costs=slimdiff.planning.latency.unit_latency_costs",
     ):
         plan_ranks(None, units, Budget(removed_latency_fraction=0.4), profiles=profiles)
     with pytest.raises(ValueError, match="counts latency but costs are flops"):
@@ -367,7 +370,8 @@ def test_bad_latency_budgets_and_tables_are_rejected_with_messages(tmp_path):
     with pytest.raises(InfeasibleBudgetError, match=r"removed_latency_fraction in \[0\.000000, 0\.\d+\]"):
         plan_ranks(None, units, Budget(removed_latency_fraction=0.99), profiles=profiles, costs=lat, **GRID)
     with pytest.raises(
-        ValueError, match="costs must be slimdiff.flops.FlopCosts or slimdiff.latency.LatencyCosts"
+        ValueError,
+        match="costs must be slimdiff.planning.flops.FlopCosts or slimdiff.planning.latency.LatencyCosts",
     ):
         plan_ranks(None, units, Budget(removed_fraction=0.4), profiles=profiles, costs={"not": "costs"})
     other = unit_latency_costs(
@@ -426,7 +430,7 @@ def test_latency_budget_params_are_validated(overrides, expected):
 def test_measured_timer_runs_warmup_then_repeats_and_restores_threads():
     """The protocol, not the clock: ``warmup`` untimed runs, ``repeats`` samples of back-to-back runs
     (one run each when ``min_sample_s`` is 0), the median returned, the thread count restored."""
-    from slimdiff.latency import MeasuredTimer
+    from slimdiff.planning.latency import MeasuredTimer
 
     runs = []
     op = LatencyOp("qk", ((8, 4, 4, True),), make=lambda device, dtype: lambda: runs.append(1))

@@ -1,4 +1,4 @@
-"""Known-answer and property tests of the stage-5 decompositions (slimdiff.linalg)."""
+"""Known-answer and property tests of the stage-5 decompositions (slimdiff.core.linalg)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimdiff import linalg
+from slimdiff.core import linalg
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""slimdiff.lora: a LoRA made for the original model, projected in closed form onto a compressed
+"""slimdiff.formats.lora: a LoRA made for the original model, projected in closed form onto a compressed
 model. Known-answer tests on a tiny SD-1.x-shaped UNet built from config (heads=2, d_h 16 / 32,
 GEGLU FFNs), fp32 forwards, float64 references."""
 
@@ -13,18 +13,14 @@ import torch
 from compress_helpers import capture_covariances, run, unet_inputs
 from conftest import make_tiny_unet
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.compress import compress_
-from slimdiff.io import SIDECAR_NAME, CompressedModelError, load_compressed, save_compressed
-from slimdiff.lora import (
-    LORA_MAPS_NAME,
-    LoraError,
-    LoraMapsMissingError,
-    load_lora_into,
-    project_lora,
-    read_lora_maps,
-)
+from slimdiff.families.base import LoraError
+from slimdiff.families.units import compression_units
+from slimdiff.formats.io import load_compressed, save_compressed
+from slimdiff.formats.lora import load_lora_into, project_lora
+from slimdiff.formats.sidecar import SIDECAR_NAME, CompressedModelError, read_lora_maps
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
+from slimdiff.surgery.maps import LORA_MAPS_NAME, LoraMapsMissingError
 
 F64 = torch.float64
 BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -73,7 +69,7 @@ def delta(state, path, scale=1.0, prefix="unet"):
 
 
 def fused_reference(unet, state, scale=1.0, prefix="unet"):
-    """original + LoRA, fused independently of slimdiff.lora: W + scale B A in float64."""
+    """original + LoRA, fused independently of slimdiff.formats.lora: W + scale B A in float64."""
     ref = copy.deepcopy(unet)
     with torch.no_grad():
         for key in state:
@@ -318,7 +314,7 @@ def test_fuse_and_unfuse_restore_weights_exactly(tiny):
 def test_auto_without_peft_falls_back_to_fuse(tiny, monkeypatch):
     """Without peft (simulated: the dev install has it, see tests/test_lora_peft.py for that path)
     auto fuses, and asking for the diffusers path says what is missing."""
-    import slimdiff.lora as lora_mod
+    import slimdiff.formats.lora as lora_mod
 
     monkeypatch.setattr(lora_mod, "_peft_available", lambda: False)
     unet, _ = tiny
@@ -433,7 +429,7 @@ def joint_attention_case(qk_norm):
     streams' FFNs."""
     from test_mmdit import inputs, tiny_sd3
 
-    from slimdiff.calibration import ActivationCollector
+    from slimdiff.calibration.collect import ActivationCollector
 
     model = tiny_sd3(qk_norm=qk_norm)
     x = inputs(model)

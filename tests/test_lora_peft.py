@@ -1,4 +1,4 @@
-"""slimdiff.lora through diffusers' own LoRA loader (peft): the path ``load_lora_into`` takes by
+"""slimdiff.formats.lora through diffusers' own LoRA loader (peft): the path ``load_lora_into`` takes by
 default wherever peft is installed, i.e. for most users. The projected LoRA is loaded as a peft
 adapter on the compressed layers (their shapes, their names) and must give what the fused path
 gives: the same delta, only computed unfused (x W^T + s (x A^T) B^T in fp32 instead of the float64
@@ -24,11 +24,11 @@ from test_lora import (
     tiny,  # noqa: F401  (the module fixture)
 )
 
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.compress import compress_
-from slimdiff.io import save_compressed
-from slimdiff.lora import load_lora_into, project_lora
+from slimdiff.families.units import compression_units
+from slimdiff.formats.io import save_compressed
+from slimdiff.formats.lora import load_lora_into, project_lora
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
 
 pytest.importorskip("peft")
 TOL = 1e-5

@@ -82,7 +82,7 @@ def toy():
     path = _lora_path()
     if not path.is_file():
         pytest.skip(f"{path} is not committed")
-    from slimdiff.lora import load_lora_file
+    from slimdiff.formats.lora import load_lora_file
     from slimdiff.toy import load_toy_pipeline
 
     pipe = load_toy_pipeline()
@@ -115,7 +115,7 @@ def _relmax(a, b) -> float:
 
 
 def _reference(unet, lora, prefix: str = "unet"):
-    """original + LoRA fused independently of slimdiff.lora: W + B A in float64 (scale 1)."""
+    """original + LoRA fused independently of slimdiff.formats.lora: W + B A in float64 (scale 1)."""
     ref = copy.deepcopy(unet)
     with torch.no_grad():
         for key, a in lora.items():
@@ -128,7 +128,7 @@ def _reference(unet, lora, prefix: str = "unet"):
 
 
 def test_committed_lora_is_small_peft_format_and_changes_the_original(toy):
-    from slimdiff.lora import load_lora_into
+    from slimdiff.formats.lora import load_lora_into
 
     pipe, lora, meta = toy
     assert _lora_path().stat().st_size < 200_000
@@ -162,10 +162,10 @@ def test_full_rank_projection_of_the_committed_lora_reproduces_original_plus_lor
     about the LoRA's own effect (5e-2)."""
     from compress_helpers import capture_covariances
 
-    from slimdiff.adapter import compression_units
-    from slimdiff.allocation import RankPlan
-    from slimdiff.compress import compress_
-    from slimdiff.lora import load_lora_into
+    from slimdiff.families.units import compression_units
+    from slimdiff.formats.lora import load_lora_into
+    from slimdiff.planning.plan import RankPlan
+    from slimdiff.surgery.compress import compress_
 
     pipe, lora, _ = toy
     unet = pipe.unet
@@ -191,7 +191,7 @@ def test_committed_lora_draws_the_new_color_on_the_original():
     path = _lora_path()
     if not path.is_file():
         pytest.skip(f"{path} is not committed")
-    from slimdiff.lora import load_lora_into
+    from slimdiff.formats.lora import load_lora_into
     from slimdiff.toy import load_toy_pipeline
     from slimdiff.toy.evaluate import sample_images
 
@@ -209,7 +209,7 @@ def test_committed_lora_draws_the_new_color_on_the_original():
 # the committed MMDiT LoRA (data/toy-mmdit/lora, benchmarks/bench_lora.py --source toy-mmdit)
 # --------------------------------------------------------------------------------------------
 def _mmdit_lora_path():
-    from slimdiff.models import toy_mmdit_pipeline_dir
+    from slimdiff.formats.models import toy_mmdit_pipeline_dir
 
     return toy_mmdit_pipeline_dir().parent / "lora" / "orange.safetensors"
 
@@ -219,8 +219,8 @@ def toy_mmdit():
     path = _mmdit_lora_path()
     if not path.is_file():
         pytest.skip(f"{path} is not committed")
-    from slimdiff.lora import load_lora_file
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.lora import load_lora_file
+    from slimdiff.formats.models import load_pipeline
 
     pipe = load_pipeline("toy-mmdit")
     state, meta = load_lora_file(path)
@@ -276,11 +276,11 @@ def test_full_rank_projection_of_the_committed_mmdit_lora_reproduces_original_pl
     1e-5 relative to the output's max |value| (fp32), the rewrite of the base model alone held to
     the same. Measured: 3.5e-6 for the rewrite, 2.4e-6 with the projected LoRA; the LoRA's own
     effect is 0.10 and the unprojected B A added to the rewritten weights is 0.17 off."""
-    from slimdiff.adapter import compression_units
-    from slimdiff.allocation import RankPlan
-    from slimdiff.calibration import ActivationCollector
-    from slimdiff.compress import compress_
-    from slimdiff.lora import load_lora_into
+    from slimdiff.calibration.collect import ActivationCollector
+    from slimdiff.families.units import compression_units
+    from slimdiff.formats.lora import load_lora_into
+    from slimdiff.planning.plan import RankPlan
+    from slimdiff.surgery.compress import compress_
 
     pipe, lora, _ = toy_mmdit
     tr = pipe.transformer

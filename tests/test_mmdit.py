@@ -13,14 +13,16 @@ import itertools
 import pytest
 import torch
 
-from slimdiff import linalg
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import adapter_for
-from slimdiff.attention import HeadwiseRMSNorm, SlimJointAttnProcessor, sdpa_backends
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import apply_plan_shapes_, compress_
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.core import linalg
+from slimdiff.families import adapter_for
+from slimdiff.families.attention import HeadwiseRMSNorm, SlimJointAttnProcessor, sdpa_backends
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 from tasks.stages import planned_units
 
 F64 = torch.float64
@@ -280,12 +282,12 @@ def test_weight_only_qk_under_rms_norm_is_coordinate_selection_on_the_weight_gra
     assert rel(run(full, x), run(model, x)) < 1e-5
 
 
-# -- the budget across token streams (slimdiff.streams) ----------------------------------------------
+# -- the budget across token streams (slimdiff.planning.streams) ----------------------------------------------
 def test_every_unit_cost_splits_exactly_into_its_linears_streams():
     """Each unit's cost per rank is the sum over its linears (integers: exact); the image FFN and
     the image-only attn2 are image units, the text FFN a text unit, joint attention both, and the
     joint VO's text share is its add_v_proj row plus its to_add_out column."""
-    from slimdiff.streams import linear_costs, unit_stream
+    from slimdiff.planning.streams import linear_costs, unit_stream
 
     model = tiny_sd3()
     units = compression_units(model)
@@ -304,7 +306,7 @@ def test_every_unit_cost_splits_exactly_into_its_linears_streams():
 
 
 def test_removed_by_stream_counts_what_the_plan_removes_from_each_streams_linears():
-    from slimdiff.streams import removed_by_stream, stream_summary
+    from slimdiff.planning.streams import removed_by_stream, stream_summary
 
     model = tiny_sd3()
     units = compression_units(model)
@@ -335,7 +337,7 @@ def test_per_stream_split_removes_the_same_share_from_every_group(calibrated):
     """plan_per_group: image, text and joint units each remove their share (within one rank quantum
     of the group's largest unit cost, the solver's rounding); the merged plan removes their sum. The
     joint allocation over all units (plan_ranks) reaches the same total."""
-    from slimdiff.streams import plan_per_group, unit_stream
+    from slimdiff.planning.streams import plan_per_group, unit_stream
 
     model, _, _ = calibrated
     units = compression_units(model)
@@ -364,7 +366,7 @@ def test_flops_of_a_compressed_mmdit_count_the_widths_that_run(calibrated, mode)
     post-norm projections). Known answers for block 0's joint attention (2 heads, d_h 8, VO at
     rank 4; tokens N = 16 image + 5 text): "project" logits at width 4 plus the projections
     2 B H (N_q + N_k) d_h r; "select" QK at rank 4 (CPU: padded to one width, 4 here)."""
-    from slimdiff.flops import denoiser_flops
+    from slimdiff.planning.flops import denoiser_flops
 
     model, covs, _ = calibrated
     units = planned_units(compression_units(model), ("ffn", "qk", "vo"), mode)

@@ -70,7 +70,7 @@ def s3_env(s3_endpoint, monkeypatch):
 
 
 def test_covariance_store_on_s3_round_trips_and_resumes(s3_env):
-    from slimdiff.stats import ActivationStats, merge
+    from slimdiff.core.stats import ActivationStats, merge
     from tasks.store import CovarianceStore
 
     shapes = {"b.ff.hidden": (4, 4)}

@@ -27,12 +27,12 @@ import pytest
 import torch
 from test_flux import covariances, tiny_flux
 
-from slimdiff import linalg
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.arch import adapter_for
-from slimdiff.compress import compress_
-from slimdiff.spectra import error_profiles, qk_select_error_curve
+from slimdiff.core import linalg
+from slimdiff.families import adapter_for
+from slimdiff.families.units import compression_units
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles, qk_select_error_curve
+from slimdiff.surgery.compress import compress_
 
 F64 = torch.float64
 EPS = 1e-12

@@ -28,14 +28,16 @@ import torch
 from family_pipelines import tiny_qwenimage_transformer
 from torch import nn
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import TokenMask, UnsupportedModelError, adapter_for
-from slimdiff.attention import SlimQwenAttnProcessor, sdpa_backends
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import apply_plan_shapes_, compress_
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.families import TokenMask, UnsupportedModelError, adapter_for
+from slimdiff.families.attention import SlimQwenAttnProcessor, sdpa_backends
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 
 HW, TEXT = (8, 8), 6  # latent 8x8 -> 4x4 = 16 packed image tokens, 6 text tokens
 N_IMG = 16
@@ -393,9 +395,9 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     from diffusers import DiffusionPipeline
     from family_pipelines import PROMPTS, QWEN_HW, tiny_qwenimage_pipeline
 
-    from slimdiff.calibration import collect_stats
-    from slimdiff.influence import compute_influence
-    from slimdiff.io import save_compressed
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.influence import compute_influence
 
     pipe = tiny_qwenimage_pipeline(tmp_path / "build")
     model = pipe.transformer

@@ -36,10 +36,10 @@ def tracked(tmp_path):
 @pytest.fixture
 def compressed_dir(tmp_path) -> Path:
     """A tiny toy-world pipeline with one FFN cut to rank 8 (weight-only baseline), saved."""
-    from slimdiff.adapter import compression_units
-    from slimdiff.allocation import RankPlan
-    from slimdiff.compress import compress_
-    from slimdiff.io import save_compressed
+    from slimdiff.families.units import compression_units
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.plan import RankPlan
+    from slimdiff.surgery.compress import compress_
 
     pipe = tiny_toy_pipeline()
     units = compression_units(pipe.unet)
@@ -100,7 +100,7 @@ def test_registered_model_loads_as_pyfunc_and_as_pipeline_with_the_same_images(t
     import mlflow
     import pandas as pd
 
-    from slimdiff.io import load_compressed
+    from slimdiff.formats.io import load_compressed
     from tasks.tracking import load_registered_pipeline
 
     _register(tracked, compressed_dir)

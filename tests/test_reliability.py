@@ -59,7 +59,7 @@ def _swap_metadata_order(path: Path) -> None:
 
 def test_same_tensors_get_different_bytes_until_the_header_is_canonical(tmp_path):
     """Root cause of two runs disagreeing on compressed bytes: safetensors writes __metadata__ in
-    a per-process random order, and slimdiff.io writes two metadata entries into the UNet's
+    a per-process random order, and slimdiff.formats.io writes two metadata entries into the UNet's
     weights. Both orders load as the same tensors; only the canonical header makes them one file."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
@@ -228,7 +228,7 @@ def test_store_flipped_bit_in_the_totals_is_found_and_recollecting_restores_the_
     collects every shard again and the store's digest and bytes come back the same."""
     import torch
 
-    from slimdiff.stats import ActivationStats
+    from slimdiff.core.stats import ActivationStats
     from tasks.store import CovarianceStore
 
     shapes = {"blk.ff.hidden": (6, 6), "blk.attn1.query": (2, 3, 3)}
@@ -277,10 +277,11 @@ def test_store_flipped_bit_in_the_totals_is_found_and_recollecting_restores_the_
 
 # -- params checked before any stage ------------------------------------------------------------
 def test_budget_feasibility_from_the_config_alone_agrees_with_the_planner():
-    from slimdiff.allocation import InfeasibleBudgetError, plan_ranks
     from slimdiff.api import cost_model
-    from slimdiff.arch import denoiser_of
-    from slimdiff.models import load_pipeline
+    from slimdiff.families import denoiser_of
+    from slimdiff.formats.models import load_pipeline
+    from slimdiff.planning.allocation import plan_ranks
+    from slimdiff.planning.budget import InfeasibleBudgetError
     from tasks.preflight import check_budget, denoiser_units
     from tasks.stages import StageInputError, budget_from_params
 

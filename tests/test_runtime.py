@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from slimdiff.config import Params
-from slimdiff.models import toy_pipeline_dir
+from slimdiff.formats.models import toy_pipeline_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

@@ -1,6 +1,6 @@
-"""Truncation-error profiles (slimdiff.spectra) and the error-driven allocation built on them.
+"""Truncation-error profiles (slimdiff.planning.spectra) and the error-driven allocation built on them.
 
-References: the decompositions themselves (slimdiff.linalg computes each error explicitly, e.g.
+References: the decompositions themselves (slimdiff.core.linalg computes each error explicitly, e.g.
 the Nystrom Schur complement), ``compress_``'s per-unit report, and brute force over tiny grids."""
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ import pytest
 import torch
 from compress_helpers import capture_covariances, unet_inputs
 
-from slimdiff import linalg
-from slimdiff.adapter import UnitInfo, compression_units
-from slimdiff.allocation import Budget, RankPlan, plan_ranks, rank_grid
-from slimdiff.compress import compress_
 from slimdiff.config import ConfigError, Params
-from slimdiff.spectra import (
+from slimdiff.core import linalg
+from slimdiff.families.units import UnitInfo, compression_units
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.plan import RankPlan, rank_grid
+from slimdiff.planning.spectra import (
     error_profiles,
     ffn_error_curve,
     plot_error_profiles,
     qk_error_curve,
     vo_error_curve,
 )
+from slimdiff.surgery.compress import compress_
 
 F64 = torch.float64
 
@@ -53,7 +55,7 @@ def spd(n: int, seed: int, decay: float = 0.7, rank: int | None = None) -> torch
 
 
 # The curves are prefix-sum formulas; the references evaluate each rank's rewrite explicitly
-# (slimdiff.linalg *_output_error under the undamped covariance). Both are float64 sums of O(n)
+# (slimdiff.core.linalg *_output_error under the undamped covariance). Both are float64 sums of O(n)
 # terms of size <= 1, so they agree to ~1e-15; 1e-10 leaves room without hiding a wrong formula.
 EXACT = 1e-10
 
@@ -254,7 +256,7 @@ def test_dp_on_a_coarse_quantum_never_exceeds_the_budget():
     """Budgets too fine for the state limit are solved on rounded-up costs: within budget, the
     exact optimum of the rounded problem, and no worse than the exact optimum of the budget minus
     the slack the rounding can cost (n_groups * (q - 1): every plan that fits that fits rounded)."""
-    from slimdiff.allocation import dp_allocate
+    from slimdiff.planning.solver import dp_allocate
 
     options = [[(c * 7, 1.0 / (1 + c)) for c in range(1, 30)] for _ in range(5)]
     exact = dp_allocate(options, 500)

@@ -1,4 +1,4 @@
-"""Statistics within a memory limit (slimdiff.memory, issue 23): the memory model, the planner's
+"""Statistics within a memory limit (slimdiff.core.memory, issue 23): the memory model, the planner's
 groups, bit-identical bounded collection, float32 accumulation within its stated bound, and the
 stage-level exactness on both toy worlds (rank plan and compressed weights of a bounded run,
 with grouping and shard merging, equal those of the unbounded run)."""
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimdiff import calibration
-from slimdiff.calibration import collect_stats, plan_for_model
+from slimdiff.calibration import collect as calibration
+from slimdiff.calibration.collect import collect_stats, plan_for_model
 from slimdiff.config import ConfigError, Params
-from slimdiff.memory import MemoryLimitError, parse_bytes, plan_stats_memory
+from slimdiff.core.memory import MemoryLimitError, parse_bytes, plan_stats_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_calib_collector import PROMPTS, make_tiny_pipeline  # noqa: E402
@@ -187,8 +187,8 @@ def test_float32_accumulated_run_gives_the_same_plan_and_the_same_model(tmp_path
     singular vectors for a 1e-7 perturbation, changing to_v / to_out rows without changing their
     product (measured: one to_v differs by 1.9x its largest entry). So the compressed denoisers are
     compared by what they compute: outputs within 1e-5 relative (measured 1.8e-7)."""
-    from slimdiff.allocation import RankPlan
-    from slimdiff.models import load_pipeline
+    from slimdiff.formats.models import load_pipeline
+    from slimdiff.planning.plan import RankPlan
 
     _, _, _, plan_a, comp_a = _stage_run(tmp_path / "f64", "toy", **{"calibration.accumulate": "float64"})
     _, _, _, plan_b, comp_b = _stage_run(
@@ -212,7 +212,7 @@ def test_float32_accumulated_run_gives_the_same_plan_and_the_same_model(tmp_path
 def test_auto_limit_leaves_the_weights_out_of_what_is_available(monkeypatch):
     """Weights loaded from safetensors are memory-mapped: "available" still counts them until the
     sampler touches them, so auto takes half of (available - weights)."""
-    from slimdiff import memory
+    from slimdiff.core import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 20 * 2**30)
     plan = plan_stats_memory([("a", (64, 64))], 5, max_memory="auto", reserved_bytes=14 * 2**30)
@@ -222,7 +222,7 @@ def test_auto_limit_leaves_the_weights_out_of_what_is_available(monkeypatch):
 
 
 def test_pipeline_bytes_counts_every_component(tiny_pipe):
-    from slimdiff.calibration import module_bytes, pipeline_bytes
+    from slimdiff.calibration.collect import module_bytes, pipeline_bytes
 
     want = sum(module_bytes(m) for m in (tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.vae))
     assert pipeline_bytes(tiny_pipe) == want > module_bytes(tiny_pipe.unet)

@@ -10,7 +10,7 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from slimdiff.stats import ActivationStats, merge
+from slimdiff.core.stats import ActivationStats, merge
 from tasks.artifacts import ArtifactError
 from tasks.store import CovarianceStore, convert_v1
 

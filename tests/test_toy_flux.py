@@ -236,7 +236,7 @@ def test_pipeline_loads_offline_through_flux_with_its_features(pipe, metrics):
 
 def test_flux_adapter_takes_the_toy_flux():
     """The committed model is a FLUX the adapter compresses: units in double and single blocks."""
-    from slimdiff.arch.base import adapter_for
+    from slimdiff.families.base import adapter_for
 
     tr = load_toy_flux_pipeline().transformer
     adapter = adapter_for(tr)
@@ -267,7 +267,7 @@ def test_training_input_is_what_the_pipeline_feeds(pipe):
 
 
 def test_call_kwargs_give_true_cfg_and_the_trained_text_length(pipe):
-    from slimdiff.evaluation import pipeline_call_kwargs
+    from slimdiff.families.units import pipeline_call_kwargs
 
     assert pipeline_call_kwargs(pipe, 4.0, 3) == {
         "true_cfg_scale": 4.0,
@@ -280,7 +280,7 @@ def test_call_kwargs_give_true_cfg_and_the_trained_text_length(pipe):
 def test_model_sources_resolve_and_load_toy_flux():
     from diffusers import FluxPipeline
 
-    from slimdiff.models import folder_digest, load_pipeline, resolve_release, toy_source_dir
+    from slimdiff.formats.models import folder_digest, load_pipeline, resolve_release, toy_source_dir
 
     release = resolve_release("toy-flux")
     assert release.kind == "toy" and release.short_name == "toy-flux"

@@ -274,7 +274,7 @@ def test_training_input_is_what_the_pipeline_feeds(pipe):
 def test_model_sources_resolve_and_load_toy_mmdit():
     from diffusers import StableDiffusion3Pipeline
 
-    from slimdiff.models import folder_digest, load_pipeline, resolve_release
+    from slimdiff.formats.models import folder_digest, load_pipeline, resolve_release
 
     release = resolve_release("toy-mmdit")
     assert release.kind == "toy" and release.short_name == "toy-mmdit"

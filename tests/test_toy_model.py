@@ -99,7 +99,7 @@ def test_pipeline_loads_offline_with_real_cross_attention(pipe):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-    from slimdiff.adapter import compression_units
+    from slimdiff.families.units import compression_units
     from slimdiff.toy.models import transformer_share
 
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None

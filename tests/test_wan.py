@@ -37,16 +37,18 @@ import torch
 from torch import nn
 from wan_pipelines import WAN_HW, tiny_wan_transformer
 
-from slimdiff import linalg
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import UnsupportedModelError, adapter_for
-from slimdiff.arch.wan import SlimWanAttnProcessor
-from slimdiff.attention import AcrossHeadsRMSNorm, HeadwiseRMSNorm, sdpa_backends
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import apply_plan_shapes_, compress_
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.core import linalg
+from slimdiff.families import UnsupportedModelError, adapter_for
+from slimdiff.families.attention import AcrossHeadsRMSNorm, HeadwiseRMSNorm, sdpa_backends
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.wan import SlimWanAttnProcessor
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 
 HW, TEXT, FRAMES = (8, 8), 6, 3  # latent 3 x 8 x 8 -> 3 x 4 x 4 = 48 video tokens, 6 text tokens
 D_H, HEADS = 16, 2
@@ -480,9 +482,9 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     from family_pipelines import PROMPTS
     from wan_pipelines import tiny_wan_pipeline
 
-    from slimdiff.calibration import collect_stats
-    from slimdiff.influence import compute_influence
-    from slimdiff.io import save_compressed
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.influence import compute_influence
 
     pipe = tiny_wan_pipeline(tmp_path / "build")
     model = pipe.transformer

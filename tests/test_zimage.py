@@ -31,14 +31,16 @@ import torch
 from torch import nn
 from zimage_pipelines import ZIMAGE_HW, tiny_zimage_pipeline, tiny_zimage_transformer
 
-from slimdiff.adapter import compression_units, count_parameters
-from slimdiff.allocation import Budget, RankPlan, plan_ranks
-from slimdiff.arch import TokenMask, UnsupportedModelError, adapter_for
-from slimdiff.arch.zimage import SlimZImageAttnProcessor
-from slimdiff.calibration import ActivationCollector
-from slimdiff.compress import apply_plan_shapes_, compress_
-from slimdiff.flops import ServingShape, denoiser_flops, unit_flop_costs
-from slimdiff.spectra import error_profiles
+from slimdiff.calibration.collect import ActivationCollector
+from slimdiff.families import TokenMask, UnsupportedModelError, adapter_for
+from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.zimage import SlimZImageAttnProcessor
+from slimdiff.planning.allocation import plan_ranks
+from slimdiff.planning.budget import Budget
+from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
+from slimdiff.planning.plan import RankPlan
+from slimdiff.planning.spectra import error_profiles
+from slimdiff.surgery.compress import apply_plan_shapes_, compress_
 
 HW = (8, 8)  # latents 8x8 -> 4x4 = 16 image patches, padded to 32 with the learned x_pad_token
 N_IMG = 32  # image tokens per sample after the pad to a multiple of 32
@@ -445,9 +447,9 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     from diffusers import DiffusionPipeline
     from family_pipelines import PROMPTS, WORDS
 
-    from slimdiff.calibration import collect_stats
-    from slimdiff.influence import compute_influence
-    from slimdiff.io import save_compressed
+    from slimdiff.calibration.collect import collect_stats
+    from slimdiff.formats.io import save_compressed
+    from slimdiff.planning.influence import compute_influence
 
     pipe = tiny_zimage_pipeline(tmp_path / "build")
     model = pipe.transformer

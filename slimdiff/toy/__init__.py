@@ -140,7 +140,7 @@ def load_toy_flux_pipeline(dtype: torch.dtype = torch.float32, path: str | Path 
     """A working ``FluxPipeline`` (CLIP pooled + T5 tokens, no guidance embedding) loaded offline from
     the committed folder (or ``path``). Weights are stored fp16 and run fp32 by default. Sample it with
     ``true_cfg_scale``, ``negative_prompt=""`` and ``max_sequence_length=16``
-    (:func:`slimdiff.evaluation.pipeline_call_kwargs`)."""
+    (:func:`slimdiff.families.units.pipeline_call_kwargs`)."""
     from slimdiff.toy.flux import load_pipeline
 
     folder = Path(path) if path is not None else toy_flux_pipeline_dir()

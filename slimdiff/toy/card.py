@@ -270,7 +270,7 @@ image = pipe(
 ).images[0]
 ```
 
-`slimdiff.evaluation.pipeline_call_kwargs` builds the guidance and text-length arguments for every FLUX
+`slimdiff.families.units.pipeline_call_kwargs` builds the guidance and text-length arguments for every FLUX
 pipeline without a guidance embedding (the evaluation and the toy world's samplers use it); the toy's
 samplers pass the 32 px size, and the transformer's config records `sample_size: 8` (latents), which
 slimdiff's FLUX adapter reads (diffusers warns on loading that the key is unused by the class).

@@ -282,3 +282,23 @@ def to_tensor_range(images: np.ndarray):
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
     return x / 127.5 - 1.0
+
+
+BOS_TOKEN = "<|startoftext|>"
+
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+PAD_TOKEN = "<pad>"
+
+
+UNK_TOKEN = "<unk>"
+
+
+def toy_vocabulary() -> list[str]:
+    """Special tokens first, then every word of the caption grammar (sorted: a stable vocabulary)."""
+    words = {"a"} | set(COLORS) | set(SHAPES)
+    for phrase in list(POSITION_PHRASES.values()) + list(RELATIONS):
+        words |= set(phrase.split())
+    return [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *sorted(words)]

@@ -97,9 +97,9 @@ def sample_images(
     progress: bool = False,
 ) -> np.ndarray:
     """Generate one image per caption: uint8 (N, 32, 32, 3). Deterministic given ``seed``. The
-    guidance is applied the pipeline family's way (:func:`slimdiff.evaluation.pipeline_call_kwargs`:
+    guidance is applied the pipeline family's way (:func:`slimdiff.families.units.pipeline_call_kwargs`:
     true CFG with an empty negative prompt for the toy FLUX)."""
-    from slimdiff.evaluation import pipeline_call_kwargs
+    from slimdiff.families.units import pipeline_call_kwargs
 
     pipe.set_progress_bar_config(disable=not progress)
     generator = torch.Generator("cpu").manual_seed(seed)

@@ -13,7 +13,7 @@ How the pipeline builds the transformer input (diffusers ``FluxPipeline``): the 
 into 2x2 patches, 16 image tokens of 16 channels (``in_channels = 4 * latent channels``) at rotary
 positions ``(0, row, column)``; the text tokens are T5's ``max_sequence_length`` last hidden states
 (this toy's T5 is trained on the tokenizer's 16 tokens: call the pipeline with
-``max_sequence_length=16``, which :func:`slimdiff.evaluation.pipeline_call_kwargs` does) at rotary
+``max_sequence_length=16``, which :func:`slimdiff.families.units.pipeline_call_kwargs` does) at rotary
 position ``(0, 0, 0)``; the pooled input is CLIP's ``pooler_output`` (its EOS state); the transformer
 gets ``t = sigma`` in [0, 1] (the pipeline passes ``timestep / 1000``).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.toy.models import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, toy_vocabulary
+from slimdiff.toy.data import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, toy_vocabulary
 
 LATENT_SIZE = 8  # the toy VAE maps 32x32x3 to 8x8x4
 LATENT_CHANNELS = 4

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slimdiff.toy.models import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, toy_vocabulary
+from slimdiff.toy.data import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, toy_vocabulary
 
 LATENT_SIZE = 8  # the toy VAE maps 32x32x3 to 8x8x4
 LATENT_CHANNELS = 4

@@ -16,20 +16,7 @@ from pathlib import Path
 
 import torch
 
-from slimdiff.toy.data import COLORS, POSITION_PHRASES, RELATIONS, SHAPES
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<pad>"
-UNK_TOKEN = "<unk>"
-
-
-def toy_vocabulary() -> list[str]:
-    """Special tokens first, then every word of the caption grammar (sorted: a stable vocabulary)."""
-    words = {"a"} | set(COLORS) | set(SHAPES)
-    for phrase in list(POSITION_PHRASES.values()) + list(RELATIONS):
-        words |= set(phrase.split())
-    return [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *sorted(words)]
+from slimdiff.toy.data import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, toy_vocabulary
 
 
 @dataclass
@@ -223,7 +210,7 @@ def transformer_share(model) -> float:
         from slimdiff.toy.flux import flux_block_share
 
         return flux_block_share(model)
-    from slimdiff.adapter import compression_units, count_parameters
+    from slimdiff.families.units import compression_units, count_parameters
 
     modules = {}
     for u in compression_units(model).values():

@@ -7,10 +7,10 @@ torch.set_num_threads(1)
 from conftest import make_tiny_unet
 from compress_helpers import capture_covariances, unet_inputs
 from safetensors.torch import save_file
-from slimdiff.adapter import compression_units
-from slimdiff.allocation import RankPlan
-from slimdiff.compress import compress_
-from slimdiff.io import save_compressed
+from slimdiff.families.units import compression_units
+from slimdiff.planning.plan import RankPlan
+from slimdiff.surgery.compress import compress_
+from slimdiff.formats.io import save_compressed
 unet = make_tiny_unet(heads=2, block_out_channels=(16, 32))
 covs = capture_covariances(unet, [unet_inputs(unet, seed=1)])
 units = compression_units(unet)

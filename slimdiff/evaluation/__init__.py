@@ -1,0 +1,1 @@
+"""Stage 6: quality of a compressed pipeline against its original (metrics, reports)."""

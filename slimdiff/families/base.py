@@ -1,0 +1,618 @@
+"""What slimdiff must know about a model family, behind one interface (the adapter), and the registry
+that picks the adapter for a denoiser by its class and its block types (never by model names).
+
+An adapter describes a denoiser as *compression units* (``UnitInfo``), each with a ``layout``: the
+module paths of the linear layers the unit's rewrite touches. Everything downstream is generic over
+layouts: the statistics hooks (``stat_sites``), influence, error profiles, the surgery, the shape
+rebuild at load time and the FLOPs counter. A family only says where its layers are, what each
+forward's inputs look like, and which attention processor runs a compressed attention.
+
+Units (one rank each, METHOD.md stage 4):
+
+* ``ffn``: rank = kept intermediate neurons. ``FFNLayout(proj_in, proj_out, gated)``: proj_in
+  produces the intermediate (gated: its rows are [hidden | gate] halves, one shared selection),
+  proj_out consumes it; ``gate`` names a separate gate linear (SwiGLU), its rows kept with proj_in's.
+* ``qk``: rank = per-head query/key width. ``AttentionLayout.query`` / ``.key``: the linears whose
+  outputs are split into query / key heads (one per token stream: MMDiT has two).
+* ``vo``: rank = per-head value width. ``.value``: linears producing value heads; ``.out``: the
+  linears that consume the per-head attention output.
+
+Statistic keys (``slimdiff.core.stats``) are named from the unit's block path, so a rank plan, a
+covariance store and a compressed folder written for one family are read the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from slimdiff.families.attention import SlimAttnProcessor
+
+logger = logging.getLogger(__name__)
+
+UnitKind = Literal["ffn", "qk", "vo"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or one of its modules) has a structure SlimDiff cannot compress."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and units
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenMask:
+    """Where a token stream's padding mask is: the ``arg`` argument of every call of the module at
+    ``module``, a (B, N) mask of the stream's N tokens, boolean (True: a real token) or additive
+    (0: a real token, large negative: padding). The statistics of that stream keep only the real
+    tokens (Qwen-Image: the blocks' boolean ``encoder_hidden_states_mask`` marks padded text)."""
+
+    module: str
+    arg: str
+
+
+@dataclass(frozen=True)
+class FFNLayout:
+    proj_in: str  # nn.Linear d -> inner (gated: d -> 2 * inner, rows [hidden | gate])
+    proj_out: str  # nn.Linear inner -> d
+    gated: bool
+    hidden_key: str  # statistic: second moment of proj_out's input (the intermediate h)
+    # the token stream the FFN acts on: "image" (the latent tokens) or "text" (MMDiT's ff_context)
+    stream: str = "image"
+    # the padding mask of that stream (None: every token is real)
+    token_mask: TokenMask | None = None
+    # a separate gate linear d -> inner (SwiGLU's w1: h = act(gate x) * proj_in x), its rows
+    # selected with proj_in's (one selection); "" when there is none
+    gate: str = ""
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    module: str  # path of the attention module (its processor is replaced when compressed)
+    heads: int
+    head_dim: int  # d_h of q, k and v in the original model (the softmax scale is 1/sqrt(d_h))
+    query: tuple[str, ...]  # linears whose outputs are the query heads (one per token stream)
+    key: tuple[str, ...]
+    value: tuple[str, ...]
+    out: tuple[str, ...]  # linears consuming the per-head attention output (one per stream)
+    query_key: str  # statistic keys: per-head second moments of q, k and the attention output
+    key_key: str
+    attnout_key: str
+    query_normed_key: str = ""  # ... and of q, k after their RMSNorm (only with norms_q / norms_k)
+    key_normed_key: str = ""
+    # the module's ``attention_mask`` marks padded key/value tokens (e.g. T5 padding in PixArt's
+    # cross-attention): those tokens are left out of the key statistics
+    masked_keys: bool = False
+    # query linears whose outputs the model discards (MMDiT's last block: text queries): rewritten
+    # with the same transform as ``query`` so shapes stay consistent, never measured
+    unused_query: tuple[str, ...] = ()
+    # per-head RMSNorm modules applied to q and k after the projections (MMDiT qk_norm), aligned
+    # with the streams; empty when the attention has none
+    norms_q: tuple[str, ...] = ()
+    norms_k: tuple[str, ...] = ()
+    # the stock processor calls the norms on (B, heads, N, d) (SD3) or on (B, N, heads, d) (FLUX)
+    norms_head_major: bool = True
+    # linears of the text token stream (MMDiT's add_q/k/v_proj and to_add_out): their share of a
+    # unit's parameters is the text stream's (slimdiff.planning.streams); the others act on image tokens
+    text_linears: tuple[str, ...] = ()
+    # rotary position embeddings rotate coordinate pairs (2i, 2i+1) of q and k after the norms
+    # (FLUX and its descendants): the QK unit is compressed by keeping whole pairs (METHOD.md "RoPE")
+    rope: bool = False
+    # padding mask of the text stream (None: every text token is real): the statistics of the text
+    # linears (and of the text stream's q/k norms) keep only real tokens, so padded text tokens
+    # enter neither the text queries nor the keys image queries see nor the text attention output
+    text_mask: TokenMask | None = None
+    # the q/k RMSNorms act ACROSS heads (one norm over all heads * head_dim coordinates, before the
+    # head split: Wan): a selection's norm correction and renormalisation use all heads' kept
+    # coordinates together, and each norm becomes one ``AcrossHeadsRMSNorm``
+    norms_across_heads: bool = False
+
+    @property
+    def qk_norm(self) -> bool:
+        return bool(self.norms_q or self.norms_k)
+
+    @property
+    def all_query(self) -> tuple[str, ...]:
+        return (*self.query, *self.unused_query)
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One compression unit: the thing a rank plan assigns a rank to."""
+
+    name: str  # e.g. "mid_block.attentions.0.transformer_blocks.0.attn2.qk"
+    kind: UnitKind
+    block: str  # path of the block the unit belongs to
+    attn: str | None  # attention name inside the block ("attn1", "attn2", ...), None for ffn
+    full_rank: int  # R_m: inner dim for ffn, d_h for qk / vo
+    cost_per_rank: int  # parameters per unit of rank (biases included)
+    layout: FFNLayout | AttentionLayout | None = field(default=None, compare=False)
+
+    @property
+    def full_params(self) -> int:
+        return self.full_rank * self.cost_per_rank
+
+    def stat_keys(self) -> tuple[str, ...]:
+        lay = self.layout
+        if lay is None:
+            return ()
+        if isinstance(lay, FFNLayout):
+            return (lay.hidden_key,)
+        if self.kind == "vo":
+            return (lay.attnout_key,)
+        if lay.qk_norm:
+            return (lay.query_key, lay.key_key, lay.query_normed_key, lay.key_normed_key)
+        return (lay.query_key, lay.key_key)
+
+
+@dataclass(frozen=True)
+class StatSite:
+    """One hooked activation: the statistic it feeds and how to reduce it."""
+
+    key: str
+    module: str  # path of the module whose input ("pre") or output ("post") is recorded
+    kind: Literal["pre", "post"]
+    heads: int  # 0: one full gram; else per-head grams
+    shape: tuple[int, ...]
+    mask_module: str | None = None  # module whose calls carry the mask that selects the tokens
+    head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
+    cols: tuple[int, int] | None = None  # a packed linear's input: only features [start, stop) are this key's
+    mask_arg: str = "attention_mask"  # the argument of mask_module's calls that holds the mask
+
+
+def packed_path(path: str, start: int, stop: int | None = None) -> str:
+    """The layout path of input columns [start, stop) of a linear that consumes a concatenation
+    (FLUX's single-block ``proj_out`` takes [attention output | MLP hidden]). A negative ``start``
+    with ``stop`` None counts from the end, so each part keeps its address when the other part is
+    narrowed: ``proj_out[:3072]`` (attention) and ``proj_out[-12288:]`` (MLP)."""
+    return f"{path}[{start}:{'' if stop is None else stop}]"
+
+
+def split_path(path: str) -> tuple[str, slice | None]:
+    """``"a.b[0:8]"`` -> (``"a.b"``, slice(0, 8)); a plain module path -> (path, None)."""
+    if not path.endswith("]"):
+        return path, None
+    base, _, spec = path[:-1].rpartition("[")
+    start, _, stop = spec.partition(":")
+    return base, slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def column_range(path: str, in_features: int) -> tuple[int, int]:
+    """[start, stop) of a packed path's columns in a linear of ``in_features`` inputs (the whole
+    range for a plain path)."""
+    _, cols = split_path(path)
+    if cols is None:
+        return 0, in_features
+    start, stop, _ = cols.indices(in_features)
+    return start, stop
+
+
+def linear(model: nn.Module, path: str) -> nn.Linear:
+    """The ``nn.Linear`` at ``path``; for a packed path (``packed_path``) a view of its columns
+    (weights shared with the model, no bias: the bias belongs to the whole layer)."""
+    base, cols = split_path(path)
+    if cols is not None:
+        whole = linear(model, base)
+        start, stop = column_range(path, whole.in_features)
+        view = nn.Linear(stop - start, whole.out_features, bias=False, device="meta")
+        view.weight = nn.Parameter(whole.weight.detach()[:, start:stop], requires_grad=False)
+        return view
+    mod = model.get_submodule(path)
+    if not isinstance(mod, nn.Linear):
+        raise UnsupportedModelError(
+            f"{path}: expected nn.Linear, got {type(mod).__name__} (fused or quantized projections are "
+            "not supported: compress the original float model, e.g. call unfuse_qkv_projections() first)"
+        )
+    return mod
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``. A packed path replaces only its columns of the packed linear (which
+    stays one layer: its other columns and its bias are kept); ``new`` is then an ``nn.Linear``
+    whose input width may differ from the columns it replaces."""
+    base, cols = split_path(path)
+    if cols is not None:
+        whole = linear(model, base)
+        start, stop = column_range(path, whole.in_features)
+        w = whole.weight.detach()
+        neww = new.weight.detach().to(device=w.device, dtype=w.dtype)
+        if neww.device.type == "meta" or w.device.type == "meta":
+            weight = torch.empty(
+                w.shape[0], w.shape[1] - (stop - start) + neww.shape[1], dtype=w.dtype, device="meta"
+            )
+        else:
+            weight = torch.cat([w[:, :start], neww, w[:, stop:]], dim=1)
+        layer = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=whole.bias is not None, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            if weight.device.type != "meta":
+                layer.weight.copy_(weight)
+                if whole.bias is not None:
+                    layer.bias.copy_(whole.bias.detach())
+        replace_module(model, base, layer)
+        return
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.ModuleList | nn.Sequential) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _in_cost(layer: nn.Linear) -> int:
+    return layer.in_features + (1 if layer.bias is not None else 0)
+
+
+def ffn_unit(model: nn.Module, name: str, block: str, layout: FFNLayout) -> UnitInfo:
+    """The FFN unit of ``layout`` with its cost per kept neuron: the neuron's row(s) of proj_in
+    (weights and biases; both halves when gated), its row of a separate gate linear and its column
+    of proj_out."""
+    proj_in, proj_out = linear(model, layout.proj_in), linear(model, layout.proj_out)
+    inner = proj_out.in_features
+    if proj_in.out_features != (2 * inner if layout.gated else inner):
+        raise UnsupportedModelError(
+            f"{layout.proj_in}: {proj_in.out_features} outputs, expected {'2 x ' if layout.gated else ''}{inner} "
+            f"(the input width of {layout.proj_out})"
+        )
+    cost = _in_cost(proj_in) * (2 if layout.gated else 1) + proj_out.out_features
+    if layout.gate:
+        gate = linear(model, layout.gate)
+        if gate.out_features != inner:
+            raise UnsupportedModelError(f"{layout.gate}: {gate.out_features} outputs, expected {inner}")
+        cost += _in_cost(gate)
+    return UnitInfo(name, "ffn", block, None, inner, cost, layout)
+
+
+def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLayout) -> list[UnitInfo]:
+    """The qk and vo units of one attention, checking that every projection has the layout's
+    heads x d_h width. QK cost per rank: the head's column of every query and key linear (and
+    bias); VO: the value linears' columns (and bias) plus the out linears' rows."""
+    width = layout.heads * layout.head_dim
+    for path in (*layout.all_query, *layout.key, *layout.value):
+        if linear(model, path).out_features != width:
+            raise UnsupportedModelError(
+                f"{path}: {linear(model, path).out_features} outputs, expected {layout.heads} heads x "
+                f"{layout.head_dim} = {width} (q/k/v must share one head width)"
+            )
+    for path in layout.out:
+        if linear(model, path).in_features != width:
+            raise UnsupportedModelError(f"{path}: {linear(model, path).in_features} inputs, expected {width}")
+    qk = layout.heads * sum(_in_cost(linear(model, p)) for p in (*layout.all_query, *layout.key))
+    vo = layout.heads * (
+        sum(_in_cost(linear(model, p)) for p in layout.value)
+        + sum(linear(model, p).out_features for p in layout.out)
+    )
+    return [
+        UnitInfo(f"{block}.{attn}.qk", "qk", block, attn, layout.head_dim, qk, layout),
+        UnitInfo(f"{block}.{attn}.vo", "vo", block, attn, layout.head_dim, vo, layout),
+    ]
+
+
+def _mask_of(mask: TokenMask | None) -> dict:
+    """StatSite keyword arguments for the tokens ``mask`` selects (none: every token)."""
+    return {} if mask is None else {"mask_module": mask.module, "mask_arg": mask.arg}
+
+
+def _stream_mask(lay: AttentionLayout, path: str) -> dict:
+    """StatSite mask arguments of an attention linear's tokens: its stream's padding mask."""
+    return _mask_of(lay.text_mask) if path in lay.text_linears else {}
+
+
+def _key_mask(lay: AttentionLayout, path: str) -> dict:
+    """... of a key linear's tokens: the attention's own mask under ``masked_keys``."""
+    return {"mask_module": lay.module} if lay.masked_keys else _stream_mask(lay, path)
+
+
+def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
+    """The statistics every unit's decomposition reads, as hook sites (derived from the layouts):
+    FFN: proj_out's input; QK: the query and key linears' outputs, per head; VO: the out linears'
+    inputs, per head. Several linears feeding one key (two token streams) add into one sum. Padded
+    tokens are left out where the layout names a mask: keys under ``masked_keys`` (the attention's
+    ``attention_mask``), the text stream's sites under ``text_mask``, an FFN under ``token_mask``."""
+    sites: list[StatSite] = []
+    for u in units.values():
+        lay = u.layout
+        if isinstance(lay, FFNLayout):
+            inner = u.full_rank
+            module, cols = _site(model, lay.proj_out)
+            sites.append(
+                StatSite(
+                    lay.hidden_key, module, "pre", 0, (inner, inner), cols=cols, **_mask_of(lay.token_mask)
+                )
+            )
+            continue
+        shape = (lay.heads, lay.head_dim, lay.head_dim)
+        if u.kind == "qk":
+            sites += [
+                StatSite(lay.query_key, p, "post", lay.heads, shape, **_stream_mask(lay, p))
+                for p in lay.query
+            ]
+            sites += [
+                StatSite(lay.key_key, p, "post", lay.heads, shape, **_key_mask(lay, p)) for p in lay.key
+            ]
+            # after the per-head norms (aligned with the streams' query / key linears); the last norm
+            # of norms_q belongs to unused queries when the attention has some (MMDiT's last block):
+            # only the measured streams' norms count
+            for p, q in zip(lay.norms_q[: len(lay.query)], lay.query, strict=False):
+                sites.append(
+                    StatSite(
+                        lay.query_normed_key,
+                        p,
+                        "post",
+                        lay.heads,
+                        shape,
+                        head_major=lay.norms_head_major,
+                        **_stream_mask(lay, q),
+                    )
+                )
+            for p, k in zip(lay.norms_k, lay.key, strict=False):
+                sites.append(
+                    StatSite(
+                        lay.key_normed_key,
+                        p,
+                        "post",
+                        lay.heads,
+                        shape,
+                        head_major=lay.norms_head_major,
+                        **_key_mask(lay, k),
+                    )
+                )
+        elif u.kind == "vo":
+            for p in lay.out:
+                module, cols = _site(model, p)
+                sites.append(
+                    StatSite(
+                        lay.attnout_key, module, "pre", lay.heads, shape, cols=cols, **_stream_mask(lay, p)
+                    )
+                )
+    return sites
+
+
+def _site(model: nn.Module, path: str) -> tuple[str, tuple[int, int] | None]:
+    """(module to hook, its input columns) of a layout path (packed or plain)."""
+    base, cols = split_path(path)
+    if cols is None:
+        return path, None
+    return base, column_range(path, linear(model, base).in_features)
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter interface
+# --------------------------------------------------------------------------------------------
+class ModelAdapter:
+    """A model family. Subclasses set the class attributes and implement ``layouts`` and
+    ``example_inputs``; everything else has a generic default built on the layouts."""
+
+    #: family name for messages and the README ("SD 1.x / 2.x / XL UNet", ...)
+    family: str = ""
+    #: the pipeline attribute that holds the denoiser ("unet" or "transformer")
+    pipeline_attr: str = "unet"
+
+    # -- recognition -----------------------------------------------------------------------
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def denoiser_class(self) -> type:
+        """The diffusers class of this family's denoiser (rebuilt from config at load time)."""
+        raise NotImplementedError
+
+    # -- layout ----------------------------------------------------------------------------
+    def units(self, model: nn.Module) -> dict[str, UnitInfo]:
+        """Every compression unit of ``model``, keyed by name, in module order. Raises
+        UnsupportedModelError (naming the module) where the layout is not what the family has."""
+        raise NotImplementedError
+
+    def stat_sites(self, model: nn.Module) -> list[StatSite]:
+        self.check_processors(model)
+        return sites_of(model, self.units(model))
+
+    def check_processors(self, model: nn.Module) -> None:
+        """Raise if an attention processor would make the hooked activations differ from what the
+        softmax sees (unknown or fused processors)."""
+
+    def processor(self, attn: nn.Module, layout: AttentionLayout) -> Any:
+        """The attention processor for a compressed attention (widths per head from its linears,
+        softmax scale 1/sqrt(original d_h))."""
+
+        return SlimAttnProcessor(scale=layout.head_dim**-0.5)
+
+    # -- forwards ----------------------------------------------------------------------------
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The ``timestep`` argument of one denoiser call (bound by name from the signature)."""
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        if "timestep" in params and params.index("timestep") < len(args):
+            return args[params.index("timestep")]
+        return None
+
+    def example_inputs(
+        self,
+        model: nn.Module,
+        batch: int,
+        latent_hw: tuple[int, int],
+        text_len: int,
+        *,
+        device: str | torch.device = "meta",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[tuple, dict]:
+        """(args, kwargs) of one forward at these shapes: random tensors (meta for FLOPs)."""
+        raise NotImplementedError
+
+    def sample_size(self, model: nn.Module) -> tuple[int, int]:
+        """The latent (height, width) the model is configured for."""
+        size = model.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def text_len(self, pipe) -> int:
+        tok = getattr(pipe, "tokenizer", None)
+        return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
+
+    def guidance_kwargs(self, model: nn.Module, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """(pipeline call kwargs that apply ``guidance_scale``, denoiser branches per sample): the
+        stock pipelines' classifier-free guidance, two branches above 1."""
+        return {"guidance_scale": guidance_scale}, 2 if guidance_scale > 1.0 else 1
+
+    def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """(kwargs of a pipeline call of ``batch`` prompts, denoiser branches per sample): what
+        calibration and evaluation pass so the denoiser runs as the family's pipelines run it
+        (default: ``guidance_kwargs`` of its denoiser)."""
+        model = denoiser_of(pipe)
+        return self.guidance_kwargs(model, guidance_scale, batch)
+
+    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
+        the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""
+        raise NotImplementedError(f"{self.family} has no rotary position embeddings")
+
+    def attention_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """(batch, query tokens, key tokens) of one call of an attention module (for FLOPs)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        n_q = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        return hidden.shape[0], n_q, n_q if enc is None else enc.shape[1]
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def convert_lora(
+        self,
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        original_shapes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> Mapping[str, torch.Tensor]:
+        """A LoRA state dict written for this family's ORIGINAL code base (community formats that
+        name the reference implementation's layers) with its keys rewritten into a form
+        ``slimdiff.formats.lora`` parses (diffusers/PEFT ``<prefix>.<module>.lora_A.weight`` / ``lora_B``
+        / ``alpha``). Keys already in such a form pass through unchanged; unknown keys of the
+        family's own format raise ``slimdiff.formats.lora.LoraError`` naming them. ``original_shapes``:
+        (out, in) of layers ``model`` holds narrowed (a compressed model: its LoRA maps' original
+        shapes); the others are read off ``model``. Default: ``state_dict`` itself, unchanged."""
+        return state_dict
+
+
+def randn(shape, device, dtype, generator) -> torch.Tensor:
+    """Random tensor (CPU generator, then moved) or an empty meta tensor."""
+    if str(device) == "meta":
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+_ADAPTERS: list[ModelAdapter] = []
+
+#: transformer blocks of families that are not supported, by class name: refused with the family named
+UNSUPPORTED_BLOCKS = {
+    "SanaTransformerBlock": "Sana (linear attention)",
+    "HunyuanDiTBlock": "Hunyuan-DiT",
+    "LuminaNextDiTBlock": "Lumina-Next",
+    "CogVideoXBlock": "CogVideoX",
+    "AuraFlowJointTransformerBlock": "AuraFlow",
+    "AuraFlowSingleTransformerBlock": "AuraFlow",
+}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: add a family to the registry (adapters are tried in registration order)."""
+    _ADAPTERS.append(cls())
+    return cls
+
+
+def registered_adapters() -> list[ModelAdapter]:
+    import slimdiff.families  # noqa: F401  (importing the package registers the built-in families)
+
+    return list(_ADAPTERS)
+
+
+def supported_families() -> list[str]:
+    return [a.family for a in registered_adapters()]
+
+
+def _block_types(model: nn.Module) -> list[str]:
+    names = []
+    for m in model.modules():
+        n = type(m).__name__
+        if (n.endswith(("Block", "Block2D", "BlockFlux")) or "TransformerBlock" in n) and n not in names:
+            names.append(n)
+    return names
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s family; raises UnsupportedModelError naming the block type and
+    the supported families when there is none."""
+    unsupported = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__name__ in UNSUPPORTED_BLOCKS}
+    )
+    if unsupported:
+        names = ", ".join(f"{b} ({UNSUPPORTED_BLOCKS[b]})" for b in unsupported)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has transformer blocks slimdiff does not support: {names}. "
+            f"Supported families: {'; '.join(supported_families())}"
+        )
+    for adapter in registered_adapters():
+        if adapter.matches(model):
+            return adapter
+    blocks = _block_types(model)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported denoiser (its block types: {', '.join(blocks) or 'none'}). "
+        f"Supported families: {'; '.join(supported_families())}"
+    )
+
+
+def adapter_for_class(class_name: str) -> ModelAdapter:
+    """The adapter whose denoiser class is named ``class_name`` (for loading saved folders)."""
+    for adapter in registered_adapters():
+        try:
+            if adapter.denoiser_class().__name__ == class_name:
+                return adapter
+        except NotImplementedError:
+            continue
+    raise UnsupportedModelError(
+        f"no slimdiff adapter for denoiser class {class_name!r}; supported families: "
+        f"{'; '.join(supported_families())}"
+    )
+
+
+def skeleton_from_config(folder) -> nn.Module | None:
+    """The denoiser whose ``config.json`` is in ``folder``, built on the meta device (no weights read,
+    nothing allocated), or None when no adapter knows its class. For checks that need only shapes."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    try:
+        cls = adapter_for_class(str(config.get("_class_name"))).denoiser_class()
+    except UnsupportedModelError:
+        return None
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(folder))
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``pipe.unet`` or ``pipe.transformer``)."""
+    for attr in dict.fromkeys(a.pipeline_attr for a in registered_adapters()):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise UnsupportedModelError(
+        f"{type(pipe).__name__} has no denoiser slimdiff knows (looked for "
+        f"{sorted({a.pipeline_attr for a in registered_adapters()})})"
+    )
+
+
+def denoiser_attr(pipe) -> str:
+    model = denoiser_of(pipe)
+    return next(a for a in ("unet", "transformer") if getattr(pipe, a, None) is model)
+
+
+class LoraError(ValueError):
+    """A LoRA cannot be projected onto this model (bad file, unknown layer, other base model)."""

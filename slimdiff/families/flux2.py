@@ -1,0 +1,313 @@
+"""FLUX.2: ``Flux2Transformer2DModel`` built from double-stream ``Flux2TransformerBlock``s and
+single-stream ``Flux2SingleTransformerBlock``s (diffusers ``transformer_flux2.py``), sampled by
+``Flux2Pipeline`` (dev, a guidance embedding) and ``Flux2KleinPipeline`` (klein: true
+classifier-free guidance, or none for the step-distilled models).
+
+What is compressed (see docs/METHOD.md, "FLUX and RoPE"):
+
+* **Double blocks**, every unit: FLUX.1's double block with other FFNs. The joint attention
+  (``Flux2Attention``: ``to_q/k/v`` image, ``add_q/k/v_proj`` text, ``to_out.0`` / ``to_add_out``,
+  text tokens first) has per-head q/k ``torch.nn.RMSNorm``s (called on (B, N, heads, d_h)) and
+  then RoPE on adjacent coordinate pairs (2i, 2i+1) with FLUX.1's real cos / sin tables
+  (``repeat_interleave_real``), so a QK unit keeps whole rotary pairs, the same in q and k, per head
+  (``linalg.rope_pair_selection``, scale-corrected per-head norms), and ``SlimFlux2AttnProcessor``
+  gathers the tables at each head's kept pairs. One QK and one VO unit per block cover both
+  streams, as in MMDiT / FLUX.1.
+* **FFNs** ``ff`` (image) and ``ff_context`` (text) are ``Flux2FeedForward``: one packed
+  ``linear_in`` (d -> 2 x inner) whose output is chunked into [gate | up] halves, SwiGLU
+  ``silu(gate) * up``, and ``linear_out``. A kept neuron j keeps row j of the gate half and row j of
+  the up half: the generic ``FFNLayout(gated=True)`` already is that rule (rows [first half J |
+  second half J] selected together, ``compress._apply_ffn``; the cost counts both rows). Which half
+  is activated does not matter to the rule: row selection is symmetric in the two halves, the
+  statistic is the input of ``linear_out`` (the product h), and the magnitude baseline scores a
+  neuron by both of its rows. So nothing new is needed for the packed SwiGLU.
+* **Text tokens have rotary positions** (``Flux2KleinPipeline._prepare_text_ids``): 4 position
+  axes (t, h, w, l); image token (row, column) is at (0, row, column, 0), text token j at
+  (0, 0, 0, j). ``rope_angles`` reads every image and text token's angles off the model's own
+  ``pos_embed``, as for Qwen-Image.
+* The transformer is called with ``timestep = t / 1000`` (it multiplies by 1000 itself).
+
+**Single blocks are left uncompressed** (accepted: their weights, forwards and FLOPs are the
+original's; the plan has no units for them). Their ``Flux2ParallelSelfAttention`` computes q, k, v
+and the MLP input with ONE fused linear, ``to_qkv_mlp_proj``, whose output rows are five blocks
+q | k | v | gate | up, split by the stock processor at fixed widths (``qkv.chunk(3)`` and the
+global q/k/v : MLP ratio), and ``to_out`` consumes [attention output | MLP hidden]. The output side
+would be expressible (two column ranges of ``to_out``, ``base.packed_path``, as FLUX.1's
+``proj_out``), the input side is not, for three reasons of the generic layout layer:
+
+1. A layout path addresses a packed part by a static [start:stop] range, counted from the start or
+   (negative) from the end, so that each part keeps its address when another part is narrowed.
+   That works for at most two independently narrowed parts (first and last). Here four parts are
+   narrowed independently: q and k (the QK unit, together), v (the VO unit) and [gate | up] (the
+   FFN unit). k and v are in the middle; once q (or the MLP) is narrowed their ranges move, and the
+   rewrites of ``compress_`` / ``apply_plan_shapes_`` resolve each unit's paths against the
+   current, partly narrowed layer. No static range names k or v in every order of rewrites.
+2. Packed paths are input COLUMN ranges only: ``base.linear`` views, ``base.replace_module``
+   replaces and ``StatSite.cols`` / ``flops.unit_flop_costs`` share out columns of a consuming
+   linear. A producing linear's ROW ranges (with their bias rows) would need new cases in all of
+   them, and the QK/VO cost per rank of a row range.
+3. The stock processor derives the q | k | v | MLP split from the module's original widths, so a
+   compressed block also needs a processor that reads the narrowed widths (r_qk, r_vo, MLP) of
+   the fused layer.
+
+A FLUX.2 model is therefore compressed in its double blocks (the default config, dev's: 8 of 56
+blocks) and its single blocks keep their size; supporting them needs dynamic (by-part, not by-range)
+row addressing in ``arch/base.py``, which is not a small, local change.
+
+Refused: ``Flux3Transformer2DModel`` and other variants (no adapter matches; the message names their
+block types), FLUX.2 models whose blocks are not exactly ``Flux2TransformerBlock`` /
+``Flux2SingleTransformerBlock`` (named), fused double-block projections (``fuse_qkv_projections()``:
+unfuse first), processors other than ``Flux2AttnProcessor`` in the double blocks (the KV-cache
+processor of ``Flux2KleinKVPipeline`` included), q/k norms other than RMSNorm with a set epsilon.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from slimdiff.core.linalg import rope_phase_moments
+from slimdiff.families.attention import SlimFluxAttnProcessor
+from slimdiff.families.base import (
+    AttentionLayout,
+    FFNLayout,
+    ModelAdapter,
+    UnitInfo,
+    UnsupportedModelError,
+    ffn_unit,
+    randn,
+    register_adapter,
+)
+from slimdiff.families.flux import _attention
+
+#: the most text tokens the FLUX.2 pipelines hand the transformer by default: every prompt is
+#: padded to ``max_sequence_length`` (default 512) tokens
+FLUX2_TEXT_LEN = 512
+#: the pipelines' ``default_sample_size``: 128 x 128 latents (1024 px with the 8x VAE)
+FLUX2_SAMPLE_SIZE = 128
+#: the FFNs of a double block (image, text)
+FFNS = ("ff", "ff_context")
+
+
+def _ffn(model: nn.Module, block: str, name: str) -> UnitInfo:
+    from diffusers.models.transformers.transformer_flux2 import Flux2FeedForward, Flux2SwiGLU
+
+    ff = model.get_submodule(f"{block}.{name}")
+    if type(ff) is not Flux2FeedForward or type(ff.act_fn) is not Flux2SwiGLU:
+        raise UnsupportedModelError(
+            f"{block}.{name}: expected a Flux2FeedForward with Flux2SwiGLU, got {type(ff).__name__}"
+            f"{'' if not hasattr(ff, 'act_fn') else ' with ' + type(ff.act_fn).__name__}"
+        )
+    # linear_in rows: [gate (activated) | up]; a kept neuron keeps its row in both halves
+    layout = FFNLayout(
+        f"{block}.{name}.linear_in",
+        f"{block}.{name}.linear_out",
+        True,
+        f"{block}.{name}.hidden",
+        "text" if name == "ff_context" else "image",
+    )
+    return ffn_unit(model, f"{block}.{name}", block, layout)
+
+
+def _check_eps(model: nn.Module, layout: AttentionLayout) -> None:
+    """The norm correction rescales the epsilon: a norm must have one (torch's RMSNorm may have
+    ``eps=None``, meaning the dtype's machine epsilon at run time)."""
+    for path in (*layout.norms_q, *layout.norms_k):
+        if getattr(model.get_submodule(path), "eps", None) is None:
+            raise UnsupportedModelError(f"{path}: an RMSNorm without a set eps is not supported")
+
+
+class SlimFlux2AttnProcessor(SlimFluxAttnProcessor):
+    """diffusers ``Flux2AttnProcessor`` (FLUX.2 double-block joint attention) for compressed per-head
+    widths: FLUX.1's ``SlimFluxAttnProcessor`` (q / k / v at r_qk, r_vo per head, per-head norms,
+    [text; image], rotary tables gathered at each head's kept pairs, ``padded_sdpa`` at the original
+    scale), which computes exactly what the FLUX.2 stock processor computes. It names the KV-cache
+    arguments of ``Flux2Attention`` so that they are not dropped silently, and refuses them: the
+    reference-image KV cache is not supported."""
+
+    def __repr__(self) -> str:
+        return f"SlimFlux2AttnProcessor(scale={self.scale:.6g})"
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache=None,
+        kv_cache_mode: str | None = None,
+        num_ref_tokens: int = 0,
+    ):
+        if kv_cache is not None or kv_cache_mode is not None:
+            raise UnsupportedModelError(
+                "SlimFlux2AttnProcessor: the reference-image KV cache (kv_cache_mode "
+                f"{kv_cache_mode!r}) is not supported by a compressed FLUX.2"
+            )
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@register_adapter
+class Flux2Adapter(ModelAdapter):
+    family = "FLUX.2 (Flux2Transformer2DModel; double blocks only)"
+    pipeline_attr = "transformer"
+
+    def denoiser_class(self) -> type:
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.denoiser_class())
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+        """(path, block, single) of every block in ``transformer_blocks`` / ``single_transformer_blocks``;
+        a block of any other type (a variant's) is refused, naming its type."""
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2SingleTransformerBlock,
+            Flux2TransformerBlock,
+        )
+
+        out = []
+        for attr, cls, single in (
+            ("transformer_blocks", Flux2TransformerBlock, False),
+            ("single_transformer_blocks", Flux2SingleTransformerBlock, True),
+        ):
+            for i, block in enumerate(getattr(model, attr, None) or []):
+                if type(block) is not cls:
+                    raise UnsupportedModelError(
+                        f"{attr}.{i}: block type {type(block).__name__} is not a FLUX.2 {cls.__name__} "
+                        f"(a FLUX.2 variant slimdiff does not support)"
+                    )
+                out.append((f"{attr}.{i}", block, single))
+        if not any(not single for _, _, single in out):
+            raise UnsupportedModelError(f"{type(model).__name__} has no Flux2TransformerBlock")
+        return out
+
+    def units(self, model: nn.Module) -> dict[str, UnitInfo]:
+        units: list[UnitInfo] = []
+        for name, _, single in self.blocks(model):
+            if single:
+                continue  # fused q | k | v | gate | up projection: left whole (module docstring)
+            units += [_ffn(model, name, ffn) for ffn in FFNS]
+            attention = _attention(model, name, False)
+            _check_eps(model, attention[0].layout)
+            units += attention
+        return {u.name: u for u in units}
+
+    def check_processors(self, model: nn.Module) -> None:
+        from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor
+
+        for name, block, single in self.blocks(model):
+            if single:
+                continue  # not hooked
+            proc = type(block.attn.processor)
+            if proc is not Flux2AttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
+                raise UnsupportedModelError(
+                    f"{name}.attn: unknown attention processor {proc.__name__}; SlimDiff statistics support "
+                    "diffusers' Flux2AttnProcessor and processors with `slimdiff_supported = True`"
+                )
+
+    def processor(self, attn: nn.Module, layout: AttentionLayout):
+        return SlimFlux2AttnProcessor(scale=layout.head_dim**-0.5)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def guidance_kwargs(self, model: nn.Module, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """Guidance-embedding models (``guidance_embeds``, FLUX.2 dev) take the scale as an input:
+        one branch. Others (klein) run the pipeline's true classifier-free guidance with its own
+        empty negative prompt when the scale is above 1: two branches."""
+        if model.config.guidance_embeds:
+            return {"guidance_scale": guidance_scale}, 1
+        return {"guidance_scale": guidance_scale}, 2 if guidance_scale > 1.0 else 1
+
+    def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
+        """``guidance_kwargs``, except for step-distilled klein pipelines (``is_distilled``: no
+        guidance, one branch; the scale is set to 1 so the pipeline does not warn), plus
+        ``max_sequence_length`` = the tokenizer's length where it is below the pipeline's default (a
+        model trained on shorter prompts): the pipelines pad every prompt to that length."""
+        if getattr(getattr(pipe, "config", None), "is_distilled", False):
+            kwargs, branches = {"guidance_scale": 1.0}, 1
+        else:
+            kwargs, branches = super().pipeline_kwargs(pipe, guidance_scale, batch)
+        length = self.text_len(pipe)
+        if length < self._pipeline_text_len(pipe):
+            kwargs["max_sequence_length"] = length
+        return kwargs, branches
+
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict):
+        t = super().timestep(model, args, kwargs)
+        return None if t is None else t * 1000  # the pipelines pass t / 1000
+
+    @staticmethod
+    def _pipeline_text_len(pipe) -> int:
+        param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+        default = None if param is None else param.default
+        return int(default) if isinstance(default, int) and default > 0 else FLUX2_TEXT_LEN
+
+    def text_len(self, pipe) -> int:
+        """Text tokens per prompt: the pipeline's default ``max_sequence_length`` (every prompt is
+        padded to it), or the tokenizer's ``model_max_length`` where that is shorter."""
+        length = self._pipeline_text_len(pipe)
+        tokenizer = getattr(pipe, "tokenizer", None)
+        own = int(getattr(tokenizer, "model_max_length", length) or length)
+        return min(own, length)
+
+    def attention_tokens(self, module, args, kwargs) -> tuple[int, int, int]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        n = hidden.shape[1] + (0 if enc is None else enc.shape[1])
+        return hidden.shape[0], n, n
+
+    def sample_size(self, model: nn.Module) -> tuple[int, int]:
+        size = getattr(model.config, "sample_size", None) or FLUX2_SAMPLE_SIZE
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    # -- positions ---------------------------------------------------------------------------
+    @staticmethod
+    def position_ids(
+        latent_hw: tuple[int, int], text_len: int, device="cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_ids, txt_ids), (N, 4) (t, h, w, l) as the FLUX.2 pipelines build them: packed 2x2
+        latent patch (row, column) at (0, row, column, 0), text token j at (0, 0, 0, j)."""
+        h, w = latent_hw[0] // 2, latent_hw[1] // 2
+        img = torch.zeros(h, w, 4)
+        img[..., 1] += torch.arange(h)[:, None]
+        img[..., 2] += torch.arange(w)[None, :]
+        txt = torch.zeros(text_len, 4)
+        txt[:, 3] = torch.arange(text_len)
+        return img.reshape(h * w, 4).to(device), txt.to(device)
+
+    def rope_angles(
+        self, model: nn.Module, latent_hw: tuple[int, int] | None = None, text_len: int | None = None
+    ) -> torch.Tensor:
+        """(N, d_h / 2) rotary angle of every [text; image] token and coordinate pair at a serving
+        shape (default: the pipelines' 128 x 128 latents and FLUX2_TEXT_LEN text tokens), from the
+        model's own ``pos_embed`` (float64)."""
+        img_ids, txt_ids = self.position_ids(latent_hw or self.sample_size(model), text_len or FLUX2_TEXT_LEN)
+        with torch.no_grad():
+            cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
+        return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
+
+    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+
+        return rope_phase_moments(self.rope_angles(model))
+
+    def example_inputs(
+        self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None
+    ):
+        cfg = model.config
+        h, w = latent_hw
+        hidden = randn((batch, (h // 2) * (w // 2), cfg.in_channels), device, dtype, generator)
+        text = randn((batch, text_len, cfg.joint_attention_dim), device, dtype, generator)
+        img_ids, txt_ids = self.position_ids((h, w), text_len)
+        kwargs = {
+            "encoder_hidden_states": text,
+            "timestep": torch.full((batch,), 0.5, dtype=dtype, device=device),
+            "img_ids": img_ids.to(device=device, dtype=dtype),
+            "txt_ids": txt_ids.to(device=device, dtype=dtype),
+        }
+        if cfg.guidance_embeds:
+            kwargs["guidance"] = torch.full((batch,), 4.0, dtype=dtype, device=device)
+        return (hidden,), kwargs

@@ -1,0 +1,1 @@
+"""Compressed folders: saving, loading (diffusers' from_pretrained), pipelines and model cards."""

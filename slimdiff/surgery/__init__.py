@@ -1,0 +1,1 @@
+"""Stage 5: the closed-form rewrites of a denoiser's layers, and LoRAs projected onto them."""
