@@ -98,6 +98,28 @@ def expected_qwenimage() -> dict[str, int]:
     return {"ffn": 2 * n, "qk": n, "vo": n}  # img_mlp and txt_mlp, one joint attention per block
 
 
+def expected_flux2() -> dict[str, int]:
+    from diffusers import Flux2Transformer2DModel
+
+    n = defaults(Flux2Transformer2DModel)["num_layers"]
+    return {"ffn": 2 * n, "qk": n, "vo": n}  # double blocks only: the single blocks stay whole
+
+
+def expected_zimage() -> dict[str, int]:
+    from diffusers import ZImageTransformer2DModel
+
+    d = defaults(ZImageTransformer2DModel)
+    n = d["n_layers"] + 2 * d["n_refiner_layers"]  # main layers, noise and context refiners
+    return {"ffn": n, "qk": n, "vo": n}
+
+
+def expected_wan() -> dict[str, int]:
+    from diffusers import WanTransformer3DModel
+
+    n = defaults(WanTransformer3DModel)["num_layers"]
+    return {"ffn": n, "qk": 2 * n, "vo": 2 * n}  # self- and cross-attention per block
+
+
 @pytest.mark.parametrize(
     "name, family, expected",
     [
@@ -106,6 +128,9 @@ def expected_qwenimage() -> dict[str, int]:
         ("SD3Transformer2DModel", "SD3 / SD3.5 MMDiT", expected_sd3),
         ("FluxTransformer2DModel", "FLUX.1", expected_flux),
         ("QwenImageTransformer2DModel", "Qwen-Image", expected_qwenimage),
+        ("Flux2Transformer2DModel", "FLUX.2", expected_flux2),
+        ("ZImageTransformer2DModel", "Z-Image", expected_zimage),
+        ("WanTransformer3DModel", "Wan 2.1", expected_wan),
     ],
 )
 def test_supported_families_and_their_unit_counts(coverage, name, family, expected):
@@ -119,12 +144,12 @@ def test_supported_families_and_their_unit_counts(coverage, name, family, expect
     assert row["units"] == expected()
 
 
-def test_flux2_is_refused_naming_its_block_type(coverage):
-    from diffusers import Flux2Transformer2DModel
+def test_flux3_is_refused_naming_its_block_type(coverage):
+    from diffusers import Flux3Transformer2DModel
 
-    row = coverage.row(Flux2Transformer2DModel)
+    row = coverage.row(Flux3Transformer2DModel)
     assert row["status"] == "refused" and row["stage"] == "adapter_for"
-    assert "Flux2TransformerBlock" in row["detail"] and "FLUX.2" in row["detail"]
+    assert "Flux3ModeTransformerBlock" in row["detail"]
     assert "units" not in row and len(row["detail"]) <= 200
 
 
