@@ -10,7 +10,8 @@ read off the script:
   (``context_pre_only``: no text FFN), and qk / vo for ``attn`` plus ``attn2`` in the
   ``dual_attention_layers`` (``MMDiTAdapter.units``);
 * a FLUX double block is ``ff``, ``ff_context``, qk and vo; a single block is qk, vo and its MLP
-  (``FluxAdapter.units``).
+  (``FluxAdapter.units``); the same for blocks made of FLUX.1's parts under other class names
+  (Chroma: ``structural.FluxBlocksAdapter``, no family file).
 
 Everything runs on the meta device: no weights, no downloads.
 """
@@ -91,6 +92,14 @@ def expected_flux() -> dict[str, int]:
     return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
 
 
+def expected_chroma() -> dict[str, int]:
+    from diffusers import ChromaTransformer2DModel
+
+    d = defaults(ChromaTransformer2DModel)
+    double, single = d["num_layers"], d["num_single_layers"]  # FLUX.1's blocks, recognised by parts
+    return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
+
+
 def expected_qwenimage() -> dict[str, int]:
     from diffusers import QwenImageTransformer2DModel
 
@@ -127,6 +136,7 @@ def expected_wan() -> dict[str, int]:
         ("PixArtTransformer2DModel", "PixArt-alpha / PixArt-Sigma", expected_pixart),
         ("SD3Transformer2DModel", "SD3 / SD3.5 MMDiT", expected_sd3),
         ("FluxTransformer2DModel", "FLUX.1", expected_flux),
+        ("ChromaTransformer2DModel", "FLUX.1-style blocks by structure", expected_chroma),
         ("QwenImageTransformer2DModel", "Qwen-Image", expected_qwenimage),
         ("Flux2Transformer2DModel", "FLUX.2", expected_flux2),
         ("ZImageTransformer2DModel", "Z-Image", expected_zimage),

@@ -3,10 +3,22 @@
 Add a family: write ``slimdiff/families/<family>.py`` with a ``ModelAdapter`` subclass decorated with
 ``@register_adapter`` (see ``unet.py``: recognise the denoiser class, return its units with their
 layouts, build example inputs), import it below, and add its tests. Stages, store, registry and CLI
-do not change.
+do not change. A family made of standard parts needs no file: ``structural`` recognises it.
 """
 
-from slimdiff.families import flux, flux2, mmdit, pixart, qwenimage, unet, wan, zimage  # noqa: F401  (registration order = lookup order)
+# registration order = lookup order, except that adapters recognising models by their parts
+# (``structural``, ``ModelAdapter.by_parts``) are tried after every family adapter
+from slimdiff.families import (  # noqa: F401
+    flux,
+    flux2,
+    mmdit,
+    pixart,
+    qwenimage,
+    structural,
+    unet,
+    wan,
+    zimage,
+)
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,

@@ -394,6 +394,9 @@ class ModelAdapter:
     family: str = ""
     #: the pipeline attribute that holds the denoiser ("unet" or "transformer")
     pipeline_attr: str = "unet"
+    #: recognises denoisers by their parts, whatever their class (``slimdiff.families.structural``):
+    #: tried after every adapter of a named family
+    by_parts: bool = False
 
     # -- recognition -----------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -402,6 +405,19 @@ class ModelAdapter:
     def denoiser_class(self) -> type:
         """The diffusers class of this family's denoiser (rebuilt from config at load time)."""
         raise NotImplementedError
+
+    def bound(self, model: nn.Module) -> ModelAdapter:
+        """The adapter ``adapter_for`` returns for a ``model`` this adapter ``matches``: itself for a
+        family of one denoiser class; an adapter recognising denoisers by their parts
+        (``slimdiff.families.structural``) returns a copy bound to the model's stock class, so
+        ``denoiser_class`` and ``family`` name that class."""
+        return self
+
+    def near_miss(self, model: nn.Module) -> str | None:
+        """Why this adapter does not take ``model`` although it nearly looks like its family (e.g.
+        FLUX-shaped blocks with another attention processor), or None: ``adapter_for`` adds the
+        reason to its refusal."""
+        return None
 
     # -- layout ----------------------------------------------------------------------------
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
@@ -522,7 +538,8 @@ UNSUPPORTED_BLOCKS = {
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: add a family to the registry (adapters are tried in registration order)."""
+    """Class decorator: add a family to the registry (adapters are tried in registration order,
+    those recognising models by their parts, ``by_parts``, after all the others)."""
     _ADAPTERS.append(cls())
     return cls
 
@@ -530,7 +547,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 def registered_adapters() -> list[ModelAdapter]:
     import slimdiff.families  # noqa: F401  (importing the package registers the built-in families)
 
-    return list(_ADAPTERS)
+    return sorted(_ADAPTERS, key=lambda a: a.by_parts)  # stable: registration order otherwise
 
 
 def supported_families() -> list[str]:
@@ -560,26 +577,66 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         )
     for adapter in registered_adapters():
         if adapter.matches(model):
-            return adapter
+            return adapter.bound(model)
     blocks = _block_types(model)
+    reasons = [r for r in (a.near_miss(model) for a in registered_adapters()) if r]
+    why = f": {reasons[0]}" if reasons else ""
     raise UnsupportedModelError(
-        f"{type(model).__name__} is not a supported denoiser (its block types: {', '.join(blocks) or 'none'}). "
-        f"Supported families: {'; '.join(supported_families())}"
+        f"{type(model).__name__} is not a supported denoiser (its block types: {', '.join(blocks) or 'none'})"
+        f"{why}. Supported families: {'; '.join(supported_families())}"
     )
 
 
+def stock_class(model_or_class: nn.Module | type) -> type:
+    """The diffusers class a model is an instance of: the first class of its MRO defined in diffusers
+    (a ``Slim*`` class of slimdiff.formats.loading, or a user's subclass, resolve to the stock one)."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    for c in cls.__mro__:
+        if c.__module__.startswith("diffusers."):
+            return c
+    return cls
+
+
+_BY_CLASS: dict[str, ModelAdapter | None] = {}  # class name -> adapter by parts (None: none)
+
+
 def adapter_for_class(class_name: str) -> ModelAdapter:
-    """The adapter whose denoiser class is named ``class_name`` (for loading saved folders)."""
+    """The adapter whose denoiser class is named ``class_name`` (for loading saved folders). A class
+    no family adapter names is looked up in diffusers and, if its default-config skeleton (built on
+    the meta device) is recognised by its parts (``ModelAdapter.bound``), that bound adapter."""
     for adapter in registered_adapters():
         try:
             if adapter.denoiser_class().__name__ == class_name:
                 return adapter
         except NotImplementedError:
             continue
+    if class_name not in _BY_CLASS:
+        skeleton = _default_skeleton(class_name)
+        found = [a for a in registered_adapters() if skeleton is not None and a.matches(skeleton)]
+        _BY_CLASS[class_name] = found[0].bound(skeleton) if found else None
+    if _BY_CLASS[class_name] is not None:
+        return _BY_CLASS[class_name]
     raise UnsupportedModelError(
         f"no slimdiff adapter for denoiser class {class_name!r}; supported families: "
         f"{'; '.join(supported_families())}"
     )
+
+
+def _default_skeleton(class_name: str) -> nn.Module | None:
+    """diffusers' ``class_name`` built from its default config on the meta device, or None."""
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
+    except Exception:  # noqa: BLE001  (diffusers' lazy import of an optional dependency failed)
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    try:
+        with torch.device("meta"):
+            return cls()
+    except Exception:  # noqa: BLE001  (no default config: not recognisable by name alone)
+        return None
 
 
 def skeleton_from_config(folder) -> nn.Module | None:

@@ -9,6 +9,8 @@ family adapters (``unet.py``, ``pixart.py``) find the blocks.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from slimdiff.core.stats import ATTN_OUT, KEY, QUERY, attn_key, ffn_key
@@ -133,6 +135,25 @@ class BasicBlocksAdapter(ModelAdapter):
                 "feed-forward layers of transformer blocks"
             )
         return blocks
+
+    def near_miss(self, model: nn.Module) -> str | None:
+        """Models of other classes built from BasicTransformerBlocks (DiT, UNet3D / motion / video
+        UNets, the Kandinsky prior, ...): the blocks' units could be listed by their parts, but
+        calibration drives a text-to-image pipeline with prompts and needs the model's inputs, and
+        those are the family's own (DiT is class-conditioned, the video UNets take frames): a family
+        file must say them."""
+        if not transformer_blocks(model):
+            return None
+        params = inspect.signature(type(model).forward).parameters
+        if "encoder_hidden_states" not in params:
+            return (
+                "its BasicTransformerBlocks are standard parts, but it takes no text states "
+                f"(inputs: {', '.join(list(params)[1:4])}, ...): calibration drives text prompts"
+            )
+        return (
+            "its BasicTransformerBlocks are standard parts, but its inputs and pipeline are not those "
+            "of a family slimdiff knows: a family file must describe them"
+        )
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         return {

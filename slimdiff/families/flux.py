@@ -30,6 +30,7 @@ than ``FluxAttnProcessor`` (IP-Adapter), FLUX.2 blocks.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping
 
@@ -350,21 +351,35 @@ class FluxAdapter(ModelAdapter):
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.denoiser_class())
 
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    def block_kind(self, module: nn.Module) -> str | None:
+        """The kind of a block: "double" (``FluxTransformerBlock``), "single" (``FluxSingleTransformerBlock``)
+        or None.
+        Everything else this adapter does goes through ``blocks``, so an adapter that recognises
+        the same blocks by their parts (``structural.FluxBlocksAdapter``) overrides only this."""
         from diffusers.models.transformers.transformer_flux import (
             FluxSingleTransformerBlock,
             FluxTransformerBlock,
         )
 
+        if isinstance(module, FluxTransformerBlock):
+            return "double"
+        if isinstance(module, FluxSingleTransformerBlock):
+            return "single"
+        return None
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
         out = []
         for name, mod in model.named_modules():
-            if isinstance(mod, FluxTransformerBlock):
-                out.append((name, mod, False))
-            elif isinstance(mod, FluxSingleTransformerBlock):
-                out.append((name, mod, True))
+            kind = self.block_kind(mod)
+            if kind is not None:
+                out.append((name, mod, kind == "single"))
         if not out:
             raise UnsupportedModelError(f"{type(model).__name__} has no FLUX transformer blocks")
         return out
+
+    def feedforward(self, model: nn.Module, block: str, name: str) -> UnitInfo:
+        """The unit of a double block's ``ff`` / ``ff_context`` (FLUX.1's: GELU-tanh FeedForwards)."""
+        return _ffn(model, block, name)
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         units: list[UnitInfo] = []
@@ -373,8 +388,8 @@ class FluxAdapter(ModelAdapter):
                 units += _attention(model, name, True)
                 units.append(_single_ffn(model, name))
             else:
-                units.append(_ffn(model, name, "ff"))
-                units.append(_ffn(model, name, CONTEXT_FFN))
+                units.append(self.feedforward(model, name, "ff"))
+                units.append(self.feedforward(model, name, CONTEXT_FFN))
                 units += _attention(model, name, False)
         return {u.name: u for u in units}
 
@@ -397,7 +412,7 @@ class FluxAdapter(ModelAdapter):
         """FLUX.1-dev-style models (``guidance_embeds``) take the scale as an input embedding: one
         branch. Others (schnell, the toy FLUX) get FluxPipeline's true classifier-free guidance,
         ``true_cfg_scale`` with an empty negative prompt per sample, when the scale is above 1."""
-        if model.config.guidance_embeds:
+        if getattr(model.config, "guidance_embeds", False):
             return {"guidance_scale": guidance_scale}, 1
         if guidance_scale > 1.0:
             return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * batch}, 2
@@ -477,16 +492,18 @@ class FluxAdapter(ModelAdapter):
         n_img = (h // 2) * (w // 2)
         hidden = randn((batch, n_img, cfg.in_channels), device, dtype, generator)
         text = randn((batch, text_len, cfg.joint_attention_dim), device, dtype, generator)
-        pooled = randn((batch, cfg.pooled_projection_dim), device, dtype, generator)
         t = torch.full((batch,), 0.5, dtype=dtype, device=device)
         img_ids, txt_ids = self.position_ids((h, w), text_len)
         kwargs = {
             "encoder_hidden_states": text,
-            "pooled_projections": pooled,
             "timestep": t,
             "img_ids": img_ids.to(device=device, dtype=dtype),
             "txt_ids": txt_ids.to(device=device, dtype=dtype),
         }
-        if cfg.guidance_embeds:
+        # the pooled text vector and the guidance embedding where the model has them (FLUX.1 does;
+        # FLUX-derived models without them, e.g. Chroma, take neither)
+        if "pooled_projections" in inspect.signature(type(model).forward).parameters:
+            kwargs["pooled_projections"] = randn((batch, cfg.pooled_projection_dim), device, dtype, generator)
+        if getattr(cfg, "guidance_embeds", False):
             kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
         return (hidden,), kwargs

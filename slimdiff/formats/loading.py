@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from slimdiff.core.digests import file_sha256
-from slimdiff.families.base import adapter_for, registered_adapters
+from slimdiff.families.base import UnsupportedModelError, adapter_for, adapter_for_class
 from slimdiff.formats.sidecar import (
     CONFIG_FORMAT_VERSION,
     CONFIG_KEY,
@@ -210,8 +210,10 @@ def __getattr__(name: str) -> type:
 
         return ModelMixin
     if name.startswith("Slim"):
-        for adapter in registered_adapters():
-            base = adapter.denoiser_class()
-            if name == f"Slim{base.__name__}":
-                return slim_class(base)
+        try:  # a family adapter's class, or a class recognised by its parts (families.structural)
+            base = adapter_for_class(name[len("Slim") :]).denoiser_class()
+        except UnsupportedModelError:
+            base = None
+        if base is not None and name == f"Slim{base.__name__}":
+            return slim_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
