@@ -239,16 +239,20 @@ def make_plans(kind: str, units, fractions, profiles, scores, alloc, model_param
 
 
 def serving_of(model, x, device: str) -> ServingShape:
-    """The ServingShape of the timed inputs ``x``: their batch, latents and text tokens."""
+    """The ServingShape of the timed inputs ``x``: their batch, latent grid and text tokens, read off
+    the arguments by name (``encoder_hidden_states``, Z-Image's ``cap_feats``; per-sample lists too)."""
     import inspect
 
-    text = x.kwargs.get("encoder_hidden_states")
-    if text is None:
-        params = list(inspect.signature(type(model).forward).parameters)[1:]
-        text = x.args[params.index("encoder_hidden_states")]
-    first = x.args[0] if x.args else next(iter(x.kwargs.values()))
-    if first.ndim == 4:  # (B, C, H, W) latents
-        hw = (int(first.shape[2]), int(first.shape[3]))
+    params = list(inspect.signature(type(model).forward).parameters)[1:]
+    bound = {**dict(zip(params, x.args, strict=False)), **x.kwargs}
+
+    def batched(v):
+        return v[0][None] if isinstance(v, list | tuple) else v
+
+    text = batched(next(bound[k] for k in ("encoder_hidden_states", "cap_feats") if k in bound))
+    first = batched(bound[params[0]])
+    if first.ndim >= 4:  # (B, C, H, W) latents, (B, C, F, H, W) video, Z-Image's (C, F, H, W) per sample
+        hw = (int(first.shape[-2]), int(first.shape[-1]))
     else:  # FLUX: (B, N, C) of 2x2-packed latent patches, square
         side = 2 * math.isqrt(int(first.shape[1]))
         hw = (side, side)

@@ -120,6 +120,29 @@ FLUX_DEV_SLICE_CONFIG = dict(
 #: the whole FLUX.1-dev: blocks of each kind (for extrapolating the slice)
 FLUX_DEV_BLOCKS = {"double": 19, "single": 38}
 
+#: The 2025-26 releases (issue 26) at full width, a few blocks each: diffusers 0.42's default configs
+#: of these classes are the released models' (Qwen/Qwen-Image, Tongyi-MAI/Z-Image, Wan-AI/Wan2.1-T2V-14B,
+#: black-forest-labs/FLUX.2-dev); only the depth is cut. FLUX.2 is timed at klein-4B's width (3072 =
+#: 24 heads x 128, text width 7680, 5 double : 20 single blocks) with its 1 : 4 mix of double and
+#: (uncompressed) single blocks, so the slice's ratio is the whole model's up to the embeddings.
+QWENIMAGE_SLICE_CONFIG = dict(num_layers=2)
+QWENIMAGE_BLOCKS = 60
+ZIMAGE_SLICE_CONFIG = dict(n_layers=2, n_refiner_layers=1)
+ZIMAGE_BLOCKS = {"layers": 30, "refiner": 2}
+WAN_SLICE_CONFIG = dict(num_layers=1)
+WAN_BLOCKS = 40
+#: Wan timed on 5 frames (2 latent frames) at 480 x 832: 2 x 30 x 52 = 3120 video tokens
+WAN_LATENT_FRAMES_TIMED, WAN_LATENT_HW = 2, (60, 104)
+FLUX2_KLEIN_SLICE_CONFIG = dict(
+    num_layers=1,
+    num_single_layers=4,
+    num_attention_heads=24,
+    joint_attention_dim=7680,
+    guidance_embeds=False,
+)
+FLUX2_KLEIN_BLOCKS = {"double": 5, "single": 20}
+
+
 #: timesteps of the random-input calibration forwards (noisy, middle, clean)
 CALIBRATION_TIMESTEPS = (999, 500, 100)
 
@@ -268,6 +291,48 @@ def build_flux_slice() -> torch.nn.Module:
     return FluxTransformer2DModel(**FLUX_DEV_SLICE_CONFIG).eval()
 
 
+# -- the 2025-26 releases (full width, a few blocks) ----------------------------------------------------
+def _build(cls_name: str, **config) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import diffusers
+
+        torch.manual_seed(0)
+        return getattr(diffusers, cls_name)(**config).eval()
+
+    return build
+
+
+def wan_inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
+    """Wan's forward on 5 frames at 480 x 832 (``resolution`` is ignored: the shape is the video's),
+    512 UMT5 tokens (padded, unmasked: real keys)."""
+    from slimdiff.families import adapter_for
+
+    g = torch.Generator().manual_seed(seed)
+    args, kwargs = adapter_for(model).example_inputs(
+        model, batch, WAN_LATENT_HW, 512, device="cpu", generator=g, latent_frames=WAN_LATENT_FRAMES_TIMED
+    )
+    return Inputs(tuple(args), kwargs, batch)
+
+
+def wan_stats(model, resolution: int):
+    def at(i: int, t: int) -> Inputs:
+        return wan_inputs(model, 1, resolution, 100 + i).at_timestep(model, t)
+
+    return random_input_stats(model, at)
+
+
+def zimage_stats(model, resolution: int):
+    """``random_stats`` for Z-Image, whose forward takes its time as ``t`` = (1000 - timestep) / 1000."""
+
+    def at(i: int, t: int) -> Inputs:
+        x = adapter_inputs(model, 1, resolution, 100 + i, 128)
+        args = list(x.args)
+        args[1] = torch.full_like(args[1], (1000 - t) / 1000)
+        return Inputs(tuple(args), x.kwargs, x.batch)
+
+    return random_input_stats(model, at)
+
+
 # -- the committed toy models ------------------------------------------------------------------------
 @functools.cache
 def toy_pipe(source: str = "toy"):
@@ -375,6 +440,42 @@ SPECS: dict[str, DenoiserSpec] = {
         text_inputs(512),  # FluxPipeline's max_sequence_length: 512 T5 tokens, no mask
         512,  # 64x64 latents -> 1024 packed image tokens (+ 512 text) on the CPU
         1,  # FLUX.1-dev is guidance-distilled: one branch per sample
+        random_stats(512, batch=1),
+    ),
+    "qwenimage-slice": DenoiserSpec(
+        "qwenimage-slice",
+        "Qwen-Image transformer at full width, 2 of its 60 blocks (720 M), random weights",
+        _build("QwenImageTransformer2DModel", **QWENIMAGE_SLICE_CONFIG),
+        text_inputs(128),  # the pipeline passes a prompt's own tokens (masked padding to the batch's longest)
+        512,  # 1024 packed image tokens
+        1,  # true classifier-free guidance: one transformer call per branch
+        random_stats(128, batch=1),
+    ),
+    "zimage-slice": DenoiserSpec(
+        "zimage-slice",
+        "Z-Image transformer at full width, 2 of 30 layers + 1 noise and 1 context refiner (732 M), random weights",
+        _build("ZImageTransformer2DModel", **ZIMAGE_SLICE_CONFIG),
+        text_inputs(128),  # the prompt's own caption tokens (the model pads them to a multiple of 32)
+        512,
+        1,
+        zimage_stats,
+    ),
+    "wan-slice": DenoiserSpec(
+        "wan-slice",
+        "Wan 2.1 T2V-14B transformer at full width, 1 of its 40 blocks (584 M), 5 frames at 480 x 832, random weights",
+        _build("WanTransformer3DModel", **WAN_SLICE_CONFIG),
+        wan_inputs,
+        480,
+        1,
+        wan_stats,
+    ),
+    "flux2-klein-slice": DenoiserSpec(
+        "flux2-klein-slice",
+        "FLUX.2 transformer at klein-4B width, 1 double + 4 single blocks (its 1 : 4 mix; 931 M), random weights",
+        _build("Flux2Transformer2DModel", **FLUX2_KLEIN_SLICE_CONFIG),
+        text_inputs(512),
+        512,
+        1,
         random_stats(512, batch=1),
     ),
     "toy": DenoiserSpec(

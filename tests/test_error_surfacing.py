@@ -81,7 +81,7 @@ def test_an_unreachable_artifact_store_is_not_reported_as_an_older_run(registry)
 
 # -- LoRA: the prefix guess for unsupported models -----------------------------------------------
 def test_lora_prefix_guess_is_only_for_unsupported_models(monkeypatch):
-    import slimdiff.families.base as base
+    import slimdiff.formats.lora as lora
     from slimdiff.families.base import LoraError
     from slimdiff.formats.lora import _split, project_lora
 
@@ -93,7 +93,7 @@ def test_lora_prefix_guess_is_only_for_unsupported_models(monkeypatch):
     def broken(model):
         raise RuntimeError("adapter registry is broken")
 
-    monkeypatch.setattr(base, "adapter_for", broken)
+    monkeypatch.setattr(lora, "adapter_for", broken)  # the name the LoRA module looks up
     with pytest.raises(RuntimeError, match="adapter registry is broken"):
         _split(plain)
     with pytest.raises(RuntimeError, match="adapter registry is broken"):
