@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
+from slimdiff import __version__
 from slimdiff.calibration.collect import collect_stats
 from slimdiff.config import ConfigError, Params
 from slimdiff.core.digests import file_sha256
 from slimdiff.core.stats import LazyActivationStats
 from slimdiff.evaluation.evaluate import jsonable
 from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+from slimdiff.formats.lora import collect_stats_with_loras, lora_digest
 from slimdiff.planning.allocation import check_feasible, plan_ranks
 from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import serving_shape, unit_flop_costs
@@ -130,6 +132,8 @@ def slim(
     seed: int | None = None,
     progress: bool = True,
     params: Params | None = None,
+    loras: Sequence[Any] = (),
+    lora_scale: float = 1.0,
 ) -> tuple[Any, SlimReport]:
     """Compress ``pipe``'s denoiser (``pipe.unet`` or ``pipe.transformer``) in place, calibrated on
     ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.formats.io.save_compressed``.
@@ -149,7 +153,13 @@ def slim(
       none; default: ``calibration.max_memory``); it changes no result;
     * ``seed``: the calibration seed (prompt i samples with generator seed ``seed + i``);
     * ``params``: a whole :class:`slimdiff.Params` (e.g. ``slimdiff.load_params("params.yaml")``)
-      for anything else: sampling steps, guidance, buckets, weighting, methods, damping, modules.
+      for anything else: sampling steps, guidance, buckets, weighting, methods, damping, modules;
+    * ``loras``: LoRAs (files, folders or state dicts made for this original model) the compressed
+      model will run with: the statistics then also cover the prompts sampled with each of them
+      fused at ``lora_scale`` (``slimdiff.formats.lora.collect_stats_with_loras``: one more
+      calibration run per LoRA, an equal-weight mixture with the base run), so the rank selection
+      keeps what they use (docs/lora.md, "LoRA-aware calibration"). The pipeline is left bit for bit
+      as it was. Empty (default): today's calibration, same bits.
     """
 
     if isinstance(prompts, str):
@@ -158,6 +168,7 @@ def slim(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     params = _settings(params or Params(), budget, mode, tau, qk_norm, max_memory, seed)
+    loras = [loras] if isinstance(loras, str | os.PathLike | dict) else list(loras or ())
     cal, alloc, comp = params.calibration, params.allocation, params.compression
     the_budget = budget_of(params)
 
@@ -175,16 +186,22 @@ def slim(
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    folder = _StatsFolder(Path(store), _identity(params, prompts, denoiser)) if store is not None else None
+    identity = _identity(params, prompts, denoiser, loras, lora_scale) if store is not None else None
+    folder = _StatsFolder(Path(store), identity) if store is not None else None
     stats = folder.read() if folder is not None else None
     reused = stats is not None
     if stats is None:
         options = cal.sampler_options()
+        if loras:  # one more calibration run per LoRA, fused (formats.lora), summed with the base run
+            options = {"loras": loras, "lora_scale": lora_scale, **options}
+            collect = collect_stats_with_loras
+        else:
+            collect = collect_stats
         if folder is None:
-            stats = collect_stats(pipe, prompts, **options, progress=progress)
+            stats = collect(pipe, prompts, **options, progress=progress)
         else:
             sink = folder.writer()
-            collected = collect_stats(pipe, prompts, **options, progress=progress, sink=sink)
+            collected = collect(pipe, prompts, **options, progress=progress, sink=sink)
             stats = folder.finish(sink, collected)
     seconds["calibration"] = time.perf_counter() - t0
 
@@ -312,12 +329,22 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _identity(params: Params, prompts: list[str], denoiser: torch.nn.Module) -> dict:
+def _identity(
+    params: Params,
+    prompts: list[str],
+    denoiser: torch.nn.Module,
+    loras: Sequence[Any] = (),
+    lora_scale: float = 1.0,
+) -> dict:
     """What makes stored statistics reusable: the same weights, prompts, calibration settings (not
-    the memory limit, which changes no number) and library version."""
-    from slimdiff import __version__
+    the memory limit, which changes no number), LoRAs calibrated with (their sha256 and scale; the
+    key is absent without LoRAs, so older folders stay valid) and library version."""
 
+    extra = {}
+    if loras:
+        extra["loras"] = {"sha256": [lora_digest(lora) for lora in loras], "scale": float(lora_scale)}
     return {
+        **extra,
         "denoiser_class": type(denoiser).__name__,
         "weights_sha256": _weights_digest(denoiser),
         "prompts_sha256": _sha256_json(prompts),

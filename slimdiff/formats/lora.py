@@ -55,6 +55,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimdiff.calibration.collect import collect_stats
+from slimdiff.core.digests import file_sha256
+from slimdiff.core.stats import ActivationStats, merge
 from slimdiff.families.base import (
     LoraError,
     UnsupportedModelError,
@@ -650,3 +653,102 @@ def load_lora_into(
         )
     saved = _fuse(owners, state, scale)
     return LoadedLora(adapter_name, "fuse", report, state, saved)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA-aware calibration
+# --------------------------------------------------------------------------------------------
+def lora_digest(lora: Mapping[str, torch.Tensor] | str | Path) -> str:
+    """sha256 of a LoRA: of the file's bytes for a file or folder (``load_lora_file``'s file), else
+    over its tensors in name order (name, dtype, shape, bytes). What identifies the LoRA in cache
+    keys and statistics metadata."""
+    import hashlib
+
+    if isinstance(lora, str | Path):
+        path = Path(lora)
+        if path.is_dir():
+            path = path / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise LoraError(f"{path}: no such LoRA file")
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for name in sorted(lora):
+        t = lora[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def collect_stats_with_loras(
+    pipe: Any,
+    prompts: Any,
+    loras: Any = (),
+    *,
+    lora_scale: float = 1.0,
+    lora_prompts: Any = None,
+    **collect_options: Any,
+):
+    """Calibration statistics that also cover what some LoRAs activate (docs/lora.md, "LoRA-aware
+    calibration").
+
+    Runs ``slimdiff.calibration.collect.collect_stats(pipe, prompts, **collect_options)`` on the
+    pipeline as it is, then once more per LoRA of ``loras`` (files, folders or state dicts made for
+    this, the ORIGINAL, model) with that LoRA fused at ``lora_scale`` (``load_lora_into(...,
+    method="fuse")``: ``W += lora_scale * B A`` in float64), each run with the same prompts and seeds,
+    and returns the exact sum of all runs (``slimdiff.core.stats.merge``: second-moment sums and token
+    counts added). Every run sees the same tokens, so the per-bucket second moment the compression
+    reads is the equal-weight mixture ``(C_base + C_lora1 + ...) / (1 + len(loras))``: neurons and
+    directions a LoRA uses enter the selection even when the base prompts leave them idle, at the
+    price of a share of the statistics' weight on the base model (one LoRA: half). There is no
+    per-run weight: token counts are integers and an equal mixture is the natural choice; list a
+    LoRA twice to weigh it twice. ``lora_prompts`` (default: ``prompts``) samples the LoRA runs on
+    other prompts, e.g. of the LoRA's own domain (then each run weighs by its token count).
+
+    After each LoRA run the fused weights are put back from saved copies and checked bit for bit
+    against them (also when sampling raises); the pipeline is left as it was. Without LoRAs this is
+    ``collect_stats`` itself (same object, same bits). ``sink`` (``collect_stats``' streaming
+    hand-over) is accepted: with LoRAs the runs are summed in memory first (about twice the
+    statistics' host memory) and each merged statistic is then handed to ``sink`` and freed; the
+    returned statistics hold the metadata only, as with ``collect_stats(sink=...)``. The metadata
+    record the LoRAs (``meta["loras"]``: sha256 and scale of each, in run order)."""
+
+    loras = [loras] if isinstance(loras, str | Path | Mapping) else list(loras or ())
+    if not loras:
+        return collect_stats(pipe, prompts, **collect_options)
+    lora_prompts = list(prompts if lora_prompts is None else lora_prompts)
+    if isinstance(pipe, nn.Module):
+        raise TypeError("collect_stats_with_loras needs the pipeline (it samples), not its denoiser")
+    sink = collect_options.pop("sink", None)
+    digests = [lora_digest(lora) for lora in loras]  # unreadable files fail before any sampling
+    for lora in loras:  # so does a LoRA that does not fit the model (LoraError naming the layer)
+        project_lora(pipe, lora)
+    total = collect_stats(pipe, prompts, **collect_options)
+    for i, lora in enumerate(loras):
+        handle = load_lora_into(pipe, lora, f"calibration_{i}", method="fuse", scale=lora_scale)
+        saved = list(handle._saved.values())  # (layer, exact copy of its weight before the fuse)
+        try:
+            run = collect_stats(pipe, lora_prompts, **collect_options)
+        finally:
+            handle.unfuse()
+            changed = [layer for layer, weight in saved if not torch.equal(layer.weight, weight)]
+            if changed:
+                raise RuntimeError(
+                    f"{len(changed)} layer(s) did not get their exact weights back after LoRA {i}'s "
+                    "calibration run; the pipeline is changed"
+                )
+        total = merge([total, run])
+        del run
+        logger.info(
+            "LoRA-aware calibration: run %d of %d (LoRA %s) merged", i + 2, len(loras) + 1, digests[i][:12]
+        )
+    meta = dict(total.meta)
+    meta.pop("merged_shards", None)
+    meta["loras"] = [{"sha256": d, "scale": float(lora_scale)} for d in digests]
+    meta["lora_runs"] = len(loras)
+    if lora_prompts != list(prompts):
+        meta["lora_prompts"] = len(lora_prompts)
+    if sink is None:
+        return ActivationStats(total.n_buckets, total.moments, total.tokens, meta)
+    for key in list(total.moments):
+        sink(key, total.moments.pop(key), total.tokens.pop(key))
+    return ActivationStats(total.n_buckets, {}, {}, meta)
