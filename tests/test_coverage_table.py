@@ -11,7 +11,8 @@ read off the script:
   ``dual_attention_layers`` (``MMDiTAdapter.units``);
 * a FLUX double block is ``ff``, ``ff_context``, qk and vo; a single block is qk, vo and its MLP
   (``FluxAdapter.units``); the same for blocks made of FLUX.1's parts under other class names
-  (Chroma: ``structural.FluxBlocksAdapter``, no family file).
+  (Chroma, and Bria with verified copies of FluxAttention and its processor:
+  ``structural.FluxBlocksAdapter``, no family file).
 
 Everything runs on the meta device: no weights, no downloads.
 """
@@ -100,6 +101,14 @@ def expected_chroma() -> dict[str, int]:
     return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
 
 
+def expected_bria() -> dict[str, int]:
+    from diffusers import BriaTransformer2DModel
+
+    d = defaults(BriaTransformer2DModel)
+    double, single = d["num_layers"], d["num_single_layers"]  # FLUX.1's blocks, verified copies
+    return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
+
+
 def expected_qwenimage() -> dict[str, int]:
     from diffusers import QwenImageTransformer2DModel
 
@@ -137,6 +146,7 @@ def expected_wan() -> dict[str, int]:
         ("SD3Transformer2DModel", "SD3 / SD3.5 MMDiT", expected_sd3),
         ("FluxTransformer2DModel", "FLUX.1", expected_flux),
         ("ChromaTransformer2DModel", "FLUX.1-style blocks by structure", expected_chroma),
+        ("BriaTransformer2DModel", "FLUX.1-style blocks by structure", expected_bria),
         ("QwenImageTransformer2DModel", "Qwen-Image", expected_qwenimage),
         ("Flux2Transformer2DModel", "FLUX.2", expected_flux2),
         ("ZImageTransformer2DModel", "Z-Image", expected_zimage),

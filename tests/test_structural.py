@@ -1,9 +1,11 @@
 """Families made of standard parts (``slimdiff.families.structural``): Chroma
 (``ChromaTransformer2DModel``: FLUX.1's blocks under other class names, built from diffusers'
-``FluxAttention`` + ``FluxAttnProcessor`` and ``FeedForward``) is recognised by its parts, with no
-family file naming it, and goes through units, statistics, planning, surgery and loading as FLUX.1
-does. Tiny transformers and a tiny ``ChromaPipeline`` built from config (random weights, fixed
-seeds, nothing downloaded).
+``FluxAttention`` + ``FluxAttnProcessor`` and ``FeedForward``) and Bria (``BriaTransformer2DModel``:
+the same blocks with verified copies of FluxAttention, its processor and FluxPosEmbed) are
+recognised by their parts, with no family file, and go through units, statistics, planning,
+surgery and loading as FLUX.1 does. Every verified attention copy is run against
+FluxAttnProcessor and the FLUX path. Tiny transformers and tiny ``ChromaPipeline`` /
+``BriaPipeline``s built from config (random weights, fixed seeds, nothing downloaded).
 
 Tolerances, from the numerics:
 * compressed models against the original in float32: a full-rank rewrite (whitening and its
@@ -48,17 +50,27 @@ CONFIG = dict(
     num_attention_heads=2,
     joint_attention_dim=24,
     axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-    approximator_num_channels=8,
-    approximator_hidden_dim=32,
-    approximator_layers=1,
 )
+#: each family's denoiser class and its own config entries (Chroma's modulation network)
+FAMILIES = {
+    "chroma": (
+        "ChromaTransformer2DModel",
+        dict(approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1),
+    ),
+    "bria": ("BriaTransformer2DModel", {}),
+}
+
+
+def tiny(family: str, seed: int = 0, **config) -> nn.Module:
+    import diffusers
+
+    name, own = FAMILIES[family]
+    torch.manual_seed(seed)
+    return getattr(diffusers, name)(**{**CONFIG, **own, **config}).eval()
 
 
 def tiny_chroma(seed: int = 0, **config) -> nn.Module:
-    from diffusers import ChromaTransformer2DModel
-
-    torch.manual_seed(seed)
-    return ChromaTransformer2DModel(**{**CONFIG, **config}).eval()
+    return tiny("chroma", seed, **config)
 
 
 def inputs(model, seed: int, batch: int = 2):
@@ -84,9 +96,9 @@ def covariances(model, n: int = 4) -> dict[str, torch.Tensor]:
     return col.stats().aggregate([1.0])
 
 
-@pytest.fixture(scope="module")
-def calibrated():
-    model = tiny_chroma()
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def calibrated(request):
+    model = tiny(request.param)
     return model, covariances(model)
 
 
@@ -131,8 +143,9 @@ def test_chroma_is_recognised_by_its_parts_and_no_code_names_it():
         assert not [n for n in code_names(path) if "Chroma" in n], path
 
 
-def test_units_follow_the_config_with_flux_costs():
-    model = tiny_chroma()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_units_follow_the_config_with_flux_costs(family):
+    model = tiny(family)
     units = compression_units(model)
     double, single = CONFIG["num_layers"], CONFIG["num_single_layers"]
     kinds = {n: u.kind for n, u in units.items()}
@@ -187,10 +200,11 @@ def zero_pairs(model: nn.Module, dropped: dict[int, list[int]], d: int = 16) -> 
     return model
 
 
-def test_pair_selection_known_answer():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pair_selection_known_answer(family):
     """q/k rows of pairs {1, 4, 6} (head 0) and {0, 2, 7} (head 1) zeroed: a QK rank of 10 (5 of 8
     pairs) must keep exactly the other pairs, and the compressed model equals the original."""
-    model = zero_pairs(tiny_chroma(seed=3), {0: [1, 4, 6], 1: [0, 2, 7]})
+    model = zero_pairs(tiny(family, seed=3), {0: [1, 4, 6], 1: [0, 2, 7]})
     cov = covariances(model)
     units = compression_units(model)
     ranks = {n: (10 if u.kind == "qk" else u.full_rank) for n, u in units.items()}
@@ -244,18 +258,20 @@ def test_flops_of_the_compressed_model_are_the_plans(calibrated):
 
 def test_slim_class_saves_and_loads_bit_identical(calibrated, tmp_path):
     """save_compressed writes the Slim class's save_pretrained folder (plus the slimdiff.json
-    sidecar); ``SlimChromaTransformer2DModel.from_pretrained`` (slimdiff.formats.loading) rebuilds
-    the narrowed skeleton from config.json and loads it: the same outputs, bit for bit."""
+    sidecar); ``SlimChromaTransformer2DModel.from_pretrained`` / ``SlimBriaTransformer2DModel``
+    (slimdiff.formats.loading) rebuilds the narrowed skeleton from config.json and loads it: the
+    same outputs, bit for bit."""
+    from slimdiff.formats import loading
     from slimdiff.formats.io import save_compressed
-    from slimdiff.formats.loading import SlimChromaTransformer2DModel
 
     model, cov = calibrated
+    slim_cls = getattr(loading, f"Slim{type(model).__name__}")
     plan = planned(model, cov)
     slim = copy.deepcopy(model)
     compress_(slim, plan, cov)
-    save_compressed(slim, tmp_path / "chroma")
-    assert type(slim) is SlimChromaTransformer2DModel  # save_compressed made it the Slim class
-    loaded = SlimChromaTransformer2DModel.from_pretrained(tmp_path / "chroma")
+    save_compressed(slim, tmp_path / "slim")
+    assert type(slim) is slim_cls  # save_compressed made it the Slim class
+    loaded = slim_cls.from_pretrained(tmp_path / "slim")
     assert loaded.slimdiff_plan == plan
     assert loaded.state_dict().keys() == slim.state_dict().keys()
     x = inputs(model, 4)
@@ -308,35 +324,53 @@ def test_an_unknown_processor_is_refused_naming_the_block_type():
     assert "LoggingFluxProcessor" in message
 
 
-def test_flux_copies_with_their_own_attention_and_class_conditioned_dits_are_refused():
-    """Bria copies FluxAttention and its processor into classes of its own: refused, naming the
-    block type and its attention. DiT's BasicTransformerBlocks are standard parts, but it is
-    class-conditioned: calibration drives prompts, so it is refused with that reason."""
-    from diffusers import BriaTransformer2DModel, DiTTransformer2DModel
+def test_an_unverified_flux_copy_and_class_conditioned_dits_are_refused():
+    """A copy of FluxAttention under a class slimdiff has not verified is refused, naming the block
+    type and its attention; so is the verified pair with a processor of another class. DiT's
+    BasicTransformerBlocks are standard parts, but it is class-conditioned: calibration drives
+    prompts, so it is refused with that reason."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.transformers.transformer_bria import BriaAttention, BriaAttnProcessor
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+    class MyAttention(BriaAttention):  # same code, but not a class slimdiff has checked
+        pass
+
+    model = tiny("bria")
+    old = model.transformer_blocks[1].attn
+    model.transformer_blocks[1].attn = MyAttention(32, heads=2, dim_head=16, added_kv_proj_dim=32, bias=True)
+    with pytest.raises(
+        UnsupportedModelError, match=r"BriaTransformerBlock is FLUX.1-shaped.*MyAttention / BriaAttnProcessor"
+    ):
+        adapter_for(model)
+    model.transformer_blocks[1].attn = old
+    old.processor = FluxAttnProcessor()  # same maths, but not the pair that was verified
+    with pytest.raises(UnsupportedModelError, match=r"processor is FluxAttnProcessor, not BriaAttnProcessor"):
+        adapter_for(model)
+    old.processor = BriaAttnProcessor()
+    assert adapter_for(model).by_parts
     with torch.device("meta"):
-        bria, dit = BriaTransformer2DModel(num_layers=1, num_single_layers=1), DiTTransformer2DModel()
-    with pytest.raises(UnsupportedModelError, match=r"BriaTransformerBlock is FLUX.1-shaped.*BriaAttention"):
-        adapter_for(bria)
+        dit = DiTTransformer2DModel()
     with pytest.raises(UnsupportedModelError, match=r"BasicTransformerBlock.*no text states"):
         adapter_for(dit)
-    with pytest.raises(UnsupportedModelError, match="BriaTransformer2DModel"):
-        adapter_for_class("BriaTransformer2DModel")
 
 
-# -- through ChromaPipeline: its own sampler, guidance, text length, save and load ---------------
-CHROMA_TEXT_LEN = 16  # the T5 tokenizer's model_max_length (ChromaPipeline's default: 512)
-CHROMA_HW = 16  # px; one-level VAE: 16x16 latents, 8x8 = 64 packed image tokens
+# -- through ChromaPipeline / BriaPipeline: own sampler, guidance, text length, save and load ----
+PIPE_TEXT_LEN = 16  # the T5 tokenizer's model_max_length (defaults: ChromaPipeline 512, BriaPipeline 128)
+PIPE_HW = 16  # px; one-level VAE: 16x16 latents, 8x8 = 64 packed image tokens
 
 
-def tiny_chroma_pipeline(tmp: Path, seed: int = 0):
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+def tiny_pipeline(family: str, tmp: Path, seed: int = 0):
+    """A tiny ChromaPipeline / BriaPipeline: T5 text (a word tokenizer of 16 tokens), a one-level
+    VAE with FLUX's 16 latent channels, the flow-matching Euler sampler."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from family_pipelines import WORDS, tiny_vae, word_tokenizer
     from transformers import T5Config, T5EncoderModel
 
     specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, eos 1, unk 2
     tokenizer = word_tokenizer(
-        tmp / "tokenizer", CHROMA_TEXT_LEN, specials, bos=None, eos="</s>", pad="<pad>", unk="<unk>"
+        tmp / "tokenizer", PIPE_TEXT_LEN, specials, bos=None, eos="</s>", pad="<pad>", unk="<unk>"
     )
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
@@ -350,21 +384,24 @@ def tiny_chroma_pipeline(tmp: Path, seed: int = 0):
         1, seed, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
         use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
-    return ChromaPipeline(
+    return getattr(diffusers, f"{FAMILIES[family][0][: -len('Transformer2DModel')]}Pipeline")(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=tiny_chroma(seed, in_channels=64),  # 16 latent channels in 2x2 patches
+        transformer=tiny(family, seed, in_channels=64),  # 16 latent channels in 2x2 patches
     )
 
 
-def test_pipeline_statistics_compression_and_loading(tmp_path):
-    """Statistics come from ChromaPipeline's own sampler: the guidance rule is read from the
-    pipeline (``guidance_scale`` > 1: two branches, by its own ``do_classifier_free_guidance``), the
-    text length from its one tokenizer (16, below the default 512, passed as ``max_sequence_length``),
-    buckets from the flow-matching schedule (the transformer gets t / 1000). The compressed pipeline
-    saves and loads with ``DiffusionPipeline.from_pretrained`` to identical latents."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_statistics_compression_and_loading(family, tmp_path):
+    """Statistics come from ChromaPipeline's / BriaPipeline's own sampler: the guidance rule is read
+    from the pipeline (``guidance_scale`` > 1: two branches, by its own
+    ``do_classifier_free_guidance``), the text length from its one tokenizer (16, below the
+    defaults 512 / 128, passed as ``max_sequence_length``), buckets from the flow-matching schedule
+    (Chroma's transformer gets t / 1000, Bria's t itself: a wrong convention would raise in the
+    collector). The compressed pipeline saves and loads with ``DiffusionPipeline.from_pretrained``
+    to identical latents."""
     from diffusers import DiffusionPipeline
     from family_pipelines import PROMPTS
 
@@ -372,21 +409,21 @@ def test_pipeline_statistics_compression_and_loading(tmp_path):
     from slimdiff.formats.io import save_compressed
     from slimdiff.planning.influence import compute_influence
 
-    pipe = tiny_chroma_pipeline(tmp_path / "build")
+    pipe = tiny_pipeline(family, tmp_path / "build")
     adapter = adapter_for(pipe.transformer)
-    assert adapter.text_len(pipe) == CHROMA_TEXT_LEN
+    assert adapter.text_len(pipe) == PIPE_TEXT_LEN
     assert adapter.pipeline_kwargs(pipe, 4.0, 2) == (
-        {"guidance_scale": 4.0, "max_sequence_length": CHROMA_TEXT_LEN},
+        {"guidance_scale": 4.0, "max_sequence_length": PIPE_TEXT_LEN},
         2,
     )
     assert adapter.pipeline_kwargs(pipe, 1.0, 2)[1] == 1
     steps, prompts = 4, PROMPTS[:2]
     stats = collect_stats(
         pipe, prompts, num_inference_steps=steps, guidance_scale=4.0, n_buckets=2, batch_size=2,
-        height=CHROMA_HW, width=CHROMA_HW, progress=False,
+        height=PIPE_HW, width=PIPE_HW, progress=False,
     )  # fmt: skip
     assert stats.meta["cfg_branches"] == 2 and stats.meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    n_img, n_text, calls = (CHROMA_HW // 2) ** 2, CHROMA_TEXT_LEN, len(prompts) * 2
+    n_img, n_text, calls = (PIPE_HW // 2) ** 2, PIPE_TEXT_LEN, len(prompts) * 2
     assert (
         stats.tokens["transformer_blocks.0.attn.query"].tolist()
         == [steps // 2 * calls * (n_img + n_text)] * 2
@@ -400,17 +437,160 @@ def test_pipeline_statistics_compression_and_loading(tmp_path):
     compress_(model, plan, cov)
     save_compressed(pipe, tmp_path / "slim")
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "slim")
-    assert type(loaded).__name__ == "ChromaPipeline"
-    assert type(loaded.transformer).__name__ == "SlimChromaTransformer2DModel"
+    assert type(loaded).__name__ == type(pipe).__name__
+    assert type(loaded.transformer).__name__ == f"Slim{FAMILIES[family][0]}"
     assert loaded.transformer.slimdiff_plan == plan
     for tensor in loaded.transformer.state_dict().values():  # fresh allocations, as the original's
         tensor.data = tensor.data.clone()
     kw = dict(
-        num_inference_steps=2, height=CHROMA_HW, width=CHROMA_HW, output_type="latent",
-        max_sequence_length=CHROMA_TEXT_LEN, guidance_scale=4.0,
+        num_inference_steps=2, height=PIPE_HW, width=PIPE_HW, output_type="latent",
+        max_sequence_length=PIPE_TEXT_LEN, guidance_scale=4.0,
     )  # fmt: skip
     for p in (pipe, loaded):
         p.set_progress_bar_config(disable=True)
     a = pipe(PROMPTS[2], generator=torch.Generator().manual_seed(0), **kw).images
     b = loaded(PROMPTS[2], generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(a, b)
+
+
+# -- verified copies of FluxAttention -------------------------------------------------------------
+def _attention_copies():
+    from diffusers.models.transformers import (
+        transformer_bria,
+        transformer_bria_fibo,
+        transformer_flux,
+        transformer_longcat_image,
+        transformer_ovis_image,
+    )
+
+    return {
+        "Flux": (transformer_flux.FluxAttention, transformer_flux.FluxAttnProcessor),
+        "Bria": (transformer_bria.BriaAttention, transformer_bria.BriaAttnProcessor),
+        "BriaFibo": (transformer_bria_fibo.BriaFiboAttention, transformer_bria_fibo.BriaFiboAttnProcessor),
+        "LongCatImage": (
+            transformer_longcat_image.LongCatImageAttention,
+            transformer_longcat_image.LongCatImageAttnProcessor,
+        ),
+        "OvisImage": (
+            transformer_ovis_image.OvisImageAttention,
+            transformer_ovis_image.OvisImageAttnProcessor,
+        ),
+    }
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["double", "single"])
+@pytest.mark.parametrize("name", ["Flux", "Bria", "BriaFibo", "LongCatImage", "OvisImage"])
+def test_attention_copies_compute_flux_attention(name, single):
+    """Each copy of FluxAttention + its processor (random weights, norm gains and biases; FLUX's
+    rotary tables; with and without a padding mask) gives the same outputs as diffusers'
+    FluxAttnProcessor and slimdiff's SlimFluxAttnProcessor on the same module: fp32 rounding only
+    (1e-5 relative). Bria's pair is in the allow-list on this evidence; the others are refused for
+    what differs outside the attention (structural.CHECKED_REFUSED)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxPosEmbed
+
+    from slimdiff.families.attention import SlimFluxAttnProcessor
+    from slimdiff.families.structural import CHECKED_REFUSED, verified_attention
+
+    attn_cls, proc_cls = _attention_copies()[name]
+    assert (verified_attention().get(attn_cls) is proc_cls) == (name in ("Flux", "Bria"))
+    assert (attn_cls.__name__ in CHECKED_REFUSED) == (name not in ("Flux", "Bria"))
+    torch.manual_seed(7)
+    kw = dict(pre_only=True) if single else dict(added_kv_proj_dim=32)
+    attn = attn_cls(
+        32, heads=2, dim_head=16, out_dim=32, bias=True, eps=1e-6, processor=proc_cls(), **kw
+    ).eval()
+    with torch.no_grad():
+        for mod in attn.modules():
+            if isinstance(mod, nn.RMSNorm) and mod.weight is not None:
+                mod.weight.uniform_(0.5, 1.5)
+    img = torch.randn(2, 16, 32)
+    text = torch.randn(2, TEXT, 32)
+    img_ids, txt_ids = FluxBlocksAdapter().position_ids(HW, TEXT)
+    rope = FluxPosEmbed(10000, [4, 6, 6])(torch.cat([txt_ids, img_ids]))
+    args = (torch.cat([text, img], 1), None) if single else (img, text)
+    keep = torch.ones(2, TEXT + 16, dtype=torch.bool)
+    keep[0, 3:TEXT] = False  # padded text tokens of sample 0
+    mask = torch.zeros(2, 1, 1, TEXT + 16).masked_fill(~keep[:, None, None], float("-inf"))
+    for m in (None, mask):
+        outs = []
+        for proc in (proc_cls(), FluxAttnProcessor(), SlimFluxAttnProcessor(scale=16**-0.5)):
+            attn.processor = proc
+            with torch.no_grad():
+                out = attn(*args, attention_mask=m, image_rotary_emb=rope)
+            outs.append(torch.cat(out, 1) if isinstance(out, tuple) else out)
+        assert rel(outs[1], outs[0]) <= 1e-5 and rel(outs[2], outs[0]) <= 1e-5, name
+
+
+def test_bria_rotary_embedding_is_fluxs():
+    """BriaEmbedND (its own copy of FluxPosEmbed and get_1d_rotary_pos_embed) gives FluxPosEmbed's
+    tables on FLUX's position ids: the same arithmetic, bit for bit."""
+    from diffusers.models.transformers.transformer_bria import BriaEmbedND
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    img_ids, txt_ids = FluxBlocksAdapter().position_ids((32, 48), 20)
+    ids = torch.cat([txt_ids, img_ids])
+    for a, b in zip(
+        BriaEmbedND(10000, [16, 56, 56])(ids), FluxPosEmbed(10000, [16, 56, 56])(ids), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_bria_blocks_run_as_the_flux_path():
+    """The stock BriaTransformer2DModel against the same model with every attention run by the FLUX
+    path (SlimFluxAttnProcessor at full rank, weights untouched): fp32 rounding (1e-5 relative)."""
+    from slimdiff.families.attention import SlimFluxAttnProcessor
+
+    model = tiny("bria", seed=2)
+    flux_path = copy.deepcopy(model)
+    for name, mod in flux_path.named_modules():
+        if name.endswith(".attn"):
+            mod.processor = SlimFluxAttnProcessor(scale=mod.head_dim**-0.5)
+    x = inputs(model, 8)
+    assert rel(run(flux_path, x), run(model, x)) <= 1e-5
+
+
+def test_bria_is_recognised_by_its_parts_and_gets_the_samplers_timestep():
+    model = tiny("bria")
+    adapter = adapter_for(model)
+    assert type(adapter) is FluxBlocksAdapter and adapter.by_parts
+    assert adapter.family == "FLUX.1-style blocks by structure (BriaTransformer2DModel)"
+    assert adapter_for_class("BriaTransformer2DModel").family == adapter.family
+    from slimdiff.formats import loading
+
+    assert loading.SlimBriaTransformer2DModel.__mro__[1] is type(model)
+    t = torch.full((2,), 750.0)  # BriaPipeline passes the sampler's t; Chroma's passes t / 1000
+    assert torch.equal(adapter.timestep(model, (), {"timestep": t}), t)
+    chroma = tiny_chroma()
+    assert torch.equal(adapter_for(chroma).timestep(chroma, (), {"timestep": t / 1000}), t)
+    assert "pooled_projections" not in inputs(model, 0)[1]  # Bria's config has no pooled width
+
+
+@pytest.mark.parametrize(
+    "name, differs",
+    [
+        (
+            "BriaFiboTransformer2DModel",
+            r"BriaFiboTransformerBlock is FLUX.1-shaped, but .*text_encoder_layers",
+        ),
+        (
+            "LongCatImageTransformer2DModel",
+            r"LongCatImageTransformerBlock is FLUX.1-shaped, but .*position ids",
+        ),
+        ("OvisImageTransformer2DModel", r"OvisImageTransformerBlock is FLUX.1-shaped, but .*gated MLP"),
+        (
+            "HunyuanImageTransformer2DModel",
+            r"HunyuanImage\w*Block is FLUX.1-shaped, but its attention is Attention",
+        ),
+    ],
+)
+def test_checked_flux_copies_that_differ_elsewhere_are_refused(name, differs):
+    """Their attention pairs compute FluxAttnProcessor's function (above), but the families differ
+    elsewhere: one message names the block type and what differs."""
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name)(num_layers=1, num_single_layers=1)
+    with pytest.raises(UnsupportedModelError, match=differs):
+        adapter_for(model)
+    with pytest.raises(UnsupportedModelError, match=name):
+        adapter_for_class(name)

@@ -501,8 +501,11 @@ class FluxAdapter(ModelAdapter):
             "txt_ids": txt_ids.to(device=device, dtype=dtype),
         }
         # the pooled text vector and the guidance embedding where the model has them (FLUX.1 does;
-        # FLUX-derived models without them, e.g. Chroma, take neither)
-        if "pooled_projections" in inspect.signature(type(model).forward).parameters:
+        # FLUX-derived models without them, e.g. Chroma, take neither; Bria's forward takes
+        # pooled_projections but its config has no pooled_projection_dim: it is not used)
+        if "pooled_projections" in inspect.signature(type(model).forward).parameters and getattr(
+            cfg, "pooled_projection_dim", None
+        ):
             kwargs["pooled_projections"] = randn((batch, cfg.pooled_projection_dim), device, dtype, generator)
         if getattr(cfg, "guidance_embeds", False):
             kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)

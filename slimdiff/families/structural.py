@@ -5,42 +5,58 @@ class names, so a family built from diffusers' stock modules needs no file of it
 modules are blocks. FLUX.1's adapter takes ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``
 by class; this one takes any module made of the same parts, whatever the block's class is called:
 
-* **double block**: ``attn`` is diffusers' ``FluxAttention`` (exactly that class) with two token
-  streams (``added_kv_proj_dim``, not ``pre_only``: ``to_q/to_k/to_v``, ``add_q/k/v_proj``,
-  ``to_out.0``, ``to_add_out``, per-head ``norm_q/norm_k/norm_added_q/norm_added_k``), its
-  processor is diffusers' ``FluxAttnProcessor`` (or a processor declaring ``slimdiff_supported``:
-  a compressed model's), and ``ff`` / ``ff_context`` are diffusers ``FeedForward``s with an
-  elementwise activation (GELU, GELU-tanh, ``ApproximateGELU``, ``LinearActivation``) or a gated
-  one (GEGLU, SwiGLU: ``proj`` rows [hidden | gate]);
-* **single block**: ``attn`` is a ``pre_only`` ``FluxAttention`` with that processor, next to an
+* **double block**: ``attn`` is a verified attention (``verified_attention``: diffusers'
+  ``FluxAttention`` run by ``FluxAttnProcessor``, or a copy of that pair checked line by line to
+  compute the same function) with two token streams (``added_kv_proj_dim``, not ``pre_only``:
+  ``to_q/to_k/to_v``, ``add_q/k/v_proj``, ``to_out.0``, ``to_add_out``, per-head
+  ``norm_q/norm_k/norm_added_q/norm_added_k``), run by its verified processor (or a processor
+  declaring ``slimdiff_supported``: a compressed model's), and ``ff`` / ``ff_context`` are diffusers
+  ``FeedForward``s with an elementwise activation (GELU, GELU-tanh, ``ApproximateGELU``,
+  ``LinearActivation``) or a gated one (GEGLU, SwiGLU: ``proj`` rows [hidden | gate]);
+* **single block**: ``attn`` is a ``pre_only`` verified attention with its processor, next to an
   MLP ``proj_mlp`` -> ``nn.GELU`` ``act_mlp`` and one ``proj_out`` over [attention | MLP].
 
 The processor fixes what the attention computes (the [text; image] order, the per-head norms,
-RoPE after the norms, the split into two output projections), so the FLUX adapter's units, QK
-pair selection, ``SlimFluxAttnProcessor`` and loading apply unchanged. The model around the
-blocks must be FLUX.1's too, read from the model itself: rotary tables from its ``pos_embed``
-(diffusers' ``FluxPosEmbed``, with FLUX's position ids: text at 0, latent patches at (0, row,
-column)), a forward taking ``hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids``
-(``pooled_projections`` and ``guidance`` where the model has them, nothing else without a
-default), every attention module inside a recognised block. The pipeline is read from the
-pipeline: classifier-free guidance from its ``__call__`` (an embedded guidance scale,
-``true_cfg_scale`` as FluxPipeline, or ``guidance_scale`` with the branch count its own
-``do_classifier_free_guidance`` gives) and the text length from its one tokenizer and its
-``max_sequence_length`` default. The transformer is assumed to get ``t / 1000`` as FLUX's
-pipelines pass it; the statistics collector checks every call against the sampler's schedule and
-raises if it does not hold.
+RoPE on adjacent pairs after the norms, the split into two output projections), so the FLUX
+adapter's units, QK pair selection, ``SlimFluxAttnProcessor`` and loading apply unchanged. The
+model around the blocks must be FLUX.1's too, read from the model itself: rotary tables from its
+``pos_embed`` (diffusers' ``FluxPosEmbed`` or a verified copy of it, with FLUX's position ids:
+text at 0, latent patches at (0, row, column)), a forward taking ``hidden_states,
+encoder_hidden_states, timestep, img_ids, txt_ids`` (``pooled_projections`` and ``guidance`` where
+the model has them, nothing else without a default), every attention module inside a recognised
+block. The pipeline is read from the pipeline: classifier-free guidance from its ``__call__`` (an
+embedded guidance scale, ``true_cfg_scale`` as FluxPipeline, or ``guidance_scale`` with the
+branch count its own ``do_classifier_free_guidance`` gives) and the text length from its one
+tokenizer and its ``max_sequence_length`` default. The transformer is assumed to get ``t / 1000``
+as FLUX's pipelines pass it, except for the models in ``SAMPLER_TIMESTEP`` (their pipelines pass
+the sampler's ``t`` and the model does not rescale it); the statistics collector checks every call
+against the sampler's schedule and raises if the convention does not hold.
 
-What this does not recognise is refused, naming the block type and the part that differs
-(``near_miss``): an attention class of the family's own (Bria, LongCat-Image and Ovis-Image copy
-FluxAttention and its processor into classes of their own, which slimdiff has not verified), a
-fused ``to_qkv``, an unknown processor, another rotary embedding, other inputs. Community LoRAs
-in FLUX.1's reference naming are FLUX.1's, not converted here (diffusers / PEFT keys load).
+**Verified copies** (``verified_attention``, ``verified_rotary``; each pair has a test running
+the stock blocks against FluxAttnProcessor and the FLUX path, tests/test_structural.py):
+``BriaAttention`` / ``BriaAttnProcessor`` split heads as ``(heads, -1)`` instead of ``(-1,
+head_dim)`` (the same split: ``inner_dim == heads * head_dim`` in every FLUX-shaped attention,
+checked in ``flux_block``) and project the attention outputs without ``.contiguous()`` (the same
+values); the projections, per-head RMSNorms, [text; image] concatenation, ``apply_rotary_emb`` on
+adjacent pairs, the mask and the output projections are FluxAttnProcessor's. ``BriaEmbedND`` is
+FluxPosEmbed's code over its own copy of ``get_1d_rotary_pos_embed`` (the same
+``repeat_interleave_real`` branch): the same tables.
+
+Checked and refused (``CHECKED_REFUSED``: the attention pair computes FluxAttnProcessor's
+function, but something else differs, named in the refusal): Bria-Fibo, LongCat-Image and
+Ovis-Image. Also refused, naming the block type and the part that differs (``near_miss``): any
+other attention class of a family's own, a fused ``to_qkv``, an unknown processor, another rotary
+embedding, other inputs. Community LoRAs in FLUX.1's reference naming are FLUX.1's, not converted
+here (diffusers / PEFT keys load).
 
 Supported this way in diffusers 0.42: ``ChromaTransformer2DModel`` (Chroma: FLUX.1's blocks
 without their modulation linears, a distilled modulation network outside the blocks, T5 text
-only). Chroma's pipeline passes a float 0/1 padding mask that diffusers' processor adds to the
-logits, so padded T5 tokens stay in every softmax (down-weighted): they are real inputs of every
-attention and are counted in the statistics, as in FLUX.1, which passes no mask.
+only) and ``BriaTransformer2DModel`` (Bria 3.x: FLUX.1's blocks with verified copies of its
+attention and rotary embedding, no pooled text vector, T5 text, true classifier-free guidance
+batched by BriaPipeline, the sampler's ``t`` unscaled). Chroma's pipeline passes a float 0/1
+padding mask that diffusers' processor adds to the logits, so padded T5 tokens stay in every
+softmax (down-weighted): they are real inputs of every attention and are counted in the
+statistics, as in FLUX.1, which passes no mask.
 """
 
 from __future__ import annotations
@@ -67,6 +83,63 @@ from slimdiff.families.flux import FluxAdapter
 #: the forward arguments of a FLUX.1-style denoiser (``FluxAdapter.example_inputs`` builds them)
 FLUX_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids")
 FLUX_OPTIONAL_INPUTS = ("pooled_projections", "guidance")
+
+
+# -- verified copies of FLUX.1's attention -----------------------------------------------------------
+def verified_attention() -> dict[type, type]:
+    """attention class -> its processor class, for the pairs that compute FluxAttnProcessor's
+    function of the same parts (module docstring; one test per pair in tests/test_structural.py)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    pairs = {FluxAttention: FluxAttnProcessor}
+    try:
+        from diffusers.models.transformers.transformer_bria import BriaAttention, BriaAttnProcessor
+    except ImportError:  # a diffusers without Bria
+        return pairs
+    pairs[BriaAttention] = BriaAttnProcessor
+    return pairs
+
+
+def verified_rotary() -> tuple[type, ...]:
+    """The rotary embeddings that compute FluxPosEmbed's tables (FluxPosEmbed and verified copies)."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    try:
+        from diffusers.models.transformers.transformer_bria import BriaEmbedND
+    except ImportError:
+        return (FluxPosEmbed,)
+    return FluxPosEmbed, BriaEmbedND
+
+
+def sampler_timestep(cls: type) -> bool:
+    """Whether denoisers of ``cls`` get the sampler's ``t`` itself rather than ``t / 1000``
+    (``SAMPLER_TIMESTEP``: BriaPipeline passes ``t`` unscaled, and BriaTransformer2DModel's
+    forward feeds it to its timestep embedding as it is)."""
+    return any(c.__name__ in SAMPLER_TIMESTEP and c.__module__.startswith("diffusers.") for c in cls.__mro__)
+
+
+#: diffusers denoiser classes whose pipelines pass the sampler's timestep unscaled
+SAMPLER_TIMESTEP = frozenset({"BriaTransformer2DModel"})
+
+#: FLUX-shaped attention classes whose pair computes FluxAttnProcessor's function, checked line by
+#: line, but whose family differs elsewhere -> what differs (diffusers 0.42)
+CHECKED_REFUSED = {
+    "BriaFiboAttention": (
+        "Bria-Fibo's forward splices per-block text-encoder layers (text_encoder_layers, projected by "
+        "caption_projection) into the text stream before every block, and its single blocks run "
+        "diffusers' legacy Attention on tokens concatenated outside the block"
+    ),
+    "LongCatImageAttention": (
+        "LongCat-Image's position ids are not FLUX.1's (text on a diagonal (0, i, i), latent patches "
+        "at (1, 512 + row, 512 + column)), so FLUX.1's rotary statistics do not hold, and its "
+        "pipeline has no max_sequence_length and rewrites prompts with its text encoder by default"
+    ),
+    "OvisImageAttention": (
+        "Ovis-Image's single blocks have a gated MLP (SiLU over the second half of a 2x-wide "
+        "proj_mlp, not FLUX.1's GELU), its text position ids are (0, i, i), not FLUX.1's zeros, and "
+        "its pipeline decides guidance in a local variable (no do_classifier_free_guidance)"
+    ),
+}
 
 
 # -- standard parts ---------------------------------------------------------------------------------
@@ -145,25 +218,34 @@ def flux_block(module: nn.Module) -> tuple[str | None, str | None]:
     """(kind, problem) of a module: kind "double" / "single" when it is made of FLUX.1's parts
     (module docstring), problem None; for a FLUX-shaped module that is not, (None, what differs);
     (None, None) for any other module."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
-
     shape = flux_shaped(module)
     if shape is None:
         return None, None
     attn = module.attn
     proc = type(getattr(attn, "processor", None))
-    if type(attn) is not FluxAttention:
+    pairs = verified_attention()
+    if type(attn).__name__ in CHECKED_REFUSED:
+        return None, (
+            f"{CHECKED_REFUSED[type(attn).__name__]} (its attention {type(attn).__name__} / "
+            f"{proc.__name__} is checked: it computes FluxAttnProcessor's function)"
+        )
+    if type(attn) not in pairs:
         return None, (
             f"its attention is {type(attn).__name__} / {proc.__name__}, not diffusers' "
-            "FluxAttention / FluxAttnProcessor"
+            "FluxAttention / FluxAttnProcessor or a verified copy of them"
         )
+    stock = pairs[type(attn)]
     if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
         return None, "its attention has fused to_qkv projections: call unfuse_qkv_projections() first"
-    if proc is not FluxAttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
+    if proc is not stock and getattr(proc, "slimdiff_supported", False) is not True:
         return None, (
-            f"its attention processor is {proc.__name__}, not diffusers' FluxAttnProcessor "
-            "(set_attn_processor(FluxAttnProcessor()) first)"
+            f"its attention processor is {proc.__name__}, not {stock.__name__} "
+            f"(set_attn_processor({stock.__name__}()) first)"
         )
+    if proc is stock and int(attn.heads) * int(attn.head_dim) != getattr(attn.to_q, "out_features", None):
+        # copies split heads as (heads, -1), FluxAttnProcessor as (-1, head_dim): the same split
+        # only when the stock width is heads * head_dim (a compressed model runs slimdiff's processor)
+        return None, "its attention's to_q is not heads * head_dim wide"
     missing = _linears(attn, ("to_q", "to_k", "to_v"))
     norms = ["norm_q", "norm_k"]
     if shape == "double":
@@ -201,6 +283,7 @@ class FluxBlocksAdapter(FluxAdapter):
     family = "FLUX.1-style blocks, recognised by their parts"
     by_parts = True
     _cls: type | None = None
+    _timestep_scale = 1000  # the sampler's t per unit of the transformer's timestep argument
 
     # -- recognition -----------------------------------------------------------------------------
     def block_kind(self, module: nn.Module) -> str | None:
@@ -210,7 +293,6 @@ class FluxBlocksAdapter(FluxAdapter):
         """Why ``model`` is not a FLUX.1-style denoiser made of standard parts (None: it is)."""
         from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
-        from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
         blocks: list[str] = []
         for name, mod in model.named_modules():
@@ -225,9 +307,9 @@ class FluxBlocksAdapter(FluxAdapter):
             inside = any(name == b or name.startswith(f"{b}.") for b in blocks)
             if isinstance(mod, AttentionModuleMixin | Attention) and not inside:
                 return f"attention {name} ({type(mod).__name__}) is outside its FLUX.1-style blocks"
-        if not isinstance(getattr(model, "pos_embed", None), FluxPosEmbed):
+        if type(getattr(model, "pos_embed", None)) not in verified_rotary():
             kind = type(getattr(model, "pos_embed", None)).__name__
-            return f"its rotary embedding pos_embed is {kind}, not diffusers' FluxPosEmbed"
+            return f"its rotary embedding pos_embed is {kind}, not diffusers' FluxPosEmbed or a verified copy"
         params = inspect.signature(type(model).forward).parameters
         missing = [p for p in FLUX_INPUTS if p not in params]
         if missing:
@@ -262,6 +344,7 @@ class FluxBlocksAdapter(FluxAdapter):
     def bound(self, model: nn.Module) -> ModelAdapter:
         adapter = copy.copy(self)
         adapter._cls = stock_class(model)
+        adapter._timestep_scale = 1 if sampler_timestep(adapter._cls) else 1000
         adapter.family = f"FLUX.1-style blocks by structure ({adapter._cls.__name__})"
         return adapter
 
@@ -272,6 +355,28 @@ class FluxBlocksAdapter(FluxAdapter):
 
     def feedforward(self, model: nn.Module, block: str, name: str) -> UnitInfo:
         return feedforward_unit(model, block, name)
+
+    def check_processors(self, model: nn.Module) -> None:
+        """Every block's attention runs the processor verified for its class (``verified_attention``)
+        or a slimdiff processor (``slimdiff_supported``)."""
+        pairs = verified_attention()
+        for name, block, _ in self.blocks(model):
+            proc = type(block.attn.processor)
+            if (
+                proc is not pairs.get(type(block.attn))
+                and getattr(proc, "slimdiff_supported", False) is not True
+            ):
+                raise UnsupportedModelError(
+                    f"{name}.attn: unknown attention processor {proc.__name__} for {type(block.attn).__name__}; "
+                    "SlimDiff statistics support its verified processor and processors with "
+                    "`slimdiff_supported = True`"
+                )
+
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict):
+        """The sampler's timestep: ``t / 1000`` rescaled as FLUX.1's, or ``t`` itself for the
+        classes in ``SAMPLER_TIMESTEP``."""
+        t = ModelAdapter.timestep(self, model, args, kwargs)
+        return None if t is None else t * self._timestep_scale
 
     # -- the pipeline, read from the pipeline -----------------------------------------------------
     def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
