@@ -134,6 +134,7 @@ def slim(
     params: Params | None = None,
     loras: Sequence[Any] = (),
     lora_scale: float = 1.0,
+    lora_prompts: Sequence[str] | None = None,
 ) -> tuple[Any, SlimReport]:
     """Compress ``pipe``'s denoiser (``pipe.unet`` or ``pipe.transformer``) in place, calibrated on
     ``prompts``; returns ``(pipe, report)``. Save it with ``slimdiff.formats.io.save_compressed``.
@@ -159,7 +160,9 @@ def slim(
       fused at ``lora_scale`` (``slimdiff.formats.lora.collect_stats_with_loras``: one more
       calibration run per LoRA, an equal-weight mixture with the base run), so the rank selection
       keeps what they use (docs/lora.md, "LoRA-aware calibration"). The pipeline is left bit for bit
-      as it was. Empty (default): today's calibration, same bits.
+      as it was. Empty (default): today's calibration, same bits. ``lora_prompts`` (default:
+      ``prompts``) are what the LoRA runs sample: the prompts the LoRAs will be used with (on the
+      toy FLUX, keeping a LoRA's effect at 40% removed needed its own prompts: docs/lora.md).
     """
 
     if isinstance(prompts, str):
@@ -186,14 +189,17 @@ def slim(
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    identity = _identity(params, prompts, denoiser, loras, lora_scale) if store is not None else None
+    lora_prompts = None if lora_prompts is None else list(lora_prompts)
+    identity = (
+        _identity(params, prompts, denoiser, loras, lora_scale, lora_prompts) if store is not None else None
+    )
     folder = _StatsFolder(Path(store), identity) if store is not None else None
     stats = folder.read() if folder is not None else None
     reused = stats is not None
     if stats is None:
         options = cal.sampler_options()
         if loras:  # one more calibration run per LoRA, fused (formats.lora), summed with the base run
-            options = {"loras": loras, "lora_scale": lora_scale, **options}
+            options = {"loras": loras, "lora_scale": lora_scale, "lora_prompts": lora_prompts, **options}
             collect = collect_stats_with_loras
         else:
             collect = collect_stats
@@ -335,6 +341,7 @@ def _identity(
     denoiser: torch.nn.Module,
     loras: Sequence[Any] = (),
     lora_scale: float = 1.0,
+    lora_prompts: list[str] | None = None,
 ) -> dict:
     """What makes stored statistics reusable: the same weights, prompts, calibration settings (not
     the memory limit, which changes no number), LoRAs calibrated with (their sha256 and scale; the
@@ -343,6 +350,8 @@ def _identity(
     extra = {}
     if loras:
         extra["loras"] = {"sha256": [lora_digest(lora) for lora in loras], "scale": float(lora_scale)}
+        if lora_prompts is not None:
+            extra["loras"]["prompts_sha256"] = _sha256_json(lora_prompts)
     return {
         **extra,
         "denoiser_class": type(denoiser).__name__,

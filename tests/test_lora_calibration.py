@@ -113,14 +113,14 @@ def test_lora_runs_add_the_statistics_of_the_fused_pipeline_and_leave_it_unchang
 def test_a_failing_lora_run_still_restores_the_weights(tiny, monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
-    from slimdiff.calibration import collect
+    import slimdiff.formats.lora as lora_module  # the module whose collect_stats the LoRA runs call
 
     path = tmp_path / "lora.safetensors"
     save_file(random_lora(tiny, seed=1), str(path))
     before = all_weights(tiny)
     block = transformer_blocks(tiny.unet)[0][0]
     key = f"unet.{block}.ff.net.0.proj.weight"
-    real, fused = collect.collect_stats, []
+    real, fused = lora_module.collect_stats, []
 
     def flaky(*args, **kwargs):
         fused.append(not torch.equal(tiny.unet.get_submodule(key[5:-7]).weight, before[key]))
@@ -128,7 +128,7 @@ def test_a_failing_lora_run_still_restores_the_weights(tiny, monkeypatch, tmp_pa
             raise RuntimeError("sampling failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(collect, "collect_stats", flaky)
+    monkeypatch.setattr(lora_module, "collect_stats", flaky)
     with pytest.raises(RuntimeError, match="sampling failed"):
         collect_stats_with_loras(tiny, PROMPTS, [path], **OPTIONS)
     assert fused == [False, True]  # the base run, then the run with the LoRA fused
@@ -136,10 +136,10 @@ def test_a_failing_lora_run_still_restores_the_weights(tiny, monkeypatch, tmp_pa
 
 
 def test_a_lora_for_another_model_fails_before_sampling(tiny, monkeypatch):
-    from slimdiff.calibration import collect
+    import slimdiff.formats.lora as lora_module  # the module whose collect_stats the LoRA runs call
     from slimdiff.families.base import LoraError
 
-    monkeypatch.setattr(collect, "collect_stats", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(lora_module, "collect_stats", lambda *a, **k: pytest.fail("sampled"))
     block = transformer_blocks(tiny.unet)[0][0]
     bad = {
         f"unet.{block}.attn1.to_q.lora_A.weight": torch.zeros(2, 7),
@@ -267,3 +267,5 @@ def test_slim_store_identity_names_the_loras(dead_neurons, tmp_path):
         slim(fresh(), PROMPTS, **kw)
     with pytest.raises(ValueError, match="differing: loras"):
         slim(fresh(), PROMPTS, loras=[lora], lora_scale=0.5, **kw)
+    with pytest.raises(ValueError, match="differing: loras"):  # the LoRA run's prompts are part of it
+        slim(fresh(), PROMPTS, loras=[lora], lora_prompts=PROMPTS[:2], **kw)
