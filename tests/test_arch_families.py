@@ -463,5 +463,9 @@ def test_only_the_adapters_import_diffusers_layout_classes():
     assert outside == {}, f"modules outside slimdiff/families import diffusers layout classes: {outside}"
     # the detector sees the adapters' own imports (so an empty result above is not vacuous)
     assert {"BasicTransformerBlock", "GEGLU", "GELU"} <= found["slimdiff/families/basic.py"]
-    assert "UNet2DConditionModel" in found["slimdiff/families/unet.py"]
-    assert "PixArtTransformer2DModel" in found["slimdiff/families/pixart.py"]
+    assert {"FluxTransformerBlock", "FluxSingleTransformerBlock"} <= found["slimdiff/families/flux.py"]
+    # families that name their classes (``denoiser_name`` / ``block_type``) do it inside families/ too
+    from slimdiff.families.base import registered_adapters
+
+    named = {type(a).__module__ for a in registered_adapters() if a.denoiser_name or a.block_type}
+    assert named and all(m.startswith("slimdiff.families.") for m in named), named

@@ -23,6 +23,7 @@ covariance store and a compressed folder written for one family are read the sam
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -398,13 +399,37 @@ class ModelAdapter:
     #: tried after every adapter of a named family
     by_parts: bool = False
 
+    #: the diffusers class of this family's denoiser, by name (``denoiser_class`` and ``matches``
+    #: default to it), e.g. "WanTransformer3DModel"
+    denoiser_name: str = ""
+    #: the diffusers block class the family is made of, "<module>:<class>" (``blocks`` defaults to
+    #: every submodule of that class), e.g. "diffusers.models.attention:JointTransformerBlock"
+    block_type: str = ""
+
     # -- recognition -----------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
-        raise NotImplementedError
+        if not self.denoiser_name:
+            raise NotImplementedError
+        return isinstance(model, self.denoiser_class())
 
     def denoiser_class(self) -> type:
         """The diffusers class of this family's denoiser (rebuilt from config at load time)."""
-        raise NotImplementedError
+        if not self.denoiser_name:
+            raise NotImplementedError
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_name)
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(path, block) of every block of ``block_type`` in ``model``."""
+        if not self.block_type:
+            raise NotImplementedError
+        module, name = self.block_type.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+        if not found:
+            raise UnsupportedModelError(f"{type(model).__name__} has no {name}")
+        return found
 
     def bound(self, model: nn.Module) -> ModelAdapter:
         """The adapter ``adapter_for`` returns for a ``model`` this adapter ``matches``: itself for a

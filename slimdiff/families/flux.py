@@ -342,14 +342,7 @@ def convert_bfl_lora(
 class FluxAdapter(ModelAdapter):
     family = "FLUX.1 (FluxTransformer2DModel)"
     pipeline_attr = "transformer"
-
-    def denoiser_class(self) -> type:
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
+    denoiser_name = "FluxTransformer2DModel"
 
     def block_kind(self, module: nn.Module) -> str | None:
         """The kind of a block: "double" (``FluxTransformerBlock``), "single" (``FluxSingleTransformerBlock``)

@@ -153,14 +153,7 @@ class SlimFlux2AttnProcessor(SlimFluxAttnProcessor):
 class Flux2Adapter(ModelAdapter):
     family = "FLUX.2 (Flux2Transformer2DModel; double blocks only)"
     pipeline_attr = "transformer"
-
-    def denoiser_class(self) -> type:
-        from diffusers import Flux2Transformer2DModel
-
-        return Flux2Transformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
+    denoiser_name = "Flux2Transformer2DModel"
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
         """(path, block, single) of every block in ``transformer_blocks`` / ``single_transformer_blocks``;

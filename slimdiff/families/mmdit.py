@@ -116,22 +116,8 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
 class MMDiTAdapter(ModelAdapter):
     family = "SD3 / SD3.5 MMDiT (SD3Transformer2DModel)"
     pipeline_attr = "transformer"
-
-    def denoiser_class(self) -> type:
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
-
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        from diffusers.models.attention import JointTransformerBlock
-
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, JointTransformerBlock)]
-        if not blocks:
-            raise UnsupportedModelError(f"{type(model).__name__} has no JointTransformerBlock")
-        return blocks
+    denoiser_name = "SD3Transformer2DModel"
+    block_type = "diffusers.models.attention:JointTransformerBlock"
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         units: list[UnitInfo] = []

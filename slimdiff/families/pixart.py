@@ -11,7 +11,6 @@ the key covariance either (``masked_keys``: the collector reads the cross-attent
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from slimdiff.families.base import randn, register_adapter
 from slimdiff.families.basic import BasicBlocksAdapter
@@ -21,15 +20,8 @@ from slimdiff.families.basic import BasicBlocksAdapter
 class PixArtAdapter(BasicBlocksAdapter):
     family = "PixArt-alpha / PixArt-Sigma DiT (PixArtTransformer2DModel)"
     pipeline_attr = "transformer"
+    denoiser_name = "PixArtTransformer2DModel"
     masked_cross_attention = True
-
-    def denoiser_class(self) -> type:
-        from diffusers import PixArtTransformer2DModel
-
-        return PixArtTransformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None

@@ -136,22 +136,8 @@ def _attention(model: nn.Module, block: str) -> list[UnitInfo]:
 class QwenImageAdapter(ModelAdapter):
     family = "Qwen-Image (QwenImageTransformer2DModel)"
     pipeline_attr = "transformer"
-
-    def denoiser_class(self) -> type:
-        from diffusers import QwenImageTransformer2DModel
-
-        return QwenImageTransformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
-
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, QwenImageTransformerBlock)]
-        if not blocks:
-            raise UnsupportedModelError(f"{type(model).__name__} has no QwenImageTransformerBlock")
-        return blocks
+    denoiser_name = "QwenImageTransformer2DModel"
+    block_type = "diffusers.models.transformers.transformer_qwenimage:QwenImageTransformerBlock"
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         units: list[UnitInfo] = []

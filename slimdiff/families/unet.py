@@ -9,7 +9,6 @@ time ids, passed as ``added_cond_kwargs``), which ``example_inputs`` supplies.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from slimdiff.families.base import UnsupportedModelError, randn, register_adapter
 from slimdiff.families.basic import BasicBlocksAdapter
@@ -19,14 +18,7 @@ from slimdiff.families.basic import BasicBlocksAdapter
 class UNetAdapter(BasicBlocksAdapter):
     family = "SD 1.x / 2.x / XL UNet (UNet2DConditionModel)"
     pipeline_attr = "unet"
-
-    def denoiser_class(self) -> type:
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
+    denoiser_name = "UNet2DConditionModel"
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None

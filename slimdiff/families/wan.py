@@ -220,24 +220,10 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
 class WanAdapter(ModelAdapter):
     family = "Wan 2.1 text-to-video (WanTransformer3DModel)"
     pipeline_attr = "transformer"
+    denoiser_name = "WanTransformer3DModel"
+    block_type = "diffusers.models.transformers.transformer_wan:WanTransformerBlock"
     #: frames of every calibration / evaluation pipeline call (``pipeline_kwargs``)
     calibration_frames = WAN_CALIBRATION_FRAMES
-
-    def denoiser_class(self) -> type:
-        from diffusers import WanTransformer3DModel
-
-        return WanTransformer3DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
-
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, WanTransformerBlock)]
-        if not blocks:
-            raise UnsupportedModelError(f"{type(model).__name__} has no WanTransformerBlock")
-        return blocks
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         units: list[UnitInfo] = []

@@ -234,22 +234,8 @@ class SlimZImageAttnProcessor(SlimAttnProcessor):
 class ZImageAdapter(ModelAdapter):
     family = "Z-Image (ZImageTransformer2DModel)"
     pipeline_attr = "transformer"
-
-    def denoiser_class(self) -> type:
-        from diffusers import ZImageTransformer2DModel
-
-        return ZImageTransformer2DModel
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.denoiser_class())
-
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
-
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ZImageTransformerBlock)]
-        if not blocks:
-            raise UnsupportedModelError(f"{type(model).__name__} has no ZImageTransformerBlock")
-        return blocks
+    denoiser_name = "ZImageTransformer2DModel"
+    block_type = "diffusers.models.transformers.transformer_z_image:ZImageTransformerBlock"
 
     def units(self, model: nn.Module) -> dict[str, UnitInfo]:
         units: list[UnitInfo] = []
