@@ -138,6 +138,13 @@ def expected_wan() -> dict[str, int]:
     return {"ffn": n, "qk": 2 * n, "vo": 2 * n}  # self- and cross-attention per block
 
 
+def expected_ltx() -> dict[str, int]:
+    from diffusers import LTXVideoTransformer3DModel
+
+    n = defaults(LTXVideoTransformer3DModel)["num_layers"]
+    return {"ffn": n, "qk": 2 * n, "vo": 2 * n}  # self- and cross-attention per block
+
+
 @pytest.mark.parametrize(
     "name, family, expected",
     [
@@ -151,6 +158,7 @@ def expected_wan() -> dict[str, int]:
         ("Flux2Transformer2DModel", "FLUX.2", expected_flux2),
         ("ZImageTransformer2DModel", "Z-Image", expected_zimage),
         ("WanTransformer3DModel", "Wan 2.1", expected_wan),
+        ("LTXVideoTransformer3DModel", "LTX-Video", expected_ltx),
     ],
 )
 def test_supported_families_and_their_unit_counts(coverage, name, family, expected):

@@ -609,6 +609,19 @@ def rope_phase_moments(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return 0.5 * (am + ap), 0.5 * (am - ap)
 
 
+def head_phases(
+    phases: tuple[torch.Tensor, torch.Tensor] | None, head: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (c, s) phase moments (``rope_phase_moments``) of head ``head``: ``phases`` shared by every
+    head ((P, P) each: FLUX, Wan, whose heads share one rotary table) or per head ((H, P, P) each:
+    LTX-Video, whose rotary table spans all heads' coordinates, so every head has its own
+    frequencies). None stays None."""
+    if phases is None:
+        return None
+    c, s = phases
+    return (c, s) if c.ndim == 2 else (c[head], s[head])
+
+
 def rope_pair_error_matrix(
     cov_qn: torch.Tensor, cov_kn: torch.Tensor, c: torch.Tensor, s: torch.Tensor
 ) -> torch.Tensor:
@@ -762,7 +775,7 @@ def selection_errors_across_heads(
         orders = torch.stack([sel.drop_order for sel in selections])  # (H, d) coordinates
         coords, width = None, 1
     else:
-        ms = [rope_pair_error_matrix(cov_qn[h], cov_kn[h], *phases) for h in range(heads)]
+        ms = [rope_pair_error_matrix(cov_qn[h], cov_kn[h], *head_phases(phases, h)) for h in range(heads)]
         orders = torch.stack([sel.drop_order[0::2] // 2 for sel in selections])  # (H, d/2) pairs
         coords, width = torch.arange(d).view(d // 2, 2), 2
     n = orders.shape[1]

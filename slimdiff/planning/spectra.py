@@ -48,6 +48,7 @@ from torch import nn
 from slimdiff.core.linalg import (
     cpqr,
     damped_cholesky,
+    head_phases,
     rms_coordinate_selection,
     rope_pair_selection,
     selection_errors_across_heads,
@@ -203,7 +204,7 @@ def qk_select_error_curve(
         if phases is None:
             sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d, *raw)
         else:
-            sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *phases, *raw)
+            sel = rope_pair_selection(cov_qn[h], cov_kn[h], d, *head_phases(phases, h), *raw)
         errors += sel.errors
         energy += sel.energy
         sels.append(sel)

@@ -283,7 +283,7 @@ def _rms_select(
     for h in range(heads):
         # the raw moments also give the predicted error its renormalisation term
         if phases is not None:
-            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *phases, cq[h], ck[h])
+            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *linalg.head_phases(phases, h), cq[h], ck[h])
         else:
             sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r, cq[h], ck[h])
         sels.append(sel)
