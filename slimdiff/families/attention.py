@@ -85,16 +85,15 @@ def padded_sdpa(
     return out if width == r_vo else out[..., :r_vo]
 
 
-class SlimAttnProcessor:
-    """diffusers ``AttnProcessor2_0`` for attention with compressed per-head q/k and v widths.
-
-    q and k are split into heads of width r_qk = to_q.out_features / heads, v into heads of
-    width r_vo = to_v.out_features / heads, and attention runs through ``padded_sdpa`` (one common
-    width, so the fused kernel is used) with the ORIGINAL softmax scale 1/sqrt(d_h): the QK
-    decomposition approximates the original logits q k^T, so rescaling by 1/sqrt(r_qk) would
-    sharpen every attention map."""
+class SlimProcessor:
+    """What every compressed attention processor shares: the ORIGINAL softmax scale 1/sqrt(d_h)
+    (the QK rewrite approximates the original logits, so rescaling by 1/sqrt(r_qk) would sharpen
+    every attention map), the marker that the statistics hooks accept it (``slimdiff_supported``)
+    and that it runs ``padded_sdpa`` at one common head width (``slimdiff_pads_heads``: FLOPs and
+    latency count that width)."""
 
     slimdiff_supported = True
+    slimdiff_pads_heads = True
 
     def __init__(self, scale: float):
         if not scale > 0:
@@ -102,7 +101,17 @@ class SlimAttnProcessor:
         self.scale = float(scale)
 
     def __repr__(self) -> str:
-        return f"SlimAttnProcessor(scale={self.scale:.6g})"
+        return f"{type(self).__name__}(scale={self.scale:.6g})"
+
+
+class SlimAttnProcessor(SlimProcessor):
+    """diffusers ``AttnProcessor2_0`` for attention with compressed per-head q/k and v widths.
+
+    q and k are split into heads of width r_qk = to_q.out_features / heads, v into heads of
+    width r_vo = to_v.out_features / heads, and attention runs through ``padded_sdpa`` (one common
+    width, so the fused kernel is used) with the ORIGINAL softmax scale 1/sqrt(d_h): the QK
+    decomposition approximates the original logits q k^T, so rescaling by 1/sqrt(r_qk) would
+    sharpen every attention map."""
 
     def __call__(
         self,
@@ -221,7 +230,7 @@ class QKPostProjection(nn.Module):
         )
 
 
-class SlimJointAttnProcessor:
+class SlimJointAttnProcessor(SlimProcessor):
     """diffusers ``JointAttnProcessor2_0`` (MMDiT joint attention) for compressed per-head widths.
 
     Image tokens are projected by ``to_q/to_k/to_v`` and text tokens by ``add_q_proj/add_k_proj/
@@ -231,16 +240,6 @@ class SlimJointAttnProcessor:
     1/sqrt(d_h), and the output is split again for ``to_out.0`` and ``to_add_out`` (absent in a
     ``context_pre_only`` block, whose text output is discarded). Without ``encoder_hidden_states``
     (SD3.5's image-only ``attn2``) it is plain self-attention."""
-
-    slimdiff_supported = True
-
-    def __init__(self, scale: float):
-        if not scale > 0:
-            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
-        self.scale = float(scale)
-
-    def __repr__(self) -> str:
-        return f"SlimJointAttnProcessor(scale={self.scale:.6g})"
 
     def __call__(
         self,
@@ -308,11 +307,8 @@ def is_attention_module(m: nn.Module) -> bool:
 
 #: the processors that pad q/k and v heads to one width (``padded_sdpa``)
 def pads_heads(processor: Any) -> bool:
-    if getattr(processor, "slimdiff_pads_heads", False) is True:  # processors defined with their family (Wan)
-        return True
-    return isinstance(
-        processor, SlimAttnProcessor | SlimJointAttnProcessor | SlimFluxAttnProcessor | SlimQwenAttnProcessor
-    )
+    """Whether ``processor`` runs ``padded_sdpa`` at one common head width (``SlimProcessor``)."""
+    return getattr(processor, "slimdiff_pads_heads", False) is True
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -324,7 +320,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class SlimFluxAttnProcessor:
+class SlimFluxAttnProcessor(SlimProcessor):
     """diffusers ``FluxAttnProcessor`` for compressed per-head widths, with the rotary tables
     narrowed to each head's kept pairs.
 
@@ -336,16 +332,6 @@ class SlimFluxAttnProcessor:
     ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h). Outputs as the stock processor: double
     blocks split and project both streams; single blocks (``pre_only``) return the attention output
     for the block's packed ``proj_out``."""
-
-    slimdiff_supported = True
-
-    def __init__(self, scale: float):
-        if not scale > 0:
-            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
-        self.scale = float(scale)
-
-    def __repr__(self) -> str:
-        return f"SlimFluxAttnProcessor(scale={self.scale:.6g})"
 
     def __call__(
         self,
@@ -398,7 +384,7 @@ def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
-class SlimQwenAttnProcessor:
+class SlimQwenAttnProcessor(SlimProcessor):
     """diffusers ``QwenDoubleStreamAttnProcessor2_0`` (Qwen-Image's joint attention) for compressed
     per-head widths, with the rotary tables narrowed to each head's kept pairs.
 
@@ -413,16 +399,6 @@ class SlimQwenAttnProcessor:
     joint mask, attention runs through ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h), and the
     output is split again and returned as (image output after ``to_out``, text output after
     ``to_add_out``)."""
-
-    slimdiff_supported = True
-
-    def __init__(self, scale: float):
-        if not scale > 0:
-            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
-        self.scale = float(scale)
-
-    def __repr__(self) -> str:
-        return f"SlimQwenAttnProcessor(scale={self.scale:.6g})"
 
     def __call__(
         self,

@@ -562,6 +562,18 @@ UNSUPPORTED_BLOCKS = {
 }
 
 
+def require_processor(path: str, attn: nn.Module, stock: type) -> None:
+    """Raise UnsupportedModelError unless the attention at ``path`` runs diffusers' ``stock``
+    processor or a slimdiff one (class attribute ``slimdiff_supported``): the statistics hooks see
+    the activations those processors compute, and no others."""
+    proc = type(attn.processor)
+    if proc is not stock and getattr(proc, "slimdiff_supported", False) is not True:
+        raise UnsupportedModelError(
+            f"{path}: unknown attention processor {proc.__name__}; SlimDiff statistics support "
+            f"diffusers' {stock.__name__} and processors with `slimdiff_supported = True`"
+        )
+
+
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     """Class decorator: add a family to the registry (adapters are tried in registration order,
     those recognising models by their parts, ``by_parts``, after all the others)."""

@@ -52,6 +52,7 @@ from slimdiff.families.base import (
     packed_path,
     randn,
     register_adapter,
+    require_processor,
 )
 from slimdiff.families.mmdit import CONTEXT_FFN, _ffn
 
@@ -390,12 +391,7 @@ class FluxAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         for name, block, _ in self.blocks(model):
-            proc = type(block.attn.processor)
-            if proc is not FluxAttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
-                raise UnsupportedModelError(
-                    f"{name}.attn: unknown attention processor {proc.__name__}; SlimDiff statistics support "
-                    "diffusers' FluxAttnProcessor and processors with `slimdiff_supported = True`"
-                )
+            require_processor(f"{name}.attn", block.attn, FluxAttnProcessor)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
 

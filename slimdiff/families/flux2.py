@@ -79,6 +79,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 from slimdiff.families.flux import _attention
 
@@ -126,9 +127,6 @@ class SlimFlux2AttnProcessor(SlimFluxAttnProcessor):
     scale), which computes exactly what the FLUX.2 stock processor computes. It names the KV-cache
     arguments of ``Flux2Attention`` so that they are not dropped silently, and refuses them: the
     reference-image KV cache is not supported."""
-
-    def __repr__(self) -> str:
-        return f"SlimFlux2AttnProcessor(scale={self.scale:.6g})"
 
     def __call__(
         self,
@@ -196,12 +194,7 @@ class Flux2Adapter(ModelAdapter):
         for name, block, single in self.blocks(model):
             if single:
                 continue  # not hooked
-            proc = type(block.attn.processor)
-            if proc is not Flux2AttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
-                raise UnsupportedModelError(
-                    f"{name}.attn: unknown attention processor {proc.__name__}; SlimDiff statistics support "
-                    "diffusers' Flux2AttnProcessor and processors with `slimdiff_supported = True`"
-                )
+            require_processor(f"{name}.attn", block.attn, Flux2AttnProcessor)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
         return SlimFlux2AttnProcessor(scale=layout.head_dim**-0.5)

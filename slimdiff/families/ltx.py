@@ -63,7 +63,7 @@ from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
-from slimdiff.families.attention import apply_rope, padded_sdpa
+from slimdiff.families.attention import SlimProcessor, apply_rope, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -74,6 +74,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 from slimdiff.families.wan import _check_norm
 
@@ -97,7 +98,7 @@ def rope_scale(frame_rate: float = LTX_FRAME_RATE) -> tuple[float, float, float]
     return (LTX_VAE_TEMPORAL / frame_rate, float(LTX_VAE_SPATIAL), float(LTX_VAE_SPATIAL))
 
 
-class SlimLTXAttnProcessor:
+class SlimLTXAttnProcessor(SlimProcessor):
     """diffusers ``LTXVideoAttnProcessor`` for compressed per-head widths.
 
     q, k and v are projected at the compressed widths (r_qk, r_vo per head); q and k are normalised
@@ -107,13 +108,11 @@ class SlimLTXAttnProcessor:
     ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h) under the additive text mask, and projected
     by ``to_out``."""
 
-    slimdiff_supported = True
-    slimdiff_pads_heads = True  # ``attention.padded_sdpa``: FLOPs count one common head width
-
     def __init__(self, scale: float, head_dim: int):
-        if not scale > 0 or head_dim < 1:
-            raise ValueError(f"scale must be positive and head_dim >= 1, got {scale}, {head_dim}")
-        self.scale, self.head_dim = float(scale), int(head_dim)
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        super().__init__(scale)
+        self.head_dim = int(head_dim)
 
     def __repr__(self) -> str:
         return f"SlimLTXAttnProcessor(scale={self.scale:.6g}, head_dim={self.head_dim})"
@@ -227,15 +226,7 @@ class LTXAdapter(ModelAdapter):
 
         for name, block in self.blocks(model):
             for which in ("attn1", "attn2"):
-                proc = type(getattr(block, which).processor)
-                if (
-                    proc is not LTXVideoAttnProcessor
-                    and getattr(proc, "slimdiff_supported", False) is not True
-                ):
-                    raise UnsupportedModelError(
-                        f"{name}.{which}: unknown attention processor {proc.__name__}; SlimDiff statistics "
-                        "support diffusers' LTXVideoAttnProcessor and processors with `slimdiff_supported = True`"
-                    )
+                require_processor(f"{name}.{which}", getattr(block, which), LTXVideoAttnProcessor)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout) -> Any:
         return SlimLTXAttnProcessor(scale=layout.head_dim**-0.5, head_dim=layout.head_dim)

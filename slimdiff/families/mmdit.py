@@ -37,6 +37,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 
 #: statistic suffix of the FFN of the text stream (``{block}.ff_context.hidden``)
@@ -138,15 +139,7 @@ class MMDiTAdapter(ModelAdapter):
                 attn = getattr(block, which, None)
                 if attn is None:
                     continue
-                proc = type(attn.processor)
-                if (
-                    proc is not JointAttnProcessor2_0
-                    and getattr(proc, "slimdiff_supported", False) is not True
-                ):
-                    raise UnsupportedModelError(
-                        f"{name}.{which}: unknown attention processor {proc.__name__}; SlimDiff statistics support "
-                        "diffusers' JointAttnProcessor2_0 and processors with `slimdiff_supported = True`"
-                    )
+                require_processor(f"{name}.{which}", attn, JointAttnProcessor2_0)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
 

@@ -57,6 +57,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 
 #: the most text tokens QwenImagePipeline hands the transformer by default: it pads a batch's
@@ -151,15 +152,7 @@ class QwenImageAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
         for name, block in self.blocks(model):
-            proc = type(block.attn.processor)
-            if (
-                proc is not QwenDoubleStreamAttnProcessor2_0
-                and getattr(proc, "slimdiff_supported", False) is not True
-            ):
-                raise UnsupportedModelError(
-                    f"{name}.attn: unknown attention processor {proc.__name__}; SlimDiff statistics support "
-                    "diffusers' QwenDoubleStreamAttnProcessor2_0 and processors with `slimdiff_supported = True`"
-                )
+            require_processor(f"{name}.attn", block.attn, QwenDoubleStreamAttnProcessor2_0)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
 

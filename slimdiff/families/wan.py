@@ -64,7 +64,7 @@ from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
-from slimdiff.families.attention import AcrossHeadsRMSNorm, apply_rope, padded_sdpa
+from slimdiff.families.attention import AcrossHeadsRMSNorm, SlimProcessor, apply_rope, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -75,6 +75,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 
 #: text tokens WanPipeline hands the transformer: every prompt padded to ``max_sequence_length``
@@ -87,7 +88,7 @@ WAN_LATENT_FRAMES = 21
 WAN_CALIBRATION_FRAMES = 17
 
 
-class SlimWanAttnProcessor:
+class SlimWanAttnProcessor(SlimProcessor):
     """diffusers ``WanAttnProcessor`` for compressed per-head widths (text-to-video attention).
 
     q, k and v are projected at the compressed widths (r_qk, r_vo per head); q and k are normalised
@@ -96,17 +97,6 @@ class SlimWanAttnProcessor:
     (B, H, N, r), rotated (self-attention: ``rotary_emb`` = real (cos, sin) tables (1, N, 1, d_h),
     gathered at the attention's ``slim_rope_index`` (H, r_qk) when its QK was narrowed), attended
     through ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h), and projected by ``to_out``."""
-
-    slimdiff_supported = True
-    slimdiff_pads_heads = True  # ``attention.padded_sdpa``: FLOPs count one common head width
-
-    def __init__(self, scale: float):
-        if not scale > 0:
-            raise ValueError(f"scale must be positive (1/sqrt(original head dim)), got {scale}")
-        self.scale = float(scale)
-
-    def __repr__(self) -> str:
-        return f"SlimWanAttnProcessor(scale={self.scale:.6g})"
 
     def __call__(
         self,
@@ -238,12 +228,7 @@ class WanAdapter(ModelAdapter):
 
         for name, block in self.blocks(model):
             for which in ("attn1", "attn2"):
-                proc = type(getattr(block, which).processor)
-                if proc is not WanAttnProcessor and getattr(proc, "slimdiff_supported", False) is not True:
-                    raise UnsupportedModelError(
-                        f"{name}.{which}: unknown attention processor {proc.__name__}; SlimDiff statistics "
-                        "support diffusers' WanAttnProcessor and processors with `slimdiff_supported = True`"
-                    )
+                require_processor(f"{name}.{which}", getattr(block, which), WanAttnProcessor)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout) -> Any:
         return SlimWanAttnProcessor(scale=layout.head_dim**-0.5)

@@ -65,7 +65,7 @@ from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
-from slimdiff.families.attention import SlimAttnProcessor, apply_rope_complex, padded_sdpa
+from slimdiff.families.attention import SlimProcessor, apply_rope_complex, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
@@ -78,6 +78,7 @@ from slimdiff.families.base import (
     ffn_unit,
     randn,
     register_adapter,
+    require_processor,
 )
 
 #: ZImagePipeline's default ``max_sequence_length``: the most caption tokens it hands the transformer
@@ -173,7 +174,7 @@ def _attention(model: nn.Module, block: str) -> list[UnitInfo]:
     return attention_units(model, block, "attention", layout)
 
 
-class SlimZImageAttnProcessor(SlimAttnProcessor):
+class SlimZImageAttnProcessor(SlimProcessor):
     """diffusers ``ZSingleStreamAttnProcessor`` for compressed per-head widths, with the rotary
     tables narrowed to each head's kept pairs.
 
@@ -183,10 +184,7 @@ class SlimZImageAttnProcessor(SlimAttnProcessor):
     the attention's ``slim_rope_index`` (H, r_qk) when its QK was narrowed, in float32 as the stock
     processor; the boolean ``attention_mask`` (B, N) (True: a real token) masks the keys, attention
     runs through ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h), and ``to_out`` projects the
-    result. (A ``SlimAttnProcessor`` subclass: it pads q/k and v to one width like it.)"""
-
-    def __repr__(self) -> str:
-        return f"SlimZImageAttnProcessor(scale={self.scale:.6g})"
+    result."""
 
     def __call__(
         self,
@@ -262,16 +260,9 @@ class ZImageAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
         for name, block in self.blocks(model):
-            proc = type(block.attention.processor)
-            if (
-                proc is not ZSingleStreamAttnProcessor
-                and getattr(proc, "slimdiff_supported", False) is not True
-            ):
-                raise UnsupportedModelError(
-                    f"{name}.attention ({type(block).__name__}): unknown attention processor "
-                    f"{proc.__name__}; SlimDiff statistics "
-                    "support diffusers' ZSingleStreamAttnProcessor and processors with `slimdiff_supported = True`"
-                )
+            require_processor(
+                f"{name}.attention ({type(block).__name__})", block.attention, ZSingleStreamAttnProcessor
+            )
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
         return SlimZImageAttnProcessor(scale=layout.head_dim**-0.5)
