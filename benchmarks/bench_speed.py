@@ -18,10 +18,16 @@ Memory: the compressed copy shares every tensor it does not rewrite with the ori
 float32), so one model is resident plus the new, smaller layers. The float64 statistics are the
 other large item: SDXL's 60 FFN second moments of 5120 x 5120 are 13 GB, held twice while the
 snapshot and the aggregated covariances are made. ``--statistics auto`` (default) collects them
-only when twice their size fits in the available memory; otherwise (SDXL on a 24 GB host) it runs
-without statistics: only the ``uniform`` plans (the others need error profiles or influence), with
-the compressed layers built by the weight-only methods (magnitude FFN selection, weight SVD for
-QK/VO) at the plan's ranks: the same layer shapes as the SlimDiff rewrite, hence the same speed.
+all at once only when twice their size fits in the available memory; otherwise (SDXL on a 24 GB
+host) it collects them ``grouped``: a few units' statistics per sampling pass (the same random
+inputs every pass, so each statistic is the one a single pass would give), each group's error
+profiles computed and its statistics dropped before the next pass; the ``error`` plans then come
+from the same allocation code as with all statistics at once (with one timestep bucket the
+profiles of a unit depend on its own statistics only), ``influence`` plans are skipped (their
+softmax needs every unit's score), and the compressed layers are built by the weight-only
+methods (magnitude FFN selection, weight SVD for QK/VO) at the plan's ranks: the same layer
+shapes as the SlimDiff rewrite, hence the same speed. ``none``: no statistics, ``uniform`` plans
+only, built the same way.
 
 Protocol: torch threads pinned (``--threads``, interop 1), one warm-up forward per model, then
 ``--reps`` interleaved pairs (original, compressed, compressed, original, ... so drift cancels),
@@ -196,6 +202,46 @@ def statistics_fit(model: torch.nn.Module, compressible: int) -> tuple[bool, str
     )
 
 
+def stat_groups(units, shapes: dict, limit_bytes: int) -> list[list[str]]:
+    """Units in hook order, cut into consecutive groups whose float64 statistics (one bucket) stay
+    within ``limit_bytes`` (a unit larger than the limit is a group of its own)."""
+    groups: list[list[str]] = []
+    size = 0
+    for name, unit in units.items():
+        nbytes = 8 * sum(math.prod(shapes[k]) for k in unit.stat_keys())
+        if not groups or size + nbytes > limit_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def grouped_profiles(spec, model, resolution: int, units, damping: float, limit_bytes: int) -> dict:
+    """Error profiles of every unit from statistics collected a group of units at a time
+    (``stat_groups``): one sampling pass per group, its statistics dropped once the group's
+    profiles are made. Equal to ``error_profiles`` of statistics collected all at once (tests:
+    ``test_bench_speed.py``) for one-bucket statistics; multi-bucket statistics are refused (their
+    timestep weights depend on every unit)."""
+    shapes = stat_shapes(model)
+    groups = stat_groups(units, shapes, limit_bytes)
+    profiles: dict[str, list[float]] = {}
+    for i, group in enumerate(groups, 1):
+        keys = list(dict.fromkeys(k for n in group for k in units[n].stat_keys()))
+        stats = spec.calibrate(model, resolution, keys=keys)
+        if stats.n_buckets != 1:
+            raise ValueError(f"grouped statistics need one timestep bucket, got {stats.n_buckets}")
+        covariances = stats.aggregate([1.0])
+        del stats
+        profiles.update(
+            error_profiles(model, covariances, units={n: units[n] for n in group}, damping=damping)
+        )
+        del covariances
+        gc.collect()
+        print(f"  statistics group {i}/{len(groups)}: {len(group)} units, {len(keys)} statistics", flush=True)
+    return profiles
+
+
 def median_split(splits: list[dict]) -> dict:
     return {c: statistics.median(s.get(c, 0.0) for s in splits) for c in ("conv", "attention", "ffn")}
 
@@ -332,9 +378,10 @@ def parse_args(argv):
     ap.add_argument(
         "--statistics",
         default="auto",
-        choices=["auto", "full", "none"],
-        help="collect activation statistics (full), or not (none: uniform plans, weight-only rewrite); "
-        "auto: full when they fit in the available memory",
+        choices=["auto", "full", "grouped", "none"],
+        help="collect activation statistics all at once (full), a few units per pass (grouped: error "
+        "plans, weight-only rewrite at their ranks), or not (none: uniform plans, weight-only rewrite); "
+        "auto: full when they fit in the available memory, else grouped",
     )
     ap.add_argument(
         "--compile",
@@ -382,10 +429,24 @@ def main(argv: list[str] | None = None) -> int:
 
     fits, memory_note = statistics_fit(base, compressible)
     with_stats = args.statistics == "full" or (args.statistics == "auto" and fits)
-    plan_kinds = list(args.plans) if with_stats else [k for k in args.plans if k == "uniform"]
+    grouped = not with_stats and args.statistics in ("auto", "grouped")
+    if with_stats:
+        plan_kinds = list(args.plans)
+    elif grouped:
+        plan_kinds = [k for k in args.plans if k != "influence"]
+    else:
+        plan_kinds = [k for k in args.plans if k == "uniform"]
     skipped = [k for k in args.plans if k not in plan_kinds]
     t0 = time.perf_counter()
-    if with_stats:
+    if grouped:
+        method, covariances, scores = "baseline", None, None
+        avail = available_bytes() or 8 * 2**30
+        limit = max(2**28, min(4 * 2**30, int(0.9 * avail) // 3))  # sums, snapshot, covariances
+        profiles = grouped_profiles(spec, base, resolution, units, damping, limit)
+        t_stats = time.perf_counter() - t0
+        memory_note += f"; collected grouped, <= {limit / 2**30:.2f} GiB of statistics per pass"
+        print(f"grouped statistics and error profiles: {t_stats:.0f} s ({memory_note})", flush=True)
+    elif with_stats:
         method = "slimdiff"
         stats = spec.calibrate(base, resolution)
         weighting = "spectral" if stats.n_buckets > 1 else "uniform"
@@ -496,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         backends_before,
         t_stats,
         time.perf_counter() - t_start,
-        None if with_stats else (memory_note, skipped),
+        None if with_stats or grouped else (memory_note, skipped),
+        (memory_note, skipped) if grouped else None,
     )
     print(report)
     if args.write:
@@ -528,6 +590,7 @@ def render(
     t_stats,
     t_total,
     no_stats: tuple[str, list[str]] | None = None,
+    grouped: tuple[str, list[str]] | None = None,
 ) -> str:
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
@@ -549,6 +612,16 @@ def render(
             + ", compressed layers built by the weight-only methods (magnitude FFN selection, weight SVD for "
             "QK/VO) at the plan's ranks: the same shapes, hence the same speed, as the SlimDiff rewrite."
             if no_stats is not None
+            else (
+                f"collected grouped ({grouped[0]}), a few units' statistics per sampling pass on this "
+                "random-weight model with random inputs at t = 999, 500, 100 (the same inputs every pass), "
+                "each group's error profiles made before the next; the plans come from the same allocation "
+                "code as with all statistics at once, and the compressed layers are built by the weight-only "
+                "methods at the plan's ranks: the same shapes, hence the same speed, as the SlimDiff rewrite"
+                + (f" (skipped: {', '.join(grouped[1])})" if grouped[1] else "")
+                + "."
+            )
+            if grouped is not None
             else "from the toy pipeline's own sampler (as `slimdiff run`)."
             if spec.name == "toy"
             else "collected on this random-weight model with random inputs at t = 999, 500, 100 (no real weights "

@@ -196,7 +196,8 @@ class DenoiserSpec:
     inputs: Callable[[torch.nn.Module, int, int, int], Inputs]  # (model, batch, resolution px, seed)
     default_resolution: int
     default_batch: int = 2  # one prompt with both classifier-free-guidance branches
-    calibrate: Callable[[torch.nn.Module, int], object] | None = None  # (model, resolution) -> stats
+    # (model, resolution, keys=None) -> stats (keys: only those statistics)
+    calibrate: Callable[..., object] | None = None
 
 
 # -- inputs and statistics, any family ---------------------------------------------------------------
@@ -225,13 +226,15 @@ def text_inputs(text_len: int) -> Callable[..., Inputs]:
     return inputs
 
 
-def random_input_stats(model, inputs_at: Callable[[int, int], Inputs], timesteps=CALIBRATION_TIMESTEPS):
+def random_input_stats(
+    model, inputs_at: Callable[[int, int], Inputs], timesteps=CALIBRATION_TIMESTEPS, keys=None
+):
     """Activation statistics of a random-weight model on random inputs at a few timesteps, one
     bucket: what the benchmark's error- and influence-driven plans are made from when no real
-    weights (hence no real activations) exist."""
+    weights (hence no real activations) exist. ``keys``: only these statistics (None: all)."""
     from slimdiff.calibration.collect import ActivationCollector
 
-    collector = ActivationCollector(model, n_buckets=1)
+    collector = ActivationCollector(model, n_buckets=1, keys=keys)
     with collector, torch.inference_mode():
         for i, t in enumerate(timesteps):
             x = inputs_at(i, t)
@@ -243,11 +246,11 @@ def random_stats(text_len: int, batch: int = 2) -> Callable:
     """``calibrate`` for random-weight specs: ``random_input_stats`` on adapter inputs of ``batch``
     samples (2: one prompt with both guidance branches) at ``text_len`` tokens, seeds 100, 101, ..."""
 
-    def calibrate(model, resolution: int):
+    def calibrate(model, resolution: int, keys=None):
         def at(i: int, t: int) -> Inputs:
             return adapter_inputs(model, batch, resolution, 100 + i, text_len).at_timestep(model, t)
 
-        return random_input_stats(model, at)
+        return random_input_stats(model, at, keys=keys)
 
     return calibrate
 
@@ -314,14 +317,14 @@ def wan_inputs(model, batch: int, resolution: int, seed: int = 0) -> Inputs:
     return Inputs(tuple(args), kwargs, batch)
 
 
-def wan_stats(model, resolution: int):
+def wan_stats(model, resolution: int, keys=None):
     def at(i: int, t: int) -> Inputs:
         return wan_inputs(model, 1, resolution, 100 + i).at_timestep(model, t)
 
-    return random_input_stats(model, at)
+    return random_input_stats(model, at, keys=keys)
 
 
-def zimage_stats(model, resolution: int):
+def zimage_stats(model, resolution: int, keys=None):
     """``random_stats`` for Z-Image, whose forward takes its time as ``t`` = (1000 - timestep) / 1000."""
 
     def at(i: int, t: int) -> Inputs:
@@ -330,7 +333,7 @@ def zimage_stats(model, resolution: int):
         args[1] = torch.full_like(args[1], (1000 - t) / 1000)
         return Inputs(tuple(args), x.kwargs, x.batch)
 
-    return random_input_stats(model, at)
+    return random_input_stats(model, at, keys=keys)
 
 
 # -- the committed toy models ------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def toy_inputs_of(source: str) -> Callable[..., Inputs]:
 
 
 def toy_stats_of(source: str) -> Callable:
-    def calibrate(model, resolution: int):
+    def calibrate(model, resolution: int, keys=None):
         """The default calibration of ``slimdiff run`` (params.yaml: SlimSet size, steps, guidance,
         buckets) through the toy pipeline's own sampler, on its training captions (never the
         held-out evaluation captions)."""
@@ -380,6 +383,7 @@ def toy_stats_of(source: str) -> Callable:
             pipe,
             train_captions()[: params.slimset.n],
             **cal.sampler_options(),
+            keys=keys,
             progress=False,
         )
 
