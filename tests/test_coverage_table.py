@@ -12,7 +12,8 @@ read off the script:
 * a FLUX double block is ``ff``, ``ff_context``, qk and vo; a single block is qk, vo and its MLP
   (``FluxAdapter.units``); the same for blocks made of FLUX.1's parts under other class names
   (Chroma, and Bria with verified copies of FluxAttention and its processor:
-  ``structural.FluxBlocksAdapter``, no family file).
+  ``structural.FluxBlocksAdapter``, no family file); FLUX.2 likewise (its single block's qk, vo and
+  MLP are parts of the fused ``to_qkv_mlp_proj``: ``Flux2Adapter.units``).
 
 Everything runs on the meta device: no weights, no downloads.
 """
@@ -119,8 +120,11 @@ def expected_qwenimage() -> dict[str, int]:
 def expected_flux2() -> dict[str, int]:
     from diffusers import Flux2Transformer2DModel
 
-    n = defaults(Flux2Transformer2DModel)["num_layers"]
-    return {"ffn": 2 * n, "qk": n, "vo": n}  # double blocks only: the single blocks stay whole
+    d = defaults(Flux2Transformer2DModel)
+    double, single = d["num_layers"], d["num_single_layers"]
+    # a double block: ff, ff_context, qk, vo; a single block: qk, vo and its MLP (the fused
+    # to_qkv_mlp_proj's parts)
+    return {"ffn": 2 * double + single, "qk": double + single, "vo": double + single}
 
 
 def expected_zimage() -> dict[str, int]:

@@ -29,7 +29,7 @@ from torch import nn
 from slimdiff.calibration.collect import ActivationCollector
 from slimdiff.core import linalg
 from slimdiff.families import UnsupportedModelError, adapter_for
-from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.units import compressible_parameter_count, compression_units, count_parameters
 from slimdiff.planning.allocation import plan_ranks
 from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import ServingShape, denoiser_flops, unit_flop_costs
@@ -199,6 +199,11 @@ def test_plan_removes_exactly_the_planned_parameters_and_proj_out_stays_one_matm
     compress_(slim, plan, cov)
     removed = sum((p.full_rank - p.rank) * units[n].cost_per_rank for n, p in plan.units.items())
     assert count_parameters(model) - count_parameters(slim) == removed > 0
+    # the compressible set counted on the live layers: the packed proj_out's two column ranges are
+    # in the original's widths and overlapped on the narrowed layer (counted 2x the overlap before)
+    full = compressible_parameter_count(model, units)
+    assert full == sum(u.full_params for u in units.values())
+    assert compressible_parameter_count(slim, units) == full - removed
     for i in (0, 1):
         block = slim.single_transformer_blocks[i]
         r_vo = plan.units[f"single_transformer_blocks.{i}.attn.vo"].rank

@@ -320,6 +320,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def kept_rope_tables(
+    attn: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's real rotary tables (N, d_h) narrowed to each head's kept coordinates, (H, N, r),
+    when the attention's QK kept a subset of rotary pairs (``slim_rope_index``); else unchanged."""
+    index = getattr(attn, "slim_rope_index", None)
+    if index is None:
+        return cos, sin
+    index = index.to(cos.device)
+    return cos[:, index].permute(1, 0, 2), sin[:, index].permute(1, 0, 2)
+
+
 class SlimFluxAttnProcessor(SlimProcessor):
     """diffusers ``FluxAttnProcessor`` for compressed per-head widths, with the rotary tables
     narrowed to each head's kept pairs.
@@ -357,12 +369,8 @@ class SlimFluxAttnProcessor(SlimProcessor):
             query = torch.cat([c_query, query], dim=2)  # text tokens first, as FLUX
             key = torch.cat([c_key, key], dim=2)
             value = torch.cat([c_value, value], dim=2)
-        if image_rotary_emb is not None:
-            cos, sin = image_rotary_emb  # (N, d_h)
-            index = getattr(attn, "slim_rope_index", None)
-            if index is not None:  # (N, d_h) -> (H, N, r): each head's kept coordinates
-                index = index.to(cos.device)
-                cos, sin = cos[:, index].permute(1, 0, 2), sin[:, index].permute(1, 0, 2)
+        if image_rotary_emb is not None:  # (N, d_h) tables -> (H, N, r): each head's kept coordinates
+            cos, sin = kept_rope_tables(attn, *image_rotary_emb)
             query = apply_rope(query, cos, sin)
             key = apply_rope(key, cos, sin)
 

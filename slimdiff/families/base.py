@@ -17,6 +17,12 @@ Units (one rank each, METHOD.md stage 4):
 * ``vo``: rank = per-head value width. ``.value``: linears producing value heads; ``.out``: the
   linears that consume the per-head attention output.
 
+A layout path names a whole ``nn.Linear`` or a part of a packed one: input columns [start:stop)
+of a linear consuming a concatenation (``packed_path``, FLUX's single-block ``proj_out``), or the
+i-th row part of a linear whose output is a concatenation (``row_part``, FLUX.2's single-block
+``to_qkv_mlp_proj``: q | k | v | MLP). Row parts are addressed by index among widths recorded on
+the layer (``record_row_parts``), so a part keeps its address while other parts are narrowed.
+
 Statistic keys (``slimdiff.core.stats``) are named from the unit's block path, so a rank plan, a
 covariance store and a compressed folder written for one family are read the same way.
 """
@@ -71,6 +77,10 @@ class FFNLayout:
     # a separate gate linear d -> inner (SwiGLU's w1: h = act(gate x) * proj_in x), its rows
     # selected with proj_in's (one selection); "" when there is none
     gate: str = ""
+    # an attention module whose processor splits this FFN's input off a fused projection (a
+    # parallel block, FLUX.2's single blocks: one linear computes q | k | v | MLP): it gets the
+    # family's compressed processor when this FFN is rewritten, as when its QK or VO is; "" if none
+    attention: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,7 +173,9 @@ class StatSite:
     shape: tuple[int, ...]
     mask_module: str | None = None  # module whose calls carry the mask that selects the tokens
     head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
-    cols: tuple[int, int] | None = None  # a packed linear's input: only features [start, stop) are this key's
+    # only features [start, stop) of the hooked tensor are this key's: input columns of a packed
+    # linear ("pre", ``packed_path``) or output rows of one ("post", ``row_part``)
+    cols: tuple[int, int] | None = None
     mask_arg: str = "attention_mask"  # the argument of mask_module's calls that holds the mask
 
 
@@ -175,8 +187,60 @@ def packed_path(path: str, start: int, stop: int | None = None) -> str:
     return f"{path}[{start}:{'' if stop is None else stop}]"
 
 
+#: attribute of a linear whose output rows are a concatenation of parts (FLUX.2's single-block
+#: ``to_qkv_mlp_proj``: q | k | v | MLP): the CURRENT number of rows of every part, in row order.
+#: ``record_row_parts`` sets it on the original layer; ``replace_module`` keeps it up to date when a
+#: part is narrowed, so every part keeps its address ``row_part(path, i)`` in any order of rewrites.
+ROW_PARTS = "slimdiff_row_parts"
+
+
+def row_part(path: str, index: int) -> str:
+    """The layout path of row part ``index`` of the packed linear at ``path`` (``ROW_PARTS``):
+    ``"a.to_qkv_mlp_proj#1"``. ``linear`` views it (its rows and their bias), ``replace_module``
+    replaces it, statistics hook its rows of the output, FLOPs give it its share of the layer."""
+    return f"{path}#{int(index)}"
+
+
+def split_row_part(path: str) -> tuple[str, int | None]:
+    """``"a.b#1"`` -> (``"a.b"``, 1); any other path -> (path, None)."""
+    base, sep, index = path.rpartition("#")
+    return (base, int(index)) if sep else (path, None)
+
+
+def row_parts(layer: nn.Module) -> tuple[int, ...] | None:
+    """The recorded row-part widths of a packed linear (``ROW_PARTS``), or None."""
+    parts = getattr(layer, ROW_PARTS, None)
+    return None if parts is None else tuple(int(w) for w in parts)
+
+
+def record_row_parts(model: nn.Module, path: str, widths: tuple[int, ...]) -> tuple[str, ...]:
+    """Declare the linear at ``path`` packed by rows into parts of ``widths`` (an adapter calls it
+    while building its units) and return the parts' layout paths (``row_part``). A record already
+    on the layer is kept: it holds the current widths (a part narrowed by ``replace_module``).
+    Raises UnsupportedModelError when the widths do not add up to the layer's rows."""
+    layer = linear(model, path)
+    parts = row_parts(layer)
+    if parts is None:
+        parts = tuple(int(w) for w in widths)
+        if sum(parts) != layer.out_features:
+            raise UnsupportedModelError(
+                f"{path}: {layer.out_features} output rows, expected the parts {' | '.join(map(str, parts))} "
+                f"= {sum(parts)}"
+            )
+        setattr(layer, ROW_PARTS, parts)
+    elif len(parts) != len(widths) or sum(parts) != layer.out_features:
+        raise UnsupportedModelError(
+            f"{path}: its recorded row parts {parts} do not fit {layer.out_features} rows in {len(widths)} parts"
+        )
+    return tuple(row_part(path, i) for i in range(len(parts)))
+
+
 def split_path(path: str) -> tuple[str, slice | None]:
-    """``"a.b[0:8]"`` -> (``"a.b"``, slice(0, 8)); a plain module path -> (path, None)."""
+    """``"a.b[0:8]"`` -> (``"a.b"``, slice(0, 8)); a row part ``"a.b#1"`` -> (``"a.b"``, None); a
+    plain module path -> (path, None). The first element is always the module's path."""
+    base, index = split_row_part(path)
+    if index is not None:
+        return base, None
     if not path.endswith("]"):
         return path, None
     base, _, spec = path[:-1].rpartition("[")
@@ -194,9 +258,50 @@ def column_range(path: str, in_features: int) -> tuple[int, int]:
     return start, stop
 
 
+def row_range(layer: nn.Linear, path: str) -> tuple[int, int]:
+    """[start, stop) of the rows of row part ``path`` (``row_part``) in its packed ``layer``, from
+    the widths recorded on the layer."""
+    base, index = split_row_part(path)
+    parts = row_parts(layer)
+    if parts is None or not 0 <= index < len(parts) or sum(parts) != layer.out_features:
+        raise UnsupportedModelError(
+            f"{path}: {base} has no row part {index} (recorded parts: {parts}, {layer.out_features} rows); "
+            "its family adapter records them (record_row_parts) when it builds the units"
+        )
+    start = sum(parts[:index])
+    return start, start + parts[index]
+
+
+def packed_share(model: nn.Module, path: str) -> tuple[int, int]:
+    """(features the path addresses, features of its linear along that axis): its input columns
+    of the layer's inputs, its row part's rows of the layer's outputs; (1, 1) for a whole linear.
+    A part's share of the layer's FLOPs is the first over the second."""
+    base, index = split_row_part(path)
+    if index is not None:
+        whole = linear(model, base)
+        start, stop = row_range(whole, path)
+        return stop - start, whole.out_features
+    base, cols = split_path(path)
+    if cols is None:
+        return 1, 1
+    whole = linear(model, base)
+    start, stop = column_range(path, whole.in_features)
+    return stop - start, whole.in_features
+
+
 def linear(model: nn.Module, path: str) -> nn.Linear:
     """The ``nn.Linear`` at ``path``; for a packed path (``packed_path``) a view of its columns
-    (weights shared with the model, no bias: the bias belongs to the whole layer)."""
+    (weights shared with the model, no bias: the bias belongs to the whole layer); for a row part
+    (``row_part``) a view of its rows and their bias."""
+    base, index = split_row_part(path)
+    if index is not None:
+        whole = linear(model, base)
+        start, stop = row_range(whole, path)
+        view = nn.Linear(whole.in_features, stop - start, bias=whole.bias is not None, device="meta")
+        view.weight = nn.Parameter(whole.weight.detach()[start:stop], requires_grad=False)
+        if whole.bias is not None:
+            view.bias = nn.Parameter(whole.bias.detach()[start:stop], requires_grad=False)
+        return view
     base, cols = split_path(path)
     if cols is not None:
         whole = linear(model, base)
@@ -213,10 +318,48 @@ def linear(model: nn.Module, path: str) -> nn.Linear:
     return mod
 
 
+def _rebuilt(whole: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A new linear of ``weight`` (out, in) and ``bias`` in ``whole``'s dtype and device (shapes
+    only when either is on the meta device)."""
+    w = whole.weight
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        if weight.device.type != "meta" and w.device.type != "meta":
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    return layer
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at ``path``. A packed path replaces only its columns of the packed linear (which
     stays one layer: its other columns and its bias are kept); ``new`` is then an ``nn.Linear``
-    whose input width may differ from the columns it replaces."""
+    whose input width may differ from the columns it replaces. A row part (``row_part``) replaces
+    only its rows and their bias (``new`` has a bias where the layer has one), and the layer's
+    record of its parts' widths is updated, so the other parts keep their addresses."""
+    base, index = split_row_part(path)
+    if index is not None:
+        whole = linear(model, base)
+        start, stop = row_range(whole, path)
+        if (new.bias is not None) != (whole.bias is not None):
+            raise ValueError(f"{path}: the new rows must have a bias exactly where {base} has one")
+        w = whole.weight.detach()
+        neww = new.weight.detach().to(device=w.device, dtype=w.dtype)
+        rows = w.shape[0] - (stop - start) + neww.shape[0]
+        meta = neww.device.type == "meta" or w.device.type == "meta"
+        weight = (
+            torch.empty(rows, w.shape[1], device="meta") if meta else torch.cat([w[:start], neww, w[stop:]])
+        )
+        bias = None
+        if whole.bias is not None:
+            b, newb = whole.bias.detach(), new.bias.detach().to(device=w.device, dtype=w.dtype)
+            bias = torch.empty(rows, device="meta") if meta else torch.cat([b[:start], newb, b[stop:]])
+        layer = _rebuilt(whole, weight, bias)
+        parts = list(row_parts(whole))
+        parts[index] = neww.shape[0]
+        setattr(layer, ROW_PARTS, tuple(parts))
+        replace_module(model, base, layer)
+        return
     base, cols = split_path(path)
     if cols is not None:
         whole = linear(model, base)
@@ -229,14 +372,9 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
             )
         else:
             weight = torch.cat([w[:, :start], neww, w[:, stop:]], dim=1)
-        layer = nn.Linear(
-            weight.shape[1], weight.shape[0], bias=whole.bias is not None, device=w.device, dtype=w.dtype
-        )
-        with torch.no_grad():
-            if weight.device.type != "meta":
-                layer.weight.copy_(weight)
-                if whole.bias is not None:
-                    layer.bias.copy_(whole.bias.detach())
+        layer = _rebuilt(whole, weight, None if whole.bias is None else whole.bias.detach())
+        if row_parts(whole) is not None:  # a linear packed both ways keeps its row record
+            setattr(layer, ROW_PARTS, row_parts(whole))
         replace_module(model, base, layer)
         return
     parent_path, _, child = path.rpartition(".")
@@ -331,13 +469,13 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
             continue
         shape = (lay.heads, lay.head_dim, lay.head_dim)
         if u.kind == "qk":
-            sites += [
-                StatSite(lay.query_key, p, "post", lay.heads, shape, **_stream_mask(lay, p))
-                for p in lay.query
-            ]
-            sites += [
-                StatSite(lay.key_key, p, "post", lay.heads, shape, **_key_mask(lay, p)) for p in lay.key
-            ]
+            for key, paths, mask in (
+                (lay.query_key, lay.query, _stream_mask),
+                (lay.key_key, lay.key, _key_mask),
+            ):
+                for p in paths:
+                    module, rows = _site(model, p)
+                    sites.append(StatSite(key, module, "post", lay.heads, shape, cols=rows, **mask(lay, p)))
             # after the per-head norms (aligned with the streams' query / key linears); the last norm
             # of norms_q belongs to unused queries when the attention has some (MMDiT's last block):
             # only the measured streams' norms count
@@ -377,7 +515,11 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
 
 
 def _site(model: nn.Module, path: str) -> tuple[str, tuple[int, int] | None]:
-    """(module to hook, its input columns) of a layout path (packed or plain)."""
+    """(module to hook, the features of its hooked tensor that are the path's) of a layout path:
+    a packed path's input columns, a row part's output rows, None for a whole linear."""
+    base, index = split_row_part(path)
+    if index is not None:
+        return base, row_range(linear(model, base), path)
     base, cols = split_path(path)
     if cols is None:
         return path, None

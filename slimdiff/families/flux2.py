@@ -25,40 +25,35 @@ What is compressed (see docs/METHOD.md, "FLUX and RoPE"):
   axes (t, h, w, l); image token (row, column) is at (0, row, column, 0), text token j at
   (0, 0, 0, j). ``rope_angles`` reads every image and text token's angles off the model's own
   ``pos_embed``, as for Qwen-Image.
+* **Single blocks**, every unit. ``Flux2ParallelSelfAttention`` computes q, k, v and the MLP input
+  with ONE fused linear, ``to_qkv_mlp_proj``, whose output rows are q | k | v | [gate | up], and
+  ``to_out`` consumes [attention output | SwiGLU(gate, up)]. The fused linear is declared packed by
+  rows into four parts (``base.record_row_parts``: widths H d_h, H d_h, H d_h, 2 x MLP recorded on
+  the layer and kept current by ``base.replace_module``), so each part keeps its address
+  ``to_qkv_mlp_proj#i`` however the others were narrowed; ``to_out``'s two column blocks are
+  ``base.packed_path`` ranges, the first counted from the start, the MLP's from the end, as in
+  FLUX.1's ``proj_out``. Units: QK = parts 0 and 1 (whole rotary pairs, the same in q and k, per
+  head, per-head ``norm_q`` / ``norm_k`` scale-corrected, exactly as in the double blocks); VO =
+  part 2 with ``to_out``'s attention columns; FFN (``{block}.mlp``) = part 3, a gated layout
+  ([gate | up]: a kept neuron keeps its gate row and its up row) with ``to_out``'s MLP columns.
+  Statistics hook the fused linear's output (each key its rows), ``norm_q`` / ``norm_k``'s outputs
+  and ``to_out``'s input (each key its columns); single-block weights act on the joint
+  [text; image] sequence. A compressed block still runs ONE input matmul (rows [q' | k' | v' |
+  gate' | up']) and ONE ``to_out`` matmul: ``SlimFlux2ParallelAttnProcessor`` splits the fused
+  output at the widths recorded on the layer (not the config's), gathers the rotary tables at each
+  head's kept pairs and runs ``padded_sdpa`` at the original scale; the FFN unit names the
+  attention (``FFNLayout.attention``), so a block whose MLP alone is narrowed gets that processor
+  too. LoRA deltas of a narrowed ``to_qkv_mlp_proj`` are not projected (dropped with a reason:
+  ``slimdiff.formats.lora`` maps column-packed linears only); ``to_out``'s are, as FLUX.1's.
 * The transformer is called with ``timestep = t / 1000`` (it multiplies by 1000 itself).
-
-**Single blocks are left uncompressed** (accepted: their weights, forwards and FLOPs are the
-original's; the plan has no units for them). Their ``Flux2ParallelSelfAttention`` computes q, k, v
-and the MLP input with ONE fused linear, ``to_qkv_mlp_proj``, whose output rows are five blocks
-q | k | v | gate | up, split by the stock processor at fixed widths (``qkv.chunk(3)`` and the
-global q/k/v : MLP ratio), and ``to_out`` consumes [attention output | MLP hidden]. The output side
-would be expressible (two column ranges of ``to_out``, ``base.packed_path``, as FLUX.1's
-``proj_out``), the input side is not, for three reasons of the generic layout layer:
-
-1. A layout path addresses a packed part by a static [start:stop] range, counted from the start or
-   (negative) from the end, so that each part keeps its address when another part is narrowed.
-   That works for at most two independently narrowed parts (first and last). Here four parts are
-   narrowed independently: q and k (the QK unit, together), v (the VO unit) and [gate | up] (the
-   FFN unit). k and v are in the middle; once q (or the MLP) is narrowed their ranges move, and the
-   rewrites of ``compress_`` / ``apply_plan_shapes_`` resolve each unit's paths against the
-   current, partly narrowed layer. No static range names k or v in every order of rewrites.
-2. Packed paths are input COLUMN ranges only: ``base.linear`` views, ``base.replace_module``
-   replaces and ``StatSite.cols`` / ``flops.unit_flop_costs`` share out columns of a consuming
-   linear. A producing linear's ROW ranges (with their bias rows) would need new cases in all of
-   them, and the QK/VO cost per rank of a row range.
-3. The stock processor derives the q | k | v | MLP split from the module's original widths, so a
-   compressed block also needs a processor that reads the narrowed widths (r_qk, r_vo, MLP) of
-   the fused layer.
-
-A FLUX.2 model is therefore compressed in its double blocks (the default config, dev's: 8 of 56
-blocks) and its single blocks keep their size; supporting them needs dynamic (by-part, not by-range)
-row addressing in ``arch/base.py``, which is not a small, local change.
 
 Refused: ``Flux3Transformer2DModel`` and other variants (no adapter matches; the message names their
 block types), FLUX.2 models whose blocks are not exactly ``Flux2TransformerBlock`` /
 ``Flux2SingleTransformerBlock`` (named), fused double-block projections (``fuse_qkv_projections()``:
-unfuse first), processors other than ``Flux2AttnProcessor`` in the double blocks (the KV-cache
-processor of ``Flux2KleinKVPipeline`` included), q/k norms other than RMSNorm with a set epsilon.
+unfuse first), processors other than ``Flux2AttnProcessor`` in the double blocks and
+``Flux2ParallelSelfAttnProcessor`` in the single blocks (the KV-cache processors of
+``Flux2KleinKVPipeline`` included), single blocks whose MLP is not a SwiGLU of two halves, q/k norms
+other than RMSNorm with a set epsilon.
 """
 
 from __future__ import annotations
@@ -69,19 +64,30 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.families.attention import SlimFluxAttnProcessor
+from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
+from slimdiff.families.attention import (
+    SlimFluxAttnProcessor,
+    SlimProcessor,
+    apply_rope,
+    kept_rope_tables,
+    padded_sdpa,
+)
 from slimdiff.families.base import (
     AttentionLayout,
     FFNLayout,
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    attention_units,
     ffn_unit,
+    packed_path,
     randn,
+    record_row_parts,
     register_adapter,
     require_processor,
+    row_parts,
 )
-from slimdiff.families.flux import _attention
+from slimdiff.families.flux import _attention, _check_norms
 
 #: the most text tokens the FLUX.2 pipelines hand the transformer by default: every prompt is
 #: padded to ``max_sequence_length`` (default 512) tokens
@@ -120,6 +126,122 @@ def _check_eps(model: nn.Module, layout: AttentionLayout) -> None:
             raise UnsupportedModelError(f"{path}: an RMSNorm without a set eps is not supported")
 
 
+def _single(model: nn.Module, block: str) -> list[UnitInfo]:
+    """The QK, VO and FFN units of a single block (module docstring): parts of the fused
+    ``to_qkv_mlp_proj`` (declared packed by rows) and column blocks of ``to_out``."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention, Flux2SwiGLU
+
+    path = f"{block}.attn"
+    attn = model.get_submodule(path)
+    if type(attn) is not Flux2ParallelSelfAttention or type(attn.mlp_act_fn) is not Flux2SwiGLU:
+        raise UnsupportedModelError(
+            f"{path}: expected a Flux2ParallelSelfAttention with Flux2SwiGLU, got {type(attn).__name__}"
+            f"{' with ' + type(attn.mlp_act_fn).__name__ if hasattr(attn, 'mlp_act_fn') else ''}"
+        )
+    heads, head_dim = int(attn.heads), int(attn.head_dim)
+    width, mlp = heads * head_dim, int(attn.mlp_hidden_dim)
+    if int(attn.inner_dim) != width or int(attn.mlp_mult_factor) != 2:
+        raise UnsupportedModelError(
+            f"{path}: expected {heads} heads x {head_dim} = inner_dim ({attn.inner_dim}) and a SwiGLU MLP "
+            f"of 2 halves (mlp_mult_factor {attn.mlp_mult_factor})"
+        )
+    query, key, value, mlp_in = record_row_parts(
+        model, f"{path}.to_qkv_mlp_proj", (width, width, width, 2 * mlp)
+    )
+    if attn.to_out.in_features != width + mlp:
+        raise UnsupportedModelError(
+            f"{path}.to_out: {attn.to_out.in_features} inputs, expected attention {width} + MLP {mlp}"
+        )
+    _check_norms(model, [f"{path}.norm_q", f"{path}.norm_k"])
+    layout = AttentionLayout(
+        module=path,
+        heads=heads,
+        head_dim=head_dim,
+        query=(query,),
+        key=(key,),
+        value=(value,),
+        out=(packed_path(f"{path}.to_out", 0, width),),  # the first columns: the attention output
+        query_key=attn_key(block, "attn", QUERY),
+        key_key=attn_key(block, "attn", KEY),
+        attnout_key=attn_key(block, "attn", ATTN_OUT),
+        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
+        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        norms_q=(f"{path}.norm_q",),
+        norms_k=(f"{path}.norm_k",),
+        norms_head_major=False,
+        rope=True,
+    )
+    _check_eps(model, layout)
+    # the MLP hidden is the LAST `mlp` inputs of to_out (counted from the end: the address holds
+    # after the attention columns are narrowed); [gate | up] rows of part 3, a gated layout
+    ffn = FFNLayout(
+        mlp_in,
+        packed_path(f"{path}.to_out", -mlp),
+        True,
+        f"{block}.mlp.hidden",
+        "image",
+        attention=path,
+    )
+    return [*attention_units(model, block, "attn", layout), ffn_unit(model, f"{block}.mlp", block, ffn)]
+
+
+def fused_widths(attn: nn.Module) -> tuple[int, int, int, int]:
+    """(q, k, v, MLP input) rows of a single block's ``to_qkv_mlp_proj`` as the layer holds them now:
+    the widths recorded on it (``base.row_parts``, narrowed by a compression), else the stock ones."""
+    parts = row_parts(attn.to_qkv_mlp_proj)
+    if parts is None:
+        return (attn.inner_dim,) * 3 + (attn.mlp_hidden_dim * attn.mlp_mult_factor,)
+    return parts
+
+
+class SlimFlux2ParallelAttnProcessor(SlimProcessor):
+    """diffusers ``Flux2ParallelSelfAttnProcessor`` (FLUX.2 single blocks) for compressed widths.
+
+    ONE matmul of the fused ``to_qkv_mlp_proj`` gives [q | k | v | gate | up], split at the widths
+    recorded on the layer (``fused_widths``: H r_qk, H r_qk, H r_vo, 2 x MLP kept neurons), not at
+    the config's; q / k / v are split into heads (B, H, N, r), q and k normalised by the per-head
+    norms (stock ``RMSNorm`` or ``HeadwiseRMSNorm`` after pair selection) and rotated with the cos /
+    sin tables gathered at the attention's ``slim_rope_index`` (``kept_rope_tables``); attention
+    runs through ``padded_sdpa`` with the ORIGINAL scale 1/sqrt(d_h); the MLP half goes through the
+    block's SwiGLU (it halves whatever width it gets); ONE matmul of ``to_out`` maps
+    [attention output | MLP hidden]. The reference-image KV cache is refused, not ignored."""
+
+    def head_widths(self, attn: nn.Module) -> tuple[int, int]:
+        """(r_qk, r_vo) the attention runs at (read by the FLOP count)."""
+        q, _, v, _ = fused_widths(attn)
+        return q // attn.heads, v // attn.heads
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache=None,
+        kv_cache_mode: str | None = None,
+        num_txt_tokens: int = 0,
+        num_ref_tokens: int = 0,
+    ) -> torch.Tensor:
+        if kv_cache is not None or kv_cache_mode is not None:
+            raise UnsupportedModelError(
+                "SlimFlux2ParallelAttnProcessor: the reference-image KV cache (kv_cache_mode "
+                f"{kv_cache_mode!r}) is not supported by a compressed FLUX.2"
+            )
+        heads = attn.heads
+        query, key, value, mlp = attn.to_qkv_mlp_proj(hidden_states).split(list(fused_widths(attn)), dim=-1)
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, heads*r) -> (B, heads, N, r)
+            return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        query, key, value = attn.norm_q(split(query)), attn.norm_k(split(key)), split(value)
+        if image_rotary_emb is not None:  # (N, d_h) tables -> (H, N, r): each head's kept coordinates
+            cos, sin = kept_rope_tables(attn, *image_rotary_emb)
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        out = padded_sdpa(query, key, value, scale=self.scale, attn_mask=attention_mask)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)  # (B, N, heads * r_vo)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
 class SlimFlux2AttnProcessor(SlimFluxAttnProcessor):
     """diffusers ``Flux2AttnProcessor`` (FLUX.2 double-block joint attention) for compressed per-head
     widths: FLUX.1's ``SlimFluxAttnProcessor`` (q / k / v at r_qk, r_vo per head, per-head norms,
@@ -149,7 +271,7 @@ class SlimFlux2AttnProcessor(SlimFluxAttnProcessor):
 
 @register_adapter
 class Flux2Adapter(ModelAdapter):
-    family = "FLUX.2 (Flux2Transformer2DModel; double blocks only)"
+    family = "FLUX.2 (Flux2Transformer2DModel)"
     pipeline_attr = "transformer"
     denoiser_name = "Flux2Transformer2DModel"
 
@@ -181,7 +303,8 @@ class Flux2Adapter(ModelAdapter):
         units: list[UnitInfo] = []
         for name, _, single in self.blocks(model):
             if single:
-                continue  # fused q | k | v | gate | up projection: left whole (module docstring)
+                units += _single(model, name)
+                continue
             units += [_ffn(model, name, ffn) for ffn in FFNS]
             attention = _attention(model, name, False)
             _check_eps(model, attention[0].layout)
@@ -189,14 +312,18 @@ class Flux2Adapter(ModelAdapter):
         return {u.name: u for u in units}
 
     def check_processors(self, model: nn.Module) -> None:
-        from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2AttnProcessor,
+            Flux2ParallelSelfAttnProcessor,
+        )
 
         for name, block, single in self.blocks(model):
-            if single:
-                continue  # not hooked
-            require_processor(f"{name}.attn", block.attn, Flux2AttnProcessor)
+            stock = Flux2ParallelSelfAttnProcessor if single else Flux2AttnProcessor
+            require_processor(f"{name}.attn", block.attn, stock)
 
     def processor(self, attn: nn.Module, layout: AttentionLayout):
+        if hasattr(attn, "to_qkv_mlp_proj"):  # a single block's parallel attention
+            return SlimFlux2ParallelAttnProcessor(scale=layout.head_dim**-0.5)
         return SlimFlux2AttnProcessor(scale=layout.head_dim**-0.5)
 
     # -- sampling ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from slimdiff.families.base import (
     adapter_for,
     denoiser_of,
     linear,
+    split_path,
 )
 
 F64 = torch.float64
@@ -69,12 +70,20 @@ def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -
     not; ``units`` are those of the original architecture): the rank-dependent tensors of each
     unit's cost model -- FFN proj_in and gate (weight, bias) and proj_out weight; QK query/key linears
     (weight, bias); VO value linears (weight, bias) and out linears' weight. On an uncompressed
-    model it equals the sum of the units' full_params."""
+    model it equals the sum of the units' full_params.
+
+    A packed path's column range (``packed_path``: FLUX's single-block ``proj_out[:3072]`` and
+    ``proj_out[-12288:]``) is given in the original's widths, which no longer hold once a part is
+    narrowed; its parts together cover the whole layer (every family that packs columns does), so the
+    whole packed layer's weight is counted, once. Row parts (``row_part``) address the live widths."""
     seen: set[str] = set()
     total = 0
 
     def add(path: str, with_bias: bool) -> None:
         nonlocal total
+        base, cols = split_path(path)
+        if cols is not None:  # a column range of a packed linear: the whole layer, counted once
+            path = base
         key = f"{path}:{with_bias}"
         if key in seen:
             return

@@ -41,7 +41,15 @@ from slimdiff.families.attention import (
     pads_heads,
     set_rope_index,
 )
-from slimdiff.families.base import FFNLayout, adapter_for, column_range, denoiser_of, linear, split_path
+from slimdiff.families.base import (
+    ROW_PARTS,
+    FFNLayout,
+    adapter_for,
+    denoiser_of,
+    packed_share,
+    row_parts,
+    split_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +151,11 @@ def meta_copy(unet: nn.Module) -> nn.Module:
         else:
             setattr(parent, child, new)
 
-    for name, mod in unet.named_modules():  # the kept rotary coordinates of narrowed RoPE heads
-        if ROPE_INDEX in mod._buffers:
+    for name, mod in unet.named_modules():
+        if ROPE_INDEX in mod._buffers:  # the kept rotary coordinates of narrowed RoPE heads
             set_rope_index(skel.get_submodule(name), mod._buffers[ROPE_INDEX])
+        if row_parts(mod) is not None:  # the part widths of a row-packed linear (base.row_part)
+            setattr(skel.get_submodule(name), ROW_PARTS, row_parts(mod))
     if hasattr(unet, "attn_processors"):
         skel.set_attn_processor(dict(unet.attn_processors))
     else:  # a model without diffusers' AttentionMixin (Z-Image): attention by attention
@@ -229,7 +239,10 @@ def forward_flops(
     def attn_hook(mod: nn.Module, args, kwargs, name: str) -> None:
         b, n_q, n_k = adapter.attention_tokens(mod, args, kwargs)
         heads = mod.heads
-        if getattr(mod, "to_q", None) is None:  # fused projections (FLUX.2 single blocks): never narrowed
+        widths = getattr(mod.processor, "head_widths", None)
+        if callable(widths):  # a compressed processor that reads the widths off a fused projection
+            r_qk, r_vo = widths(mod)
+        elif getattr(mod, "to_q", None) is None:  # fused projections under the stock processor: whole
             r_qk = r_vo = mod.head_dim
         else:
             r_qk = mod.to_q.out_features // heads
@@ -489,12 +502,8 @@ def unit_flop_costs(
             linear_flops[row.module] += row.flops
 
     def per(path: str, width: int) -> int:  # FLOPs of a linear per unit of its rank dimension
-        base, cols = split_path(path)
-        f = linear_flops.get(base, 0)
-        if cols is not None:  # a packed linear's columns: their share of its FLOPs
-            whole = linear(model, base).in_features
-            start, stop = column_range(path, whole)
-            f = f * (stop - start) // whole
+        part, whole = packed_share(model, path)  # a packed linear's columns or row part: their share
+        f = linear_flops.get(split_path(path)[0], 0) * part // whole
         if f % width:
             raise ValueError(f"{path}: {f} FLOPs are not a multiple of its width {width}")
         return f // width

@@ -20,8 +20,10 @@ same per-head transforms.)
 Attention modules with a compressed QK or VO get the family's compressed processor
 (``slimdiff.families.attention.SlimAttnProcessor`` for diffusers' ``Attention``): diffusers' stock
 processor derives one head dim for q, k and v and the softmax scale from it, which is wrong once
-r_qk != d_h or r_vo != r_qk. Units at full rank are left untouched, so a plan can compress only
-the FFNs, only QK or only VO.
+r_qk != d_h or r_vo != r_qk; so does the attention of a parallel block whose FFN is rewritten
+(``FFNLayout.attention``: FLUX.2's single blocks compute q | k | v | MLP with one fused linear, and
+the processor splits it at the narrowed widths). Units at full rank are left untouched, so a plan
+can compress only the FFNs, only QK or only VO.
 
 Methods are looked up in a registry by (unit kind, name), not by if/elif: "slimdiff" (whitened /
 Nystrom-CPQR, the method), "weight_svd" (QK/VO baseline without activations) and "magnitude"
@@ -472,6 +474,15 @@ def _apply_vo(model: nn.Module, unit: UnitInfo, rw: VORewrite) -> None:
         replace_module(model, path, _linear(weight, bias, old))
 
 
+def _attention_layout(units: Mapping[str, UnitInfo], unit: UnitInfo) -> AttentionLayout:
+    """The layout of the attention whose processor reads an FFN's width (``FFNLayout.attention``)."""
+    module = unit.layout.attention
+    for u in units.values():
+        if isinstance(u.layout, AttentionLayout) and u.layout.module == module:
+            return u.layout
+    raise CompressionError(f"{unit.name}: its attention {module!r} is not a unit of this model")
+
+
 def _output_error(
     model: nn.Module,
     unit: UnitInfo,
@@ -720,6 +731,8 @@ def compress_(
             true = _output_error(unet, unit, rw, covariances)  # before the swap: original weights
             if isinstance(rw, FFNRewrite):
                 _apply_ffn(unet, unit, rw)
+                if unit.layout.attention:  # a parallel block: its processor splits the fused input
+                    attentions[unit.layout.attention] = _attention_layout(units, unit)
             elif isinstance(rw, QKRewrite):
                 # per-head norms (coordinate selection) are outside the unit cost model: count them
                 norm_delta -= sum(count_parameters(unet.get_submodule(path)) for path in rw.norms)
@@ -811,6 +824,7 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
         )
         replace_module(model, path, new)
 
+    attentions: dict[str, AttentionLayout] = {}
     for name, p in plan.compressed_units().items():
         lay, r = units[name].layout, p.rank
         if p.kind == "ffn":
@@ -818,6 +832,8 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
             if lay.gate:
                 shrink(lay.gate, out_f=r)
             shrink(lay.proj_out, in_f=r)
+            if lay.attention:  # a parallel block: its processor splits the fused input
+                attentions[lay.attention] = _attention_layout(units, units[name])
             continue
         if p.kind == "qk":
             for path in (*lay.all_query, *lay.key):
@@ -836,7 +852,9 @@ def apply_plan_shapes_(model: nn.Module, plan: RankPlan, qk_norm: str = "select"
                 shrink(path, out_f=lay.heads * r)
             for path in lay.out:
                 shrink(path, in_f=lay.heads * r)
-        attn = model.get_submodule(lay.module)
+        attentions[lay.module] = lay
+    for path, lay in sorted(attentions.items()):
+        attn = model.get_submodule(path)
         attn.set_processor(adapter.processor(attn, lay))
     setattr(model, PLAN_ATTRIBUTE, plan)
     setattr(model, COMPRESSION_ATTRIBUTE, {"qk_norm": qk_norm})

@@ -17,7 +17,7 @@ from torch import nn
 
 from slimdiff.core import linalg
 from slimdiff.core.digests import file_sha256
-from slimdiff.families.base import LoraError, linear
+from slimdiff.families.base import LoraError, linear, split_row_part
 
 F64 = torch.float64
 
@@ -367,4 +367,15 @@ def maps_from_rewrites(
                 maps.layers[path] = LayerMap(
                     path, name, "cols_heads", (o_out, o_in), (o_out, heads * r), {"t": f32(rw.s_out)}
                 )
+    # row parts of one packed linear (FLUX.2's single-block to_qkv_mlp_proj: q | k | v | MLP, rows
+    # rewritten by several units): slimdiff.formats.lora projects column-packed linears only, so a
+    # delta of such a layer is dropped with this reason instead of being mapped part by part
+    packed: dict[str, list[str]] = {}
+    for path in [p for p in maps.layers if split_row_part(p)[1] is not None]:
+        packed.setdefault(split_row_part(path)[0], []).append(maps.layers.pop(path).unit)
+    for base, names in packed.items():
+        maps.unmappable[base] = (
+            f"{', '.join(dict.fromkeys(names))}: {base} is packed by rows (parts rewritten by "
+            "different units); LoRA deltas of a row-packed linear are not projected"
+        )
     return maps
