@@ -1,5 +1,6 @@
 """One call for the common case: ``slimdiff.slim(pipe, prompts)`` compresses a pipeline's denoiser
-in place with the pipeline's defaults and returns ``(pipe, report)``.
+(every denoiser, for pipelines of several: Wan 2.2 A14B) in place with the pipeline's defaults and
+returns ``(pipe, report)``.
 
 It runs what the staged pipeline runs (``tasks/stages.py``: calibrate -> influence -> plan ->
 compress), with the same library calls and the same settings, taken from :class:`slimdiff.Params`
@@ -27,6 +28,7 @@ pipeline's Zarr covariance store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,12 +42,12 @@ from typing import Any
 import torch
 
 from slimdiff import __version__
-from slimdiff.calibration.collect import collect_stats
+from slimdiff.calibration.collect import collect_stats, collect_stats_by_denoiser, served_step_counts
 from slimdiff.config import ConfigError, Params
 from slimdiff.core.digests import file_sha256
 from slimdiff.core.stats import LazyActivationStats
 from slimdiff.evaluation.evaluate import jsonable
-from slimdiff.families.units import compression_units, count_parameters, denoiser_of, planned_units
+from slimdiff.families.units import compression_units, count_parameters, denoisers, planned_units
 from slimdiff.formats.lora import collect_stats_with_loras, lora_digest
 from slimdiff.planning.allocation import check_feasible, plan_ranks
 from slimdiff.planning.budget import Budget
@@ -89,6 +91,16 @@ class SlimReport:
     store: str | None = None
     reused_statistics: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the pipeline component this report is about ("unet", "transformer", ...)
+    denoiser: str = ""
+    #: the reports of the pipeline's other denoisers, each compressed with its own statistics and
+    #: plan under the same budget (Wan 2.2 A14B: ``transformer_2``); empty for one denoiser
+    others: tuple[SlimReport, ...] = ()
+
+    @property
+    def denoisers(self) -> dict[str, SlimReport]:
+        """Every denoiser's report by component name, this one first."""
+        return {self.denoiser: self, **{r.denoiser: r for r in self.others}}
 
     @property
     def removed_fraction(self) -> float:
@@ -97,6 +109,11 @@ class SlimReport:
         return 1.0 - self.params_after / self.params_before
 
     def summary(self) -> str:
+        if self.others:
+            return "; ".join(f"{name}: {r._summary()}" for name, r in self.denoisers.items())
+        return self._summary()
+
+    def _summary(self) -> str:
         a, p = self.params.allocation, self.plan
         flops = (
             f"; {p.flops_before:,} -> {p.flops_after:,} FLOPs per denoiser forward at {p.cost_model['serving']}"
@@ -163,6 +180,17 @@ def slim(
       as it was. Empty (default): today's calibration, same bits. ``lora_prompts`` (default:
       ``prompts``) are what the LoRA runs sample: the prompts the LoRAs will be used with (on the
       toy FLUX, keeping a LoRA's effect at 40% removed needed its own prompts: docs/lora.md).
+
+    A pipeline of several denoisers (``slimdiff.families.units.denoisers``; Wan 2.2 A14B:
+    ``transformer`` for the high-noise steps, ``transformer_2`` for the low-noise ones) has every
+    denoiser compressed: ONE calibration run with a collector on each (the pipeline calls each only
+    at its own steps, so each one's statistics and buckets cover exactly those steps; one run
+    instead of one per denoiser, since each run would sample every step anyway), then per denoiser
+    its own influence, error profiles, plan and compression, the budget applying to each denoiser
+    on its own (``Budget(kept_params=N)``: N for each). ``report`` is the first denoiser's, with
+    the others in ``report.others`` (``report.denoisers``: all by component name). With ``store``
+    each denoiser's statistics go to ``store/<component>``, reused only when all are there.
+    ``loras`` is refused for such pipelines.
     """
 
     if isinstance(prompts, str):
@@ -176,73 +204,126 @@ def slim(
     the_budget = budget_of(params)
 
     # everything that can fail without a forward pass fails before the first one
-    denoiser = denoiser_of(pipe)
-    if getattr(denoiser, PLAN_ATTRIBUTE, None) is not None:
-        raise ValueError("this pipeline's denoiser is already compressed: pass the original model")
-    all_units = compression_units(denoiser)
-    units = planned_units(all_units, alloc.modules, comp.qk_norm)
-    params_before = count_parameters(denoiser)
-    costs = cost_model(pipe, denoiser, params, all_units)
-    check_feasible(
-        units, the_budget, alloc.r_min, alloc.multiple, params_before, costs=costs, tie_qk_vo=alloc.tie_qk_vo
-    )
+    models = denoisers(pipe)  # the family's own denoiser first; Wan 2.2 A14B: transformer_2 too
+    several = len(models) > 1
+    if several and loras:
+        raise ValueError(
+            f"LoRA-aware calibration of a pipeline with several denoisers ({', '.join(models)}) is not "
+            "supported: calibrate without loras"
+        )
+    setups = {}
+    for name, denoiser in models.items():
+        if getattr(denoiser, PLAN_ATTRIBUTE, None) is not None:
+            what = f"this pipeline's {name}" if several else "this pipeline's denoiser"
+            raise ValueError(f"{what} is already compressed: pass the original model")
+        all_units = compression_units(denoiser)
+        units = planned_units(all_units, alloc.modules, comp.qk_norm)
+        params_before = count_parameters(denoiser)
+        costs = cost_model(pipe, denoiser, params, all_units)
+        check_feasible(
+            units,
+            the_budget,
+            alloc.r_min,
+            alloc.multiple,
+            params_before,
+            costs=costs,
+            tie_qk_vo=alloc.tie_qk_vo,
+        )
+        setups[name] = (denoiser, units, params_before, costs)
+    if several:
+        counts = served_step_counts(pipe, cal.num_inference_steps) or {}
+        for name, count in counts.items():
+            if count < cal.n_buckets:
+                raise ValueError(
+                    f"{type(pipe).__name__} calls its {name} at {count} of the sampler's "
+                    f"{cal.num_inference_steps} steps, fewer than calibration.n_buckets={cal.n_buckets} (each "
+                    "denoiser's buckets split its own steps): raise num_inference_steps or lower n_buckets"
+                )
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     lora_prompts = None if lora_prompts is None else list(lora_prompts)
-    identity = (
-        _identity(params, prompts, denoiser, loras, lora_scale, lora_prompts) if store is not None else None
-    )
-    folder = _StatsFolder(Path(store), identity) if store is not None else None
-    stats = folder.read() if folder is not None else None
-    reused = stats is not None
-    if stats is None:
+    folders = None
+    if store is not None:
+        weights = {n: _weights_digest(m) for n, m in models.items()} if several else None
+        folders = {
+            name: _StatsFolder(
+                Path(store) / name if several else Path(store),
+                _identity(params, prompts, denoiser, loras, lora_scale, lora_prompts, name, weights),
+            )
+            for name, (denoiser, *_) in setups.items()
+        }
+    found = {n: f.read() for n, f in folders.items()} if folders is not None else {}
+    reused = bool(found) and all(v is not None for v in found.values())
+    if reused:
+        stats = found
+    else:
         options = cal.sampler_options()
-        if loras:  # one more calibration run per LoRA, fused (formats.lora), summed with the base run
-            options = {"loras": loras, "lora_scale": lora_scale, "lora_prompts": lora_prompts, **options}
-            collect = collect_stats_with_loras
+        if several:  # one sampling run, a collector on each denoiser (each records its own steps)
+            sinks = {n: f.writer() for n, f in folders.items()} if folders is not None else None
+            collected = collect_stats_by_denoiser(pipe, prompts, **options, progress=progress, sinks=sinks)
+            stats = (
+                {n: folders[n].finish(sinks[n], collected[n]) for n in collected}
+                if folders is not None
+                else collected
+            )
         else:
-            collect = collect_stats
-        if folder is None:
-            stats = collect(pipe, prompts, **options, progress=progress)
-        else:
-            sink = folder.writer()
-            collected = collect(pipe, prompts, **options, progress=progress, sink=sink)
-            stats = folder.finish(sink, collected)
+            name = next(iter(models))
+            if loras:  # one more calibration run per LoRA, fused (formats.lora), summed with the base run
+                options = {"loras": loras, "lora_scale": lora_scale, "lora_prompts": lora_prompts, **options}
+                collect = collect_stats_with_loras
+            else:
+                collect = collect_stats
+            if folders is None:
+                stats = {name: collect(pipe, prompts, **options, progress=progress)}
+            else:
+                sink = folders[name].writer()
+                collected = collect(pipe, prompts, **options, progress=progress, sink=sink)
+                stats = {name: folders[name].finish(sink, collected)}
     seconds["calibration"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    influence = compute_influence(stats, denoiser, weighting=params.influence.weighting)
-    covariances = influence.aggregate(stats)
-    profiles = error_profiles(denoiser, covariances, damping=comp.damping) if alloc.mode == "error" else None
-    seconds["influence"] = time.perf_counter() - t0
+    reports = []
+    for name, (denoiser, units, params_before, costs) in setups.items():
+        spent = dict(seconds)  # calibration: the one shared sampling run
+        t0 = time.perf_counter()
+        influence = compute_influence(stats[name], denoiser, weighting=params.influence.weighting)
+        covariances = influence.aggregate(stats[name])
+        profiles = (
+            error_profiles(denoiser, covariances, damping=comp.damping) if alloc.mode == "error" else None
+        )
+        spent["influence"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    plan = plan_ranks(
-        influence.score_of(),
-        units,
-        the_budget,
-        model_params=params_before,
-        profiles=profiles,
-        costs=costs,
-        **alloc.solver_options(),
-    )
-    seconds["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = plan_ranks(
+            influence.score_of(),
+            units,
+            the_budget,
+            model_params=params_before,
+            profiles=profiles,
+            costs=costs,
+            **alloc.solver_options(),
+        )
+        spent["plan"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with single_thread():  # as the compress stage: many small factorisations, threads add overhead
-        report = compress_(denoiser, plan, covariances, **comp.compress_options())
-    seconds["compress"] = time.perf_counter() - t0
-    result = SlimReport(
-        plan=plan,
-        compression=report,
-        params_before=params_before,
-        params_after=count_parameters(denoiser),
-        params=params,
-        store=str(store) if store is not None else None,
-        reused_statistics=reused,
-        seconds=seconds,
-    )
+        t0 = time.perf_counter()
+        with single_thread():  # as the compress stage: many small factorisations, threads add overhead
+            report = compress_(denoiser, plan, covariances, **comp.compress_options())
+        spent["compress"] = time.perf_counter() - t0
+        reports.append(
+            SlimReport(
+                plan=plan,
+                compression=report,
+                params_before=params_before,
+                params_after=count_parameters(denoiser),
+                params=params,
+                store=None if store is None else str(folders[name].path if several else store),
+                reused_statistics=reused,
+                seconds=spent,
+                denoiser=name,
+            )
+        )
+        del influence, covariances, profiles
+    result = dataclasses.replace(reports[0], others=tuple(reports[1:]))
     log.info("slim: %s", result.summary())
     return pipe, result
 
@@ -342,12 +423,20 @@ def _identity(
     loras: Sequence[Any] = (),
     lora_scale: float = 1.0,
     lora_prompts: list[str] | None = None,
+    name: str | None = None,
+    pipeline_weights: dict[str, str] | None = None,
 ) -> dict:
     """What makes stored statistics reusable: the same weights, prompts, calibration settings (not
     the memory limit, which changes no number), LoRAs calibrated with (their sha256 and scale; the
-    key is absent without LoRAs, so older folders stay valid) and library version."""
+    key is absent without LoRAs, so older folders stay valid) and library version. In a pipeline
+    of several denoisers (``pipeline_weights``: every denoiser's weights digest) each denoiser's
+    folder also records its component name and the weights of all of them: the latents a
+    low-noise denoiser sees come from the high-noise one."""
 
-    extra = {}
+    extra: dict[str, Any] = {}
+    if pipeline_weights is not None:
+        extra["denoiser"] = name
+        extra["pipeline_weights_sha256"] = dict(pipeline_weights)
     if loras:
         extra["loras"] = {"sha256": [lora_digest(lora) for lora in loras], "scale": float(lora_scale)}
         if lora_prompts is not None:
@@ -355,7 +444,7 @@ def _identity(
     return {
         **extra,
         "denoiser_class": type(denoiser).__name__,
-        "weights_sha256": _weights_digest(denoiser),
+        "weights_sha256": (pipeline_weights or {}).get(name) or _weights_digest(denoiser),
         "prompts_sha256": _sha256_json(prompts),
         "n_prompts": len(prompts),
         "calibration": params.identity_section("calibration"),
@@ -461,6 +550,7 @@ class _StatsFolder:
         (self.path / "moments").mkdir(parents=True, exist_ok=True)
         marker = {"identity": self.identity, "identity_digest": self.identity_digest}
         (self.path / ".collecting").write_text(json.dumps(marker))
+        (self.path / STATS_INDEX).unlink(missing_ok=True)  # (several denoisers: one folder may be complete)
         for old in (self.path / "moments").iterdir():  # an interrupted collection of the same inputs
             if old.is_dir():
                 shutil.rmtree(old)

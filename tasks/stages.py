@@ -139,7 +139,23 @@ def _load_pipe(params: Params, model: Manifest):
     from slimdiff.formats.models import load_pipeline
 
     revision = model.meta.get("revision") if model.meta["kind"] == "hub" else None
-    return load_pipeline(model.meta["source"], revision, dtype=params.model.dtype, device=params.model.device)
+    pipe = load_pipeline(model.meta["source"], revision, dtype=params.model.dtype, device=params.model.device)
+    check_one_denoiser(pipe)
+    return pipe
+
+
+def check_one_denoiser(pipe) -> None:
+    """The staged pipeline calibrates, plans and compresses ONE denoiser: a pipeline of several
+    (Wan 2.2 A14B: ``transformer`` and ``transformer_2``) is refused, pointing to ``slimdiff.slim``."""
+    from slimdiff.families.units import UnsupportedModelError, denoisers
+
+    names = list(denoisers(pipe))  # raises for a pipeline of several denoisers slimdiff cannot compress
+    if len(names) > 1:
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__} has {len(names)} denoisers ({', '.join(names)}): the staged pipeline "
+            "compresses one; compress such pipelines with slimdiff.slim(pipe, prompts), which calibrates, plans "
+            "and compresses each of them, and save with slimdiff.save_compressed"
+        )
 
 
 _PIPE_CACHE: dict[tuple, Any] = {}

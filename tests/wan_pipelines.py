@@ -14,6 +14,8 @@
   (512) tokens and zeroes the padded embeddings. Call it with ``height=width=WAN_HW`` (32 px:
   4x4 latents, 2x2 = 4 patches per latent frame) and a few frames (17 frames: 5 latent frames),
   ``output_type="latent"``.
+* ``tiny_wan22_pipeline``: the same with a ``transformer_2`` and a ``boundary_ratio`` (Wan 2.2
+  A14B's layout: two denoisers on disjoint timestep ranges).
 """
 
 from __future__ import annotations
@@ -96,4 +98,22 @@ def tiny_wan_pipeline(tmp: Path, seed: int = 0):
         vae=vae,
         transformer=tiny_wan_transformer(seed),
         scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def tiny_wan22_pipeline(tmp: Path, boundary_ratio: float | None = 0.6, transformer_2=None, seed: int = 0):
+    """A tiny Wan 2.2 A14B-shaped ``WanPipeline``: ``tiny_wan_pipeline``'s components, its
+    transformer for the high-noise steps (t >= boundary_ratio x 1000) and a second tiny transformer
+    of other weights (seed + 7; or ``transformer_2``) for the low-noise ones."""
+    from diffusers import WanPipeline
+
+    base = tiny_wan_pipeline(tmp, seed)
+    return WanPipeline(
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        vae=base.vae,
+        transformer=base.transformer,
+        transformer_2=tiny_wan_transformer(seed + 7) if transformer_2 is None else transformer_2,
+        scheduler=base.scheduler,
+        boundary_ratio=boundary_ratio,
     )

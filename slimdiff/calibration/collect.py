@@ -32,16 +32,18 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from slimdiff.core.memory import StatsMemoryPlan, plan_stats_memory
 from slimdiff.core.stats import ActivationStats
-from slimdiff.families.base import StatSite, UnsupportedModelError, adapter_for, denoiser_of
+from slimdiff.families.base import StatSite, UnsupportedModelError, adapter_for
 from slimdiff.families.basic import check_attention_processor
+from slimdiff.families.units import denoisers as denoisers_of_pipe
+from slimdiff.families.units import steps_served
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +157,11 @@ class ActivationCollector:
     ``col.bucket`` by hand (default 0). ``with col.muted(): ...`` runs the model without recording.
     ``col.stats()`` returns a snapshot as ``ActivationStats`` (on the CPU).
 
+    ``serves``: for a pipeline of several denoisers, each called in its own timestep range (Wan 2.2
+    A14B; ``slimdiff.families.units.steps_served``), the mask of the scheduler's timesteps at which
+    the pipeline calls THIS model. Its schedule (and so its buckets: ``n_buckets`` contiguous groups)
+    is then those steps only, and a call at another step of the sampler raises. None: every step.
+
     Statistics live in this object (never as attributes on modules); the hooks are closures over it.
     """
 
@@ -167,6 +174,7 @@ class ActivationCollector:
         keys: Sequence[str] | None = None,
         accumulate: str = "float64",
         flush_every: int = 1,
+        serves: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if n_buckets < 1:
             raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
@@ -177,6 +185,7 @@ class ActivationCollector:
         self.model = model
         self.n_buckets = n_buckets
         self.scheduler = scheduler
+        self.serves = serves
         self.adapter = adapter_for(model)
         self._keys = None if keys is None else list(keys)
         self._sites = self._select(
@@ -212,6 +221,7 @@ class ActivationCollector:
         self._schedule: list[float] | None = None  # unique timesteps of the sampler, in order
         self._schedule_src: torch.Tensor | None = None
         self._step_of_t: dict[float, int] = {}
+        self._other_steps: set[float] = set()  # sampler timesteps another denoiser serves (``serves``)
         # (module path, argument) -> the mask of its current call (``StatSite.mask_module``, ``.mask_arg``)
         self._masks: dict[tuple[str, str], torch.Tensor | None] = {}
         self.meta: dict = {}
@@ -391,6 +401,12 @@ class ActivationCollector:
             self._set_schedule(timesteps)
         step = self._step_of_t.get(t)
         if step is None:
+            if t in self._other_steps:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} was called at timestep {t}, a step its pipeline gives to "
+                    f"another denoiser (it serves {len(self._schedule)} steps, {self._schedule[0]} to "
+                    f"{self._schedule[-1]}): the pipeline does not split its steps as slimdiff expects"
+                )
             sched = self._schedule
             nearest = min(range(len(sched)), key=lambda i: abs(sched[i] - t))
             span = max(abs(sched[0] - sched[-1]), 1.0)
@@ -403,7 +419,20 @@ class ActivationCollector:
         return bucket_of_step(step, len(self._schedule), self.n_buckets)
 
     def _set_schedule(self, timesteps: torch.Tensor) -> None:
-        schedule = unique_in_order([float(v) for v in timesteps.detach().cpu().tolist()])
+        values = timesteps.detach().cpu()
+        everything = unique_in_order([float(v) for v in values.tolist()])
+        if self.serves is None:
+            schedule = everything
+        else:
+            mask = torch.as_tensor(self.serves(timesteps)).detach().cpu().reshape(-1)
+            schedule = unique_in_order(
+                [float(v) for v, m in zip(values.tolist(), mask.tolist(), strict=True) if m]
+            )
+            if not schedule:
+                raise ValueError(
+                    f"{type(self.model).__name__} serves none of the sampler's {len(everything)} timesteps "
+                    "(its pipeline calls another denoiser at every step): nothing to collect"
+                )
         if self._schedule is not None and schedule != self._schedule:
             raise RuntimeError(
                 "the sampler's timestep schedule changed during collection "
@@ -411,14 +440,16 @@ class ActivationCollector:
                 "use one num_inference_steps per collector"
             )
         if len(schedule) < self.n_buckets:
+            served = "" if self.serves is None else f" at which this denoiser runs (of {len(everything)})"
             raise ValueError(
-                f"n_buckets={self.n_buckets} exceeds the sampler's {len(schedule)} distinct timesteps; "
+                f"n_buckets={self.n_buckets} exceeds the sampler's {len(schedule)} distinct timesteps{served}; "
                 "lower n_buckets or raise num_inference_steps"
             )
         self._schedule_src = timesteps
         if self._schedule is None:
             self._schedule = schedule
             self._step_of_t = {t: i for i, t in enumerate(schedule)}
+            self._other_steps = set(everything) - set(schedule)
             self.meta.update(self._schedule_meta(schedule))
 
     def _schedule_meta(self, schedule: list[float]) -> dict:
@@ -533,6 +564,7 @@ def collect_stats(
     keys: Sequence[str] | None = None,
     sink: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     memory_plan: StatsMemoryPlan | None = None,
+    denoiser: str | None = None,
 ) -> ActivationStats:
     """Second-moment statistics of the pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)
     over one prompt shard, per timestep bucket.
@@ -550,7 +582,131 @@ def collect_stats(
     (n_buckets, *mat), int64 (n_buckets,)), and freed: the returned ActivationStats then holds only
     the metadata, so host memory stays at one group. Without a sink the
     returned ActivationStats holds everything (host memory = all statistics).
+
+    ``denoiser``: which denoiser component to hook, a key of ``slimdiff.families.units.denoisers``
+    (default: the family's own, ``pipe.unet`` / ``pipe.transformer``). In a pipeline of several
+    denoisers (Wan 2.2 A14B) the sampler calls each only at its own steps, so the statistics, and
+    their ``n_buckets`` buckets, cover those steps only (``meta["denoiser"]``, ``meta["timesteps"]``);
+    ``collect_stats_by_denoiser`` collects all of them in one sampling run.
     """
+    (stats,) = _collect(
+        pipe,
+        prompts,
+        None if denoiser is None else [denoiser],
+        {denoiser: sink},
+        memory_plan,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        n_buckets=n_buckets,
+        batch_size=batch_size,
+        seed=seed,
+        height=height,
+        width=width,
+        progress=progress,
+        index_offset=index_offset,
+        max_memory=max_memory,
+        accumulate=accumulate,
+        flush_every=flush_every,
+        keys=keys,
+    ).values()
+    return stats
+
+
+def collect_stats_by_denoiser(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    denoisers: Sequence[str] | None = None,
+    sinks: Mapping[str, Callable[[str, torch.Tensor, torch.Tensor], None]] | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    n_buckets: int = 5,
+    batch_size: int = 16,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    index_offset: int = 0,
+    max_memory: int | str | None = "auto",
+    accumulate: str = "auto",
+    flush_every: int = 16,
+    keys: Sequence[str] | None = None,
+) -> dict[str, ActivationStats]:
+    """``collect_stats`` for every denoiser of the pipeline (``denoisers``: some of them, by
+    component name; default all, ``slimdiff.families.units.denoisers``) in ONE sampling run: a
+    collector on each, each recording only the steps the pipeline calls it at, bucketed over those
+    steps. Returns ``{component name: ActivationStats}``. The memory limit covers all collectors
+    together (their sites are planned as one set: a pass may hold some statistics of each);
+    ``sinks`` maps a component name to its ``sink``. ``keys`` restricts every denoiser to those
+    statistics. A denoiser the sampler calls at fewer than ``n_buckets`` steps is refused before
+    sampling. For a one-denoiser pipeline this is ``{name: collect_stats(...)}``, same bits."""
+    return _collect(
+        pipe,
+        prompts,
+        None if denoisers is None else list(denoisers),
+        dict(sinks or {}),
+        None,
+        everything=denoisers is None,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        n_buckets=n_buckets,
+        batch_size=batch_size,
+        seed=seed,
+        height=height,
+        width=width,
+        progress=progress,
+        index_offset=index_offset,
+        max_memory=max_memory,
+        accumulate=accumulate,
+        flush_every=flush_every,
+        keys=keys,
+    )
+
+
+def served_step_counts(pipe, num_inference_steps: int) -> dict[str, int] | None:
+    """How many distinct steps of a ``num_inference_steps`` sampler each denoiser of ``pipe`` runs
+    at (on a copy of its scheduler), or None when the scheduler cannot set its timesteps without
+    the pipeline's arguments (the collectors then check while sampling)."""
+    import copy
+
+    scheduler = copy.deepcopy(pipe.scheduler)
+    try:
+        scheduler.set_timesteps(num_inference_steps)
+    except (TypeError, ValueError):
+        return None
+    timesteps = scheduler.timesteps
+    counts = {}
+    for name in denoisers_of_pipe(pipe):
+        serves = steps_served(pipe, name)
+        kept = timesteps if serves is None else timesteps[torch.as_tensor(serves(timesteps)).reshape(-1)]
+        counts[name] = len(unique_in_order([float(t) for t in kept.tolist()]))
+    return counts
+
+
+def _collect(
+    pipe,
+    prompts: Sequence[str],
+    names: list[str | None] | None,
+    sinks: Mapping,
+    memory_plan: StatsMemoryPlan | None,
+    *,
+    everything: bool = False,
+    num_inference_steps: int,
+    guidance_scale: float,
+    n_buckets: int,
+    batch_size: int,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    progress: bool,
+    index_offset: int,
+    max_memory: int | str | None,
+    accumulate: str,
+    flush_every: int,
+    keys: Sequence[str] | None,
+) -> dict[str, ActivationStats]:
+    """One sampling run with a collector on each denoiser of ``names`` (None: the family's own;
+    ``everything``: all of them); see ``collect_stats``."""
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
@@ -566,25 +722,65 @@ def collect_stats(
         raise ValueError(f"index_offset must be >= 0, got {index_offset}")
 
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    denoiser = denoiser_of(pipe)
-    plan = memory_plan or plan_for_model(
-        denoiser,
-        n_buckets,
-        reserved_bytes=pipeline_bytes(pipe),
-        max_memory=max_memory,
-        keys=keys,
-        accumulate=None if accumulate == "auto" else accumulate,
-        flush_every=flush_every,
-    )
+    models = denoisers_of_pipe(pipe)
+    if everything:
+        names = list(models)
+    elif names is None or names == [None]:
+        names = [next(iter(models))]
+    unknown = [n for n in names if n not in models]
+    if unknown or not names:
+        raise ValueError(
+            f"{unknown or names}: not a denoiser of {type(pipe).__name__} (it has {list(models)})"
+        )
+    chosen = {n: models[n] for n in dict.fromkeys(names)}
+    several = len(models) > 1  # each denoiser is called at its own steps: record which
+    serves = {n: steps_served(pipe, n) if several else None for n in chosen}
+    sinks = {n: sinks.get(n, sinks.get(None)) for n in chosen}
+    first = next(iter(chosen.values()))
+    if len(chosen) == 1:
+        plan = memory_plan or plan_for_model(
+            first,
+            n_buckets,
+            reserved_bytes=pipeline_bytes(pipe),
+            max_memory=max_memory,
+            keys=keys,
+            accumulate=None if accumulate == "auto" else accumulate,
+            flush_every=flush_every,
+        )
+        only = next(iter(chosen))
+        groups = [[(only, k) for k in group] for group in plan.groups]
+    else:
+        if memory_plan is not None:
+            raise ValueError("memory_plan plans one denoiser's statistics; collect several without it")
+        plan = _plan_for_denoisers(
+            chosen,
+            n_buckets,
+            reserved_bytes=pipeline_bytes(pipe),
+            max_memory=max_memory,
+            keys=keys,
+            accumulate=None if accumulate == "auto" else accumulate,
+            flush_every=flush_every,
+        )
+        groups = [[tuple(k.split(_NAME_SEP, 1)) for k in group] for group in plan.groups]
     if plan.n_buckets != n_buckets:
         raise ValueError(f"memory_plan is for {plan.n_buckets} buckets, collection uses {n_buckets}")
-    sample_h, sample_w = adapter_for(denoiser).sample_size(denoiser)
+    if several:
+        counts = served_step_counts(pipe, num_inference_steps) or {}
+        for n in chosen:
+            if n in counts and counts[n] < n_buckets:
+                raise ValueError(
+                    f"{type(pipe).__name__} calls its {n} at {counts[n]} of the sampler's "
+                    f"{num_inference_steps} steps, fewer than n_buckets={n_buckets} (each denoiser's buckets "
+                    "split its own steps): raise num_inference_steps or lower n_buckets"
+                )
+    adapter = adapter_for(first)
+    sample_h, sample_w = adapter.sample_size(first)
     height = height or sample_h * vae_scale
     width = width or sample_w * vae_scale
     meta = {
         "num_inference_steps": num_inference_steps,
         "guidance_scale": float(guidance_scale),
-        "cfg_branches": adapter_for(denoiser).pipeline_kwargs(pipe, guidance_scale, 1)[1],
+        "cfg_branches": adapter.pipeline_kwargs(pipe, guidance_scale, 1)[1],
         "n_buckets": n_buckets,
         "height": int(height),
         "width": int(width),
@@ -598,26 +794,35 @@ def collect_stats(
     saved_pbar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
     n_batches = math.ceil(len(prompts) / batch_size)
-    moments: dict[str, torch.Tensor] = {}
-    tokens: dict[str, torch.Tensor] = {}
-    schedule_meta: dict = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {n: {} for n in chosen}
+    tokens: dict[str, dict[str, torch.Tensor]] = {n: {} for n in chosen}
+    schedule_meta: dict[str, dict] = {n: {} for n in chosen}
     try:
-        for g, group in enumerate(plan.groups):
-            collector = ActivationCollector(
-                denoiser,
-                n_buckets,
-                scheduler=pipe.scheduler,
-                keys=group,
-                accumulate=plan.accumulate,
-                flush_every=plan.flush_every,
-            )
+        for g, group in enumerate(groups):
+            wanted: dict[str, list[str]] = {}
+            for n, key in group:
+                wanted.setdefault(n, []).append(key)
+            collectors = {
+                n: ActivationCollector(
+                    chosen[n],
+                    n_buckets,
+                    scheduler=pipe.scheduler,
+                    keys=group_keys,
+                    accumulate=plan.accumulate,
+                    flush_every=plan.flush_every,
+                    serves=serves[n],
+                )
+                for n, group_keys in wanted.items()
+            }
             desc = "calibration" if plan.passes == 1 else f"calibration pass {g + 1}/{plan.passes}"
-            with collector:
+            with ExitStack() as hooks:
+                for collector in collectors.values():
+                    hooks.enter_context(collector)
                 for start in tqdm(
                     range(0, len(prompts), batch_size), total=n_batches, disable=not progress, desc=desc
                 ):
                     batch = prompts[start : start + batch_size]
-                    guidance, _ = adapter_for(denoiser).pipeline_kwargs(pipe, guidance_scale, len(batch))
+                    guidance, _ = adapter.pipeline_kwargs(pipe, guidance_scale, len(batch))
                     pipe(
                         prompt=batch,
                         num_inference_steps=num_inference_steps,
@@ -627,27 +832,74 @@ def collect_stats(
                         generator=prompt_generators(seed, index_offset + start, len(batch)),
                         output_type="latent",
                     )
-            schedule_meta = collector.meta
-            for key in dict.fromkeys(collector.keys):
-                count = collector.tokens_of(key)
-                if sink is not None:
-                    sink(key, collector.take(key), count)  # then freed: one statistic at a time
-                else:
-                    moments[key], tokens[key] = collector.take(key), count
-            del collector  # free this group's accumulators before the next pass
+            for n, collector in collectors.items():
+                if several and not collector.meta:
+                    raise RuntimeError(f"{type(pipe).__name__} never called its {n} while sampling")
+                schedule_meta[n] = collector.meta
+                for key in dict.fromkeys(collector.keys):
+                    count = collector.tokens_of(key)
+                    if sinks[n] is not None:
+                        sinks[n](key, collector.take(key), count)  # then freed: one statistic at a time
+                    else:
+                        moments[n][key], tokens[n][key] = collector.take(key), count
+            del collectors, collector  # free this group's accumulators before the next pass
     finally:
         pipe.set_progress_bar_config(**saved_pbar)
-    meta = {**schedule_meta, **meta}  # the plan is logged, not kept: "auto" limits vary between runs
-    stats = ActivationStats(n_buckets=n_buckets, moments=moments, tokens=tokens, meta=meta)
+    # the plan is logged, not kept: "auto" limits vary between runs
+    out = {}
+    for n in chosen:
+        extra = {"denoiser": n} if several else {}
+        out[n] = ActivationStats(
+            n_buckets=n_buckets,
+            moments=moments[n],
+            tokens=tokens[n],
+            meta={**schedule_meta[n], **meta, **extra},
+        )
     logger.info(
-        "collected %d statistics over %d prompts x %d steps (%d buckets, %d pass(es))",
+        "collected %d statistics of %s over %d prompts x %d steps (%d buckets, %d pass(es))",
         sum(len(g) for g in plan.groups),
+        ", ".join(chosen),
         len(prompts),
         num_inference_steps,
         n_buckets,
         plan.passes,
     )
-    return stats
+    return out
+
+
+_NAME_SEP = "/"  # "<component>/<statistic key>": the sites of several denoisers, planned as one set
+
+
+def _plan_for_denoisers(
+    models: Mapping[str, nn.Module],
+    n_buckets: int,
+    *,
+    max_memory: int | str | None,
+    keys: Sequence[str] | None,
+    accumulate: str | None,
+    flush_every: int,
+    reserved_bytes: int,
+) -> StatsMemoryPlan:
+    """``plan_for_model`` over the sites of several denoisers at once (keys "<component>/<key>")."""
+    sites = []
+    for name, model in models.items():
+        own = [(s.key, s.shape) for s in adapter_for(model).stat_sites(model)]
+        if keys is not None:
+            unknown = set(keys) - {k for k, _ in own}
+            if unknown:
+                raise KeyError(f"statistics {sorted(unknown)[:3]} are not sites of {name}")
+            own = [site for site in own if site[0] in set(keys)]
+        sites += [(f"{name}{_NAME_SEP}{k}", shape) for k, shape in own]
+    device = next(next(iter(models.values())).parameters()).device.type
+    return plan_stats_memory(
+        sites,
+        n_buckets,
+        max_memory=max_memory,
+        device=device,
+        accumulate=accumulate,
+        flush_every=flush_every,
+        reserved_bytes=reserved_bytes,
+    )
 
 
 def plan_for_model(

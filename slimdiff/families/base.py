@@ -651,6 +651,17 @@ class ModelAdapter:
         model = denoiser_of(pipe)
         return self.guidance_kwargs(model, guidance_scale, batch)
 
+    def denoiser_components(self, pipe) -> tuple[str, ...]:
+        """The pipeline components its sampler calls as denoisers, the one ``denoiser_of`` names
+        first (default: that one alone; Wan 2.2 A14B adds ``transformer_2``)."""
+        return (denoiser_attr(pipe),)
+
+    def steps_served(self, pipe, name: str):
+        """At which of the scheduler's timesteps the sampler calls denoiser ``name``: a function of
+        the timesteps tensor returning the boolean mask of its steps, or None (every step, the
+        default)."""
+        return None
+
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
         the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""

@@ -11,9 +11,19 @@ e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.qk`` (a UNet) or
 ``transformer_blocks.7.ff`` (a DiT). Which family a model belongs to is decided once, by
 ``slimdiff.families.adapter_for`` (its denoiser class and block types); this module never imports a
 diffusers block class.
+
+Which denoiser: a pipeline may have several denoiser components (Wan 2.2 A14B: ``transformer`` for
+the high-noise steps, ``transformer_2`` for the low-noise ones). ``denoisers(pipe)`` lists those its
+sampler calls, by component name, the family adapter's own (``denoiser_of``) first; ``steps_served``
+says at which of the scheduler's timesteps the sampler calls each. A family adapter opts in by
+overriding ``ModelAdapter.denoiser_components(pipe)`` and ``steps_served(pipe, name)``
+(``slimdiff.families.wan``); by default a pipeline has the one denoiser ``denoiser_of`` names,
+called at every step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,6 +35,7 @@ from slimdiff.families.base import (
     UnitKind,
     UnsupportedModelError,
     adapter_for,
+    denoiser_attr,
     denoiser_of,
     linear,
     split_path,
@@ -43,9 +54,11 @@ __all__ = [
     "compressible_parameter_count",
     "count_parameters",
     "denoiser_of",
+    "denoisers",
     "linear",
     "parameter_dtype",
     "short_unit_label",
+    "steps_served",
 ]
 
 
@@ -158,3 +171,40 @@ def pipeline_call_kwargs(pipe, guidance_scale: float, batch: int) -> dict:
     except UnsupportedModelError:
         return {"guidance_scale": guidance_scale}
     return kwargs
+
+
+def _family(pipe):
+    """(adapter, first denoiser) of ``pipe``; adapter None when slimdiff does not know the denoiser."""
+    first = denoiser_of(pipe)
+    try:
+        return adapter_for(first), first
+    except UnsupportedModelError:
+        return None, first
+
+
+def denoisers(pipe) -> dict[str, nn.Module]:
+    """Every denoiser ``pipe``'s sampler calls, by pipeline component name, in sampling order: the
+    one ``denoiser_of`` names first (``unet`` / ``transformer``), then any others the family adapter
+    lists (``denoiser_components``; Wan 2.2 A14B: ``transformer_2``). The adapter validates a
+    pipeline of several denoisers (UnsupportedModelError naming what is not supported)."""
+    adapter, first = _family(pipe)
+    if adapter is None:
+        return {denoiser_attr(pipe): first}
+    names = tuple(adapter.denoiser_components(pipe))
+    models = {name: getattr(pipe, name, None) for name in names}
+    bad = [n for n, m in models.items() if not isinstance(m, nn.Module)]
+    if bad or not names or models[names[0]] is not first:
+        raise UnsupportedModelError(f"{type(pipe).__name__}: no denoiser module at {bad or names}")
+    return models
+
+
+def steps_served(pipe, name: str) -> Callable | None:
+    """At which steps ``pipe``'s sampler calls its denoiser ``name`` (a key of ``denoisers``): a
+    function of the scheduler's ``timesteps`` (a tensor) returning the boolean mask of the steps it
+    runs at, computed as the pipeline decides (Wan 2.2 A14B: ``t >= boundary_ratio *
+    num_train_timesteps`` for ``transformer``, ``<`` for ``transformer_2``); None: every step."""
+    names = list(denoisers(pipe))
+    if name not in names:
+        raise KeyError(f"{name!r} is not a denoiser of {type(pipe).__name__} (it has {names})")
+    adapter, _ = _family(pipe)
+    return None if adapter is None else adapter.steps_served(pipe, name)

@@ -1,5 +1,5 @@
-"""Wan 2.1 text-to-video: ``WanTransformer3DModel`` built from ``WanTransformerBlock``s (diffusers
-``transformer_wan.py``), sampled by ``WanPipeline``.
+"""Wan 2.1 text-to-video and Wan 2.2 A14B (two denoisers, below): ``WanTransformer3DModel`` built
+from ``WanTransformerBlock``s (diffusers ``transformer_wan.py``), sampled by ``WanPipeline``.
 
 A block is ``attn1`` (self-attention over the video tokens) -> ``attn2`` (cross-attention to the
 text) -> ``ffn``, each a ``WanAttention`` run by ``WanAttnProcessor`` (see docs/METHOD.md,
@@ -42,16 +42,29 @@ text) -> ``ffn``, each a ``WanAttention`` run by ``WanAttnProcessor`` (see docs/
   passes ``num_frames = WanAdapter.calibration_frames`` (17 frames: 5 latent frames), a few frames
   instead of the pipeline's 81.
 
+Wan 2.2 A14B (``WanPipeline`` with ``transformer`` and ``transformer_2`` and a ``boundary_ratio``
+in its config): the sampler calls ``transformer`` at the steps with t >= boundary_ratio x
+``num_train_timesteps`` (high noise) and ``transformer_2`` at the others, each with classifier-free
+guidance (``guidance_scale`` and ``guidance_scale_2``, which defaults to it; calibration passes
+``guidance_scale`` only). ``denoiser_components`` lists both and ``steps_served`` gives each its
+steps, computed as the pipeline does, so ``slimdiff.slim`` compresses both: one calibration run
+with a collector on each (each buckets only its own steps), then per denoiser its own influence,
+error profiles, rank plan under the same budget, compression and report; ``save_compressed`` writes
+both as ``SlimWanTransformer3DModel`` and ``DiffusionPipeline.from_pretrained`` loads both. Only the
+A14B text-to-video layout is supported: both denoisers ``WanTransformer3DModel`` with the blocks
+above; two denoisers of different classes, or one this adapter refuses (below), are refused with one
+message naming the component. A ``transformer_2`` without ``boundary_ratio`` is never called by the
+pipeline and is left as it is. The staged pipeline (``tasks/``) calibrates one denoiser and refuses
+such pipelines; LoRA-aware calibration of them is refused too. Wan 2.2 TI2V-5B (one transformer,
+per-token timesteps) has the same blocks and passes the adapter as a Wan 2.1 denoiser, but is not
+tested here.
+
 Refused (``UnsupportedModelError`` naming the module): the image cross-attention of Wan 2.1 I2V /
 FLF2V (``add_k_proj`` / ``add_v_proj`` with ``norm_added_k``: a second softmax over 257 CLIP image
 tokens sharing the query; handling it needs a second key stream in the QK unit and a summed VO
 statistic), fused projections (``fuse_projections()``: unfuse first), processors other than
 ``WanAttnProcessor``, q/k norms other than an RMSNorm over heads x d_h, other Wan-family denoisers
-(VACE, Animate, ChronoEdit: other classes). Wan 2.2 A14B pipelines (``transformer_2`` with
-``boundary_ratio``) are refused by ``pipeline_kwargs``: the two denoisers run on disjoint timestep
-ranges and would need statistics, plans and saving for two denoisers (one collector per denoiser,
-each bucketing only its own steps). Wan 2.2 TI2V-5B (one transformer, per-token timesteps) has the
-same blocks and passes the adapter, but is not tested here.
+(VACE, Animate, ChronoEdit: other classes).
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ from slimdiff.families.base import (
     randn,
     register_adapter,
     require_processor,
+    stock_class,
 )
 
 #: text tokens WanPipeline hands the transformer: every prompt padded to ``max_sequence_length``
@@ -132,7 +146,7 @@ class SlimWanAttnProcessor(SlimProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _ffn(model: nn.Module, block: str) -> UnitInfo:
+def _ffn_activation(model: nn.Module, block: str) -> nn.Module:
     from diffusers.models.activations import GELU
 
     ff = model.get_submodule(f"{block}.ffn")
@@ -140,6 +154,11 @@ def _ffn(model: nn.Module, block: str) -> UnitInfo:
         raise UnsupportedModelError(
             f"{block}.ffn: expected a GELU feed-forward, got {type(ff.net[0]).__name__}"
         )
+    return ff
+
+
+def _ffn(model: nn.Module, block: str) -> UnitInfo:
+    ff = _ffn_activation(model, block)
     layout = FFNLayout(
         f"{block}.ffn.net.0.proj", f"{block}.ffn.net.{len(ff.net) - 1}", False, f"{block}.ffn.hidden"
     )
@@ -164,8 +183,8 @@ def _check_norm(model: nn.Module, path: str, width: int) -> None:
         )
 
 
-def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
-    path = f"{block}.{which}"
+def _check_attention(model: nn.Module, path: str) -> nn.Module:
+    """The attention at ``path``, refused when it is not a text-to-video one (compressed or not)."""
     attn = model.get_submodule(path)
     if getattr(attn, "add_k_proj", None) is not None or getattr(attn, "added_kv_proj_dim", None) is not None:
         raise UnsupportedModelError(
@@ -176,6 +195,12 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
         raise UnsupportedModelError(
             f"{path}: fused projections are not supported; call unfuse_qkv_projections() first"
         )
+    return attn
+
+
+def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
+    path = f"{block}.{which}"
+    attn = _check_attention(model, path)
     heads = int(attn.heads)
     width = attn.to_q.out_features
     if width % heads or attn.to_k.out_features != width:
@@ -235,16 +260,66 @@ class WanAdapter(ModelAdapter):
 
     def pipeline_kwargs(self, pipe, guidance_scale: float, batch: int) -> tuple[dict, int]:
         """The stock classifier-free guidance (``guidance_scale``, two calls per step above 1) and
-        ``num_frames = calibration_frames``. A Wan 2.2 A14B pipeline (a ``transformer_2`` for the
-        low-noise steps) is refused: only one denoiser is calibrated and compressed."""
-        if getattr(pipe, "transformer_2", None) is not None:
-            raise UnsupportedModelError(
-                f"{type(pipe).__name__} has two denoisers (transformer and transformer_2, Wan 2.2 A14B): "
-                "slimdiff calibrates and compresses one; not supported"
-            )
+        ``num_frames = calibration_frames``. In a Wan 2.2 A14B pipeline ``transformer_2`` gets the
+        same guidance (WanPipeline's ``guidance_scale_2`` defaults to ``guidance_scale``)."""
         kwargs, branches = super().pipeline_kwargs(pipe, guidance_scale, batch)
         kwargs["num_frames"] = self.calibration_frames
         return kwargs, branches
+
+    # -- Wan 2.2 A14B: two denoisers ----------------------------------------------------------
+    @staticmethod
+    def _boundary(pipe) -> float | None:
+        """The boundary ratio when the pipeline calls a ``transformer_2`` (else None)."""
+        if getattr(pipe, "transformer_2", None) is None:
+            return None
+        ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+        return None if ratio is None else float(ratio)
+
+    def denoiser_components(self, pipe) -> tuple[str, ...]:
+        """``("transformer",)``, or ``("transformer", "transformer_2")`` for a Wan 2.2 A14B pipeline
+        (a ``transformer_2`` and a ``boundary_ratio``; without the ratio WanPipeline never calls
+        ``transformer_2``). Both must be text-to-video ``WanTransformer3DModel``s this adapter
+        supports: anything else raises one UnsupportedModelError naming the component."""
+        if self._boundary(pipe) is None:
+            return ("transformer",)
+        pipeline = type(pipe).__name__
+        models = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+        classes = {n: stock_class(m).__name__ for n, m in models.items()}
+        if len(set(classes.values())) > 1 or not all(
+            isinstance(m, self.denoiser_class()) for m in models.values()
+        ):
+            raise UnsupportedModelError(
+                f"{pipeline} has two denoisers of different classes (transformer: {classes['transformer']}, "
+                f"transformer_2: {classes['transformer_2']}): slimdiff compresses a two-denoiser pipeline "
+                f"(Wan 2.2 A14B) only when both are {self.denoiser_name}s of the text-to-video layout"
+            )
+        for name, model in models.items():
+            try:  # what units() refuses, on compressed denoisers too (a compressed pipeline is saved)
+                for block, _ in self.blocks(model):
+                    for which in ("attn1", "attn2"):
+                        _check_attention(model, f"{block}.{which}")
+                    _ffn_activation(model, block)
+                self.check_processors(model)
+            except UnsupportedModelError as err:
+                raise UnsupportedModelError(
+                    f"{pipeline}'s {name} is not supported, so its two denoisers (Wan 2.2 A14B) cannot "
+                    f"be compressed: {err}"
+                ) from err
+        return ("transformer", "transformer_2")
+
+    def steps_served(self, pipe, name: str):
+        """The steps WanPipeline calls ``name`` at, as a mask of the scheduler's timesteps:
+        t >= boundary_ratio x num_train_timesteps for ``transformer``, below it for
+        ``transformer_2`` (the pipeline's own comparison); None (every step) without a boundary."""
+        ratio = self._boundary(pipe)
+        if ratio is None:
+            return None
+        boundary = ratio * pipe.scheduler.config.num_train_timesteps
+        if name == "transformer":
+            return lambda timesteps: timesteps >= boundary
+        if name == "transformer_2":
+            return lambda timesteps: timesteps < boundary
+        raise KeyError(f"{name!r} is not a denoiser of {type(pipe).__name__}")
 
     def sample_size(self, model: nn.Module) -> tuple[int, int]:
         size = getattr(model.config, "sample_size", None) or WAN_SAMPLE_SIZE

@@ -15,10 +15,10 @@ rank plan, so the skeleton is built at the compressed shapes before the weights 
                                                   projecting LoRAs of the original (slimdiff.formats.lora)
 
 For a pipeline, ``<dir>`` is a normal ``save_pretrained`` folder whose denoiser subfolder
-(``unet/`` or ``transformer/``) has the layout above and whose ``model_index.json`` names the
-slimdiff class. Every mismatch between sidecar, plan, config and weights (edited sidecar, wrong
-ranks, changed or truncated weights) is an error that says what differs; a folder never loads
-into a silently different model.
+(``unet/`` or ``transformer/``; Wan 2.2 A14B: ``transformer/`` and ``transformer_2/``) has the
+layout above and whose ``model_index.json`` names the slimdiff class. Every mismatch between
+sidecar, plan, config and weights (edited sidecar, wrong ranks, changed or truncated weights) is an
+error that says what differs; a folder never loads into a silently different model.
 
 Folders of the first format (stock config class, plan only in the sidecar; sidecar
 format_version 1) still load through ``load_compressed``, which rebuilds the shapes from the
@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from slimdiff.core.digests import file_sha256
-from slimdiff.families.base import UnsupportedModelError, adapter_for_class, denoiser_attr, denoiser_of
+from slimdiff.families.base import UnsupportedModelError, adapter_for_class
+from slimdiff.families.units import denoisers
 from slimdiff.formats import loading
 from slimdiff.formats.loading import to_slim_
 from slimdiff.formats.sidecar import (
@@ -143,32 +144,53 @@ def save_compressed(
     ``plan`` defaults to the plan ``compress_`` recorded on the UNet. For a pipeline the whole
     pipeline is saved with ``save_pretrained``, its ``unet/`` folder is written by SlimDiff and a
     top-level ``slimdiff.json`` marks the folder as compressed (it points at ``unet/``).
-    ``extra`` is free-form JSON (e.g. lineage) stored in the sidecar(s) under "extra"."""
+    ``extra`` is free-form JSON (e.g. lineage) stored in the sidecar(s) under "extra".
+
+    A pipeline of several denoisers (``slimdiff.families.units.denoisers``; Wan 2.2 A14B:
+    ``transformer`` and ``transformer_2``) has each compressed one written in this layout (``plan``
+    is the first one's); the top-level sidecar then also lists ``"denoisers"``: {subfolder: plan
+    digest}, and points ``unet_subfolder`` / ``plan_digest`` at the first compressed one."""
     directory = Path(directory)
-    unet = denoiser_of(pipeline_or_unet) if _is_pipeline(pipeline_or_unet) else pipeline_or_unet
-    plan = plan or getattr(unet, PLAN_ATTRIBUTE, None)
-    if plan is None:
+    if not _is_pipeline(pipeline_or_unet):
+        unet = pipeline_or_unet
+        plan = plan or getattr(unet, PLAN_ATTRIBUTE, None)
+        if plan is None:
+            raise CompressedModelError(
+                "no rank plan: pass plan=... or save a UNet returned by compress_ (it records unet.slimdiff_plan)"
+            )
+        return _save_unet(unet, directory, plan, extra)
+    pipe = pipeline_or_unet
+    models = denoisers(pipe)
+    first = next(iter(models))
+    plans = {
+        name: (plan if name == first and plan is not None else getattr(model, PLAN_ATTRIBUTE, None))
+        for name, model in models.items()
+    }
+    plans = {name: p for name, p in plans.items() if p is not None}
+    if not plans:
         raise CompressedModelError(
             "no rank plan: pass plan=... or save a UNet returned by compress_ (it records unet.slimdiff_plan)"
         )
-    if _is_pipeline(pipeline_or_unet):
-        sub = denoiser_attr(pipeline_or_unet)
-        setattr(pipeline_or_unet, sub, to_slim_(unet))  # model_index.json names the slimdiff class
-        pipeline_or_unet.save_pretrained(directory, safe_serialization=True)
-        unet_dir = directory / sub
-        if unet_dir.exists():
-            shutil.rmtree(unet_dir)  # replaced by the SlimDiff layout below
-        _save_unet(unet, unet_dir, plan, extra)
-        top = {
-            "format_version": SIDECAR_FORMAT_VERSION,
-            "kind": "pipeline",
-            "unet_subfolder": sub,
-            "plan_digest": plan.digest,
-            "extra": dict(extra or {}),
-        }
-        (directory / SIDECAR_NAME).write_text(json.dumps(top, indent=1) + "\n")
-        return directory
-    return _save_unet(unet, directory, plan, extra)
+    for name in plans:
+        setattr(pipe, name, to_slim_(models[name]))  # model_index.json names the slimdiff class
+    pipe.save_pretrained(directory, safe_serialization=True)
+    for name, p in plans.items():
+        sub_dir = directory / name
+        if sub_dir.exists():
+            shutil.rmtree(sub_dir)  # replaced by the SlimDiff layout below
+        _save_unet(models[name], sub_dir, p, extra)
+    sub = next(iter(plans))
+    top = {
+        "format_version": SIDECAR_FORMAT_VERSION,
+        "kind": "pipeline",
+        "unet_subfolder": sub,
+        "plan_digest": plans[sub].digest,
+        "extra": dict(extra or {}),
+    }
+    if len(models) > 1:
+        top["denoisers"] = {name: p.digest for name, p in plans.items()}
+    (directory / SIDECAR_NAME).write_text(json.dumps(top, indent=1) + "\n")
+    return directory
 
 
 def _load_unet(directory: Path, device: str | torch.device, torch_dtype: torch.dtype | None) -> nn.Module:
@@ -264,11 +286,13 @@ def load_compressed(
             kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated)
         if _is_slim_folder(directory / sub):
             pipe = cls.from_pretrained(directory, **kwargs)
-            model = getattr(pipe, sub)
-            if top and top.get("plan_digest") != model.slimdiff_plan.digest:
-                raise CompressedModelError(
-                    f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its {sub} folder (mixed folders?)"
-                )
+            expected = dict(top.get("denoisers") or {sub: top.get("plan_digest")}) if top else {}
+            for name, digest in expected.items():
+                plan = getattr(getattr(pipe, name, None), PLAN_ATTRIBUTE, None)
+                if plan is None or digest != plan.digest:
+                    raise CompressedModelError(
+                        f"{directory}/{SIDECAR_NAME}: plan digest differs from the one in its {name} folder (mixed folders?)"
+                    )
             return pipe.to(device)
         unet = _load_unet(directory / sub, device, torch_dtype)
         if top and top.get("plan_digest") != unet.slimdiff_plan.digest:

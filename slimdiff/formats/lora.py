@@ -67,6 +67,7 @@ from slimdiff.families.base import (
     denoiser_of,
     split_path,
 )
+from slimdiff.families.units import denoisers
 from slimdiff.formats.sidecar import read_lora_maps
 from slimdiff.surgery.maps import (
     FOLDER_ATTRIBUTE,
@@ -718,6 +719,12 @@ def collect_stats_with_loras(
     lora_prompts = list(prompts if lora_prompts is None else lora_prompts)
     if isinstance(pipe, nn.Module):
         raise TypeError("collect_stats_with_loras needs the pipeline (it samples), not its denoiser")
+    several = list(denoisers(pipe))
+    if len(several) > 1:
+        raise ValueError(
+            f"LoRA-aware calibration of a pipeline with several denoisers ({', '.join(several)}) is not "
+            "supported: a LoRA is fused into one denoiser only"
+        )
     sink = collect_options.pop("sink", None)
     digests = [lora_digest(lora) for lora in loras]  # unreadable files fail before any sampling
     for lora in loras:  # so does a LoRA that does not fit the model (LoraError naming the layer)
