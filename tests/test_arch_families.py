@@ -298,23 +298,6 @@ def test_pixart_padding_never_enters_the_statistics(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Unsupported families
 # ---------------------------------------------------------------------------------------------
-def tiny_flux3():
-    from diffusers import Flux3Transformer2DModel
-
-    torch.manual_seed(0)
-    return Flux3Transformer2DModel(
-        in_channels=4,
-        cond_in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        timestep_channels=16,
-        axes_dims_rope=(2, 2, 2, 2),
-    ).eval()
-
-
 def tiny_sana():
     from diffusers import SanaTransformer2DModel
 
@@ -357,10 +340,9 @@ class RecordingPipeline:
 @pytest.mark.parametrize(
     ("build", "blocks"),
     [
-        (tiny_flux3, ("Flux3ModeTransformerBlock", "Flux3SingleTransformerBlock")),
         (tiny_sana, ("SanaTransformerBlock",)),
     ],
-    ids=["flux3", "sana"],
+    ids=["sana"],
 )
 def test_unsupported_family_is_refused_before_anything_is_written(build, blocks, tmp_path):
     model = build()

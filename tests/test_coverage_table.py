@@ -149,6 +149,14 @@ def expected_ltx() -> dict[str, int]:
     return {"ffn": n, "qk": 2 * n, "vo": 2 * n}  # self- and cross-attention per block
 
 
+def expected_flux3() -> dict[str, int]:
+    from diffusers import Flux3Transformer2DModel
+
+    d = defaults(Flux3Transformer2DModel)
+    n = 2 * d["num_layers"] + d["num_single_layers"]  # image and text per-mode blocks, joint blocks
+    return {"ffn": n, "qk": n, "vo": n}  # the reference-image mode blocks stay whole
+
+
 @pytest.mark.parametrize(
     "name, family, expected",
     [
@@ -163,6 +171,7 @@ def expected_ltx() -> dict[str, int]:
         ("ZImageTransformer2DModel", "Z-Image", expected_zimage),
         ("WanTransformer3DModel", "Wan 2.1", expected_wan),
         ("LTXVideoTransformer3DModel", "LTX-Video", expected_ltx),
+        ("Flux3Transformer2DModel", "FLUX.3", expected_flux3),
     ],
 )
 def test_supported_families_and_their_unit_counts(coverage, name, family, expected):
@@ -174,15 +183,6 @@ def test_supported_families_and_their_unit_counts(coverage, name, family, expect
     assert row["status"] == "supported", row
     assert row["detail"] == adapter_for_class(name).family and row["detail"].startswith(family)
     assert row["units"] == expected()
-
-
-def test_flux3_is_refused_naming_its_block_type(coverage):
-    from diffusers import Flux3Transformer2DModel
-
-    row = coverage.row(Flux3Transformer2DModel)
-    assert row["status"] == "refused" and row["stage"] == "adapter_for"
-    assert "Flux3ModeTransformerBlock" in row["detail"]
-    assert "units" not in row and len(row["detail"]) <= 200
 
 
 def test_a_row_never_raises(coverage, monkeypatch):

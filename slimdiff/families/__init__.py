@@ -11,6 +11,7 @@ do not change. A family made of standard parts needs no file: ``structural`` rec
 from slimdiff.families import (  # noqa: F401
     flux,
     flux2,
+    flux3,
     ltx,
     mmdit,
     pixart,

@@ -47,8 +47,7 @@ What is compressed (see docs/METHOD.md, "FLUX and RoPE"):
   ``slimdiff.formats.lora`` maps column-packed linears only); ``to_out``'s are, as FLUX.1's.
 * The transformer is called with ``timestep = t / 1000`` (it multiplies by 1000 itself).
 
-Refused: ``Flux3Transformer2DModel`` and other variants (no adapter matches; the message names their
-block types), FLUX.2 models whose blocks are not exactly ``Flux2TransformerBlock`` /
+Refused (``Flux3Transformer2DModel`` is its own family, ``slimdiff.families.flux3``): FLUX.2 models whose blocks are not exactly ``Flux2TransformerBlock`` /
 ``Flux2SingleTransformerBlock`` (named), fused double-block projections (``fuse_qkv_projections()``:
 unfuse first), processors other than ``Flux2AttnProcessor`` in the double blocks and
 ``Flux2ParallelSelfAttnProcessor`` in the single blocks (the KV-cache processors of
