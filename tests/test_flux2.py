@@ -25,6 +25,7 @@ import math
 
 import pytest
 import torch
+from family_contract import collect, rel, run
 from flux2_pipelines import FLUX2_HW, FLUX2_TEXT_LEN, tiny_flux2_transformer
 from torch import nn
 
@@ -51,23 +52,6 @@ def inputs(model, seed: int, batch: int = 2):
     return adapter_for(model).example_inputs(
         model, batch, HW, TEXT, device="cpu", generator=torch.Generator().manual_seed(seed)
     )
-
-
-def run(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*x[0], **x[1]).sample
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def collect(model, xs) -> ActivationCollector:
-    col = ActivationCollector(model, 1)
-    with col:
-        for x in xs:
-            run(model, x)
-    return col
 
 
 def covariances(model, n: int = 4) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ import math
 
 import pytest
 import torch
+from family_contract import rel, run
 from torch import nn
 
 from slimdiff.calibration.collect import ActivationCollector
@@ -81,15 +82,6 @@ def inputs(model, seed: int, batch: int = 2, reference: bool = False):
         kwargs["image_cond_hidden_states"] = torch.randn(batch, N_REF, CHANNELS, generator=gen)
         kwargs["image_cond_ids"] = ids.reshape(N_REF, 4)
     return args, kwargs
-
-
-def run(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*x[0], **x[1]).sample
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def covariances(model, n: int = 4) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from family_contract import collect, qk_ranks, rel, run
 from ltx_pipelines import LTX_HW, tiny_ltx_transformer
 from torch import nn
 
@@ -76,23 +77,6 @@ def inputs(model, seed: int, batch: int = 2, pad: int = 0):
     return args, kwargs
 
 
-def run(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*x[0], **x[1]).sample
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def collect(model, xs) -> ActivationCollector:
-    col = ActivationCollector(model, 1)
-    with col:
-        for x in xs:
-            run(model, x)
-    return col
-
-
 def covariances(model, n: int = 3) -> dict[str, torch.Tensor]:
     return collect(model, [inputs(model, 100 + i, pad=2) for i in range(n)]).stats().aggregate([1.0])
 
@@ -101,10 +85,6 @@ def covariances(model, n: int = 3) -> dict[str, torch.Tensor]:
 def calibrated():
     model = tiny()
     return model, covariances(model)
-
-
-def qk_ranks(units, r: int) -> RankPlan:
-    return RankPlan.from_ranks(units, {n: (r if u.kind == "qk" else u.full_rank) for n, u in units.items()})
 
 
 # -- the adapter -----------------------------------------------------------------------------------

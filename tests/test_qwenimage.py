@@ -25,10 +25,10 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from family_contract import collect, qk_ranks, rel, run
 from family_pipelines import tiny_qwenimage_transformer
 from torch import nn
 
-from slimdiff.calibration.collect import ActivationCollector
 from slimdiff.families import TokenMask, UnsupportedModelError, adapter_for
 from slimdiff.families.attention import SlimQwenAttnProcessor, sdpa_backends
 from slimdiff.families.units import compression_units, count_parameters
@@ -58,23 +58,6 @@ def inputs(model, seed: int, batch: int = 2, mask: torch.Tensor | None = None):
     return args, kwargs
 
 
-def run(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*x[0], **x[1]).sample
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def collect(model, xs) -> ActivationCollector:
-    col = ActivationCollector(model, 1)
-    with col:
-        for x in xs:
-            run(model, x)
-    return col
-
-
 def covariances(model, n: int = 4) -> dict[str, torch.Tensor]:
     return collect(model, [inputs(model, 100 + i, mask=MASK) for i in range(n)]).stats().aggregate([1.0])
 
@@ -83,10 +66,6 @@ def covariances(model, n: int = 4) -> dict[str, torch.Tensor]:
 def calibrated():
     model = tiny()
     return model, covariances(model)
-
-
-def qk_ranks(units, r: int) -> RankPlan:
-    return RankPlan.from_ranks(units, {n: (r if u.kind == "qk" else u.full_rank) for n, u in units.items()})
 
 
 # -- the adapter -----------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ import math
 
 import pytest
 import torch
+from family_contract import collect, qk_ranks, rel, run
 from torch import nn
 from zimage_pipelines import ZIMAGE_HW, tiny_zimage_pipeline, tiny_zimage_transformer
 
-from slimdiff.calibration.collect import ActivationCollector
 from slimdiff.families import TokenMask, UnsupportedModelError, adapter_for
 from slimdiff.families.units import compression_units, count_parameters
 from slimdiff.families.zimage import SlimZImageAttnProcessor
@@ -65,23 +65,6 @@ def inputs(model, seed: int, captions: tuple[int, ...] = CAPTIONS):
     return (x, t, [c[:n] for c, n in zip(cap, captions, strict=True)]), kwargs
 
 
-def run(model, x) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.stack(model(*x[0], **x[1]).sample)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def collect(model, xs) -> ActivationCollector:
-    col = ActivationCollector(model, 1)
-    with col:
-        for x in xs:
-            run(model, x)
-    return col
-
-
 def covariances(model, n: int = 3) -> dict[str, torch.Tensor]:
     return collect(model, [inputs(model, 100 + i) for i in range(n)]).stats().aggregate([1.0])
 
@@ -90,10 +73,6 @@ def covariances(model, n: int = 3) -> dict[str, torch.Tensor]:
 def calibrated():
     model = tiny()
     return model, covariances(model)
-
-
-def qk_ranks(units, r: int) -> RankPlan:
-    return RankPlan.from_ranks(units, {n: (r if u.kind == "qk" else u.full_rank) for n, u in units.items()})
 
 
 # -- the adapter -----------------------------------------------------------------------------------
