@@ -141,6 +141,10 @@ FLUX2_KLEIN_SLICE_CONFIG = dict(
     guidance_embeds=False,
 )
 FLUX2_KLEIN_BLOCKS = {"double": 5, "single": 20}
+#: FLUX.3 at its default (released) width, 3072 = 24 heads x 128, MLP 9216, text context 20480
+#: wide: 1 of its 5 per-mode layers (an image, a reference-image and a text block; the reference
+#: blocks do not run in text-to-image) and 5 of its 28 joint blocks (its 5 : 28 mix, nearly)
+FLUX3_SLICE_CONFIG = dict(num_layers=1, num_single_layers=5)
 
 
 #: timesteps of the random-input calibration forwards (noisy, middle, clean)
@@ -477,6 +481,15 @@ SPECS: dict[str, DenoiserSpec] = {
         "flux2-klein-slice",
         "FLUX.2 transformer at klein-4B width, 1 double + 4 single blocks (its 1 : 4 mix; 931 M), random weights",
         _build("Flux2Transformer2DModel", **FLUX2_KLEIN_SLICE_CONFIG),
+        text_inputs(512),
+        512,
+        1,
+        random_stats(512, batch=1),
+    ),
+    "flux3-slice": DenoiserSpec(
+        "flux3-slice",
+        "FLUX.3 transformer at full width, 1 of 5 per-mode layers + 5 of 28 joint blocks, random weights",
+        _build("Flux3Transformer2DModel", **FLUX3_SLICE_CONFIG),
         text_inputs(512),
         512,
         1,
