@@ -572,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
         print(f"wrote {out}")
     if skipped:
-        print(f"skipped plans {skipped}: they need statistics, which do not fit here ({memory_note})")
+        why = (
+            "the influence softmax needs every unit's score at once, which grouped statistics do not keep"
+            if grouped
+            else "they need statistics, which do not fit here"
+        )
+        print(f"skipped plans {skipped}: {why} ({memory_note})")
     return 0 if not skipped and all(r["passes"] for r in rows if r["plan"] == "error") else 1
 
 
