@@ -184,6 +184,29 @@ def _single(model: nn.Module, block: str) -> list[UnitInfo]:
     return [*attention_units(model, block, "attn", layout), ffn_unit(model, f"{block}.mlp", block, ffn)]
 
 
+def four_axis_position_ids(
+    latent_hw: tuple[int, int], text_len: int, image_scale: float = 1.0, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_ids, txt_ids), (N, 4) (t, h, w, l), as the FLUX.2 / FLUX.3 pipelines build them: packed
+    2x2 latent patch (row, column) at (0, s row, s column, 0) (s = ``image_scale``: 1 for FLUX.2,
+    0.5 for FLUX.3), text token j at (0, 0, 0, j)."""
+    h, w = latent_hw[0] // 2, latent_hw[1] // 2
+    img = torch.zeros(h, w, 4)
+    img[..., 1] += torch.arange(h)[:, None] * image_scale
+    img[..., 2] += torch.arange(w)[None, :] * image_scale
+    txt = torch.zeros(text_len, 4)
+    txt[:, 3] = torch.arange(text_len)
+    return img.reshape(h * w, 4).to(device), txt.to(device)
+
+
+def joint_rope_angles(model: nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
+    """(N, d_h / 2) rotary angle of every token of the joint [text; image] sequence and every
+    coordinate pair, from the model's own ``pos_embed`` (float64)."""
+    with torch.no_grad():
+        cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
+    return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
+
+
 def fused_widths(attn: nn.Module) -> tuple[int, int, int, int]:
     """(q, k, v, MLP input) rows of a single block's ``to_qkv_mlp_proj`` as the layer holds them now:
     the widths recorded on it (``base.row_parts``, narrowed by a compression), else the stock ones."""
@@ -383,13 +406,7 @@ class Flux2Adapter(ModelAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(img_ids, txt_ids), (N, 4) (t, h, w, l) as the FLUX.2 pipelines build them: packed 2x2
         latent patch (row, column) at (0, row, column, 0), text token j at (0, 0, 0, j)."""
-        h, w = latent_hw[0] // 2, latent_hw[1] // 2
-        img = torch.zeros(h, w, 4)
-        img[..., 1] += torch.arange(h)[:, None]
-        img[..., 2] += torch.arange(w)[None, :]
-        txt = torch.zeros(text_len, 4)
-        txt[:, 3] = torch.arange(text_len)
-        return img.reshape(h * w, 4).to(device), txt.to(device)
+        return four_axis_position_ids(latent_hw, text_len, 1.0, device)
 
     def rope_angles(
         self, model: nn.Module, latent_hw: tuple[int, int] | None = None, text_len: int | None = None
@@ -398,12 +415,9 @@ class Flux2Adapter(ModelAdapter):
         shape (default: the pipelines' 128 x 128 latents and FLUX2_TEXT_LEN text tokens), from the
         model's own ``pos_embed`` (float64)."""
         img_ids, txt_ids = self.position_ids(latent_hw or self.sample_size(model), text_len or FLUX2_TEXT_LEN)
-        with torch.no_grad():
-            cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
-        return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
+        return joint_rope_angles(model, img_ids, txt_ids)
 
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-
         return rope_phase_moments(self.rope_angles(model))
 
     def example_inputs(

@@ -80,7 +80,7 @@ from slimdiff.families.base import (
     require_processor,
 )
 from slimdiff.families.flux import _check_norms
-from slimdiff.families.flux2 import _check_eps
+from slimdiff.families.flux2 import _check_eps, four_axis_position_ids, joint_rope_angles
 
 #: default text tokens per prompt: the pipeline pads each prompt to a multiple of 80 tokens (capped
 #: at its ``max_sequence_length``, 8192), and upsampled captions run to several hundred, so the
@@ -304,13 +304,7 @@ class Flux3Adapter(ModelAdapter):
         """(img_ids, txt_ids), (N, 4) (t, h, w, l) as the FLUX.3 pipeline builds them: the image token
         of packed-grid (row, column) (latents at the 8x VAE scale, 2x2 per token) at (0, 0.5 row,
         0.5 column, 0), text token j at (0, 0, 0, j)."""
-        h, w = latent_hw[0] // 2, latent_hw[1] // 2
-        img = torch.zeros(h, w, 4)
-        img[..., 1] += torch.arange(h)[:, None] * FLUX3_IMAGE_ROPE_SCALE
-        img[..., 2] += torch.arange(w)[None, :] * FLUX3_IMAGE_ROPE_SCALE
-        txt = torch.zeros(text_len, 4)
-        txt[:, 3] = torch.arange(text_len)
-        return img.reshape(h * w, 4).to(device), txt.to(device)
+        return four_axis_position_ids(latent_hw, text_len, FLUX3_IMAGE_ROPE_SCALE, device)
 
     def rope_angles(
         self, model: nn.Module, latent_hw: tuple[int, int] | None = None, text_len: int | None = None
@@ -319,9 +313,7 @@ class Flux3Adapter(ModelAdapter):
         coordinate pair at a serving shape (default: 128 x 128 latents and FLUX3_TEXT_LEN text
         tokens), from the model's own ``pos_embed`` (float64)."""
         img_ids, txt_ids = self.position_ids(latent_hw or self.sample_size(model), text_len or FLUX3_TEXT_LEN)
-        with torch.no_grad():
-            cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
-        return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
+        return joint_rope_angles(model, img_ids, txt_ids)
 
     def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_phase_moments(self.rope_angles(model))
