@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import SlimAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,19 @@ def ffn_unit(model: nn.Module, name: str, block: str, layout: FFNLayout) -> Unit
             raise UnsupportedModelError(f"{layout.gate}: {gate.out_features} outputs, expected {inner}")
         cost += _in_cost(gate)
     return UnitInfo(name, "ffn", block, None, inner, cost, layout)
+
+
+def attention_stat_keys(block: str, attn: str) -> dict[str, str]:
+    """The statistic keys of an attention with q/k norms, as ``AttentionLayout`` fields (``query_key``,
+    ``key_key``, ``attnout_key``, ``query_normed_key``, ``key_normed_key``): every family names them
+    from the block path and the attention's attribute the same way."""
+    return {
+        "query_key": attn_key(block, attn, QUERY),
+        "key_key": attn_key(block, attn, KEY),
+        "attnout_key": attn_key(block, attn, ATTN_OUT),
+        "query_normed_key": attn_key(block, attn, QUERY_NORMED),
+        "key_normed_key": attn_key(block, attn, KEY_NORMED),
+    }
 
 
 def attention_units(model: nn.Module, block: str, attn: str, layout: AttentionLayout) -> list[UnitInfo]:

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import SlimFluxAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
@@ -47,6 +46,7 @@ from slimdiff.families.base import (
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     packed_path,
@@ -100,11 +100,7 @@ def _attention(model: nn.Module, block: str, single: bool) -> list[UnitInfo]:
         key=tuple(key),
         value=tuple(value),
         out=tuple(out),
-        query_key=attn_key(block, "attn", QUERY),
-        key_key=attn_key(block, "attn", KEY),
-        attnout_key=attn_key(block, "attn", ATTN_OUT),
-        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
-        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        **attention_stat_keys(block, "attn"),
         norms_q=tuple(norms_q),
         norms_k=tuple(norms_k),
         text_linears=tuple(text),

@@ -63,7 +63,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import (
     SlimFluxAttnProcessor,
     SlimProcessor,
@@ -77,6 +76,7 @@ from slimdiff.families.base import (
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     packed_path,
@@ -160,11 +160,7 @@ def _single(model: nn.Module, block: str) -> list[UnitInfo]:
         key=(key,),
         value=(value,),
         out=(packed_path(f"{path}.to_out", 0, width),),  # the first columns: the attention output
-        query_key=attn_key(block, "attn", QUERY),
-        key_key=attn_key(block, "attn", KEY),
-        attnout_key=attn_key(block, "attn", ATTN_OUT),
-        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
-        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        **attention_stat_keys(block, "attn"),
         norms_q=(f"{path}.norm_q",),
         norms_k=(f"{path}.norm_k",),
         norms_head_major=False,

@@ -65,7 +65,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import SlimProcessor, apply_rope, kept_rope_tables, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
@@ -73,6 +72,7 @@ from slimdiff.families.base import (
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     randn,
@@ -155,11 +155,7 @@ def _attention(model: nn.Module, block: str, stream: str) -> list[UnitInfo]:
         key=(linears[1],),
         value=(linears[2],),
         out=(linears[3],),
-        query_key=attn_key(block, "attn", QUERY),
-        key_key=attn_key(block, "attn", KEY),
-        attnout_key=attn_key(block, "attn", ATTN_OUT),
-        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
-        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        **attention_stat_keys(block, "attn"),
         norms_q=(norms_q,),
         norms_k=(norms_k,),
         norms_head_major=False,  # the stock processor normalises (B, N, heads, d_h)

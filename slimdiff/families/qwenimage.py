@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import SlimQwenAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
@@ -53,6 +52,7 @@ from slimdiff.families.base import (
     TokenMask,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     randn,
@@ -118,11 +118,7 @@ def _attention(model: nn.Module, block: str) -> list[UnitInfo]:
         key=(f"{path}.to_k", f"{path}.add_k_proj"),
         value=(f"{path}.to_v", f"{path}.add_v_proj"),
         out=(f"{path}.to_out.0", f"{path}.to_add_out"),
-        query_key=attn_key(block, "attn", QUERY),
-        key_key=attn_key(block, "attn", KEY),
-        attnout_key=attn_key(block, "attn", ATTN_OUT),
-        query_normed_key=attn_key(block, "attn", QUERY_NORMED),
-        key_normed_key=attn_key(block, "attn", KEY_NORMED),
+        **attention_stat_keys(block, "attn"),
         norms_q=tuple(norms_q),
         norms_k=tuple(norms_k),
         norms_head_major=False,  # the stock processor normalises (B, N, heads, d_h)

@@ -76,7 +76,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import AcrossHeadsRMSNorm, SlimProcessor, apply_rope, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
@@ -84,6 +83,7 @@ from slimdiff.families.base import (
     ModelAdapter,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     randn,
@@ -217,11 +217,7 @@ def _attention(model: nn.Module, block: str, which: str) -> list[UnitInfo]:
         key=(f"{path}.to_k",),
         value=(f"{path}.to_v",),
         out=(f"{path}.to_out.0",),
-        query_key=attn_key(block, which, QUERY),
-        key_key=attn_key(block, which, KEY),
-        attnout_key=attn_key(block, which, ATTN_OUT),
-        query_normed_key=attn_key(block, which, QUERY_NORMED),
-        key_normed_key=attn_key(block, which, KEY_NORMED),
+        **attention_stat_keys(block, which),
         norms_q=(f"{path}.norm_q",),
         norms_k=(f"{path}.norm_k",),
         norms_head_major=False,  # the norms see (B, N, heads * d_h), before the head split

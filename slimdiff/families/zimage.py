@@ -64,7 +64,6 @@ import torch
 from torch import nn
 
 from slimdiff.core.linalg import rope_phase_moments
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
 from slimdiff.families.attention import SlimProcessor, apply_rope_complex, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
@@ -74,6 +73,7 @@ from slimdiff.families.base import (
     TokenMask,
     UnitInfo,
     UnsupportedModelError,
+    attention_stat_keys,
     attention_units,
     ffn_unit,
     randn,
@@ -159,11 +159,7 @@ def _attention(model: nn.Module, block: str) -> list[UnitInfo]:
         key=(linears[1],),
         value=(linears[2],),
         out=(linears[3],),
-        query_key=attn_key(block, "attention", QUERY),
-        key_key=attn_key(block, "attention", KEY),
-        attnout_key=attn_key(block, "attention", ATTN_OUT),
-        query_normed_key=attn_key(block, "attention", QUERY_NORMED),
-        key_normed_key=attn_key(block, "attention", KEY_NORMED),
+        **attention_stat_keys(block, "attention"),
         norms_q=(norms_q,),
         norms_k=(norms_k,),
         norms_head_major=False,  # the stock processor normalises (B, N, heads, d_h)
