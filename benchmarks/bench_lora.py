@@ -533,7 +533,7 @@ def flux_train_config():
 @torch.no_grad()
 def flux_text_states(pipe, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Both frozen encoders' outputs as FluxPipeline's ``encode_prompt`` builds them (one toy
-    tokenizer, ``max_sequence_length`` = ``max_length``): T5's last hidden states and CLIP's pooled
+    tokenizer, ``max_sequence_length`` = ``max_length``): the token encoder's last hidden states and CLIP's pooled
     output, ((N, L, D), (N, P))."""
     from slimdiff.toy.flux import encode_prompt_ids
 
@@ -728,7 +728,7 @@ of `benchmarks/bench_lora.py --source toy-flux` (results: `benchmarks/results/lo
   `s` (mean {obj.get("logit_mean", "?")}, std {obj.get("logit_std", "?")}) shifted by
   {obj.get("scheduler_shift", float("nan")):.3f} (the sampler's dynamic shift at 16 image tokens),
   {100 * obj.get("caption_dropout", 0):g}% caption dropout to the `""` states of both encoders, the
-  {obj.get("max_sequence_length", "?")} T5 tokens the toy is sampled with), seed {info["seed"]},
+  {obj.get("max_sequence_length", "?")} text tokens the toy is sampled with), seed {info["seed"]},
   {info["threads"]} CPU thread(s), {info["train_seconds"]:.0f} s. Loss {info["loss_first_50"]:.4f}
   (first 50 steps) -> {info["loss_last_50"]:.4f} (last 50).
 - Use: FluxPipeline with true classifier-free guidance (`true_cfg_scale`, `negative_prompt=""`,
@@ -912,7 +912,7 @@ def _texts(source: str) -> dict[str, str]:
             "position ids, velocity target, `t = s` in [0, 1] as FluxPipeline passes it, logit-normal noise "
             "levels with the sampler's shift at 16 image tokens)",
             "dropout_to": ' (both encoders get the `""` states: true CFG)',
-            "unk_state": "T5 token state (and its effect on CLIP's pooled output)",
+            "unk_state": "token-encoder state (and its effect on CLIP's pooled output)",
             "sampler": "flow-matching Euler (FLUX's dynamic shift) with FluxPipeline's true classifier-free "
             'guidance (`true_cfg_scale`, `negative_prompt=""`, `max_sequence_length=16`: '
             "`slimdiff.families.units.pipeline_call_kwargs`),",

@@ -137,7 +137,7 @@ def toy_flux_pipeline_dir() -> Path:
 
 
 def load_toy_flux_pipeline(dtype: torch.dtype = torch.float32, path: str | Path | None = None):
-    """A working ``FluxPipeline`` (CLIP pooled + T5 tokens, no guidance embedding) loaded offline from
+    """A working ``FluxPipeline`` (CLIP pooled + CLIP-class text tokens, no guidance embedding) loaded offline from
     the committed folder (or ``path``). Weights are stored fp16 and run fp32 by default. Sample it with
     ``true_cfg_scale``, ``negative_prompt=""`` and ``max_sequence_length=16``
     (:func:`slimdiff.families.units.pipeline_call_kwargs`)."""

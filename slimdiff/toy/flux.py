@@ -44,17 +44,22 @@ BASE_IMAGE_SEQ_LEN, MAX_IMAGE_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1
 class ToyFluxConfig:
     """Architecture of the toy FLUX pipeline. Defaults are the committed model's."""
 
-    max_length: int = 16  # the toy tokenizer (both encoders): CLIP positions = T5 max_sequence_length
+    max_length: int = 16  # the toy tokenizer (both encoders): CLIP positions = max_sequence_length
     clip_hidden: int = 64  # CLIPTextModel width = pooled_projection_dim
     clip_heads: int = 2
-    t5_dim: int = 128  # T5 d_model = joint_attention_dim
-    t5_heads: int = 4
-    t5_d_kv: int = 32
-    t5_ff: int = 256  # gated GELU (T5 v1.1, as FLUX's T5-XXL)
-    # T5's relative-position buckets (its word-order signal; FLUX gives every text token the rotary
-    # position (0, 0, 0)). The committed model's 8 over 32 tokens merge offsets 2..7; T5's defaults,
-    # 32 over 128, were tried (same recipe) and gave 40.2% two-object exact match against 38.9%
-    t5_buckets: int = 8
+    # the text-token encoder (``text_encoder_2``): its width is joint_attention_dim. FLUX gives every
+    # text token the rotary position (0, 0, 0), so word order reaches the transformer only through this
+    # encoder. "clip" (the committed model): a CLIPTextModel's last hidden states, absolute positions
+    # and causal attention, as the toy MMDiT's token encoders (100% two-object exact match there).
+    # "t5": a T5EncoderModel (FLUX.1's class, relative positions only); with this recipe it placed
+    # both objects right but swapped their attributes: 38.9% two-object exact match with 8
+    # relative-position buckets over 32 tokens, 40.2% with T5's default 32 over 128
+    token_encoder: str = "clip"
+    token_dim: int = 128  # = joint_attention_dim
+    token_heads: int = 4
+    token_ff: int = 256  # CLIP: MLP width; T5: gated-GELU FFN (T5 v1.1, as FLUX's T5-XXL)
+    t5_d_kv: int = 32  # T5 only: per-head width
+    t5_buckets: int = 8  # T5 only: relative-position buckets
     t5_max_distance: int = 32
     text_layers: int = 2
     num_layers: int = 4  # double-stream blocks
@@ -77,10 +82,14 @@ class ToyFluxConfig:
             raise ValueError(
                 "the toy FLUX needs num_layers >= 2 double and num_single_layers >= 2 single blocks"
             )
+        if self.token_encoder not in ("clip", "t5"):
+            raise ValueError(f"token_encoder={self.token_encoder!r}: use 'clip' or 't5'")
+        if self.token_dim % self.token_heads:
+            raise ValueError(f"token_dim={self.token_dim} must divide by token_heads={self.token_heads}")
         if self.clip_hidden % self.clip_heads:
             raise ValueError(f"clip_hidden={self.clip_hidden} must divide by clip_heads={self.clip_heads}")
         if not 1 <= self.max_length <= 512:
-            raise ValueError(f"max_length={self.max_length}: FluxPipeline allows 1..512 T5 tokens")
+            raise ValueError(f"max_length={self.max_length}: FluxPipeline allows 1..512 text tokens")
 
     @property
     def inner_dim(self) -> int:
@@ -96,42 +105,51 @@ class ToyFluxConfig:
 
 
 def build_text_encoders(cfg: ToyFluxConfig, seed: int = 0):
-    """(``CLIPTextModel`` for the pooled input, ``T5EncoderModel`` for the text tokens), both on the
-    toy vocabulary."""
+    """(``CLIPTextModel`` for the pooled input, the token encoder: a second ``CLIPTextModel`` or a
+    ``T5EncoderModel`` per ``cfg.token_encoder``), both on the toy vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     vocab = toy_vocabulary()
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=cfg.clip_hidden,
-            intermediate_size=2 * cfg.clip_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.clip_heads,
-            max_position_embeddings=cfg.max_length,
-            hidden_act="gelu",
-            bos_token_id=vocab.index(BOS_TOKEN),
-            eos_token_id=vocab.index(EOS_TOKEN),  # pooled output: the state at the first EOS
-            pad_token_id=vocab.index(PAD_TOKEN),
+    special = {
+        "bos_token_id": vocab.index(BOS_TOKEN),
+        "eos_token_id": vocab.index(EOS_TOKEN),  # CLIP's pooled output: the state at the first EOS
+        "pad_token_id": vocab.index(PAD_TOKEN),
+    }
+
+    def clip_model(hidden: int, heads: int, intermediate: int):
+        return CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=hidden,
+                intermediate_size=intermediate,
+                num_hidden_layers=cfg.text_layers,
+                num_attention_heads=heads,
+                max_position_embeddings=cfg.max_length,
+                hidden_act="gelu",
+                **special,
+            )
         )
-    )
+
+    torch.manual_seed(seed)
+    clip = clip_model(cfg.clip_hidden, cfg.clip_heads, 2 * cfg.clip_hidden)
     torch.manual_seed(seed + 1)
+    if cfg.token_encoder == "clip":
+        return clip, clip_model(cfg.token_dim, cfg.token_heads, cfg.token_ff)
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(vocab),
-            d_model=cfg.t5_dim,
+            d_model=cfg.token_dim,
             d_kv=cfg.t5_d_kv,
-            d_ff=cfg.t5_ff,
+            d_ff=cfg.token_ff,
             num_layers=cfg.text_layers,
-            num_heads=cfg.t5_heads,
+            num_heads=cfg.token_heads,
             relative_attention_num_buckets=cfg.t5_buckets,
             relative_attention_max_distance=cfg.t5_max_distance,
             feed_forward_proj="gated-gelu",
             dropout_rate=0.0,
-            pad_token_id=vocab.index(PAD_TOKEN),
-            eos_token_id=vocab.index(EOS_TOKEN),
-            decoder_start_token_id=vocab.index(PAD_TOKEN),
+            pad_token_id=special["pad_token_id"],
+            eos_token_id=special["eos_token_id"],
+            decoder_start_token_id=special["pad_token_id"],
         )
     )
     return clip, t5
@@ -150,7 +168,7 @@ def build_transformer(cfg: ToyFluxConfig, seed: int = 0):
         num_single_layers=cfg.num_single_layers,
         attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.t5_dim,
+        joint_attention_dim=cfg.token_dim,
         pooled_projection_dim=cfg.clip_hidden,
         guidance_embeds=False,
         axes_dims_rope=cfg.axes_dims_rope,
