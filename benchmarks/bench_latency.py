@@ -39,7 +39,7 @@ from bench_speed import interleaved, serving_of, sharing_copy  # benchmarks/ is 
 from denoisers import SPECS
 
 from slimdiff.config import load_params
-from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.units import compression_units, count_parameters, planned_units
 from slimdiff.planning.allocation import flop_feasible_range, plan_ranks
 from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import unit_flop_costs
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     base = spec.build()
-    units = compression_units(base)
+    units = planned_units(compression_units(base), alloc.modules, qk_norm)  # as the plan stage does
     x_cpu = spec.inputs(base, batch, resolution, 0)
     shape = serving_of(base, x_cpu, args.device)
     if args.profiles == "measured":
@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         r_min=alloc.r_min,
         multiple=alloc.multiple,
         qk_norm=qk_norm,
+        units=units,
         device_name=name,
     )
     t_table = time.perf_counter() - t0
-    flops = unit_flop_costs(base, shape, qk_norm)
+    flops = unit_flop_costs(base, shape, qk_norm, units)
     print(
         f"{spec.description} at {shape.to_dict()} on {name} ({args.dtype}): forward {1e3 * lat.forward_s:.3f} ms, "
         f"rest outside the units {1e3 * lat.seconds(lat.rest):.3f} ms; table: {lat.measured} operations timed "

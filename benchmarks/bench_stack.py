@@ -58,7 +58,7 @@ from bench_speed import (  # benchmarks/ is on sys.path when run as a script
 from denoisers import SPECS, toy_pipe
 
 from slimdiff.config import load_params
-from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.units import compression_units, count_parameters, planned_units
 from slimdiff.planning.flops import unit_flop_costs
 from slimdiff.planning.influence import compute_influence
 from slimdiff.planning.spectra import error_profiles
@@ -338,16 +338,16 @@ def build_slim(spec, base, fraction: float | None, plan_kind: str = "error"):
     params = load_params(ROOT / "params.yaml")
     alloc, damping = params.allocation, params.compression.damping
     fraction = params.allocation.budget.value if fraction is None else fraction
+    qk_norm = params.compression.qk_norm
+    units = planned_units(compression_units(base), alloc.modules, qk_norm)  # as the plan stage does
     if plan_kind == "uniform":
-        units = compression_units(base)
         plan = make_plans("uniform", units, [fraction], None, None, alloc, count_parameters(base))[fraction]
         slim = sharing_copy(base)
-        report = compress_(slim, plan, None, method="baseline")
+        report = compress_(slim, plan, None, method="baseline", qk_norm=qk_norm)
         return slim.eval(), plan, None, report, fraction
     stats = spec.calibrate(base, spec.default_resolution)
     influence = compute_influence(stats, base, weighting="spectral" if stats.n_buckets > 1 else "uniform")
     covariances = influence.aggregate(stats)
-    units = compression_units(base)
     profiles = error_profiles(base, covariances, damping=damping)
     # the committed budget's own currency: a FLOP budget is spent at allocation.serving's batch, the
     # model's resolution and the inputs' text length (as the plan stage does)
@@ -356,13 +356,13 @@ def build_slim(spec, base, fraction: float | None, plan_kind: str = "error"):
         x = spec.inputs(base, alloc.serving.batch, spec.default_resolution)
         kind, costs = (
             "error-flops",
-            unit_flop_costs(base, serving_of(base, x, "cpu"), params.compression.qk_norm),
+            unit_flop_costs(base, serving_of(base, x, "cpu"), qk_norm, units),
         )
     plan = make_plans(
         kind, units, [fraction], profiles, influence.score_of(), alloc, count_parameters(base), costs
     )[fraction]
     slim = sharing_copy(base)
-    report = compress_(slim, plan, covariances, damping=damping, qk_norm=params.compression.qk_norm)
+    report = compress_(slim, plan, covariances, damping=damping, qk_norm=qk_norm)
     return slim.eval(), plan, covariances, report, fraction
 
 

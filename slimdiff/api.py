@@ -165,7 +165,8 @@ def slim(
       FLOPs at ``params.allocation.serving``, ``Budget(removed_flops_fraction=...)``, ...);
     * ``mode``: rank allocation, "error" | "influence" | "uniform" (``allocation.mode``); ``tau``
       its pull toward uniform ratios ("influence" needs ``tau > 0``, e.g. 1.0);
-    * ``qk_norm``: QK under per-head RMSNorms (SD3.5), "select" | "keep" | "project";
+    * ``qk_norm``: QK under per-head RMSNorms (SD3.5, FLUX), "auto" (the default: left whole under
+      rotary embeddings, selected elsewhere) | "select" | "keep" | "project";
     * ``store``: a folder for the statistics (see the module docstring); None keeps them in memory;
     * ``max_memory``: the statistics memory limit of ``collect_stats`` ("16GiB", "auto", None for
       none; default: ``calibration.max_memory``); it changes no result;

@@ -242,10 +242,12 @@ class CompressionParams(_Group):
     # statistics (E[h^T h] of the real neurons) do not contain, so the Nystrom refit is undefined.
     ffn_selection: Literal["shared"] = "shared"
     damping: float = Field(1e-2, ge=0.0, lt=1.0)
-    # QK under per-head q/k RMSNorms (SD3.5 MMDiT): select = RMSNorm-aware coordinate selection,
-    # planned like any QK; keep = left whole; project = left whole in the plan, q/k projected to the
-    # attention's VO rank after the norms (cheaper logits, to_q/to_k keep their size). docs/METHOD.md
-    qk_norm: Literal["select", "keep", "project"] = "select"
+    # QK under per-head q/k RMSNorms (SD3.5 MMDiT, FLUX): select = RMSNorm-aware coordinate (under
+    # RoPE: whole rotary pair) selection, planned like any QK; keep = left whole; project = left whole
+    # in the plan, q/k projected to the attention's VO rank after the norms (cheaper logits, to_q/to_k
+    # keep their size; not under RoPE); auto = keep where the QK also carries rotary embeddings
+    # (FLUX-class), select elsewhere (SD3-class), as the toy ablations measured. docs/METHOD.md
+    qk_norm: Literal["auto", "select", "keep", "project"] = "auto"
 
     def compress_options(self) -> dict[str, Any]:
         """The keyword arguments of ``slimdiff.surgery.compress.compress_`` these settings fix."""

@@ -364,6 +364,39 @@ def test_project_mode_and_odd_ranks_are_refused(calibrated):
         compress_(copy.deepcopy(model), full, cov, qk_norm="project")
 
 
+def test_auto_qk_option_keeps_rope_qks_whole_and_selects_the_sd3_ones(calibrated):
+    """``compression.qk_norm: auto`` (the default): every FLUX QK (q/k RMSNorms + RoPE) leaves the
+    plan, VO and FFN stay; an SD3 QK (norms, no RoPE) is planned as under "select"."""
+    from test_mmdit import tiny_sd3
+
+    from slimdiff.families.units import planned_units, qk_left_whole
+
+    model, cov = calibrated
+    units = compression_units(model)
+    planned = planned_units(units, ("ffn", "qk", "vo"), "auto")
+    assert {n for n, u in units.items() if u.kind == "qk"} and not any(
+        u.kind == "qk" for u in planned.values()
+    )
+    assert {n for n, u in planned.items()} == {n for n, u in units.items() if u.kind != "qk"}
+    assert all(qk_left_whole(u, "auto") == (u.kind == "qk") for u in units.values())
+    sd3 = compression_units(tiny_sd3())
+    assert (
+        planned_units(sd3, ("ffn", "qk", "vo"), "auto").keys()
+        == planned_units(sd3, ("ffn", "qk", "vo"), "select").keys()
+    )
+    assert any(u.kind == "qk" and u.layout.qk_norm for u in sd3.values())
+    # compress_ carries out the plan it is given: a plan cutting a FLUX QK (made under "select") is
+    # cut by pair selection under "auto" too, bit for bit; "keep" refuses it
+    ranks = {n: (8 if u.kind == "qk" else u.full_rank) for n, u in units.items()}
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    compress_(a, RankPlan.from_ranks(units, ranks), cov, qk_norm="auto")
+    compress_(b, RankPlan.from_ranks(units, ranks), cov, qk_norm="select")
+    x = inputs(model, seed=3)
+    assert torch.equal(run(a, x), run(b, x)) and count_parameters(a) < count_parameters(model)
+    with pytest.raises(CompressionError, match="must stay at full rank"):
+        compress_(copy.deepcopy(model), RankPlan.from_ranks(units, ranks), cov, qk_norm="keep")
+
+
 def test_fused_projections_are_refused_and_flux2_is_not_flux1():
     model = tiny_flux()
     model.fuse_qkv_projections()

@@ -57,6 +57,7 @@ __all__ = [
     "denoisers",
     "linear",
     "parameter_dtype",
+    "qk_left_whole",
     "short_unit_label",
     "steps_served",
 ]
@@ -68,14 +69,22 @@ def compression_units(model: nn.Module) -> dict[str, UnitInfo]:
     return adapter_for(model).units(model)
 
 
-def planned_units(units: dict[str, UnitInfo], modules, qk_norm: str = "select") -> dict[str, UnitInfo]:
-    """The units a plan allocates: the kinds in ``modules``, without QK units under per-head
-    RMSNorms unless ``qk_norm`` is "select" (keep / project leave them whole)."""
-    return {
-        n: u
-        for n, u in units.items()
-        if u.kind in modules and not (u.kind == "qk" and u.layout.qk_norm and qk_norm != "select")
-    }
+def qk_left_whole(unit: UnitInfo, qk_norm: str) -> bool:
+    """Whether ``compression.qk_norm`` leaves this unit out of every plan: a QK under per-head q/k
+    RMSNorms unless the mode is "select" ("keep" / "project" leave them whole); "auto" leaves whole
+    those that also carry rotary embeddings (FLUX-class: pair selection measured behind "keep" at
+    equal FLOPs) and selects the others (SD3-class: "select" measured equal to "keep" up to 40%)."""
+    if unit.kind != "qk" or not unit.layout.qk_norm:
+        return False
+    if qk_norm == "auto":
+        return bool(unit.layout.rope)
+    return qk_norm != "select"
+
+
+def planned_units(units: dict[str, UnitInfo], modules, qk_norm: str = "auto") -> dict[str, UnitInfo]:
+    """The units a plan allocates: the kinds in ``modules``, without the QKs ``qk_norm`` leaves
+    whole (:func:`qk_left_whole`)."""
+    return {n: u for n, u in units.items() if u.kind in modules and not qk_left_whole(u, qk_norm)}
 
 
 def compressible_parameter_count(model: nn.Module, units: dict[str, UnitInfo]) -> int:

@@ -428,7 +428,7 @@ class FlopCosts:
     full_rank: dict[str, int]
     attentions: dict[str, AttentionCost]
     unit_attention: dict[str, tuple[str, str]]  # qk / vo unit -> (attention module path, kind)
-    qk_norm: str = "select"
+    qk_norm: str = "auto"
 
     def attention_ranks(self, ranks: Mapping[str, int], module: str) -> tuple[int, int]:
         """(r_qk, r_vo) of attention ``module`` under ``ranks`` (a unit not named stays whole)."""
@@ -481,7 +481,7 @@ class FlopCosts:
 
 
 def unit_flop_costs(
-    model: nn.Module, shape: ServingShape, qk_norm: str = "select", units: dict | None = None
+    model: nn.Module, shape: ServingShape, qk_norm: str = "auto", units: dict | None = None
 ) -> FlopCosts:
     """The FLOP cost model of every compression unit of the UNCOMPRESSED ``model`` at ``shape``:
     one ``forward_flops`` trace on the meta device (no memory, no compute), every cost read off its

@@ -638,7 +638,7 @@ def unit_latency_costs(
     units: dict | None = None,
     r_min: int = 8,
     multiple: int = 8,
-    qk_norm: str = "select",
+    qk_norm: str = "auto",
     device_name: str | None = None,
 ) -> LatencyCosts:
     """The latency table of every compression unit of the UNCOMPRESSED ``model`` at ``shape``

@@ -74,7 +74,11 @@ logger = logging.getLogger(__name__)
 
 F64 = torch.float64
 
-QK_NORM_MODES = ("select", "keep", "project")
+QK_NORM_MODES = ("auto", "select", "keep", "project")
+# the modes under which compress_ rewrites a QK under per-head norms that the plan cuts, by
+# selection: "auto" leaves RoPE QKs out of plans (planned_units), so a plan that cuts one was made
+# on purpose (e.g. under "select") and is carried out the same way
+CUT_QK_NORM_MODES = ("auto", "select")
 
 
 class CompressionError(ValueError):
@@ -91,7 +95,7 @@ class UnitContext:
     covariances: Mapping[str, torch.Tensor]
     damping: float
     ffn_selection: str
-    qk_norm: str = "select"  # how a QK under per-head RMSNorms is compressed (compress_)
+    qk_norm: str = "auto"  # how a QK under per-head RMSNorms is compressed (compress_)
     lora_maps: bool = False  # also compute the maps slimdiff.formats.lora needs (FFN refit map: extra solve)
 
     @property
@@ -312,7 +316,7 @@ def _rms_select(
 @register_method("qk", "slimdiff", needs=True)
 def _qk_whitened(ctx: UnitContext) -> QKRewrite:
     if ctx.layout.qk_norm:
-        if ctx.qk_norm != "select":
+        if ctx.qk_norm not in CUT_QK_NORM_MODES:
             raise CompressionError(
                 f"{ctx.unit.name}: the plan compresses a QK under per-head RMSNorms, but qk_norm is "
                 f"{ctx.qk_norm!r}: with 'keep' or 'project' such units must stay at full rank in the plan "
@@ -355,7 +359,7 @@ def _qk_weight_svd(ctx: UnitContext) -> QKRewrite:
     normalised ones (the norm's 1/rms is a common factor per token, irrelevant to the ranking)."""
     gq, gk = ctx.head_gram(ctx.layout.query), ctx.head_gram(ctx.layout.key)
     if ctx.layout.qk_norm:
-        if ctx.qk_norm != "select":
+        if ctx.qk_norm not in CUT_QK_NORM_MODES:
             raise CompressionError(
                 f"{ctx.unit.name}: a QK under per-head RMSNorms is compressed only by coordinate "
                 f"selection (qk_norm 'select'), got qk_norm {ctx.qk_norm!r}"
@@ -633,7 +637,7 @@ def compress_(
     ffn_method: str | None = None,
     qk_method: str | None = None,
     vo_method: str | None = None,
-    qk_norm: str = "select",
+    qk_norm: str = "auto",
     lora_maps: bool = True,
 ) -> CompressionReport:
     """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
@@ -649,7 +653,10 @@ def compress_(
     aware coordinate selection, planned like any QK unit), "keep" (left whole: the plan must keep
     those units at full rank) or "project" (left whole in the plan; when the attention's VO is cut
     to r, q and k are projected to r AFTER their norms, so the logits and the fused kernel run at
-    width r while to_q / to_k keep their size and the projections add 2 H d_h r parameters).
+    width r while to_q / to_k keep their size and the projections add 2 H d_h r parameters), or
+    "auto" (the default; for planning, "keep" for those that also carry rotary embeddings and
+    "select" for the others, ``slimdiff.families.units.qk_left_whole``; here, a QK the plan cuts is
+    cut by selection, as under "select").
     The plan is recorded on the model as ``unet.slimdiff_plan`` for ``slimdiff.formats.io.save_compressed``.
     ``lora_maps`` (default on) also records, on ``unet.slimdiff_lora_maps``, the linear map every
     rewritten layer applied to the original weights (``slimdiff.formats.lora.LoraMaps``: per-head T of
@@ -675,8 +682,8 @@ def compress_(
     if qk_norm == "project" and any(u.layout.rope for u in units.values() if u.kind == "qk"):
         raise CompressionError(
             "qk_norm 'project' is not exact under rotary position embeddings (a projection after the "
-            "norms mixes rotary pairs of different frequencies); use qk_norm 'select' (whole-pair "
-            "selection) or 'keep' for this model"
+            "norms mixes rotary pairs of different frequencies); use qk_norm 'auto' or 'keep' (left "
+            "whole) or 'select' (whole-pair selection) for this model"
         )
     todo = {n: p for n, p in plan.units.items() if p.rank < p.full_rank or rewrite_full_rank}
     overrides = {
