@@ -89,7 +89,10 @@ def budgets_sentence(config: dict) -> str:
             "- Budgets: share of the compressible FLOPs of one denoiser forward removed (serving shape: "
             f"{at}; slimdiff.planning.flops); every row of a budget removes at least that share: `error-flops` "
             "spends FLOPs in the exact solver, `error-params` and `uniform-allocation` take the smallest "
-            "parameter budget that removes as many FLOPs (the FLOPs x column is the whole forward's ratio)."
+            "parameter budget that removes as many FLOPs (the FLOPs x column is the whole forward's ratio); "
+            "every row uses the default QK option (`compression.qk_norm: auto`: on FLUX the QKs under q/k norms and "
+            "RoPE stay whole); `error-flops-qk-select` (toy FLUX) plans them by rotary-pair selection and removes "
+            "as many FLOPs as `error-flops`."
         )
     return (
         "- Budgets: share of the compressible parameters removed, the same number of parameters for every "
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
         budgets = (0.4,) if args.quick else tuple(b for b in budgets if b <= 0.6)
         sets = (CalibrationSet(f"fps-{base_n}", "fps", base_n),)
-        variants = cost_variants(base_n)
+        variants = cost_variants(base_n, qk_select=args.source == "toy-flux")  # FLUX: its QK option
         stem, flag = f"{stem}_flops", f"{flag} --budget-kind flops"
     serving = alloc.serving
     cfg = AblationConfig(

@@ -70,9 +70,10 @@ class Variant:
     methods: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METHODS))
     modules: tuple[str, ...] = ("ffn", "qk", "vo")
     budgets: tuple[float, ...] | None = None  # None: every budget of the config
-    # QK under per-head RMSNorms (MMDiT): "select" (RMSNorm-aware coordinate selection), "project"
-    # (a projection after the norms at the VO rank) or "keep" (left whole); see compress_
-    qk_norm: Literal["select", "project", "keep"] = "select"
+    # QK under per-head RMSNorms (MMDiT, FLUX): "auto" (the default: "keep" under RoPE, "select"
+    # elsewhere), "select" (RMSNorm-aware coordinate / rotary-pair selection), "project" (a
+    # projection after the norms at the VO rank) or "keep" (left whole); see compress_
+    qk_norm: Literal["auto", "select", "project", "keep"] = "auto"
     # "joint": one allocation over all units; "per-stream": image, text and joint units each remove
     # the budget's fraction of their own parameters (slimdiff.planning.streams.plan_per_group)
     split: Literal["joint", "per-stream"] = "joint"
@@ -177,37 +178,55 @@ def default_variants(
 
 
 def flux_variants(budgets: Sequence[float], base_n: int = 64) -> tuple[Variant, ...]:
-    """The FLUX rows (issue 24): the default (RoPE-aware whole-pair QK selection), QK left whole,
-    uniform allocation and the weight-only baseline (VO by weight SVD; QK by the weight-Gram pair
-    selection). No ``qk-project`` row: a projection after the norms mixes rotary pairs, so it is
-    refused under RoPE (METHOD.md, "FLUX and RoPE")."""
+    """The FLUX rows (issue 24): the default (``qk_norm: auto``, which leaves every QK under q/k
+    norms and RoPE whole on FLUX), the RoPE-aware whole-pair QK selection, uniform allocation and the
+    weight-only baseline (VO by weight SVD, QK whole as in the default). No ``qk-project`` row: a
+    projection after the norms mixes rotary pairs, so it is refused under RoPE (METHOD.md, "FLUX
+    and RoPE")."""
     base = f"fps-{base_n}"
     return (
         Variant(
-            "slimdiff", "method", "SlimDiff default: error-driven, QK by RoPE-aware pair selection", base
+            "slimdiff", "method", "SlimDiff default: error-driven, QK under norms and RoPE left whole", base
         ),
         Variant(
-            "qk-keep", "method", "QK under norms and RoPE left whole (only VO and FFN)", base, qk_norm="keep"
-        ),
+            "qk-select",
+            "method",
+            "QK by RoPE-aware whole-pair selection, planned with VO and FFN",
+            base,
+            qk_norm="select",
+        ),  # fmt: skip
         Variant("uniform-allocation", "method", "same keep ratio for every unit", base, mode="uniform"),
         Variant(
-            "weight-only-qk-vo",
+            "weight-only-vo",
             "method",
-            "no activations for attention: VO by SVD of the weights, QK by pair selection on the weight Grams",
+            "no activations for attention: VO by SVD of the weights (QK whole, as the default)",
             base,
             methods={**DEFAULT_METHODS, "qk": "weight_svd", "vo": "weight_svd"},
         ),
     )
 
 
-def cost_variants(base_n: int = 64) -> tuple[Variant, ...]:
+def cost_variants(base_n: int = 64, qk_select: bool = False) -> tuple[Variant, ...]:
     """Rows at equal FLOPs (issue 25, ``AblationConfig(budget_kind="flops")``): the error-driven
     allocation spending FLOPs at the serving shape, the same allocation under the parameter budget
     that removes as many FLOPs (the committed default's currency), and uniform ranks removing as
-    many FLOPs."""
+    many FLOPs, all with the default QK option (``qk_norm: auto``). ``qk_select``: also the FLOP
+    allocation with the QKs under q/k norms planned by selection (``qk_norm: select``; on FLUX the
+    default leaves them whole), removing as many FLOPs: the QK option's comparison at the committed
+    default's currency."""
     base = f"fps-{base_n}"
+    select = (
+        Variant(
+            "error-flops-qk-select",
+            "method",
+            "error-driven, FLOPs as the budget, QK under norms (and RoPE) planned by selection",
+            base,
+            qk_norm="select",
+        ),
+    )
     return (
         Variant("error-flops", "method", "error-driven, FLOPs at the serving shape as the budget", base),
+        *(select if qk_select else ()),
         Variant(
             "error-params",
             "method",
@@ -535,6 +554,14 @@ def run_ablation(
             cost_cache[key] = unit_flop_costs(denoiser, shape, qk_norm, units)
         return cost_cache[key]
 
+    def same_flops_total(share: float, modules) -> int:
+        """The whole forward's FLOPs after removing ``share`` of the compressible FLOPs of the
+        default QK option ("auto"): the target of a row whose QK option plans other units."""
+        ref_units = planned_units(units_all, modules, "auto")
+        ref = flop_costs("auto", ref_units)
+        zero = ref.plan_flops({n: 0 for n in ref_units})
+        return int(round(ref.total - share * (ref.total - zero)))
+
     # 4. every (variant, budget)
     rows: list[dict] = []
     protocol: dict = {}
@@ -584,12 +611,23 @@ def run_ablation(
                 else:
                     costs = flop_costs(v.qk_norm, units)
                     if row["mode"] == "error" and v.spend == "budget" and v.split == "joint":
-                        plan = plan_ranks(
-                            scores, units, Budget(removed_flops_fraction=budget), costs=costs, **solver
-                        )
+                        if v.qk_norm == "auto":
+                            target = Budget(removed_flops_fraction=budget)
+                        else:  # another QK option: remove as many FLOPs as the default's share does
+                            target = Budget(total_flops=same_flops_total(budget, v.modules))
+                        plan = plan_ranks(scores, units, target, costs=costs, **solver)
                     else:
                         plan = plan_matching_flops(by_params, units, costs, budget)
-                    row["flops_removed_share"] = removed_flops_share(plan, units, costs)
+                    # share of the default QK option's compressible FLOPs, so rows of other QK
+                    # options compare (the whole forward's FLOPs are the same in every cost model)
+                    ref_units = planned_units(units_all, v.modules, "auto")
+                    removed = costs.total - costs.plan_flops(
+                        {n: u.rank for n, u in plan.units.items() if n in units}
+                    )
+                    ref = flop_costs("auto", ref_units)
+                    row["flops_removed_share"] = removed / (
+                        ref.total - ref.plan_flops({n: 0 for n in ref_units})
+                    )
             except InfeasibleBudgetError as err:
                 row.update(status="infeasible", message=str(err))
                 logger.info("%s @ %.0f%%: infeasible", v.name, 100 * budget)

@@ -306,3 +306,52 @@ def test_equal_flops_rows_remove_the_same_flops(judges):
     compressible = costs.total - costs.plan_flops({n: 0 for n in units})
     step = max(cfg.multiple * costs.per_rank[n] for n in units if n in costs.per_rank) / compressible
     assert rows["error-flops"]["flops_removed_share"] < 0.4 + step
+
+
+@pytest.mark.slow
+def test_qk_select_row_removes_the_default_rows_flops(judges):
+    """The toy FLUX's QK comparison at equal FLOPs: the default row (`qk_norm: auto`, FLUX's QKs
+    whole) and the `error-flops-qk-select` row (QKs planned by pair selection) remove as many FLOPs
+    (both shares counted against the default's compressible FLOPs), overshooting by less than one
+    rank step of the costliest unit."""
+    from ablation_runner import cost_variants
+
+    from slimdiff.families.units import compression_units, denoiser_of, planned_units
+    from slimdiff.planning.flops import serving_shape, unit_flop_costs
+    from slimdiff.toy import load_toy_flux_pipeline
+
+    pipe = load_toy_flux_pipeline()
+    variants = [v for v in cost_variants(qk_select=True) if v.spend == "budget" and v.mode is None]
+    assert [v.qk_norm for v in variants] == ["auto", "select"]
+    cfg = AblationConfig(
+        budgets=(0.4,),
+        calibration_sets=(CalibrationSet("fps-6", "fps", 6),),
+        variants=tuple(Variant(v.name, v.group, v.description, "fps-6", qk_norm=v.qk_norm) for v in variants),
+        calibration_steps=2,
+        n_buckets=2,
+        calibration_batch_size=3,
+        budget_kind="flops",
+    )
+    result = run_ablation(
+        pipe,
+        POOL,
+        EVAL_PROMPTS[:2],
+        eval_params(latency_repeats=1),
+        cfg,
+        embedder=PipelineTextEmbedder(pipe),
+        judges=judges,
+    )
+    rows = {r["variant"]: r for r in result.rows}
+    assert set(rows) == {"error-flops", "error-flops-qk-select"}
+    model = denoiser_of(pipe)
+    units = compression_units(model)
+    units = planned_units(units, ("ffn", "qk", "vo"), "auto")
+    costs = unit_flop_costs(model, serving_shape(pipe), "auto", units)
+    compressible = costs.total - costs.plan_flops({n: 0 for n in units})
+    every = compression_units(model)  # the select row's steps (its QKs) count too
+    all_costs = unit_flop_costs(model, serving_shape(pipe), "select", every)
+    step = max(cfg.multiple * all_costs.per_rank[n] for n in every if n in all_costs.per_rank) / compressible
+    assert not any(u.kind == "qk" for u in units.values())  # FLUX: every QK under norms + RoPE whole
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert 0.4 - 1e-12 <= r["flops_removed_share"] < 0.4 + step, r["variant"]
