@@ -264,20 +264,13 @@ def test_plan_matching_flops_finds_the_smallest_parameter_removal_that_removes_t
     )
 
 
-def test_equal_flops_rows_remove_the_same_flops(judges):
-    """budget_kind="flops" on the tiny pipeline: every row removes at least the budget's share of the
-    compressible FLOPs at the serving shape, and the FLOP-spending row overshoots by less than one
-    rank step (``multiple`` ranks) of the unit whose step costs the most FLOPs."""
-    from ablation_runner import cost_variants
-
-    pipe = tiny_toy_pipeline()
+def _flop_rows_at_40(pipe, variants, prompts, judges) -> tuple[dict, AblationConfig]:
+    """run_ablation at 40% of the compressible FLOPs, 6 calibration prompts, 2 steps: (rows by
+    name, the config)."""
     cfg = AblationConfig(
         budgets=(0.4,),
         calibration_sets=(CalibrationSet("fps-6", "fps", 6),),
-        variants=tuple(
-            Variant(v.name, v.group, v.description, "fps-6", mode=v.mode, spend=v.spend)
-            for v in cost_variants()
-        ),
+        variants=tuple(variants),
         calibration_steps=2,
         n_buckets=2,
         calibration_batch_size=3,
@@ -286,13 +279,26 @@ def test_equal_flops_rows_remove_the_same_flops(judges):
     result = run_ablation(
         pipe,
         POOL,
-        EVAL_PROMPTS,
+        prompts,
         eval_params(latency_repeats=1),
         cfg,
         embedder=PipelineTextEmbedder(pipe),
         judges=judges,
     )
-    rows = {r["variant"]: r for r in result.rows}
+    return {r["variant"]: r for r in result.rows}, cfg
+
+
+def test_equal_flops_rows_remove_the_same_flops(judges):
+    """budget_kind="flops" on the tiny pipeline: every row removes at least the budget's share of the
+    compressible FLOPs at the serving shape, and the FLOP-spending row overshoots by less than one
+    rank step (``multiple`` ranks) of the unit whose step costs the most FLOPs."""
+    from ablation_runner import cost_variants
+
+    pipe = tiny_toy_pipeline()
+    variants = [
+        Variant(v.name, v.group, v.description, "fps-6", mode=v.mode, spend=v.spend) for v in cost_variants()
+    ]
+    rows, cfg = _flop_rows_at_40(pipe, variants, EVAL_PROMPTS, judges)
     assert set(rows) == {"error-flops", "error-params", "uniform-allocation"}
     for r in rows.values():
         assert r["status"] == "ok", r
@@ -323,25 +329,8 @@ def test_qk_select_row_removes_the_default_rows_flops(judges):
     pipe = load_toy_flux_pipeline()
     variants = [v for v in cost_variants(qk_select=True) if v.spend == "budget" and v.mode is None]
     assert [v.qk_norm for v in variants] == ["auto", "select"]
-    cfg = AblationConfig(
-        budgets=(0.4,),
-        calibration_sets=(CalibrationSet("fps-6", "fps", 6),),
-        variants=tuple(Variant(v.name, v.group, v.description, "fps-6", qk_norm=v.qk_norm) for v in variants),
-        calibration_steps=2,
-        n_buckets=2,
-        calibration_batch_size=3,
-        budget_kind="flops",
-    )
-    result = run_ablation(
-        pipe,
-        POOL,
-        EVAL_PROMPTS[:2],
-        eval_params(latency_repeats=1),
-        cfg,
-        embedder=PipelineTextEmbedder(pipe),
-        judges=judges,
-    )
-    rows = {r["variant"]: r for r in result.rows}
+    variants = [Variant(v.name, v.group, v.description, "fps-6", qk_norm=v.qk_norm) for v in variants]
+    rows, cfg = _flop_rows_at_40(pipe, variants, EVAL_PROMPTS[:2], judges)
     assert set(rows) == {"error-flops", "error-flops-qk-select"}
     model = denoiser_of(pipe)
     units = compression_units(model)
