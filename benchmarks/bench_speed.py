@@ -68,7 +68,7 @@ from slimdiff.calibration.collect import stat_shapes
 from slimdiff.config import load_params
 from slimdiff.families.attention import sdpa_backends
 from slimdiff.families.base import split_path
-from slimdiff.families.units import compression_units, count_parameters
+from slimdiff.families.units import compression_units, count_parameters, planned_units
 from slimdiff.planning.allocation import plan_ranks
 from slimdiff.planning.budget import Budget
 from slimdiff.planning.flops import ServingShape, format_breakdown, forward_flops, unit_flop_costs
@@ -306,11 +306,13 @@ def serving_of(model, x, device: str) -> ServingShape:
 
 
 def kind_shares(plan) -> str:
+    """Kept share of the parameters of the plan's FFN / QK / VO units; "1" for a kind the plan
+    leaves out (whole: e.g. the QKs under q/k norms and RoPE that ``qk_norm: auto`` keeps)."""
     kept = defaultdict(lambda: [0, 0])
     for u in plan.units.values():
         kept[u.kind][0] += u.params_after
         kept[u.kind][1] += u.params_before
-    return " / ".join(f"{kept[k][0] / kept[k][1]:.2f}" for k in ("ffn", "qk", "vo") if kept[k][1])
+    return " / ".join(f"{kept[k][0] / kept[k][1]:.2f}" if kept[k][1] else "1" for k in ("ffn", "qk", "vo"))
 
 
 def untied_share(model) -> float:
@@ -411,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or spec.default_batch
     alloc = load_params(ROOT / "params.yaml").allocation
     damping = load_params(ROOT / "params.yaml").compression.damping
+    qk_norm = load_params(ROOT / "params.yaml").compression.qk_norm
     t_start = time.perf_counter()
 
     base = spec.build()
@@ -481,10 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         costs = None
         if kind == "error-flops":  # FLOP costs at the timed shape (batch, latents, text tokens)
             costs = unit_flop_costs(base, serving_of(base, x_cpu, args.device))
-        plans = make_plans(kind, units, args.fractions, profiles, scores, alloc, total_before, costs)
+        # the statistics-driven plans allocate the units the plan stage allocates (compression.qk_norm:
+        # the default leaves QKs under q/k norms and RoPE whole); uniform cuts every unit
+        planned = units if kind == "uniform" else planned_units(units, alloc.modules, qk_norm)
+        plans = make_plans(kind, planned, args.fractions, profiles, scores, alloc, total_before, costs)
         for frac, plan in plans.items():
             slim = sharing_copy(base) if shared else copy.deepcopy(base).to("cpu", torch.float32)
-            compress_(slim, plan, covariances, method=method, damping=damping)
+            compress_(slim, plan, covariances, method=method, damping=damping, qk_norm=qk_norm)
             slim = slim.to(device=device, dtype=dtype)
             flops_after = forward_flops(
                 slim, x_cpu.meta().args, x_cpu.meta().kwargs, batch=batch, device=args.device

@@ -46,3 +46,24 @@ def test_grouped_profiles_equal_the_profiles_of_all_statistics_at_once():
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-15), name
+
+
+def test_kept_shares_name_every_kind_and_a_whole_kind_reads_1():
+    """The results table's "kept ffn / qk / vo" cell: the kept share of each kind's parameters in
+    the plan, and "1" for a kind the plan leaves out (FLUX's QKs under qk_norm auto), so the three
+    positions always mean ffn, qk, vo (printed to 2 decimals: compared within 5e-3)."""
+    from slimdiff.planning.plan import RankPlan
+
+    unet = make_tiny_unet()
+    units = compression_units(unet)
+    half = {n: u.full_rank // 2 for n, u in units.items()}
+    everything = RankPlan.from_ranks(units, half)
+    shares = [float(x) for x in bench_speed.kind_shares(everything).split(" / ")]
+    for share, kind in zip(shares, ("ffn", "qk", "vo"), strict=True):
+        ours = [p for p in everything.units.values() if p.kind == kind]
+        assert share == pytest.approx(
+            sum(p.params_after for p in ours) / sum(p.params_before for p in ours), abs=5e-3
+        )
+    no_qk = {n: u for n, u in units.items() if u.kind != "qk"}
+    cell = bench_speed.kind_shares(RankPlan.from_ranks(no_qk, {n: half[n] for n in no_qk}))
+    assert cell.split(" / ")[1] == "1" and cell.split(" / ")[0] == f"{shares[0]:.2f}"
