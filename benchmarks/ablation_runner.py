@@ -554,13 +554,13 @@ def run_ablation(
             cost_cache[key] = unit_flop_costs(denoiser, shape, qk_norm, units)
         return cost_cache[key]
 
-    def same_flops_total(share: float, modules) -> int:
-        """The whole forward's FLOPs after removing ``share`` of the compressible FLOPs of the
-        default QK option ("auto"): the target of a row whose QK option plans other units."""
+    def default_flops(modules) -> tuple[int, int]:
+        """(whole forward's FLOPs, compressible FLOPs) under the default QK option ("auto"): what
+        every row's FLOP share is counted against, whatever units its own QK option plans (the
+        whole forward's FLOPs are the same in every cost model)."""
         ref_units = planned_units(units_all, modules, "auto")
         ref = flop_costs("auto", ref_units)
-        zero = ref.plan_flops({n: 0 for n in ref_units})
-        return int(round(ref.total - share * (ref.total - zero)))
+        return ref.total, ref.total - ref.plan_flops({n: 0 for n in ref_units})
 
     # 4. every (variant, budget)
     rows: list[dict] = []
@@ -610,24 +610,19 @@ def run_ablation(
                     plan = by_params(removed)
                 else:
                     costs = flop_costs(v.qk_norm, units)
+                    total, compressible = default_flops(v.modules)
                     if row["mode"] == "error" and v.spend == "budget" and v.split == "joint":
                         if v.qk_norm == "auto":
                             target = Budget(removed_flops_fraction=budget)
                         else:  # another QK option: remove as many FLOPs as the default's share does
-                            target = Budget(total_flops=same_flops_total(budget, v.modules))
+                            target = Budget(total_flops=int(round(total - budget * compressible)))
                         plan = plan_ranks(scores, units, target, costs=costs, **solver)
                     else:
                         plan = plan_matching_flops(by_params, units, costs, budget)
-                    # share of the default QK option's compressible FLOPs, so rows of other QK
-                    # options compare (the whole forward's FLOPs are the same in every cost model)
-                    ref_units = planned_units(units_all, v.modules, "auto")
                     removed = costs.total - costs.plan_flops(
                         {n: u.rank for n, u in plan.units.items() if n in units}
                     )
-                    ref = flop_costs("auto", ref_units)
-                    row["flops_removed_share"] = removed / (
-                        ref.total - ref.plan_flops({n: 0 for n in ref_units})
-                    )
+                    row["flops_removed_share"] = removed / compressible
             except InfeasibleBudgetError as err:
                 row.update(status="infeasible", message=str(err))
                 logger.info("%s @ %.0f%%: infeasible", v.name, 100 * budget)
