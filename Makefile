@@ -12,12 +12,24 @@ export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' slimdiff.env)
 
 install: $(STAMP)
 
-# constraints.txt pins the tested set (torch 2.14.1 + torchvision 0.29.1 + open_clip 3.3 ...):
-# a reproducible install; pyproject.toml keeps the ranges a downstream user may resolve.
-$(STAMP): pyproject.toml constraints.txt
+# constraints.txt is the tested set, frozen (torch 2.14.1 + torchvision 0.29.1 + open_clip 3.3 ...),
+# installed exactly as pinned (--no-deps: no resolver, nothing newer slips in); pyproject.toml keeps
+# the ranges a downstream user may resolve. Left out: triton, torch's GPU kernel compiler (0.9 GB;
+# nothing here uses it: torch.compile on the CPU generates C++). The venv needs ~$(VENV_GB) GB of disk:
+# torch + torchvision exist here only as CUDA builds (see docs/operations.md), so say so up front
+# rather than fail half-way with "No space left on device".
+VENV_GB := 6.2
+$(STAMP): pyproject.toml constraints.txt tools/check_lock.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@test -x $(BIN)/python || { \
+	  free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ "$${SLIMDIFF_SKIP_DISK_CHECK:-0}" != 1 ] && [ "$$free_kb" -lt $$(awk 'BEGIN {print int($(VENV_GB) * 1048576)}') ]; then \
+	    echo "error: installing needs ~$(VENV_GB) GB free for $(VENV)/ (torch's CUDA build), and $$(pwd) has $$((free_kb / 1048576)) GB free."; \
+	    echo "       Free some disk, or set SLIMDIFF_SKIP_DISK_CHECK=1 to try anyway."; exit 1; \
+	  fi; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -qq --no-deps -r <(grep -v '^triton==' constraints.txt)
+	$(BIN)/python -m pip install -qq --no-deps -e .
+	$(BIN)/python tools/check_lock.py triton
 	@touch $(STAMP)
 
 # The whole pipeline on the embedded default (the committed toy model) with embedded services:
