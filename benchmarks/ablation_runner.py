@@ -530,7 +530,13 @@ def run_ablation(
         if key not in influence:
             influence[key] = compute_influence(stats[v.calibration], denoiser, v.weighting)
             covariances[key] = influence[key].aggregate(stats[v.calibration])
-            profiles[key] = error_profiles(denoiser, covariances[key], units_all, cfg.damping)
+            profiles[key] = error_profiles(
+                denoiser,
+                covariances[key],
+                units_all,
+                cfg.damping,
+                rope_sequence=stats[v.calibration].meta.get("rope_sequence"),
+            )
     seconds["influence"] = time.perf_counter() - t0
 
     # 3. the original, sampled and featurised once
@@ -641,6 +647,7 @@ def run_ablation(
                 damping=cfg.damping,
                 ffn_selection=cfg.ffn_selection,
                 qk_norm=v.qk_norm,
+                rope_sequence=stats[v.calibration].meta.get("rope_sequence"),
             )
             t_compress = time.perf_counter() - t0
             slim = with_unet(pipe, unet)

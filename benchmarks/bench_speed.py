@@ -227,7 +227,9 @@ def grouped_profiles(spec, model, resolution: int, units, damping: float, limit_
     groups = stat_groups(units, shapes, limit_bytes)
     profiles: dict[str, list[float]] = {}
     for i, group in enumerate(groups, 1):
-        keys = list(dict.fromkeys(k for n in group for k in units[n].stat_keys()))
+        keys = list(
+            dict.fromkeys(k for n in group for k in (*units[n].stat_keys(), *units[n].first_moment_keys()))
+        )
         stats = spec.calibrate(model, resolution, keys=keys)
         if stats.n_buckets != 1:
             raise ValueError(f"grouped statistics need one timestep bucket, got {stats.n_buckets}")

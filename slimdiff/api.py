@@ -289,8 +289,11 @@ def slim(
         t0 = time.perf_counter()
         influence = compute_influence(stats[name], denoiser, weighting=params.influence.weighting)
         covariances = influence.aggregate(stats[name])
+        sequence = stats[name].meta.get("rope_sequence")  # the rotary phases pair selection weighs
         profiles = (
-            error_profiles(denoiser, covariances, damping=comp.damping) if alloc.mode == "error" else None
+            error_profiles(denoiser, covariances, damping=comp.damping, rope_sequence=sequence)
+            if alloc.mode == "error"
+            else None
         )
         spent["influence"] = time.perf_counter() - t0
 
@@ -308,7 +311,7 @@ def slim(
 
         t0 = time.perf_counter()
         with single_thread():  # as the compress stage: many small factorisations, threads add overhead
-            report = compress_(denoiser, plan, covariances, **comp.compress_options())
+            report = compress_(denoiser, plan, covariances, rope_sequence=sequence, **comp.compress_options())
         spent["compress"] = time.perf_counter() - t0
         reports.append(
             SlimReport(

@@ -514,7 +514,10 @@ def run_influence(
         # the truncation error of every unit at every rank, under the same weighted covariances
         # and damping compress_ uses: what allocation mode "error" spends the budget on
         profiles = error_profiles(
-            denoiser_of(pipe), influence.aggregate(activation_stats), damping=params.compression.damping
+            denoiser_of(pipe),
+            influence.aggregate(activation_stats),
+            damping=params.compression.damping,
+            rope_sequence=activation_stats.meta.get("rope_sequence"),
         )
         (tmp / PROFILES_FILE).write_text(json.dumps(profiles, separators=(",", ":"), allow_nan=False))
     return _finish(
@@ -617,12 +620,19 @@ def run_compress(
     verify(plan)
     rank_plan = RankPlan.load(Path(plan.uri) / PLAN_FILE)
     weights = _load_influence(influence).weights
-    covariances = read_stats(stats).aggregate(weights)
+    activation_stats = read_stats(stats)
+    covariances = activation_stats.aggregate(weights)
     pipe = _load_pipe(params, model)
     denoiser = denoiser_of(pipe)
     before = sum(p.numel() for p in denoiser.parameters())
     with single_thread():  # many small per-head factorisations: threads only add overhead
-        report = compress_(denoiser, rank_plan, covariances, **cfg.compress_options())
+        report = compress_(
+            denoiser,
+            rank_plan,
+            covariances,
+            rope_sequence=activation_stats.meta.get("rope_sequence"),
+            **cfg.compress_options(),
+        )
     after = sum(p.numel() for p in denoiser.parameters())
     lineage = {
         "model_release": model.meta,

@@ -91,6 +91,32 @@ def calibrated():
     return model, covariances(model)
 
 
+def test_statistics_record_the_raw_query_and_key_means():
+    """Known answer: the first-moment statistics (``stats.mean_key``) are the per-head means of
+    the raw q / k linear outputs over every token of both streams (double block: text and image),
+    float64 sums of float32 tokens: equal to a direct hook's mean to float32 rounding (1e-6)."""
+    model = tiny_flux()
+    lay = compression_units(model)["transformer_blocks.0.attn.qk"].layout
+    seen: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+    hooks = [
+        model.get_submodule(p).register_forward_hook(
+            lambda m, a, out, role=role: seen[role].append(out.reshape(-1, out.shape[-1]))
+        )
+        for role, paths in (("q", lay.query), ("k", lay.key))
+        for p in paths
+    ]
+    try:
+        cov = covariances(model, n=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    heads, d = lay.heads, lay.head_dim
+    for role, key in (("q", lay.query_mean_key), ("k", lay.key_mean_key)):
+        direct = torch.cat(seen[role]).double().mean(0).view(heads, d)
+        torch.testing.assert_close(cov[key], direct, rtol=1e-6, atol=1e-6)
+    assert lay.query_mean_key == "transformer_blocks.0.attn.query_mean"
+
+
 # -- the rotary moments and the pair error form --------------------------------------------------
 def test_rope_phase_moments_against_brute_force():
     torch.manual_seed(0)
@@ -447,19 +473,34 @@ def test_pipeline_calibrates_compresses_and_loads_with_diffusers(tmp_path):
     q = stats.tokens["transformer_blocks.0.attn.query"]
     assert q.tolist() == [steps // 2 * per_call] * 2  # 2 steps per bucket
     assert int(stats.tokens["transformer_blocks.0.ff.hidden"].sum()) == steps * len(prompts) * 2 * n_img
+    # the sequence the statistics came from, and the phase moments pair selection takes from it:
+    # those of the rotary table the sampler's own pos_embed built (known answer, float64 rounding)
+    sequence = stats.meta["rope_sequence"]
+    assert sequence == {"latent_hw": [FLUX_HW, FLUX_HW], "text_len": n_text}  # one-level VAE: latent = px
+    tables = []
+    hook = model.pos_embed.register_forward_hook(lambda m, a, out: tables.append(out))
+    try:
+        pipe(PROMPTS[:1], num_inference_steps=1, height=FLUX_HW, width=FLUX_HW, max_sequence_length=n_text)
+    finally:
+        hook.remove()
+    cos, sin = tables[0]
+    seen = linalg.rope_phase_moments(torch.atan2(sin[:, 0::2].double(), cos[:, 0::2].double()))
+    ours = adapter_for(model).rope_phases(model, sequence)
+    for x, y in zip(ours, seen, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
     influence = compute_influence(stats, model)
     cov = influence.aggregate(stats)
     units = compression_units(model)
     plan = plan_ranks(
         influence.score_of(), units, Budget(removed_fraction=0.4), r_min=4, multiple=2,
-        profiles=error_profiles(model, cov, units),
+        profiles=error_profiles(model, cov, units, rope_sequence=sequence),
     )  # fmt: skip
     # random weights: the error plan leaves the QKs whole at 40%; narrow them too, so the saved model
     # carries narrowed rotary tables
     ranks = {n: (8 if units[n].kind == "qk" else p.rank) for n, p in plan.units.items()}
     plan = RankPlan.from_ranks(units, ranks)
     assert {p.kind for p in plan.compressed_units().values()} == {"ffn", "qk", "vo"}
-    compress_(model, plan, cov)
+    compress_(model, plan, cov, rope_sequence=sequence)
     save_compressed(pipe, tmp_path / "slim")
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "slim")
     assert type(loaded).__name__ == "FluxPipeline"

@@ -271,7 +271,9 @@ def test_statistics_through_a_sampler_count_every_modes_tokens(reference):
             h.remove()
     assert len(calls) == 4
     stats = col.stats()
-    assert set(stats.moments) == {k for u in compression_units(model).values() for k in u.stat_keys()}
+    assert set(stats.moments) == {
+        k for u in compression_units(model).values() for k in (*u.stat_keys(), *u.first_moment_keys())
+    }
     per_call = {"image": N_IMG, "txt": TEXT, "single": TEXT + N_IMG + (N_REF if reference else 0)}
     keys = ("attn.query", "attn.key", "attn.query_normed", "attn.key_normed", "attn.attnout", "ff.hidden")
     for b in BLOCKS:

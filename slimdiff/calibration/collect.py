@@ -331,6 +331,7 @@ class ActivationCollector:
         host = None if self._host is None else self._host[key]
         upper_only = site.key in self._upper_only
         mask_module, head_major, cols = site.mask_module, site.head_major, site.cols
+        first = site.first_moment
         mask_key = (site.mask_module, site.mask_arg)
 
         def record(x: torch.Tensor) -> None:
@@ -347,7 +348,9 @@ class ActivationCollector:
                     keep = _kept_tokens(self._masks.get(mask_key), x.shape[-2])
                     if keep is not None:
                         x = x[keep.to(x.device)]  # (kept tokens, features)
-                if heads:
+                if first:  # (heads, d) per-head sum of the tokens
+                    prod = x.detach().reshape(-1, heads, x.shape[-1] // heads).float().sum(0)
+                elif heads:
                     prod = per_head_gram_fp32(x, heads)
                 elif upper_only and x.device.type == "cpu":
                     prod = gram_upper_fp32_cpu(x)
@@ -784,6 +787,8 @@ def _collect(
         "n_buckets": n_buckets,
         "height": int(height),
         "width": int(width),
+        # the token sequence RoPE rotates (None without RoPE): pair selection's phase moments
+        "rope_sequence": adapter.rope_sequence(pipe, (int(height) // vae_scale, int(width) // vae_scale)),
         "seed": seed,
         "seed_rule": "torch.Generator('cpu').manual_seed(seed + global prompt index)",
         "batch_size": batch_size,

@@ -441,11 +441,30 @@ class CoordinateSelection:
     dropped: torch.Tensor | None = None
 
 
+def gaussian_tokens(
+    cov_pre: torch.Tensor, mean: torch.Tensor | None, samples: int, gen: torch.Generator
+) -> torch.Tensor:
+    """(samples, d) draws of the Gaussian the kept-share model takes for a head's raw tokens: mean
+    ``mean`` (d,) and covariance C - mu mu^T, so its second moment is ``cov_pre`` C (d, d); zero-mean
+    with covariance C when ``mean`` is None. Any square root of a singular covariance will do."""
+    c = _sym(cov_pre)
+    if mean is not None:
+        mu = mean.to(F64)
+        c = c - torch.outer(mu, mu)
+    root, info = torch.linalg.cholesky_ex(c)  # C = root root^T
+    if int(info) != 0:  # singular (a rank-deficient weight Gram; a covariance of a few tokens)
+        evals, evecs = torch.linalg.eigh(c)
+        root = evecs * evals.clamp_min(0.0).sqrt()
+    x = torch.randn(samples, c.shape[0], generator=gen, dtype=F64) @ root.T
+    return x if mean is None else x + mu
+
+
 def kept_share_moments(
     cov_pre: torch.Tensor,
     kept_order: torch.Tensor,
     samples: int = RENORM_SAMPLES,
     seed: int = RENORM_SEED,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept-share-weighted moments of the renormalisation factor, at every nested rank.
 
@@ -456,23 +475,22 @@ def kept_share_moments(
     (||n_S||^2 = d rho for unit gains), so its moments are taken weighted by rho:
     mu1 = E[s rho] / E[rho] = sqrt(rho_bar) E[sqrt(rho)] / E[rho], mu2 = E[s^2 rho] / E[rho] =
     rho_bar / E[rho] (bounded; the unweighted E[s^2] = rho_bar E[1/rho] is infinite for Gaussian
-    tokens at r <= 2). Tokens are modelled as zero-mean Gaussian with the raw second moment
-    ``cov_pre`` (d, d): ``samples`` draws from a seeded generator (deterministic), all ranks at once
-    by a cumulative sum along ``kept_order`` (d,) (rank r keeps kept_order[:r]). Returns (mu1, mu2),
-    each (d+1,) float64, at r = 0..d; both are exactly 1 at r = d (and set to 1 at r = 0 and where
-    the kept coordinates carry no raw energy)."""
+    tokens at r <= 2). Tokens are modelled as Gaussian with the raw second moment ``cov_pre`` (d, d)
+    and the raw mean ``mean`` (d,) when the statistics have it (``gaussian_tokens``; zero-mean
+    without). The mean matters: where every token shares a large common component (biased q/k
+    projections; FLUX), the kept share barely varies from token to token, and a zero-mean Gaussian
+    with the same second moment spreads it far too wide (benchmarks/results/qk_select_error_flux.md).
+    ``samples`` draws from a seeded generator (deterministic), all ranks at once by a cumulative sum
+    along ``kept_order`` (d,) (rank r keeps kept_order[:r]). Returns (mu1, mu2), each (d+1,) float64,
+    at r = 0..d; both are exactly 1 at r = d (and set to 1 at r = 0 and where the kept coordinates
+    carry no raw energy)."""
     c = _sym(cov_pre)
     d = c.shape[0]
     ones = torch.ones(d + 1, dtype=F64)
     diag = torch.diagonal(c)[kept_order].clamp_min(0.0)
     if float(diag.sum()) <= 0.0:
         return ones, ones.clone()
-    root, info = torch.linalg.cholesky_ex(c)  # C = root root^T
-    if int(info) != 0:  # singular (e.g. a rank-deficient weight Gram): any square root will do
-        evals, evecs = torch.linalg.eigh(c)
-        root = evecs * evals.clamp_min(0.0).sqrt()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, d, generator=gen, dtype=F64) @ root.T  # rows ~ N(0, C)
+    x = gaussian_tokens(c, mean, samples, torch.Generator().manual_seed(seed))
     rho = x[:, kept_order].square_().cumsum(1)  # (N, d): ||x_S||^2 at r = 1..d
     rho /= rho[:, -1:].clamp_min(torch.finfo(F64).tiny).clone()  # kept shares; exactly 1 at r = d
     zero = rho.new_zeros(1)
@@ -503,6 +521,8 @@ def renormalisation_term(
     cov_q: torch.Tensor,
     cov_k: torch.Tensor,
     coords: torch.Tensor | None = None,
+    mean_q: torch.Tensor | None = None,
+    mean_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(n+1,) the error the per-token renormalisation adds to the dropped logit energy, at every
     nested rank k = 0..n of the items (coordinates, or rotary pairs) dropped in ``drop_order``.
@@ -512,7 +532,8 @@ def renormalisation_term(
     - 2 E[(s_q s_k - 1) l_S l_D]. The second term is modelled as K(S) V(S): K = E[l_S^2] =
     1_S^T M 1_S (exact, ``m`` the selection's error form) and, for q and k independent,
     V = mu2_q mu2_k - 2 mu1_q mu1_k + 1 >= (mu1_q mu1_k - 1)^2 >= 0 with the kept-share-weighted
-    moments of s (``kept_share_moments`` on the raw moments ``cov_q``, ``cov_k``). Exact for
+    moments of s (``kept_share_moments`` on the raw moments ``cov_q``, ``cov_k`` and, where given,
+    the raw means ``mean_q``, ``mean_k``). Exact for
     isotropic Gaussian tokens; it neglects the cross term (third), any dependence of s on the
     direction of n_S, and the tokens' departure from a zero-mean Gaussian
     (benchmarks/results/qk_select_error.md measures each). ``coords`` (n, w) maps item i to its
@@ -523,8 +544,8 @@ def renormalisation_term(
         kept_coords, width = kept_items, 1
     else:
         kept_coords, width = coords[kept_items].reshape(-1), coords.shape[1]
-    mq1, mq2 = kept_share_moments(cov_q, kept_coords, seed=RENORM_SEED)
-    mk1, mk2 = kept_share_moments(cov_k, kept_coords, seed=RENORM_SEED + 1)
+    mq1, mq2 = kept_share_moments(cov_q, kept_coords, seed=RENORM_SEED, mean=mean_q)
+    mk1, mk2 = kept_share_moments(cov_k, kept_coords, seed=RENORM_SEED + 1, mean=mean_k)
     at = torch.arange(n + 1) * width  # coordinate count of k kept items
     v = (mq2[at] * mk2[at] - 2.0 * mq1[at] * mk1[at] + 1.0).clamp_min(0.0)
     term = kept_energy_prefix(m, kept_items) * v
@@ -544,6 +565,8 @@ def rms_coordinate_selection(
     rank: int,
     cov_q: torch.Tensor | None = None,
     cov_k: torch.Tensor | None = None,
+    mean_q: torch.Tensor | None = None,
+    mean_k: torch.Tensor | None = None,
 ) -> CoordinateSelection:
     """Which of a head's d coordinates to keep after its q/k RMSNorms, for rank ``rank``.
 
@@ -558,8 +581,9 @@ def rms_coordinate_selection(
     an RMSNorm over the kept coordinates with its scale corrected (``rms_norm_correction``). The
     correction is right on average only: the kept share of ||q||^2 varies from token to token.
     With the raw (pre-norm) second moments ``cov_q``, ``cov_k`` (d, d) the errors add that
-    variation's term (``renormalisation_term``; the greedy order stays the dropped energy's);
-    without them, ``errors`` is the dropped energy alone (an underestimate)."""
+    variation's term (``renormalisation_term``, with the raw means ``mean_q``, ``mean_k`` (d,)
+    where the statistics have them; the greedy order stays the dropped energy's); without them,
+    ``errors`` is the dropped energy alone (an underestimate)."""
     m = _sym(cov_qn) * _sym(cov_kn)  # (d, d)
     d = m.shape[0]
     if not 1 <= rank <= d:
@@ -568,7 +592,7 @@ def rms_coordinate_selection(
     keep = order[d - rank :].sort().values
     errors = dropped
     if _raw_given(cov_q, cov_k):
-        errors = dropped + renormalisation_term(m, order, cov_q, cov_k)
+        errors = dropped + renormalisation_term(m, order, cov_q, cov_k, mean_q=mean_q, mean_k=mean_k)
     return CoordinateSelection(keep, order, errors, float(dropped[0]), dropped)
 
 
@@ -651,6 +675,8 @@ def rope_pair_selection(
     s: torch.Tensor,
     cov_q: torch.Tensor | None = None,
     cov_k: torch.Tensor | None = None,
+    mean_q: torch.Tensor | None = None,
+    mean_k: torch.Tensor | None = None,
 ) -> CoordinateSelection:
     """RoPE-aware selection for a head of width d under q/k RMSNorms: keep ``rank`` / 2 whole
     rotary pairs (coordinates 2i, 2i+1), the same pairs in q and k, chosen greedily on
@@ -659,7 +685,8 @@ def rope_pair_selection(
     the kept coordinates (both of every kept pair) and the error at every even rank (odd ranks
     carry the error of the next lower even rank: they are not allowed).
 
-    With the raw (pre-norm, pre-rotation) second moments ``cov_q``, ``cov_k`` (d, d) the errors add
+    With the raw (pre-norm, pre-rotation) second moments ``cov_q``, ``cov_k`` (d, d) (and means
+    ``mean_q``, ``mean_k`` where the statistics have them) the errors add
     the renormalisation term of ``renormalisation_term`` over pairs (the rotation keeps norms, so
     s(x) is the same as without RoPE and multiplies the rotated kept logit, whose energy is
     1_S^T M 1_S); without them, ``errors`` is the dropped energy alone."""
@@ -672,7 +699,7 @@ def rope_pair_selection(
     pair_errors = pair_dropped
     if _raw_given(cov_q, cov_k):
         coords = torch.arange(d).view(p, 2)
-        pair_errors = pair_dropped + renormalisation_term(m, pair_order, cov_q, cov_k, coords)
+        pair_errors = pair_dropped + renormalisation_term(m, pair_order, cov_q, cov_k, coords, mean_q, mean_k)
     keep_pairs = pair_order[p - rank // 2 :].sort().values
     keep = torch.stack([2 * keep_pairs, 2 * keep_pairs + 1], dim=1).reshape(-1)
     order = torch.stack([2 * pair_order, 2 * pair_order + 1], dim=1).reshape(-1)
@@ -716,6 +743,7 @@ def kept_share_moments_across_heads(
     kept_orders: torch.Tensor,
     samples: int = RENORM_SAMPLES,
     seed: int = RENORM_SEED,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kept_share_moments`` for one norm across heads: rho(x) = sum_h ||x_{h,S_h}||^2 /
     sum_h ||x_h||^2, every head keeping the first k of its own ``kept_orders[h]`` ((H, d)) at
@@ -731,11 +759,7 @@ def kept_share_moments_across_heads(
         c = _sym(cov_pre[h])
         diag = torch.diagonal(c)[kept_orders[h]].clamp_min(0.0)
         dcum = dcum + torch.cat([zero, diag.cumsum(0)])
-        root, info = torch.linalg.cholesky_ex(c)
-        if int(info) != 0:
-            evals, evecs = torch.linalg.eigh(c)
-            root = evecs * evals.clamp_min(0.0).sqrt()
-        x = torch.randn(samples, d, generator=gen, dtype=F64) @ root.T
+        x = gaussian_tokens(c, None if mean is None else mean[h], samples, gen)
         cum = x[:, kept_orders[h]].square_().cumsum(1)  # (N, d)
         total = cum if total is None else total + cum
     if float(dcum[-1]) <= 0.0:
@@ -760,6 +784,8 @@ def selection_errors_across_heads(
     cov_q: torch.Tensor,
     cov_k: torch.Tensor,
     phases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mean_q: torch.Tensor | None = None,
+    mean_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(d+1,) predicted logit error, summed over the H heads, at every rank of per-head selections
     (``rms_coordinate_selection`` / ``rope_pair_selection`` of each head, made without raw moments)
@@ -781,8 +807,8 @@ def selection_errors_across_heads(
     n = orders.shape[1]
     kept_items = orders.flip(1)
     kept_coords = kept_items if coords is None else coords[kept_items].reshape(heads, -1)
-    mq1, mq2 = kept_share_moments_across_heads(cov_q, kept_coords, seed=RENORM_SEED)
-    mk1, mk2 = kept_share_moments_across_heads(cov_k, kept_coords, seed=RENORM_SEED + 1)
+    mq1, mq2 = kept_share_moments_across_heads(cov_q, kept_coords, seed=RENORM_SEED, mean=mean_q)
+    mk1, mk2 = kept_share_moments_across_heads(cov_k, kept_coords, seed=RENORM_SEED + 1, mean=mean_k)
     at = torch.arange(n + 1) * width
     v = (mq2[at] * mk2[at] - 2.0 * mq1[at] * mk1[at] + 1.0).clamp_min(0.0)
     term = sum(kept_energy_prefix(ms[h], kept_items[h]) for h in range(heads)) * v

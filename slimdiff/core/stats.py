@@ -38,6 +38,15 @@ ATTN_OUT = "attnout"
 # after a per-head q/k RMSNorm (MMDiT qk_norm): what the softmax really sees
 QUERY_NORMED = "query_normed"
 KEY_NORMED = "key_normed"
+#: suffix of a first-moment statistic: the per-head SUM of the raw q / k tokens (heads, d), next to
+#: their second moment (``ActivationStats`` divides by the token count like any other key, so its
+#: aggregate is the token mean). Only under q/k RMSNorms, where the kept-share model reads it.
+MEAN = "_mean"
+
+
+def mean_key(key: str) -> str:
+    """The first-moment statistic of second-moment statistic ``key`` (``{block}.{attn}.query_mean``)."""
+    return f"{key}{MEAN}"
 
 
 def ffn_key(block: str) -> str:

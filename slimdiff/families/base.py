@@ -39,7 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key
+from slimdiff.core.linalg import rope_phase_moments
+from slimdiff.core.stats import ATTN_OUT, KEY, KEY_NORMED, QUERY, QUERY_NORMED, attn_key, mean_key
 from slimdiff.families.attention import SlimAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,15 @@ class AttentionLayout:
         return bool(self.norms_q or self.norms_k)
 
     @property
+    def query_mean_key(self) -> str:
+        """Statistic key of the raw queries' per-head mean (recorded only under q/k norms)."""
+        return mean_key(self.query_key) if self.qk_norm else ""
+
+    @property
+    def key_mean_key(self) -> str:
+        return mean_key(self.key_key) if self.qk_norm else ""
+
+    @property
     def all_query(self) -> tuple[str, ...]:
         return (*self.query, *self.unused_query)
 
@@ -162,6 +172,15 @@ class UnitInfo:
             return (lay.query_key, lay.key_key, lay.query_normed_key, lay.key_normed_key)
         return (lay.query_key, lay.key_key)
 
+    def first_moment_keys(self) -> tuple[str, ...]:
+        """Statistics the unit's error model also reads where they exist (calibration records them;
+        statistics from before they did still work, with a zero-mean token model): the raw q / k
+        per-head means of a QK under q/k norms."""
+        lay = self.layout
+        if self.kind == "qk" and isinstance(lay, AttentionLayout) and lay.qk_norm:
+            return (lay.query_mean_key, lay.key_mean_key)
+        return ()
+
 
 @dataclass(frozen=True)
 class StatSite:
@@ -172,6 +191,7 @@ class StatSite:
     kind: Literal["pre", "post"]
     heads: int  # 0: one full gram; else per-head grams
     shape: tuple[int, ...]
+    first_moment: bool = False  # the per-head sum of the tokens (shape (heads, d)), not their grams
     mask_module: str | None = None  # module whose calls carry the mask that selects the tokens
     head_major: bool = False  # the tensor is (B, heads, N, d) (a per-head norm's output), not (B, N, heads*d)
     # only features [start, stop) of the hooked tensor are this key's: input columns of a packed
@@ -490,6 +510,19 @@ def sites_of(model: nn.Module, units: dict[str, UnitInfo]) -> list[StatSite]:
                 for p in paths:
                     module, rows = _site(model, p)
                     sites.append(StatSite(key, module, "post", lay.heads, shape, cols=rows, **mask(lay, p)))
+                    if lay.qk_norm:  # the raw tokens' mean: the kept-share model under the norms
+                        sites.append(
+                            StatSite(
+                                mean_key(key),
+                                module,
+                                "post",
+                                lay.heads,
+                                shape[:2],
+                                first_moment=True,
+                                cols=rows,
+                                **mask(lay, p),
+                            )
+                        )
             # after the per-head norms (aligned with the streams' query / key linears); the last norm
             # of norms_q belongs to unused queries when the attention has some (MMDiT's last block):
             # only the measured streams' norms count
@@ -676,10 +709,36 @@ class ModelAdapter:
         default)."""
         return None
 
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_sequence(self, pipe, latent_hw: tuple[int, int]) -> dict | None:
+        """The token sequence a pipeline call at latent size ``latent_hw`` rotates, as keyword
+        arguments of the family's ``rope_angles`` (``latent_hw`` and, where it takes one, the
+        pipeline's ``text_len``); None for families without RoPE. Calibration records it in the
+        statistics' meta (``rope_sequence``) so that pair selection weighs the rotary phases of the
+        sequence the statistics came from, not those of the model's default serving shape."""
+        angles = getattr(self, "rope_angles", None)
+        if angles is None:
+            return None
+        out: dict = {"latent_hw": [int(latent_hw[0]), int(latent_hw[1])]}
+        if "text_len" in inspect.signature(angles).parameters:
+            out["text_len"] = int(self.text_len(pipe))
+        return out
+
+    def rope_phases(
+        self, model: nn.Module, sequence: Mapping | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Families with RoPE on q/k (``AttentionLayout.rope``): ``linalg.rope_phase_moments`` of
-        the model's rotary angles at its default serving shape, for RoPE-aware pair selection."""
-        raise NotImplementedError(f"{self.family} has no rotary position embeddings")
+        the model's rotary angles (``rope_angles``, each family's) over the token sequence
+        ``sequence`` (``rope_sequence``: what calibration ran; None: the model's default serving
+        shape), for RoPE-aware pair selection."""
+        if getattr(self, "rope_angles", None) is None:
+            raise NotImplementedError(f"{self.family} has no rotary position embeddings")
+        return rope_phase_moments(self._angles(model, sequence))
+
+    def _angles(self, model: nn.Module, sequence: Mapping | None) -> torch.Tensor:
+        kwargs = dict(sequence or {})
+        if "latent_hw" in kwargs:
+            kwargs["latent_hw"] = tuple(kwargs["latent_hw"])
+        return self.rope_angles(model, **kwargs)
 
     def attention_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
         """(batch, query tokens, key tokens) of one call of an attention module (for FLOPs)."""

@@ -37,7 +37,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.families.attention import SlimFluxAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
@@ -453,10 +452,6 @@ class FluxAdapter(ModelAdapter):
         with torch.no_grad():
             cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]).to(next(model.parameters()).device))
         return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
-
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-
-        return rope_phase_moments(self.rope_angles(model))
 
     def convert_lora(
         self,

@@ -62,7 +62,6 @@ import inspect
 import torch
 from torch import nn
 
-from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.families.attention import (
     SlimFluxAttnProcessor,
     SlimProcessor,
@@ -412,9 +411,6 @@ class Flux2Adapter(ModelAdapter):
         model's own ``pos_embed`` (float64)."""
         img_ids, txt_ids = self.position_ids(latent_hw or self.sample_size(model), text_len or FLUX2_TEXT_LEN)
         return joint_rope_angles(model, img_ids, txt_ids)
-
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_phase_moments(self.rope_angles(model))
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None

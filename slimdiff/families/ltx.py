@@ -284,9 +284,9 @@ class LTXAdapter(ModelAdapter):
         angles = torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
         return angles.view(angles.shape[0], heads, -1)
 
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_phases(self, model: nn.Module, sequence=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head phase moments, each (heads, d_h / 2, d_h / 2) (``linalg.head_phases``)."""
-        angles = self.rope_angles(model)
+        angles = self._angles(model, sequence)
         moments = [rope_phase_moments(angles[:, h]) for h in range(angles.shape[1])]
         return torch.stack([c for c, _ in moments]), torch.stack([s for _, s in moments])
 

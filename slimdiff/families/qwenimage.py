@@ -43,7 +43,6 @@ import inspect
 import torch
 from torch import nn
 
-from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.families.attention import SlimQwenAttnProcessor
 from slimdiff.families.base import (
     AttentionLayout,
@@ -210,10 +209,6 @@ class QwenImageAdapter(ModelAdapter):
         alike, from the model's own ``pos_embed`` (float64)."""
         img, txt = self.rotary_tables(model, latent_hw or self.sample_size(model), text_len or QWEN_TEXT_LEN)
         return torch.angle(torch.cat([txt, img]).cpu().to(torch.complex128))
-
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-
-        return rope_phase_moments(self.rope_angles(model))
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None

@@ -75,7 +75,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.families.attention import AcrossHeadsRMSNorm, SlimProcessor, apply_rope, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
@@ -346,10 +345,6 @@ class WanAdapter(ModelAdapter):
             model, latent_hw or self.sample_size(model), latent_frames or WAN_LATENT_FRAMES
         )
         return torch.atan2(sin[:, 0::2].double().cpu(), cos[:, 0::2].double().cpu())
-
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-
-        return rope_phase_moments(self.rope_angles(model))
 
     def example_inputs(
         self,

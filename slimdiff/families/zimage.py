@@ -63,7 +63,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimdiff.core.linalg import rope_phase_moments
 from slimdiff.families.attention import SlimProcessor, apply_rope_complex, padded_sdpa
 from slimdiff.families.base import (
     AttentionLayout,
@@ -312,10 +311,6 @@ class ZImageAdapter(ModelAdapter):
             ids = torch.cat([img_ids[0][: len(img[0])], cap_ids[0][: len(cap[0])]])
             freqs = model.rope_embedder(ids.cpu())
         return torch.angle(freqs.to(torch.complex128))
-
-    def rope_phases(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-
-        return rope_phase_moments(self.rope_angles(model))
 
     def example_inputs(
         self, model, batch, latent_hw, text_len, *, device="meta", dtype=torch.float32, generator=None

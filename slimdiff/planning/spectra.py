@@ -186,6 +186,8 @@ def qk_select_error_curve(
     cov_q: torch.Tensor | None = None,
     cov_k: torch.Tensor | None = None,
     across_heads: bool = False,
+    mean_q: torch.Tensor | None = None,
+    mean_k: torch.Tensor | None = None,
 ) -> list[float]:
     """Relative logit error e(r), r = 0..d_h, of RMSNorm-aware coordinate selection for a QK under
     per-head q/k norms, from the (H, d_h, d_h) second moments of the normalised q and k
@@ -195,12 +197,17 @@ def qk_select_error_curve(
     (``linalg.renormalisation_term``). With ``phases`` (RoPE: ``linalg.rope_phase_moments``) whole
     rotary pairs are selected (``linalg.rope_pair_selection``; odd ranks carry the next lower even
     rank's error). ``across_heads``: the norms act across heads (Wan), one renormalisation factor
-    per token for all heads (``linalg.selection_errors_across_heads``; needs ``cov_q``, ``cov_k``)."""
+    per token for all heads (``linalg.selection_errors_across_heads``; needs ``cov_q``, ``cov_k``).
+    ``mean_q``, ``mean_k`` (H, d_h): the raw tokens' per-head means where the statistics have them
+    (the renormalisation term's Gaussian then has that mean; zero-mean without)."""
     d = cov_qn.shape[-1]
     errors, energy = torch.zeros(d + 1, dtype=F64), 0.0
     sels = []
     for h in range(cov_qn.shape[0]):
-        raw = (None, None) if cov_q is None or cov_k is None or across_heads else (cov_q[h], cov_k[h])
+        if cov_q is None or cov_k is None or across_heads:
+            raw = (None, None, None, None)
+        else:
+            raw = (cov_q[h], cov_k[h], *(None if m is None else m[h] for m in (mean_q, mean_k)))
         if phases is None:
             sel = rms_coordinate_selection(cov_qn[h], cov_kn[h], d, *raw)
         else:
@@ -209,7 +216,7 @@ def qk_select_error_curve(
         energy += sel.energy
         sels.append(sel)
     if across_heads and cov_q is not None and cov_k is not None:
-        errors = selection_errors_across_heads(sels, cov_qn, cov_kn, cov_q, cov_k, phases)
+        errors = selection_errors_across_heads(sels, cov_qn, cov_kn, cov_q, cov_k, phases, mean_q, mean_k)
     return _relative(errors, energy)
 
 
@@ -218,11 +225,13 @@ def error_profiles(
     covariances: Mapping[str, torch.Tensor],
     units: Mapping[str, UnitInfo] | None = None,
     damping: float = 1e-2,
+    rope_sequence: Mapping | None = None,
 ) -> dict[str, list[float]]:
     """``{unit name: [e(0), ..., e(R)]}`` for every unit of ``model`` (or of ``units``).
 
     ``covariances`` are ``ActivationStats.aggregate(weights)`` of statistics collected on this
-    model, the same mapping ``compress_`` reads."""
+    model, the same mapping ``compress_`` reads; ``rope_sequence`` the statistics'
+    ``meta["rope_sequence"]``, as ``compress_`` takes it (None: the model's default shape)."""
     units = dict(units) if units is not None else compression_units(model)
     out: dict[str, list[float]] = {}
     phases = None
@@ -234,7 +243,7 @@ def error_profiles(
             curve = ffn_error_curve(_need(covariances, keys[0], name), weight, damping)
         elif unit.kind == "qk" and lay.qk_norm:  # under per-head RMSNorms: coordinate selection
             if lay.rope and phases is None:
-                phases = adapter_for(model).rope_phases(model)
+                phases = adapter_for(model).rope_phases(model, rope_sequence)
             curve = qk_select_error_curve(
                 _need(covariances, keys[2], name),
                 _need(covariances, keys[3], name),
@@ -242,6 +251,8 @@ def error_profiles(
                 _need(covariances, keys[0], name),
                 _need(covariances, keys[1], name),
                 lay.norms_across_heads,
+                covariances.get(lay.query_mean_key),  # None where the statistics predate means
+                covariances.get(lay.key_mean_key),
             )
         elif unit.kind == "qk":
             curve = qk_error_curve(

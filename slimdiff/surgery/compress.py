@@ -97,6 +97,9 @@ class UnitContext:
     ffn_selection: str
     qk_norm: str = "auto"  # how a QK under per-head RMSNorms is compressed (compress_)
     lora_maps: bool = False  # also compute the maps slimdiff.formats.lora needs (FFN refit map: extra solve)
+    rope_sequence: Mapping | None = (
+        None  # the calibration's token sequence (statistics meta), for RoPE phases
+    )
 
     @property
     def layout(self) -> FFNLayout | AttentionLayout:
@@ -112,6 +115,13 @@ class UnitContext:
                 "(statistics collected on another model?)"
             )
         return cov
+
+    def mean(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """A first-moment statistic (``stats.mean_key``), or None where the statistics predate them
+        (the kept-share model then takes zero-mean tokens)."""
+        if not key or key not in self.covariances:
+            return None
+        return self.covariance(key, shape).to(F64)
 
     def weight(self, path: str) -> torch.Tensor:
         return linear(self.model, path).weight.detach().to("cpu", F64)
@@ -265,15 +275,22 @@ def _qk_rms_select(ctx: UnitContext) -> QKRewrite:
     lay, shape = ctx.layout, ctx.head_shape()
     cq, ck = ctx.covariance(lay.query_key, shape), ctx.covariance(lay.key_key, shape)
     cqn, ckn = ctx.covariance(lay.query_normed_key, shape), ctx.covariance(lay.key_normed_key, shape)
-    return _rms_select(ctx, cq, ck, cqn, ckn)
+    means = ctx.mean(lay.query_mean_key, shape[:2]), ctx.mean(lay.key_mean_key, shape[:2])
+    return _rms_select(ctx, cq, ck, cqn, ckn, means)
 
 
 def _rms_select(
-    ctx: UnitContext, cq: torch.Tensor, ck: torch.Tensor, cqn: torch.Tensor, ckn: torch.Tensor
+    ctx: UnitContext,
+    cq: torch.Tensor,
+    ck: torch.Tensor,
+    cqn: torch.Tensor,
+    ckn: torch.Tensor,
+    means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> QKRewrite:
     """The coordinate-selection rewrite from per-head second moments (H, d, d) of the raw (``cq``,
     ``ck``: the norm corrections and the predicted error's renormalisation term) and normalised
-    (``cqn``, ``ckn``: the selection) queries and keys."""
+    (``cqn``, ``ckn``: the selection) queries and keys; ``means``: the raw per-head means (H, d)
+    where the statistics have them (the renormalisation term's token model)."""
     lay = ctx.layout
     heads, d, r = lay.heads, lay.head_dim, ctx.rank
     t = torch.zeros(heads, d, r, dtype=F64)
@@ -284,14 +301,16 @@ def _rms_select(
             f"{ctx.unit.name}: rank {r} is odd; a QK under RoPE keeps whole rotary pairs (even ranks: "
             "allocation.r_min and allocation.multiple must be even)"
         )
-    phases = adapter_for(ctx.model).rope_phases(ctx.model) if lay.rope else None
+    phases = adapter_for(ctx.model).rope_phases(ctx.model, ctx.rope_sequence) if lay.rope else None
+    mq, mk = means
     sels = []
     for h in range(heads):
         # the raw moments also give the predicted error its renormalisation term
+        raw = (cq[h], ck[h], None if mq is None else mq[h], None if mk is None else mk[h])
         if phases is not None:
-            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *linalg.head_phases(phases, h), cq[h], ck[h])
+            sel = linalg.rope_pair_selection(cqn[h], ckn[h], r, *linalg.head_phases(phases, h), *raw)
         else:
-            sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r, cq[h], ck[h])
+            sel = linalg.rms_coordinate_selection(cqn[h], ckn[h], r, *raw)
         sels.append(sel)
         t[h, sel.keep, torch.arange(r)] = 1.0  # one-hot columns: the new head keeps those rows
         c_q[h] = linalg.rms_norm_correction(cq[h], sel.keep)
@@ -302,7 +321,7 @@ def _rms_select(
     if lay.norms_across_heads:  # one q and one k norm over ALL heads' kept coordinates (Wan)
         c_q[:] = linalg.rms_norm_correction_across_heads(cq, keep)
         c_k[:] = linalg.rms_norm_correction_across_heads(ck, keep)
-        error = float(linalg.selection_errors_across_heads(sels, cqn, ckn, cq, ck, phases)[r])
+        error = float(linalg.selection_errors_across_heads(sels, cqn, ckn, cq, ck, phases, mq, mk)[r])
     norms = {}
     for paths, c in ((lay.norms_q, c_q), (lay.norms_k, c_k)):
         for path in paths:
@@ -639,6 +658,7 @@ def compress_(
     vo_method: str | None = None,
     qk_norm: str = "auto",
     lora_maps: bool = True,
+    rope_sequence: Mapping | None = None,
 ) -> CompressionReport:
     """Compress ``unet`` in place to the ranks of ``plan``; returns a per-unit report.
 
@@ -662,7 +682,10 @@ def compress_(
     rewritten layer applied to the original weights (``slimdiff.formats.lora.LoraMaps``: per-head T of
     q/k/v, per-head S of the out linears, the FFN's kept rows J and refit map M), so that a LoRA
     made for the original model can be projected onto this one; ``save_compressed`` writes them.
-    Their size is small for attention (H d_h r per linear) but (inner - k) k floats per FFN."""
+    Their size is small for attention (H d_h r per linear) but (inner - k) k floats per FFN.
+    ``rope_sequence``: the token sequence calibration ran (the statistics' ``meta["rope_sequence"]``,
+    ``ModelAdapter.rope_sequence``): RoPE-aware pair selection weighs the rotary phases of that
+    sequence; None takes the model's default serving shape."""
     if getattr(unet, PLAN_ATTRIBUTE, None) is not None:
         raise CompressionError(
             "this UNet is already compressed (it carries a slimdiff_plan); compress the original model instead"
@@ -723,6 +746,7 @@ def compress_(
             ffn_selection=ffn_selection,
             qk_norm=qk_norm,
             lora_maps=lora_maps,
+            rope_sequence=rope_sequence,
         )
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
     post = _post_norm_projections(unet, units, plan, covariances, damping) if qk_norm == "project" else {}
