@@ -10,8 +10,8 @@ l = l_S + l_D. The error e = (s_q s_k - 1) l_S - l_D has mean square
 
 The old profile predicted only ``dropped`` (1_D^T M 1_D); the new one adds K(S) V(S)
 (``linalg.renormalisation_term``: K = 1_S^T M 1_S, V from the kept-share-weighted moments of s
-under a Gaussian with the raw tokens' mean and second moment; the mean comes from the
-first-moment statistics calibration records next to the second moments). This script runs the committed toy MMDiT
+under a zero-mean Gaussian with the raw second moment; under RoPE the Gaussian also has the raw
+tokens' mean, a first-moment statistic calibration records there). This script runs the committed toy MMDiT
 (4 training captions, 10 steps, guidance 4.0), records the raw q and k tokens of every normed
 attention (both streams; the last block's unused text queries are skipped), pools each QK unit's
 tokens over its streams (each normalised by its own stream's norm), subsamples 2000 queries and
@@ -21,9 +21,9 @@ does. Measured: the mean square logit error over all 2000 x 2000 (query, key) pa
 draws, the prediction's expectation), summed over heads, over the logit energy; with its three
 terms. Columns besides old and new prediction (diagnostics, not used by the library):
 
-* ``zero-mean``: the new model under a zero-mean Gaussian with the same second moment (the library's
-  profile before the statistics recorded means);
-* ``kv-unweighted``: K(S) times V from the *unweighted* moments of s (E[s], E[s^2]), zero-mean Gaussian;
+* ``new-mean``: the new model under a Gaussian with the tokens' mean (what the library does under
+  RoPE; measured here to decide it does not without);
+* ``kv-unweighted``: K(S) times V from the *unweighted* moments of s (E[s], E[s^2]), Gaussian;
 * ``new-emp``: the new model with the kept-share moments taken from the tokens themselves instead of
   the Gaussian (separates the Gaussian assumption from the other neglected parts).
 
@@ -62,7 +62,7 @@ F64 = torch.float64
 NORM_OF = {"to_q": "norm_q", "add_q_proj": "norm_added_q", "to_k": "norm_k", "add_k_proj": "norm_added_k"}
 RANK_FRACTIONS = (0.25, 0.5, 0.75)
 TERMS = ("dropped", "renorm", "cross")
-PREDICTIONS = ("old", "zero-mean", "new", "kv-unweighted", "new-emp")
+PREDICTIONS = ("old", "new", "new-mean", "kv-unweighted", "new-emp")
 
 
 def pixel_size(pipe, model) -> dict:
@@ -200,8 +200,7 @@ def analyse_unit(model, tokens, name: str, heads: int, d: int, cap: int, seed: i
         energy += float(logits.square().mean())
         m = cqn * ckn
         for r in ranks:
-            # as compress._rms_select, with the first-moment statistics of these tokens
-            sel = linalg.rms_coordinate_selection(cqn, ckn, r, cq, ck, q.mean(0), k.mean(0))
+            sel = linalg.rms_coordinate_selection(cqn, ckn, r, cq, ck)  # as compress._rms_select
             keep = sel.keep
             c_q, c_k = linalg.rms_norm_correction(cq, keep), linalg.rms_norm_correction(ck, keep)
             slim = (
@@ -217,7 +216,8 @@ def analyse_unit(model, tokens, name: str, heads: int, d: int, cap: int, seed: i
             a["cross"] += float(-2.0 * ((slim - kept) * dropped).mean())
             a["old"] += float(sel.dropped[r])
             a["new"] += float(sel.errors[r])
-            a["zero-mean"] += float(linalg.rms_coordinate_selection(cqn, ckn, r, cq, ck).errors[r])
+            with_means = linalg.rms_coordinate_selection(cqn, ckn, r, cq, ck, q.mean(0), k.mean(0))
+            a["new-mean"] += float(with_means.errors[r])
             kept_order = sel.drop_order.flip(0)
             k_energy = float(linalg.kept_energy_prefix(m, kept_order)[r])
             a["kv-unweighted"] += float(sel.dropped[r]) + k_energy * unweighted_v(cq, ck, kept_order, r)
@@ -337,11 +337,10 @@ INTRO = {
         "# QK selection under RMSNorms: predicted vs measured logit error (toy MMDiT)",
         "both streams",
         "Predictions: old = dropped energy 1_D^T M 1_D alone, new = old + K(S) V(S) "
-        "(kept-share-weighted moments of s under a Gaussian with the raw tokens' mean and second "
-        "moment; the library's profile), zero-mean = the same with a zero-mean Gaussian (the "
-        "profile before the statistics recorded means), kv-unweighted = zero-mean with unweighted "
-        "moments E[s], E[s^2], new-emp = new with the kept shares of the tokens themselves instead "
-        "of the Gaussian.",
+        "(kept-share-weighted moments of s under a zero-mean Gaussian with the raw second moment; "
+        "the library's profile without RoPE), new-mean = the same Gaussian with the raw tokens' mean "
+        "(what the library does under RoPE), kv-unweighted = new with unweighted moments E[s], "
+        "E[s^2], new-emp = new with the kept shares of the tokens themselves instead of the Gaussian.",
     ),
     "toy-flux": (
         "# RoPE pair selection under RMSNorms: predicted vs measured logit error (toy FLUX)",

@@ -306,6 +306,21 @@ def test_across_heads_formulas_reduce_to_the_per_head_ones_at_one_head():
         strict=True,
     ):
         assert torch.equal(x, y)
+    # ... with the raw means too (under RoPE the statistics carry them): the same draws, shifted
+    mean = 0.3 * torch.randn(16, generator=gen, dtype=torch.float64)
+    biased = cq + torch.outer(mean, mean)
+    for x, y in zip(
+        linalg.kept_share_moments_across_heads(biased[None], order[None], mean=mean[None]),
+        linalg.kept_share_moments(biased, order, mean=mean),
+        strict=True,
+    ):
+        assert torch.equal(x, y)
+    with_means = linalg.rope_pair_selection(cqn, ckn, 6, *phases, cq, ck, mean, -mean)
+    bare = linalg.rope_pair_selection(cqn, ckn, 6, *phases)
+    across = linalg.selection_errors_across_heads(
+        [bare], cqn[None], ckn[None], cq[None], ck[None], phases, mean[None], -mean[None]
+    )
+    assert torch.equal(across, with_means.errors)
 
 
 def test_across_heads_correction_pools_every_heads_energy():

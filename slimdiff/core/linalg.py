@@ -535,7 +535,7 @@ def renormalisation_term(
     moments of s (``kept_share_moments`` on the raw moments ``cov_q``, ``cov_k`` and, where given,
     the raw means ``mean_q``, ``mean_k``). Exact for
     isotropic Gaussian tokens; it neglects the cross term (third), any dependence of s on the
-    direction of n_S, and the tokens' departure from a zero-mean Gaussian
+    direction of n_S, and the tokens' departure from a Gaussian
     (benchmarks/results/qk_select_error.md measures each). ``coords`` (n, w) maps item i to its
     coordinates (a rotary pair: w = 2); None: items are coordinates. 0 at k = 0 and k = n."""
     n = m.shape[0]

@@ -40,7 +40,8 @@ QUERY_NORMED = "query_normed"
 KEY_NORMED = "key_normed"
 #: suffix of a first-moment statistic: the per-head SUM of the raw q / k tokens (heads, d), next to
 #: their second moment (``ActivationStats`` divides by the token count like any other key, so its
-#: aggregate is the token mean). Only under q/k RMSNorms, where the kept-share model reads it.
+#: aggregate is the token mean). Only under q/k RMSNorms with RoPE, where the kept-share model reads
+#: it (``AttentionLayout.first_moments``).
 MEAN = "_mean"
 
 

@@ -251,8 +251,8 @@ def error_profiles(
                 _need(covariances, keys[0], name),
                 _need(covariances, keys[1], name),
                 lay.norms_across_heads,
-                covariances.get(lay.query_mean_key),  # None where the statistics predate means
-                covariances.get(lay.key_mean_key),
+                # the raw means (RoPE only: AttentionLayout.first_moments); None where absent
+                *(covariances.get(k) if k else None for k in (lay.query_mean_key, lay.key_mean_key)),
             )
         elif unit.kind == "qk":
             curve = qk_error_curve(
