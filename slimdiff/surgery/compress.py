@@ -97,9 +97,8 @@ class UnitContext:
     ffn_selection: str
     qk_norm: str = "auto"  # how a QK under per-head RMSNorms is compressed (compress_)
     lora_maps: bool = False  # also compute the maps slimdiff.formats.lora needs (FFN refit map: extra solve)
-    rope_sequence: Mapping | None = (
-        None  # the calibration's token sequence (statistics meta), for RoPE phases
-    )
+    # (c, s) rotary phase moments of the calibrated sequence (RoPE QKs; compress_ computes them once)
+    rope_phases: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def layout(self) -> FFNLayout | AttentionLayout:
@@ -301,7 +300,7 @@ def _rms_select(
             f"{ctx.unit.name}: rank {r} is odd; a QK under RoPE keeps whole rotary pairs (even ranks: "
             "allocation.r_min and allocation.multiple must be even)"
         )
-    phases = adapter_for(ctx.model).rope_phases(ctx.model, ctx.rope_sequence) if lay.rope else None
+    phases = (ctx.rope_phases or adapter_for(ctx.model).rope_phases(ctx.model)) if lay.rope else None
     mq, mk = means
     sels = []
     for h in range(heads):
@@ -735,6 +734,8 @@ def compress_(
         )
 
     params_before = count_parameters(unet)
+    cut_rope = any(units[n].kind == "qk" and units[n].layout.rope and units[n].layout.qk_norm for n in todo)
+    phases = adapter.rope_phases(unet, rope_sequence) if cut_rope else None  # once, for every RoPE QK
     rewrites: dict[str, FFNRewrite | QKRewrite | VORewrite] = {}
     for name, p in todo.items():  # 1. decompose everything (no mutation yet)
         ctx = UnitContext(
@@ -746,7 +747,7 @@ def compress_(
             ffn_selection=ffn_selection,
             qk_norm=qk_norm,
             lora_maps=lora_maps,
-            rope_sequence=rope_sequence,
+            rope_phases=phases,
         )
         rewrites[name] = _METHODS[(p.kind, methods[p.kind])](ctx)
     post = _post_norm_projections(unet, units, plan, covariances, damping) if qk_norm == "project" else {}
